@@ -1,0 +1,188 @@
+//! Query cancellation across the pool.
+//!
+//! A client only knows the BackendKeyData pgwarden issued it. Each client
+//! registers here for its lifetime; while it holds a server connection its
+//! entry points at that connection's real key. A CancelRequest is forwarded to
+//! that server connection only, and only while the client is using it: a
+//! request that arrives after the transaction ended goes nowhere, so it can
+//! never cancel another client's query.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::protocol::messages::cancel_request;
+use crate::server::CancelKey;
+
+const SHARDS: usize = 16;
+
+/// One client's cancel entry.
+#[derive(Debug)]
+struct Entry {
+    secret: i32,
+    serving: Mutex<Option<CancelKey>>,
+}
+
+/// Every connected client's cancel key.
+#[derive(Debug)]
+pub struct CancelRegistry {
+    shards: [Mutex<HashMap<i32, Arc<Entry>>>; SHARDS],
+    next_pid: AtomicU32,
+}
+
+impl Default for CancelRegistry {
+    fn default() -> Self {
+        CancelRegistry {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            next_pid: AtomicU32::new(rand::random::<u32>()),
+        }
+    }
+}
+
+impl CancelRegistry {
+    /// Issues a fresh (pid, secret) for a client; the entry lives as long as the handle.
+    pub fn register(self: &Arc<Self>) -> CancelHandle {
+        let entry = Arc::new(Entry {
+            secret: rand::random(),
+            serving: Mutex::new(None),
+        });
+        loop {
+            // Positive, non-zero pids, as PostgreSQL's are.
+            let pid =
+                (self.next_pid.fetch_add(1, Ordering::Relaxed) % (i32::MAX as u32)) as i32 + 1;
+            let mut shard = self.shard(pid);
+            if let std::collections::hash_map::Entry::Vacant(v) = shard.entry(pid) {
+                v.insert(entry.clone());
+                return CancelHandle {
+                    registry: self.clone(),
+                    pid,
+                    entry,
+                };
+            }
+        }
+    }
+
+    /// Forwards a client's CancelRequest to the server connection it is using now, if any.
+    pub async fn cancel(&self, pid: i32, secret: i32, connect_timeout: Duration) {
+        let target = self.shard(pid).get(&pid).cloned().and_then(|entry| {
+            (entry.secret == secret)
+                .then(|| *lock(&entry.serving))
+                .flatten()
+        });
+        let Some(key) = target else {
+            debug!(pid, "cancel request matches no running query");
+            return;
+        };
+        let sent = tokio::time::timeout(connect_timeout, async {
+            let mut stream = TcpStream::connect(key.addr).await?;
+            stream
+                .write_all(&cancel_request(key.pid, key.secret))
+                .await?;
+            stream.shutdown().await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                info!(pid, server = %key.addr, server_pid = key.pid, "cancel request forwarded")
+            }
+            Ok(Err(e)) => {
+                info!(pid, server = %key.addr, error = %e, "cancel request could not be forwarded")
+            }
+            Err(_) => info!(pid, server = %key.addr, "cancel request timed out"),
+        }
+    }
+
+    fn shard(&self, pid: i32) -> MutexGuard<'_, HashMap<i32, Arc<Entry>>> {
+        lock(&self.shards[pid as usize % SHARDS])
+    }
+}
+
+/// A client's registration; dropping it forgets the key.
+#[derive(Debug)]
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    pid: i32,
+    entry: Arc<Entry>,
+}
+
+impl CancelHandle {
+    /// The pid sent in BackendKeyData.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The secret sent in BackendKeyData.
+    pub fn secret(&self) -> i32 {
+        self.entry.secret
+    }
+
+    /// Points cancels at the server connection now serving the client (or at nothing).
+    pub fn serving(&self, key: Option<CancelKey>) {
+        *lock(&self.entry.serving) = key;
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.registry.shard(self.pid).remove(&self.pid);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_are_unique_and_forgotten_on_drop() {
+        let reg = Arc::new(CancelRegistry::default());
+        let a = reg.register();
+        let b = reg.register();
+        assert_ne!(a.pid(), b.pid());
+        assert!(a.pid() > 0);
+        let pid = a.pid();
+        drop(a);
+        assert!(reg.shard(pid).get(&pid).is_none());
+        assert!(reg.shard(b.pid()).get(&b.pid()).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_or_an_idle_client_cancels_nothing() {
+        // A listener that records whether anything connected.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reg = Arc::new(CancelRegistry::default());
+        let client = reg.register();
+        let key = CancelKey {
+            addr,
+            pid: 42,
+            secret: 7,
+        };
+        let t = Duration::from_secs(1);
+        reg.cancel(client.pid(), client.secret(), t).await; // idle: nothing
+        client.serving(Some(key));
+        reg.cancel(client.pid(), client.secret().wrapping_add(1), t)
+            .await; // wrong secret
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), listener.accept())
+                .await
+                .is_err()
+        );
+        reg.cancel(client.pid(), client.secret(), t).await;
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut packet = [0u8; 16];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut packet)
+            .await
+            .unwrap();
+        assert_eq!(&packet[8..12], &42i32.to_be_bytes());
+        assert_eq!(&packet[12..16], &7i32.to_be_bytes());
+    }
+}

@@ -1,0 +1,292 @@
+//! A client's first seconds: startup packet, authentication, welcome.
+//!
+//! Everything here runs under `client_login_timeout`. The client's settings
+//! (startup parameters and `-c` options) are checked by a server the first time
+//! a pool sees them and remembered afterwards, so that a client with a bad
+//! setting is refused at login, as PostgreSQL would refuse it, while the common
+//! case costs no server round trip at all.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::{Session, apply_settings};
+use crate::auth;
+use crate::config::ADMIN_DATABASE;
+use crate::error::{ClientError, sqlstate};
+use crate::params::{self, ParamSet};
+use crate::pool::{CheckoutError, PoolKey, ServerPool};
+use crate::protocol::ServerNotice;
+use crate::protocol::messages::{
+    put_auth, put_backend_key, put_negotiate_protocol, put_parameter_status, put_ready,
+};
+use crate::protocol::startup::{StartupError, StartupRequest, read_startup};
+use crate::proxy::Shared;
+
+/// What a new connection turned out to be.
+pub enum Login {
+    /// A CancelRequest: forward it and close.
+    Cancel {
+        /// pid from the client's BackendKeyData
+        pid: i32,
+        /// secret from the client's BackendKeyData
+        secret: i32,
+    },
+    /// An authenticated client, welcomed and ready for queries.
+    Ready(Box<Session>),
+}
+
+/// Why a login ended early.
+pub enum LoginError {
+    /// The client left or the socket failed: nobody to tell.
+    Gone,
+    /// The client gets this error (as FATAL) before the connection closes.
+    Refused(ClientError),
+}
+
+impl From<ClientError> for LoginError {
+    fn from(e: ClientError) -> Self {
+        LoginError::Refused(e)
+    }
+}
+
+impl From<std::io::Error> for LoginError {
+    fn from(_: std::io::Error) -> Self {
+        LoginError::Gone
+    }
+}
+
+/// Reads the startup packet(s), authenticates, and welcomes the client.
+pub async fn login(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Login, (TcpStream, LoginError)> {
+    match login_steps(&mut stream, peer, shared).await {
+        Ok(Step::Cancel { pid, secret }) => Ok(Login::Cancel { pid, secret }),
+        Ok(Step::Ready(parts)) => Ok(Login::Ready(Box::new(Session::new(
+            stream,
+            peer,
+            shared.clone(),
+            *parts,
+        )))),
+        Err(e) => Err((stream, e)),
+    }
+}
+
+enum Step {
+    Cancel { pid: i32, secret: i32 },
+    Ready(Box<super::LoggedIn>),
+}
+
+async fn login_steps(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Step, LoginError> {
+    let (minor, raw) = match read_startup_message(stream).await? {
+        StartupRequest::Cancel { pid, secret } => return Ok(Step::Cancel { pid, secret }),
+        StartupRequest::Startup { minor, params } => (minor, params),
+        StartupRequest::Ssl | StartupRequest::GssEnc => {
+            return Err(ClientError::Protocol("expected a startup message".into()).into());
+        }
+    };
+    let request = StartupParams::parse(raw)?;
+    let mut out = BytesMut::new();
+    if minor > 0 || !request.protocol_options.is_empty() {
+        put_negotiate_protocol(&mut out, request.protocol_options.clone());
+        stream.write_all(&out).await?;
+        out.clear();
+    }
+
+    let config = shared.config.load_full();
+    let credential = shared.users.load().get(&request.user);
+    if let Err(e) = auth::authenticate(stream, config.auth.method, &request.user, credential).await
+    {
+        if matches!(e, ClientError::AuthFailed(_)) {
+            warn!(%peer, user = %request.user, db = %request.database, "authentication failed");
+        }
+        return Err(e.into());
+    }
+    if request.database == ADMIN_DATABASE || config.database(&request.database).is_none() {
+        return Err(ClientError::UnknownDatabase(request.database).into());
+    }
+    put_auth(&mut out, pgwire::messages::startup::Authentication::Ok);
+
+    let settings = Arc::new(request.settings);
+    let table = shared.routing.load();
+    let primary = table
+        .primary()
+        .ok_or_else(|| ClientError::NoPrimary(request.database.clone()))?;
+    let key = PoolKey::new(&config, &request.database, &request.user, &primary.config)
+        .ok_or_else(|| ClientError::UnknownDatabase(request.database.clone()))?;
+    let pool = shared.pools.get(&key, &config);
+    let welcome = match pool.welcome_for(&settings) {
+        Some(w) => w,
+        None => check_settings(&pool, &settings, &request.database).await?,
+    };
+    let mode = config
+        .database(&request.database)
+        .map_or(config.pool.mode, |d| d.pool_mode);
+
+    let cancel = shared.cancels.register();
+    for (name, value) in &welcome {
+        put_parameter_status(&mut out, name, value);
+    }
+    put_backend_key(&mut out, cancel.pid(), cancel.secret());
+    put_ready(&mut out, b'I');
+    stream.write_all(&out).await?;
+    info!(%peer, pid = cancel.pid(), db = %request.database, user = %request.user, %mode, "client logged in");
+    Ok(Step::Ready(Box::new(super::LoggedIn {
+        database: request.database,
+        user: request.user,
+        mode,
+        params: settings,
+        cancel,
+        route: Some((table.generation, pool)),
+    })))
+}
+
+/// Reads startup packets until a StartupMessage or CancelRequest, refusing SSL and GSS
+/// encryption on the way.
+async fn read_startup_message(stream: &mut TcpStream) -> Result<StartupRequest, LoginError> {
+    // A client may ask for SSL and then GSS (or the reverse) before starting.
+    for _ in 0..3 {
+        match read_startup(stream).await {
+            Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => stream.write_all(b"N").await?,
+            Ok(request) => return Ok(request),
+            Err(StartupError::Io(_)) => return Err(LoginError::Gone),
+            Err(StartupError::Invalid(e)) => return Err(e.into()),
+        }
+    }
+    Err(ClientError::Protocol("too many SSL/GSS negotiation requests".into()).into())
+}
+
+/// Asks a server whether it accepts the client's settings, and learns how it reports them.
+async fn check_settings(
+    pool: &Arc<ServerPool>,
+    settings: &Arc<ParamSet>,
+    database: &str,
+) -> Result<Vec<(String, String)>, ClientError> {
+    let conn = pool.checkout().await.map_err(|e| match e {
+        CheckoutError::Timeout(timeout) => ClientError::PoolTimeout {
+            database: database.to_owned(),
+            timeout,
+        },
+        CheckoutError::Connect(source) => ClientError::ServerConnect {
+            backend: pool.target.backend.to_string(),
+            source,
+        },
+        CheckoutError::Retired => ClientError::NoPrimary(database.to_owned()),
+    })?;
+    let (conn, reports) = apply_settings(conn, settings).await?;
+    let welcome = pool.accept(settings, &reports);
+    conn.release();
+    Ok(welcome)
+}
+
+/// The parts of a StartupMessage pgwarden acts on.
+struct StartupParams {
+    user: String,
+    database: String,
+    settings: ParamSet,
+    protocol_options: Vec<String>,
+}
+
+impl StartupParams {
+    fn parse(raw: Vec<(String, String)>) -> Result<StartupParams, ClientError> {
+        let get = |name: &str| raw.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let user = get("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+            ClientError::Server(ServerNotice::new(
+                "FATAL",
+                sqlstate::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            ))
+        })?;
+        if let Some(r) = get("replication")
+            && !matches!(r.as_str(), "false" | "off" | "no" | "0")
+        {
+            return Err(ClientError::Unsupported(
+                "replication connections are not supported through pgwarden; connect to the server directly".into(),
+            ));
+        }
+        let database = get("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| user.clone());
+        let options = match get("options") {
+            Some(o) => params::parse_options(&o).map_err(ClientError::BadParameter)?,
+            None => Vec::new(),
+        };
+        let mut pairs = Vec::new();
+        let mut protocol_options = Vec::new();
+        for (name, value) in raw.iter().chain(options.iter()) {
+            if name.starts_with("_pq_.") {
+                protocol_options.push(name.clone());
+            } else if params::is_setting(name) {
+                if !params::is_valid_name(name) {
+                    return Err(ClientError::BadParameter(format!(
+                        "invalid startup parameter name \"{name}\""
+                    )));
+                }
+                pairs.push((name.as_str(), value.as_str()));
+            }
+        }
+        Ok(StartupParams {
+            user,
+            database,
+            settings: ParamSet::from_pairs(pairs),
+            protocol_options,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<StartupParams, ClientError> {
+        StartupParams::parse(
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let p = parse(&[
+            ("user", "app"),
+            ("application_name", "psql"),
+            ("options", "-c search_path=s1"),
+            ("_pq_.compression", "on"),
+        ])
+        .unwrap();
+        assert_eq!(p.database, "app");
+        assert_eq!(p.settings.get("application_name"), Some("psql"));
+        assert_eq!(p.settings.get("search_path"), Some("s1"));
+        assert_eq!(p.protocol_options, vec!["_pq_.compression".to_owned()]);
+    }
+
+    #[test]
+    fn refuses_what_pgwarden_cannot_serve() {
+        assert!(parse(&[("database", "x")]).is_err());
+        assert!(matches!(
+            parse(&[("user", "u"), ("replication", "database")]),
+            Err(ClientError::Unsupported(_))
+        ));
+        assert!(parse(&[("user", "u"), ("replication", "false")]).is_ok());
+        assert!(matches!(
+            parse(&[("user", "u"), ("bad name", "1")]),
+            Err(ClientError::BadParameter(_))
+        ));
+        assert!(matches!(
+            parse(&[("user", "u"), ("options", "-x")]),
+            Err(ClientError::BadParameter(_))
+        ));
+    }
+}

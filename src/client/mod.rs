@@ -1,0 +1,525 @@
+//! One client session: login, then a loop of transactions, then teardown.
+//!
+//! Between transactions a client holds no server connection; pgwarden only
+//! watches its socket (with no buffer allocated). The first frame of a request
+//! makes the session pick the backend from the routing table, check out a server
+//! connection from that backend's pool, bring the connection's settings in line
+//! with the client's, and splice the two until the transaction ends
+//! ([`splice`]). Session pooling runs the same splice without releasing at
+//! transaction ends.
+//!
+//! Failures never take the client down with them when PostgreSQL would not:
+//! a pool timeout or a lost server answers the request with an error and the
+//! client carries on; a transaction block lost with its server is answered as a
+//! failed block until the client rolls it back ([`aborted`]).
+
+mod aborted;
+mod login;
+pub mod splice;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::cancel::CancelHandle;
+use crate::config::PoolMode;
+use crate::error::{ClientError, ServerError};
+use crate::params::{ParamSet, sync_statement};
+use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
+use crate::protocol::ServerNotice;
+use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
+use crate::protocol::messages::{put_error, put_ready};
+use crate::proxy::Shared;
+use aborted::Aborted;
+pub use login::{Login, LoginError};
+use splice::{ClientSide, Outcome};
+
+/// Read size for client sockets.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Runs a freshly accepted connection to its end.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let timeout = shared.config.load().pgwarden.client_login_timeout;
+    match tokio::time::timeout(timeout, login::login(stream, peer, &shared)).await {
+        Err(_) => info!(%peer, "client did not finish logging in within client_login_timeout"),
+        Ok(Err((mut stream, LoginError::Refused(e)))) => {
+            debug!(%peer, error = %e, "login refused");
+            let mut out = BytesMut::new();
+            put_error(&mut out, &e.to_notice(true));
+            let _ = stream.write_all(&out).await;
+        }
+        Ok(Err((_, LoginError::Gone))) => debug!(%peer, "client left during login"),
+        Ok(Ok(Login::Cancel { pid, secret })) => {
+            let connect = shared.config.load().pool.server_connect_timeout;
+            shared.cancels.cancel(pid, secret, connect).await;
+        }
+        Ok(Ok(Login::Ready(session))) => session.run().await,
+    }
+}
+
+/// What login established about a client.
+pub struct LoggedIn {
+    database: String,
+    user: String,
+    mode: PoolMode,
+    params: Arc<ParamSet>,
+    cancel: CancelHandle,
+    route: Option<(u64, Arc<ServerPool>)>,
+}
+
+/// How the session answers the client while it holds no server connection.
+enum Between {
+    /// Requests go to a server.
+    Ready,
+    /// A request failed before it was complete: drop what follows up to its Sync,
+    /// then report this error (if not reported yet) and ReadyForQuery.
+    Skipping(Option<ServerNotice>),
+    /// The transaction block died with its server connection.
+    Aborted(Box<Aborted>),
+}
+
+/// Why the session ends.
+enum End {
+    /// The client left.
+    Gone,
+    /// pgwarden is shutting down and the client is between transactions.
+    Shutdown,
+    /// The client is told this error, then disconnected.
+    Fatal(ClientError),
+}
+
+impl From<std::io::Error> for End {
+    fn from(_: std::io::Error) -> Self {
+        End::Gone
+    }
+}
+
+/// An authenticated client.
+pub struct Session {
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    who: LoggedIn,
+    inbuf: BytesMut,
+    scanner: Scanner,
+    /// transaction status as the client last saw it
+    status: u8,
+    between: Between,
+}
+
+impl Session {
+    fn new(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, who: LoggedIn) -> Session {
+        Session {
+            stream,
+            peer,
+            shared,
+            who,
+            inbuf: BytesMut::new(),
+            scanner: Scanner::default(),
+            status: b'I',
+            between: Between::Ready,
+        }
+    }
+
+    async fn run(mut self) {
+        self.shared.clients.fetch_add(1, Ordering::Relaxed);
+        let end = self.serve_requests().await;
+        self.shared.clients.fetch_sub(1, Ordering::Relaxed);
+        let pid = self.who.cancel.pid();
+        match end {
+            End::Gone => info!(peer = %self.peer, pid, "client disconnected"),
+            End::Shutdown => {
+                info!(peer = %self.peer, pid, "client disconnected by shutdown");
+                self.tell(&ClientError::Shutdown.to_notice(true)).await;
+            }
+            End::Fatal(e) => {
+                warn!(peer = %self.peer, pid, error = %e, "client disconnected after an error");
+                self.tell(&e.to_notice(true)).await;
+            }
+        }
+    }
+
+    async fn tell(&mut self, notice: &ServerNotice) {
+        let mut out = BytesMut::new();
+        put_error(&mut out, notice);
+        let _ = self.stream.write_all(&out).await;
+    }
+
+    async fn serve_requests(&mut self) -> End {
+        loop {
+            let tag = match self.next_tag().await {
+                Ok(tag) => tag,
+                Err(end) => return end,
+            };
+            if tag == b'X' {
+                return End::Gone;
+            }
+            if let Err(end) = self.request(tag).await {
+                return end;
+            }
+        }
+    }
+
+    /// Serves one client request that starts with a frame of type `tag`.
+    async fn request(&mut self, tag: u8) -> Result<(), End> {
+        if !splice::is_frontend_message(tag) {
+            return Err(End::Fatal(ClientError::Protocol(format!(
+                "invalid frontend message type '{}'",
+                char::from(tag)
+            ))));
+        }
+        match &mut self.between {
+            Between::Skipping(error) => {
+                if tag == b'S' {
+                    let mut out = BytesMut::new();
+                    if let Some(notice) = error.take() {
+                        put_error(&mut out, &notice);
+                    }
+                    put_ready(&mut out, self.status);
+                    self.between = if self.status == b'E' {
+                        Between::Aborted(Box::new(Aborted::new(None)))
+                    } else {
+                        Between::Ready
+                    };
+                    self.stream.write_all(&out).await?;
+                }
+                return self.skip_frame();
+            }
+            Between::Aborted(_) => {
+                let body = self.take_frame().await?;
+                let mut out = BytesMut::new();
+                let Between::Aborted(aborted) = &mut self.between else {
+                    unreachable!("matched above");
+                };
+                if aborted.answer(tag, body.as_deref(), &mut out) {
+                    self.status = b'I';
+                    self.between = Between::Ready;
+                }
+                self.stream.write_all(&out).await?;
+                return Ok(());
+            }
+            Between::Ready => {}
+        }
+        match tag {
+            // Without a server these do nothing: Flush has nothing to flush, and copy
+            // data after a failed COPY is dropped as PostgreSQL drops it.
+            b'H' | b'd' | b'c' | b'f' => return self.skip_frame(),
+            // A Sync on its own is answered without bothering a server.
+            b'S' => {
+                self.skip_frame()?;
+                let mut out = BytesMut::new();
+                put_ready(&mut out, self.status);
+                self.stream.write_all(&out).await?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        let conn = match self.attach().await {
+            Ok(conn) => conn,
+            Err(e) => return self.refuse(tag, e).await,
+        };
+        self.transaction(conn).await
+    }
+
+    /// Splices the client onto `conn` for one transaction (or, in session mode, for
+    /// the rest of the session) and settles what the splice leaves.
+    async fn transaction(&mut self, mut conn: PooledConn) -> Result<(), End> {
+        let hold = self.who.mode == PoolMode::Session;
+        let client = ClientSide {
+            stream: &mut self.stream,
+            inbuf: &mut self.inbuf,
+            scanner: &mut self.scanner,
+            params: &mut self.who.params,
+            status: &mut self.status,
+        };
+        let (outcome, to_client) =
+            splice::splice(client, &mut conn, hold, &self.shared.shutdown).await;
+        self.who.cancel.serving(None);
+        let result = match outcome {
+            Outcome::Idle if hold => {
+                reset_and_release(conn).await;
+                Err(End::Shutdown)
+            }
+            Outcome::Idle => {
+                conn.release();
+                Ok(())
+            }
+            Outcome::ClientLeft { clean: true } if !hold => {
+                conn.release();
+                Err(End::Gone)
+            }
+            Outcome::ClientLeft { clean: true } => {
+                reset_and_release(conn).await;
+                Err(End::Gone)
+            }
+            Outcome::ClientLeft { clean: false } => {
+                conn.discard();
+                Err(End::Gone)
+            }
+            Outcome::ServerLost {
+                reason,
+                notice,
+                pending,
+                mid_batch,
+            } => {
+                let backend = conn.pool().target.backend.to_string();
+                conn.discard();
+                let reason = match notice {
+                    Some(n) => format!("{reason} ({})", n.code),
+                    None => reason,
+                };
+                warn!(peer = %self.peer, pid = self.who.cancel.pid(), %backend, %reason, "server connection lost during a transaction");
+                let error = ClientError::ServerLost { backend, reason };
+                if hold {
+                    // A session-mode client's session state is gone with its server.
+                    return Err(End::Fatal(error));
+                }
+                self.answer_lost(error, to_client, pending, mid_batch)
+                    .await?;
+                return Ok(());
+            }
+            Outcome::ClientProtocol(e) => {
+                conn.discard();
+                Err(End::Fatal(ClientError::Protocol(e)))
+            }
+        };
+        if !to_client.is_empty() {
+            self.stream.write_all(&to_client).await?;
+        }
+        result
+    }
+
+    /// Picks the backend, checks out a connection, and applies the client's settings to it.
+    async fn attach(&mut self) -> Result<PooledConn, ClientError> {
+        loop {
+            let pool = self.route()?;
+            let conn = match pool.checkout().await {
+                Ok(conn) => conn,
+                Err(CheckoutError::Retired) => {
+                    // The backend left the routing table while we waited: route again.
+                    self.who.route = None;
+                    continue;
+                }
+                Err(CheckoutError::Timeout(timeout)) => {
+                    warn!(peer = %self.peer, db = %self.who.database, user = %self.who.user, ?timeout, "query_wait_timeout: no server connection");
+                    return Err(ClientError::PoolTimeout {
+                        database: self.who.database.clone(),
+                        timeout,
+                    });
+                }
+                Err(CheckoutError::Connect(source)) => {
+                    return Err(ClientError::ServerConnect {
+                        backend: pool.target.backend.to_string(),
+                        source,
+                    });
+                }
+            };
+            let (conn, _) = apply_settings(conn, &self.who.params).await?;
+            self.who.cancel.serving(Some(conn.cancel_key));
+            return Ok(conn);
+        }
+    }
+
+    /// The pool of the backend this client's transactions go to now.
+    fn route(&mut self) -> Result<Arc<ServerPool>, ClientError> {
+        let table = self.shared.routing.load();
+        if let Some((generation, pool)) = &self.who.route
+            && *generation == table.generation
+        {
+            return Ok(pool.clone());
+        }
+        let primary = table
+            .primary()
+            .ok_or_else(|| ClientError::NoPrimary(self.who.database.clone()))?;
+        let config = self.shared.config.load();
+        let key = PoolKey::new(&config, &self.who.database, &self.who.user, &primary.config)
+            .ok_or_else(|| ClientError::UnknownDatabase(self.who.database.clone()))?;
+        let pool = self.shared.pools.get(&key, &config);
+        self.who.route = Some((table.generation, pool.clone()));
+        Ok(pool)
+    }
+
+    /// Answers a request that could not get a server connection; the client stays.
+    async fn refuse(&mut self, tag: u8, error: ClientError) -> Result<(), End> {
+        let notice = error.to_notice(false);
+        if matches!(tag, b'Q' | b'F') {
+            // A complete request on its own: answer it and go on.
+            self.skip_frame()?;
+            let mut out = BytesMut::new();
+            put_error(&mut out, &notice);
+            put_ready(&mut out, self.status);
+            self.stream.write_all(&out).await?;
+        } else {
+            // Part of an extended-protocol batch: the error comes at its Sync.
+            self.between = Between::Skipping(Some(notice));
+        }
+        Ok(())
+    }
+
+    /// Tells a client whose server connection died what became of its requests.
+    async fn answer_lost(
+        &mut self,
+        error: ClientError,
+        mut out: BytesMut,
+        pending: usize,
+        mid_batch: bool,
+    ) -> Result<(), End> {
+        let in_block = self.status != b'I';
+        let lost = error.to_notice(false);
+        let mut first = Some(lost.clone());
+        let next_error = |first: &mut Option<ServerNotice>| {
+            first.take().unwrap_or_else(|| {
+                if in_block {
+                    ClientError::TransactionAborted.to_notice(false)
+                } else {
+                    lost.clone()
+                }
+            })
+        };
+        self.status = if in_block { b'E' } else { b'I' };
+        for _ in 0..pending {
+            put_error(&mut out, &next_error(&mut first));
+            put_ready(&mut out, self.status);
+        }
+        self.between = if mid_batch {
+            Between::Skipping(Some(next_error(&mut first)))
+        } else if in_block {
+            Between::Aborted(Box::new(Aborted::new(first)))
+        } else {
+            Between::Ready
+        };
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Waits until the client buffer starts with a frame header, dropping the rest of
+    /// a frame that was being skipped. Returns the frame's type.
+    async fn next_tag(&mut self) -> Result<u8, End> {
+        loop {
+            if !self.scanner.at_boundary() {
+                if let Scan::Body(n) = self.scanner.next(&self.inbuf, |_| false) {
+                    self.inbuf.advance(n);
+                    continue;
+                }
+            } else if let Some(header) = frame::header(&self.inbuf, MAX_MESSAGE_LEN) {
+                return header
+                    .map(|(tag, _)| tag)
+                    .map_err(|e| End::Fatal(ClientError::Protocol(e.to_string())));
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Drops the frame at the start of the buffer; its body is dropped as it arrives.
+    fn skip_frame(&mut self) -> Result<(), End> {
+        match self.scanner.next(&self.inbuf, |_| false) {
+            Scan::Header { .. } => {
+                self.inbuf.advance(HEADER_LEN);
+                Ok(())
+            }
+            other => Err(End::Fatal(ClientError::Protocol(format!(
+                "unexpected framing state {other:?}"
+            )))),
+        }
+    }
+
+    /// Reads the whole frame at the start of the buffer and returns its body, or skips
+    /// it and returns `None` when it is too large to hold.
+    async fn take_frame(&mut self) -> Result<Option<BytesMut>, End> {
+        loop {
+            match self.scanner.next(&self.inbuf, |_| true) {
+                Scan::Whole { len, .. } => {
+                    let mut frame = self.inbuf.split_to(len);
+                    frame.advance(HEADER_LEN);
+                    return Ok(Some(frame));
+                }
+                Scan::NeedMore => self.fill().await?,
+                Scan::Invalid(frame::FrameError::TooLong { .. }) => {
+                    self.skip_frame()?;
+                    return Ok(None);
+                }
+                other => {
+                    return Err(End::Fatal(ClientError::Protocol(format!(
+                        "unexpected framing state {other:?}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// Reads more client bytes. While the buffer is empty its memory is given back,
+    /// so that an idle client costs only its socket and this struct.
+    async fn fill(&mut self) -> Result<(), End> {
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
+        }
+        loop {
+            tokio::select! {
+                r = self.stream.readable() => r?,
+                () = self.shared.shutdown.cancelled(), if self.idle() => return Err(End::Shutdown),
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
+                self.inbuf.reserve(READ_CHUNK);
+            }
+            match self.stream.try_read_buf(&mut self.inbuf) {
+                Ok(0) => return Err(End::Gone),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(End::Gone),
+            }
+        }
+    }
+
+    /// True when the client is between transactions with nothing half-sent.
+    fn idle(&self) -> bool {
+        self.inbuf.is_empty()
+            && self.scanner.at_boundary()
+            && matches!(self.between, Between::Ready)
+    }
+}
+
+/// Brings a server connection's settings in line with the client's. On failure the
+/// connection goes back (if the server merely refused the settings) or is closed.
+async fn apply_settings(
+    mut conn: PooledConn,
+    params: &Arc<ParamSet>,
+) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
+    let Some(sql) = sync_statement(conn.applied.as_ref(), params) else {
+        return Ok((conn, Vec::new()));
+    };
+    let backend = conn.pool().target.backend.to_string();
+    let timeout = conn.pool().connect_timeout();
+    match tokio::time::timeout(timeout, conn.execute(&sql)).await {
+        Ok(Ok(reports)) => {
+            conn.applied = Some(params.clone());
+            Ok((conn, reports))
+        }
+        Ok(Err(ServerError::Rejected(notice))) if !notice.is_fatal() => {
+            conn.release();
+            Err(ClientError::Server(notice))
+        }
+        Ok(Err(source)) => Err(ClientError::ServerConnect { backend, source }),
+        Err(_) => Err(ClientError::ServerConnect {
+            backend,
+            source: ServerError::Timeout(timeout),
+        }),
+    }
+}
+
+/// Session pooling: the next client must find a fresh session.
+async fn reset_and_release(mut conn: PooledConn) {
+    let timeout = conn.pool().connect_timeout();
+    match tokio::time::timeout(timeout, conn.execute("DISCARD ALL")).await {
+        Ok(Ok(_)) => {
+            conn.applied = None;
+            conn.release();
+        }
+        _ => conn.discard(),
+    }
+}

@@ -1,0 +1,533 @@
+//! Configuration: the TOML schema, its defaults, and validation.
+//!
+//! Every key is documented with its default in `conf/pgwarden.toml`. Unknown keys
+//! are errors, and every error names the file, the key and the reason, so that an
+//! operator can fix a config from the message alone. The same loader serves
+//! `run`, `check-config` and a SIGHUP reload.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem: which file, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {reason}", file.display())]
+pub struct ConfigError {
+    /// the file that holds the problem
+    pub file: PathBuf,
+    /// dotted key (`pool.default_pool_size`) or `line N` for line-based files
+    pub key: String,
+    /// what is wrong and, where it helps, what is expected
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// Builds an error for `key` in `file`.
+    pub fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[pgwarden]`: the listener and process-wide limits
+    #[serde(default)]
+    pub pgwarden: General,
+    /// `[auth]`: how clients authenticate
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `[pool]`: server connection pools
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// `[[backends]]`: the PostgreSQL nodes
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// `[databases.NAME]`: the databases clients may ask for
+    #[serde(default)]
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// Where this configuration was read from; relative paths inside it resolve against its folder.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[pgwarden]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct General {
+    /// address clients connect to
+    pub listen: String,
+    /// most client connections held at once
+    pub max_client_conn: usize,
+    /// how long a client may take from connect to finished authentication
+    #[serde(with = "duration")]
+    pub client_login_timeout: Duration,
+    /// how long a shutdown waits for running transactions
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// tracing filter (`info`, `debug`, `pgwarden=debug,info`, …); `RUST_LOG` overrides it
+    pub log_level: String,
+    /// runtime worker threads; 0 means one per CPU
+    pub workers: usize,
+}
+
+impl Default for General {
+    fn default() -> Self {
+        General {
+            listen: "127.0.0.1:6432".into(),
+            max_client_conn: 10_000,
+            client_login_timeout: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(30),
+            log_level: "info".into(),
+            workers: 0,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// client authentication method
+    #[serde(rename = "type")]
+    pub method: AuthMethod,
+    /// user list in PgBouncer's auth_file format
+    pub file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: AuthMethod::ScramSha256,
+            file: PathBuf::from("userlist.txt"),
+        }
+    }
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// no password asked
+    Trust,
+    /// md5 challenge; users with a SCRAM secret are asked for SCRAM instead, as PostgreSQL does
+    Md5,
+    /// SCRAM-SHA-256
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+/// `[pool]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// default pooling mode
+    pub mode: PoolMode,
+    /// server connections per (backend, database, user)
+    pub default_pool_size: u32,
+    /// extra connections for clients that waited `reserve_pool_timeout`
+    pub reserve_pool_size: u32,
+    /// wait before a client may use the reserve pool
+    #[serde(with = "duration")]
+    pub reserve_pool_timeout: Duration,
+    /// how long a client may wait for a server connection; 0 waits forever
+    #[serde(with = "duration")]
+    pub query_wait_timeout: Duration,
+    /// bound on connecting and logging in to a server
+    #[serde(with = "duration")]
+    pub server_connect_timeout: Duration,
+    /// close server connections idle this long; 0 keeps them
+    #[serde(with = "duration")]
+    pub server_idle_timeout: Duration,
+    /// close server connections this old when they are next idle; 0 keeps them
+    #[serde(with = "duration")]
+    pub server_lifetime: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            default_pool_size: 20,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
+            query_wait_timeout: Duration::from_secs(30),
+            server_connect_timeout: Duration::from_secs(5),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// When a server connection goes back to its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// after every transaction
+    Transaction,
+    /// when the client disconnects
+    Session,
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        })
+    }
+}
+
+/// `[[backends]]`: one PostgreSQL node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// name used in logs, errors and admin commands
+    pub name: String,
+    /// host name or address
+    pub host: String,
+    /// TCP port
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// `[databases.NAME]`: a database clients may connect to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// real name on the server; defaults to the client-facing name
+    pub dbname: Option<String>,
+    /// overrides `pool.default_pool_size`
+    pub pool_size: Option<u32>,
+    /// overrides `pool.mode`
+    pub pool_mode: Option<PoolMode>,
+}
+
+/// The name of the admin console's virtual database; no `[databases]` entry may take it.
+pub const ADMIN_DATABASE: &str = "pgwarden";
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
+        let mut config = Config::parse(&text, path)?;
+        config.source = path.to_path_buf();
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in errors and to resolve relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new(path, "(syntax)", describe_toml_error(&e, text)))?;
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = match e.path().to_string() {
+                p if p == "." => "(top level)".to_owned(),
+                p => p,
+            };
+            ConfigError::new(path, key, describe_toml_error(e.inner(), text))
+        })?;
+        config.source = path.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: String, reason: String| Err(ConfigError::new(&self.source, key, reason));
+        let g = &self.pgwarden;
+        if let Err(e) = g.listen.parse::<SocketAddr>() {
+            return err(
+                "pgwarden.listen".into(),
+                format!("`{}` is not an address:port ({e})", g.listen),
+            );
+        }
+        if g.max_client_conn == 0 {
+            return err(
+                "pgwarden.max_client_conn".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if g.client_login_timeout.is_zero() {
+            return err(
+                "pgwarden.client_login_timeout".into(),
+                "must be above 0".into(),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&g.log_level) {
+            return err("pgwarden.log_level".into(), e.to_string());
+        }
+        if self.pool.default_pool_size == 0 {
+            return err("pool.default_pool_size".into(), "must be at least 1".into());
+        }
+        if self.pool.server_connect_timeout.is_zero() {
+            return err(
+                "pool.server_connect_timeout".into(),
+                "must be above 0".into(),
+            );
+        }
+        if self.backends.is_empty() {
+            return err(
+                "backends".into(),
+                "at least one [[backends]] entry is required".into(),
+            );
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if !is_simple_name(&b.name) {
+                return err(
+                    format!("backends[{i}].name"),
+                    format!(
+                        "`{}` must be non-empty letters, digits, '_', '-' or '.'",
+                        b.name
+                    ),
+                );
+            }
+            if self.backends[..i].iter().any(|o| o.name == b.name) {
+                return err(
+                    format!("backends[{i}].name"),
+                    format!("duplicate backend name `{}`", b.name),
+                );
+            }
+            if b.host.is_empty() {
+                return err(format!("backends[{i}].host"), "must not be empty".into());
+            }
+            if b.port == 0 {
+                return err(format!("backends[{i}].port"), "must be 1-65535".into());
+            }
+        }
+        if self.databases.is_empty() {
+            return err(
+                "databases".into(),
+                "at least one [databases.NAME] entry is required".into(),
+            );
+        }
+        for (name, db) in &self.databases {
+            if name.is_empty() || name.len() > 63 {
+                return err(
+                    format!("databases.\"{name}\""),
+                    "names are 1 to 63 bytes".into(),
+                );
+            }
+            if name == ADMIN_DATABASE {
+                return err(
+                    format!("databases.{name}"),
+                    format!("`{ADMIN_DATABASE}` is reserved for the admin console"),
+                );
+            }
+            if db.dbname.as_deref() == Some("") {
+                return err(
+                    format!("databases.{name}.dbname"),
+                    "must not be empty".into(),
+                );
+            }
+            if db.pool_size == Some(0) {
+                return err(
+                    format!("databases.{name}.pool_size"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The address to listen on (validated at load).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.pgwarden
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 6432)))
+    }
+
+    /// A path from the config, resolved against the config file's folder when relative.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match self.source.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    /// The user list file.
+    pub fn auth_file(&self) -> PathBuf {
+        self.resolve(&self.auth.file)
+    }
+
+    /// Pool settings for one client-facing database, with its overrides applied.
+    pub fn database(&self, name: &str) -> Option<DatabaseSettings> {
+        let db = self.databases.get(name)?;
+        Some(DatabaseSettings {
+            dbname: db.dbname.clone().unwrap_or_else(|| name.to_owned()),
+            pool_size: db.pool_size.unwrap_or(self.pool.default_pool_size),
+            pool_mode: db.pool_mode.unwrap_or(self.pool.mode),
+        })
+    }
+}
+
+/// The effective settings of one `[databases.NAME]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseSettings {
+    /// real database name on the server
+    pub dbname: String,
+    /// server connections per backend for each user
+    pub pool_size: u32,
+    /// pooling mode
+    pub pool_mode: PoolMode,
+}
+
+fn is_simple_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Turns a TOML error into one line: the message and where it is.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim().to_owned();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message,
+    }
+}
+
+/// Durations are strings with units: `"500ms"`, `"15s"`, `"10m"`, `"1h"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Parses a duration string with a unit.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// Parses `"250ms"`, `"1s"`, `"1h 30m"`; a bare number is refused so the unit is never guessed.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Duration::ZERO);
+        }
+        humantime::parse_duration(s).map_err(|e| {
+            format!("`{s}` is not a duration ({e}); write it with a unit, e.g. \"500ms\", \"30s\", \"10m\"")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[backends]]
+name = "pg1"
+host = "127.0.0.1"
+[databases.appdb]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("conf/test.toml"))
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.pgwarden.listen, "127.0.0.1:6432");
+        assert_eq!(c.pgwarden.max_client_conn, 10_000);
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(30));
+        assert_eq!(c.backends[0].port, 5432);
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+        let db = c.database("appdb").unwrap();
+        assert_eq!(db.dbname, "appdb");
+        assert_eq!(db.pool_size, 20);
+        assert!(c.database("other").is_none());
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../conf/pgwarden.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.auth_file(), PathBuf::from("conf/userlist.txt"));
+    }
+
+    #[test]
+    fn per_database_overrides_apply() {
+        let c = parse(&format!(
+            "{MINIMAL}dbname = \"real\"\npool_size = 3\npool_mode = \"session\"\n"
+        ))
+        .unwrap();
+        let db = c.database("appdb").unwrap();
+        assert_eq!(
+            db,
+            DatabaseSettings {
+                dbname: "real".into(),
+                pool_size: 3,
+                pool_mode: PoolMode::Session
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = parse(&format!("[pool]\nmode = \"statement\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "pool.mode");
+        assert!(e.reason.contains("statement"), "{e}");
+        assert!(e.to_string().starts_with("conf/test.toml: pool.mode: "));
+
+        let e = parse(&format!("[pool]\nquery_wait_timeout = \"30\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "pool.query_wait_timeout");
+        assert!(e.reason.contains("unit"), "{e}");
+
+        let e = parse(&format!("[pool]\nbogus = 1\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "pool.bogus");
+        assert!(e.reason.contains("unknown field `bogus`"), "{e}");
+        assert!(e.reason.contains("line 2"), "{e}");
+
+        let e = parse(&format!("[pgwarden]\nlisten = \"nowhere\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "pgwarden.listen");
+
+        let e = parse(&format!("{MINIMAL}pool_size = 0\n")).unwrap_err();
+        assert_eq!(e.key, "databases.appdb.pool_size");
+
+        let e = parse("[databases.appdb]\n").unwrap_err();
+        assert_eq!(e.key, "backends");
+
+        let e = parse(&format!(
+            "{MINIMAL}[[backends]]\nname = \"pg1\"\nhost = \"h\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "backends[1].name");
+
+        let e = parse(&format!("{MINIMAL}[databases.pgwarden]\n")).unwrap_err();
+        assert_eq!(e.key, "databases.pgwarden");
+
+        let e = parse("[pgwarden\n").unwrap_err();
+        assert_eq!(e.key, "(syntax)");
+    }
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration::parse("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(duration::parse("0"), Ok(Duration::ZERO));
+        assert!(duration::parse("15").is_err());
+        assert!(duration::parse("fast").is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Errors that reach a client, and the one place where they become SQLSTATEs.
+//!
+//! Every failure a client can observe is a [`ClientError`]. Its variant decides the
+//! SQLSTATE and the message; [`ClientError::to_response`] renders it as the
+//! ErrorResponse the client reads. Keeping the mapping here means the same cause
+//! always produces the same code, whichever part of pgwarden detected it.
+
+use std::io;
+use std::time::Duration;
+
+use crate::protocol::ServerNotice;
+
+/// SQLSTATE codes pgwarden itself emits.
+pub mod sqlstate {
+    /// invalid_password
+    pub const INVALID_PASSWORD: &str = "28P01";
+    /// invalid_authorization_specification
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// invalid_catalog_name (unknown database)
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    /// too_many_connections
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// sqlclient_unable_to_establish_sqlconnection
+    pub const CANNOT_CONNECT: &str = "08001";
+    /// connection_failure
+    pub const CONNECTION_FAILURE: &str = "08006";
+    /// protocol_violation
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// feature_not_supported
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// admin_shutdown
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// cannot_connect_now
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    /// in_failed_sql_transaction
+    pub const IN_FAILED_TRANSACTION: &str = "25P02";
+    /// invalid_parameter_value
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+}
+
+/// Why a server connection could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// TCP connect, or the socket failed during login or use.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The server did not answer within the configured bound.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The server rejected us (login failure, bad startup parameter, …).
+    #[error("{}", .0.message)]
+    Rejected(ServerNotice),
+    /// The server sent something the protocol does not allow at that point.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The user list holds no secret pgwarden can log in to the server with.
+    #[error("{0}")]
+    Credentials(String),
+}
+
+/// Every failure a client can be told about.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Wrong password or unknown user: one message for both, so that user names cannot be probed.
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    /// The client asked for a database pgwarden has no `[databases]` entry for.
+    #[error("database \"{0}\" is not configured in pgwarden")]
+    UnknownDatabase(String),
+    /// `max_client_conn` reached.
+    #[error("no more connections allowed (max_client_conn = {0})")]
+    TooManyClients(usize),
+    /// No server connection became free within `query_wait_timeout`.
+    #[error(
+        "query_wait_timeout: no server connection for database \"{database}\" within {timeout:?}"
+    )]
+    PoolTimeout {
+        /// client-facing database name
+        database: String,
+        /// the bound that expired
+        timeout: Duration,
+    },
+    /// pgwarden could not open a server connection.
+    #[error("could not connect to backend {backend}: {source}")]
+    ServerConnect {
+        /// backend name from the configuration
+        backend: String,
+        /// what went wrong
+        source: ServerError,
+    },
+    /// The server connection died while this client was using it.
+    #[error("connection to backend {backend} lost during the transaction: {reason}")]
+    ServerLost {
+        /// backend name from the configuration
+        backend: String,
+        /// what was observed
+        reason: String,
+    },
+    /// No backend to route to.
+    #[error("no primary available for database \"{0}\"")]
+    NoPrimary(String),
+    /// An error the server reported that must reach the client unchanged.
+    #[error("{}", .0.message)]
+    Server(ServerNotice),
+    /// The client broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The client asked for something pgwarden does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A startup parameter pgwarden refuses before asking any server.
+    #[error("{0}")]
+    BadParameter(String),
+    /// pgwarden is stopping.
+    #[error("pgwarden is shutting down")]
+    Shutdown,
+    /// A statement sent after the transaction was lost and before the client ended it.
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    TransactionAborted,
+}
+
+impl ClientError {
+    /// The SQLSTATE a client sees for this error.
+    pub fn sqlstate(&self) -> &str {
+        use sqlstate::*;
+        match self {
+            ClientError::AuthFailed(_) => INVALID_PASSWORD,
+            ClientError::UnknownDatabase(_) => INVALID_CATALOG_NAME,
+            ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {
+                TOO_MANY_CONNECTIONS
+            }
+            ClientError::ServerConnect { source, .. } => match source {
+                ServerError::Rejected(notice) => &notice.code,
+                ServerError::Credentials(_) => INVALID_AUTHORIZATION,
+                _ => CANNOT_CONNECT,
+            },
+            ClientError::ServerLost { .. } => CONNECTION_FAILURE,
+            ClientError::NoPrimary(_) => CANNOT_CONNECT_NOW,
+            ClientError::Server(notice) => &notice.code,
+            ClientError::Protocol(_) => PROTOCOL_VIOLATION,
+            ClientError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
+            ClientError::BadParameter(_) => INVALID_PARAMETER_VALUE,
+            ClientError::Shutdown => ADMIN_SHUTDOWN,
+            ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
+        }
+    }
+
+    /// The notice a client receives, with severity `FATAL` when pgwarden closes the connection after it.
+    pub fn to_notice(&self, fatal: bool) -> ServerNotice {
+        let severity = if fatal { "FATAL" } else { "ERROR" };
+        match self {
+            // Keep the server's own detail and hint, but never let a server FATAL end a
+            // client connection that pgwarden keeps open.
+            ClientError::Server(notice) => ServerNotice {
+                severity: severity.to_owned(),
+                ..notice.clone()
+            },
+            _ => ServerNotice::new(severity, self.sqlstate(), self.to_string()),
+        }
+    }
+}

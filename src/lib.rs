@@ -1,0 +1,30 @@
+//! pgwarden: a PostgreSQL connection pooler and fault-tolerance proxy.
+//!
+//! The crate is laid out by concern; this file only names the parts.
+//! A client's bytes flow `proxy` (accept) → `client` (login, transactions) →
+//! `pool` (a server connection to the backend `backend` routes to) → `server`.
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod params;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;
+pub mod server;
+
+/// One event per line on stderr; `RUST_LOG` overrides the configured level.
+pub fn init_logging(level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,162 @@
+//! Server connection pools: one per (client-facing database, backend, user).
+//!
+//! [`Pools`] finds or creates the pool for a key, applies reloaded settings,
+//! retires pools whose database or backend went away, and reaps idle
+//! connections. Clients look a pool up once per change of routing and then
+//! keep the `Arc`, so the registry's lock is off the per-transaction path.
+
+mod server_pool;
+mod slots;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
+
+use crate::auth::UserList;
+use crate::config::{BackendConfig, Config};
+use crate::server::ServerTarget;
+
+/// Identifies a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// the database name clients use
+    pub database: String,
+    /// where and as whom the server connections go
+    pub target: ServerTarget,
+}
+
+impl PoolKey {
+    /// The pool key for `user` on `database` through `backend`, if the database is configured.
+    pub fn new(
+        config: &Config,
+        database: &str,
+        user: &str,
+        backend: &BackendConfig,
+    ) -> Option<PoolKey> {
+        let db = config.database(database)?;
+        Some(PoolKey {
+            database: database.to_owned(),
+            target: ServerTarget {
+                backend: backend.name.as_str().into(),
+                host: backend.host.clone(),
+                port: backend.port,
+                dbname: db.dbname,
+                user: user.to_owned(),
+            },
+        })
+    }
+}
+
+/// Every pool of the process.
+#[derive(Debug)]
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<ServerPool>>>,
+    users: Arc<ArcSwap<UserList>>,
+}
+
+impl Pools {
+    /// An empty registry; pools read credentials from `users` when they connect.
+    pub fn new(users: Arc<ArcSwap<UserList>>) -> Pools {
+        Pools {
+            pools: Mutex::new(HashMap::new()),
+            users,
+        }
+    }
+
+    /// The pool for `key`, created with the settings `config` gives it if it does not exist.
+    pub fn get(&self, key: &PoolKey, config: &Config) -> Arc<ServerPool> {
+        let mut pools = self.lock();
+        if let Some(pool) = pools.get(key) {
+            return pool.clone();
+        }
+        let pool = Arc::new(ServerPool::new(
+            key.target.clone(),
+            settings_for(config, &key.database),
+            self.users.clone(),
+        ));
+        debug!(db = %key.database, backend = %key.target.backend, user = %key.target.user, "pool created");
+        pools.insert(key.clone(), pool.clone());
+        pool
+    }
+
+    /// Every pool with its key.
+    pub fn all(&self) -> Vec<(PoolKey, Arc<ServerPool>)> {
+        self.lock()
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect()
+    }
+
+    /// Applies a reloaded config: new sizes and timeouts; pools whose database or
+    /// backend changed or disappeared are retired (their clients move to new pools).
+    pub fn reconfigure(&self, config: &Config) {
+        let mut pools = self.lock();
+        pools.retain(|key, pool| {
+            let still = config
+                .backends
+                .iter()
+                .find(|b| *b.name == *key.target.backend)
+                .and_then(|b| PoolKey::new(config, &key.database, &key.target.user, b));
+            if still.as_ref() == Some(key) {
+                pool.update(settings_for(config, &key.database));
+                true
+            } else {
+                info!(db = %key.database, backend = %key.target.backend, "retiring pool: its database or backend changed");
+                pool.retire();
+                false
+            }
+        });
+    }
+
+    /// Closes idle connections past their timeouts until `shutdown`.
+    pub async fn reap_until(&self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            for (key, pool) in self.all() {
+                let closed = pool.reap();
+                if closed > 0 {
+                    debug!(db = %key.database, backend = %key.target.backend, closed, "reaped idle server connections");
+                }
+            }
+        }
+    }
+
+    /// Retires every pool (shutdown).
+    pub fn retire_all(&self) {
+        for (_, pool) in self.lock().drain() {
+            pool.retire();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<ServerPool>>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The settings a pool for `database` gets from `config`.
+pub fn settings_for(config: &Config, database: &str) -> PoolSettings {
+    let p = &config.pool;
+    let size = config
+        .database(database)
+        .map_or(p.default_pool_size, |d| d.pool_size);
+    PoolSettings {
+        size: size as usize,
+        reserve_size: p.reserve_pool_size as usize,
+        reserve_timeout: p.reserve_pool_timeout,
+        wait_timeout: p.query_wait_timeout,
+        connect_timeout: p.server_connect_timeout,
+        idle_timeout: p.server_idle_timeout,
+        lifetime: p.server_lifetime,
+    }
+}

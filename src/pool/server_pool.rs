@@ -1,0 +1,383 @@
+//! The server connections of one (backend, database, user): checkout with a
+//! bounded, fair wait; return; and what it remembers for logins.
+//!
+//! A checked-out connection is a [`PooledConn`]: it goes back with
+//! [`PooledConn::release`] when the caller knows it is clean, and is closed on
+//! drop otherwise, so an early return or a panic can never hand a dirty
+//! connection to the next client.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tracing::{debug, info, warn};
+
+use super::slots::Slots;
+use crate::auth::UserList;
+use crate::error::ServerError;
+use crate::params::ParamSet;
+use crate::server::{ServerConn, ServerTarget};
+
+/// The limits and timeouts of one pool; replaced whole on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// server connections
+    pub size: usize,
+    /// extra connections for clients that waited `reserve_timeout`
+    pub reserve_size: usize,
+    /// wait before the reserve may be used
+    pub reserve_timeout: Duration,
+    /// bound on a client's wait; zero waits forever
+    pub wait_timeout: Duration,
+    /// bound on connect + login
+    pub connect_timeout: Duration,
+    /// close connections idle this long; zero keeps them
+    pub idle_timeout: Duration,
+    /// close connections this old; zero keeps them
+    pub lifetime: Duration,
+}
+
+/// Why no server connection was handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    /// The wait bound expired.
+    #[error("no server connection within {0:?}")]
+    Timeout(Duration),
+    /// Connecting failed.
+    #[error("{0}")]
+    Connect(#[from] ServerError),
+    /// The pool was retired while waiting (its backend left the routing table).
+    #[error("pool retired")]
+    Retired,
+}
+
+/// Which slots a checkout took, so that it gives back to the same ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Main,
+    Reserve,
+}
+
+/// Login facts learned from this pool's server connections.
+#[derive(Debug, Default)]
+struct LoginCache {
+    /// ParameterStatus a new server session reports (server defaults)
+    welcome: Option<Arc<Vec<(String, String)>>>,
+    /// startup settings (lower-cased name, value) known to be accepted, with the
+    /// value the server reports for them when it reports them
+    accepted: HashMap<(String, String), String>,
+}
+
+/// Most distinct accepted settings remembered per pool; beyond it the memory starts over.
+const MAX_ACCEPTED: usize = 1024;
+
+/// The server connections to one target.
+#[derive(Debug)]
+pub struct ServerPool {
+    /// where connections go
+    pub target: ServerTarget,
+    settings: ArcSwap<PoolSettings>,
+    main: Slots,
+    reserve: Slots,
+    idle: Mutex<Vec<ServerConn>>,
+    users: Arc<ArcSwap<UserList>>,
+    logins: Mutex<LoginCache>,
+    retired: AtomicBool,
+}
+
+impl ServerPool {
+    /// An empty pool.
+    pub fn new(
+        target: ServerTarget,
+        settings: PoolSettings,
+        users: Arc<ArcSwap<UserList>>,
+    ) -> Self {
+        ServerPool {
+            target,
+            main: Slots::new(settings.size),
+            reserve: Slots::new(settings.reserve_size),
+            settings: ArcSwap::from_pointee(settings),
+            idle: Mutex::new(Vec::new()),
+            users,
+            logins: Mutex::new(LoginCache::default()),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// Hands out a server connection: an idle one that is still alive, or a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
+        let settings = self.settings.load_full();
+        let slot = self.acquire(&settings).await?;
+        let mut pooled = PooledConn {
+            pool: self.clone(),
+            conn: None,
+            slot: Some(slot),
+        };
+        while let Some(mut conn) = self.pop_idle() {
+            if expired(&conn, &settings) {
+                debug!(server = conn.id, "closing expired server connection");
+                conn.close();
+                continue;
+            }
+            match conn.check_idle() {
+                Ok(()) => {
+                    pooled.conn = Some(conn);
+                    return Ok(pooled);
+                }
+                Err(reason) => {
+                    info!(backend = %self.target.backend, server = conn.id, %reason, "discarding broken idle server connection");
+                    conn.close();
+                }
+            }
+        }
+        let credential = self.users.load().get(&self.target.user).ok_or_else(|| {
+            ServerError::Credentials(format!(
+                "user \"{}\" is not in the user list",
+                self.target.user
+            ))
+        })?;
+        match ServerConn::connect(&self.target, &credential, settings.connect_timeout).await {
+            Ok(conn) => {
+                debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
+                self.remember_welcome(&conn);
+                pooled.conn = Some(conn);
+                Ok(pooled)
+            }
+            Err(e) => {
+                warn!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, error = %e, "server connection failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn acquire(&self, settings: &PoolSettings) -> Result<Slot, CheckoutError> {
+        let wait = async {
+            let main = self.main.acquire();
+            tokio::pin!(main);
+            if settings.reserve_size > 0 {
+                tokio::select! {
+                    r = &mut main => return r.map(|()| Slot::Main),
+                    () = tokio::time::sleep(settings.reserve_timeout) => {}
+                }
+                tokio::select! {
+                    biased;
+                    r = &mut main => return r.map(|()| Slot::Main),
+                    r = self.reserve.acquire() => {
+                        if r.is_ok() {
+                            info!(backend = %self.target.backend, db = %self.target.dbname, "using the reserve pool");
+                        }
+                        return r.map(|()| Slot::Reserve);
+                    }
+                }
+            }
+            main.await.map(|()| Slot::Main)
+        };
+        let slot = if settings.wait_timeout.is_zero() {
+            wait.await
+        } else {
+            tokio::time::timeout(settings.wait_timeout, wait)
+                .await
+                .map_err(|_| CheckoutError::Timeout(settings.wait_timeout))?
+        };
+        slot.map_err(|_| CheckoutError::Retired)
+    }
+
+    fn pop_idle(&self) -> Option<ServerConn> {
+        lock(&self.idle).pop()
+    }
+
+    fn give_back(&self, mut conn: ServerConn, slot: Slot) {
+        let settings = self.settings.load();
+        if self.retired.load(Ordering::Acquire) || expired(&conn, &settings) {
+            conn.close();
+        } else {
+            conn.mark_idle();
+            lock(&self.idle).push(conn);
+        }
+        self.release_slot(slot);
+    }
+
+    fn release_slot(&self, slot: Slot) {
+        match slot {
+            Slot::Main => self.main.release(),
+            Slot::Reserve => self.reserve.release(),
+        }
+    }
+
+    /// The bound on connecting, also used for pgwarden's own short statements.
+    pub fn connect_timeout(&self) -> Duration {
+        self.settings.load().connect_timeout
+    }
+
+    /// Applies new settings from a reload.
+    pub fn update(&self, settings: PoolSettings) {
+        if **self.settings.load() == settings {
+            return;
+        }
+        self.main.resize(settings.size);
+        self.reserve.resize(settings.reserve_size);
+        self.settings.store(Arc::new(settings));
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime; returns how many.
+    pub fn reap(&self) -> usize {
+        let settings = self.settings.load();
+        let expired_conns: Vec<ServerConn> = {
+            let mut idle = lock(&self.idle);
+            let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
+                expired(c, &settings)
+                    || (!settings.idle_timeout.is_zero() && c.idle_for() >= settings.idle_timeout)
+            });
+            *idle = keep;
+            old
+        };
+        let n = expired_conns.len();
+        expired_conns.into_iter().for_each(ServerConn::close);
+        n
+    }
+
+    /// Stops the pool: waiters are told, idle connections close, and returned ones close too.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.main.close();
+        self.reserve.close();
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        idle.into_iter().for_each(ServerConn::close);
+    }
+
+    /// Counts for the admin console and metrics: (in use, idle, size).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let size = self.main.size() + self.reserve.size();
+        let free = self.main.available() + self.reserve.available();
+        let idle = lock(&self.idle).len();
+        (size.saturating_sub(free).saturating_sub(idle), idle, size)
+    }
+
+    fn remember_welcome(&self, conn: &ServerConn) {
+        let mut logins = lock(&self.logins);
+        if logins.welcome.is_none() {
+            logins.welcome = Some(Arc::new(conn.reported.clone()));
+        }
+    }
+
+    /// The ParameterStatus set for a client with `settings`, if every setting is known to
+    /// be accepted and a server session has been seen; `None` means a server must be asked.
+    pub fn welcome_for(&self, settings: &ParamSet) -> Option<Vec<(String, String)>> {
+        lock(&self.logins).welcome_for(settings)
+    }
+
+    /// Records that a server accepted `settings`, reporting `reports` while applying
+    /// them, and returns the ParameterStatus set such a client is welcomed with.
+    pub fn accept(
+        &self,
+        settings: &ParamSet,
+        reports: &[(String, String)],
+    ) -> Vec<(String, String)> {
+        let mut logins = lock(&self.logins);
+        if logins.accepted.len() + settings.iter().count() > MAX_ACCEPTED {
+            logins.accepted.clear();
+        }
+        for (name, value) in settings.iter() {
+            let reported = reports
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map_or(value, |(_, v)| v.as_str());
+            logins
+                .accepted
+                .insert((name.to_owned(), value.to_owned()), reported.to_owned());
+        }
+        logins.welcome_for(settings).unwrap_or_default()
+    }
+}
+
+impl LoginCache {
+    fn welcome_for(&self, settings: &ParamSet) -> Option<Vec<(String, String)>> {
+        let welcome = self.welcome.as_ref()?;
+        let mut shown = HashMap::new();
+        for (name, value) in settings.iter() {
+            let normalized = self.accepted.get(&(name.to_owned(), value.to_owned()))?;
+            shown.insert(name, normalized.as_str());
+        }
+        Some(
+            welcome
+                .iter()
+                .map(|(name, value)| {
+                    let v = shown
+                        .get(name.to_ascii_lowercase().as_str())
+                        .copied()
+                        .unwrap_or(value);
+                    (name.clone(), v.to_owned())
+                })
+                .collect(),
+        )
+    }
+}
+
+fn expired(conn: &ServerConn, settings: &PoolSettings) -> bool {
+    !settings.lifetime.is_zero() && conn.age() >= settings.lifetime
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing is held across a panic point inside these critical sections.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A server connection checked out of its pool.
+#[derive(Debug)]
+pub struct PooledConn {
+    pool: Arc<ServerPool>,
+    conn: Option<ServerConn>,
+    /// taken when the slot goes back, so that it goes back exactly once
+    slot: Option<Slot>,
+}
+
+impl PooledConn {
+    /// The pool it came from.
+    pub fn pool(&self) -> &Arc<ServerPool> {
+        &self.pool
+    }
+
+    /// Returns a clean connection (idle, nothing owed to anyone) to the pool.
+    pub fn release(mut self) {
+        if let (Some(conn), Some(slot)) = (self.conn.take(), self.slot.take()) {
+            self.pool.give_back(conn, slot);
+        }
+    }
+
+    /// Closes the connection instead of returning it.
+    pub fn discard(self) {
+        // Drop closes whatever was not released.
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("connection present until release")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("connection present until release")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        // Not released explicitly: its state is unknown, so it must not be reused.
+        if let Some(conn) = self.conn.take() {
+            conn.close();
+        }
+        if let Some(slot) = self.slot.take() {
+            self.pool.release_slot(slot);
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! A bounded number of slots, handed out first come, first served.
+//!
+//! tokio's semaphore is fair (FIFO), so waiting clients are served in arrival
+//! order. What it lacks is shrinking while slots are in use: a pool resized
+//! down by a reload keeps a deficit that returning slots pay off instead of
+//! going back.
+
+use std::sync::Mutex;
+
+use tokio::sync::Semaphore;
+
+/// Slots for server connections of one pool (or its reserve).
+#[derive(Debug)]
+pub struct Slots {
+    semaphore: Semaphore,
+    state: Mutex<Sizing>,
+}
+
+#[derive(Debug)]
+struct Sizing {
+    size: usize,
+    deficit: usize,
+}
+
+/// The slots are closed: the pool was retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+impl Slots {
+    /// `size` free slots.
+    pub fn new(size: usize) -> Slots {
+        Slots {
+            semaphore: Semaphore::new(size),
+            state: Mutex::new(Sizing { size, deficit: 0 }),
+        }
+    }
+
+    /// Waits for a free slot. Cancel-safe: dropping the future leaves the queue.
+    pub async fn acquire(&self) -> Result<(), Closed> {
+        self.semaphore
+            .acquire()
+            .await
+            .map(|permit| permit.forget())
+            .map_err(|_| Closed)
+    }
+
+    /// Gives a slot back (or retires it, while the size is above its target).
+    pub fn release(&self) {
+        let mut s = self.lock();
+        if s.deficit > 0 {
+            s.deficit -= 1;
+        } else {
+            self.semaphore.add_permits(1);
+        }
+    }
+
+    /// Changes the number of slots; a shrink takes effect as slots come back.
+    pub fn resize(&self, size: usize) {
+        let mut s = self.lock();
+        if size >= s.size {
+            let grow = size - s.size;
+            let repaid = grow.min(s.deficit);
+            s.deficit -= repaid;
+            self.semaphore.add_permits(grow - repaid);
+        } else {
+            let shrink = s.size - size;
+            let forgotten = self.semaphore.forget_permits(shrink);
+            s.deficit += shrink - forgotten;
+        }
+        s.size = size;
+    }
+
+    /// The configured number of slots.
+    pub fn size(&self) -> usize {
+        self.lock().size
+    }
+
+    /// Slots free right now.
+    pub fn available(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+
+    /// Wakes every waiter with [`Closed`] and refuses new ones.
+    pub fn close(&self) {
+        self.semaphore.close();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sizing> {
+        // The guarded data is two counters updated together; a panic elsewhere
+        // cannot leave them half-written, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shrinking_waits_for_slots_to_come_back() {
+        let slots = Slots::new(3);
+        slots.acquire().await.unwrap();
+        slots.acquire().await.unwrap();
+        slots.resize(1);
+        // One free slot was forgotten at once; one more must be repaid.
+        assert_eq!(slots.available(), 0);
+        slots.release();
+        assert_eq!(slots.available(), 0);
+        slots.release();
+        assert_eq!(slots.available(), 1);
+        slots.resize(4);
+        assert_eq!(slots.available(), 4);
+        assert_eq!(slots.size(), 4);
+    }
+
+    #[tokio::test]
+    async fn growing_repays_a_deficit_first() {
+        let slots = Slots::new(2);
+        slots.acquire().await.unwrap();
+        slots.acquire().await.unwrap();
+        slots.resize(0);
+        slots.resize(1);
+        slots.release();
+        slots.release();
+        assert_eq!(slots.available(), 1);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_order_and_woken_on_close() {
+        let slots = std::sync::Arc::new(Slots::new(1));
+        slots.acquire().await.unwrap();
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire().await })
+        };
+        tokio::task::yield_now().await;
+        slots.close();
+        assert_eq!(waiter.await.unwrap(), Err(Closed));
+        assert_eq!(slots.acquire().await, Err(Closed));
+    }
+}

@@ -1,0 +1,184 @@
+//! The running proxy: shared state, the listener, signals, reload and shutdown.
+//!
+//! [`Shared`] is what every client task and background task may read; it holds
+//! swappable snapshots (configuration, user list, routing table) rather than
+//! locks, so a reload replaces them without stopping anyone. The accept loop
+//! enforces `max_client_conn` by answering excess clients with an error instead
+//! of leaving them in the kernel's backlog.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::auth::UserList;
+use crate::backend::{BackendTable, Routing, routing};
+use crate::cancel::CancelRegistry;
+use crate::client;
+use crate::config::{Config, ConfigError};
+use crate::error::ClientError;
+use crate::pool::Pools;
+use crate::protocol::messages::put_error;
+
+/// State shared by every task of the proxy.
+#[derive(Debug)]
+pub struct Shared {
+    /// the running configuration
+    pub config: ArcSwap<Config>,
+    /// the user list
+    pub users: Arc<ArcSwap<UserList>>,
+    /// the routing table
+    pub routing: Routing,
+    /// server connection pools
+    pub pools: Pools,
+    /// cancel keys issued to clients
+    pub cancels: Arc<CancelRegistry>,
+    /// fired once on SIGTERM/SIGINT
+    pub shutdown: CancellationToken,
+    /// client sessions past login
+    pub clients: AtomicUsize,
+    /// accepted connections, logging in or logged in
+    connections: AtomicUsize,
+}
+
+impl Shared {
+    /// Shared state for `config` and `users`.
+    pub fn new(config: Config, users: UserList) -> Arc<Shared> {
+        let users = Arc::new(ArcSwap::from_pointee(users));
+        Arc::new(Shared {
+            routing: routing(&config),
+            pools: Pools::new(users.clone()),
+            config: ArcSwap::from_pointee(config),
+            users,
+            cancels: Arc::new(CancelRegistry::default()),
+            shutdown: CancellationToken::new(),
+            clients: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+        })
+    }
+
+    /// Re-reads the configuration file and the user list and applies them.
+    /// On any error the running configuration stays as it is.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let old = self.config.load_full();
+        let config = Config::load(&old.source)?;
+        let users = UserList::load(&config.auth_file())?;
+        if config.pgwarden.listen != old.pgwarden.listen
+            || config.pgwarden.workers != old.pgwarden.workers
+        {
+            warn!("pgwarden.listen and pgwarden.workers take effect at the next restart");
+        }
+        self.users.store(Arc::new(users));
+        let generation = self.routing.load().generation + 1;
+        self.routing
+            .store(Arc::new(BackendTable::from_config(&config, generation)));
+        self.pools.reconfigure(&config);
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+}
+
+/// Binds the listener; separate from [`serve`] so that callers learn about a busy port at once.
+pub async fn bind(config: &Config) -> io::Result<TcpListener> {
+    let addr = config.listen_addr();
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves clients until SIGTERM/SIGINT (or `shared.shutdown`), then drains.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
+    info!(addr = %listener.local_addr()?, "pgwarden listening");
+    let signals = tokio::spawn(handle_signals(shared.clone()));
+    let reaper = {
+        let shared = shared.clone();
+        tokio::spawn(async move { shared.pools.reap_until(shared.shutdown.clone()).await })
+    };
+    let sessions = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shared.shutdown.cancelled() => break,
+        };
+        let max = shared.config.load().pgwarden.max_client_conn;
+        if shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            sessions.spawn(refuse(stream, peer, max));
+            continue;
+        }
+        let shared = shared.clone();
+        sessions.spawn(async move {
+            client::serve(stream, peer, shared.clone()).await;
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    drop(listener);
+    sessions.close();
+    let grace = shared.config.load().pgwarden.shutdown_timeout;
+    info!(
+        clients = shared.clients.load(Ordering::Relaxed),
+        ?grace,
+        "shutting down: waiting for running transactions"
+    );
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        warn!(
+            clients = shared.clients.load(Ordering::Relaxed),
+            "shutdown_timeout reached; closing the remaining connections"
+        );
+    }
+    shared.pools.retire_all();
+    signals.abort();
+    let _ = reaper.await;
+    info!("pgwarden stopped");
+    Ok(())
+}
+
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) {
+    warn!(%peer, max_client_conn = max, "refusing client: max_client_conn reached");
+    let mut out = BytesMut::new();
+    put_error(&mut out, &ClientError::TooManyClients(max).to_notice(true));
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+}
+
+async fn handle_signals(shared: Arc<Shared>) {
+    let (Ok(mut hangup), Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!(
+            "cannot install signal handlers; SIGHUP reload and graceful shutdown are unavailable"
+        );
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match shared.reload() {
+                Ok(()) => info!("configuration reloaded"),
+                Err(e) => error!(error = %e, "reload failed; the running configuration is unchanged"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("shutdown requested");
+    shared.shutdown.cancel();
+}

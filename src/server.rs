@@ -1,0 +1,277 @@
+//! One server connection: connect, startup, authenticate, run pgwarden's own
+//! statements, check it is still alive, close.
+//!
+//! The pool owns server connections; a client borrows one for a transaction and
+//! splices bytes through it (`client::splice`). What this type remembers between
+//! borrows is what the next borrower needs: the cancel key, the settings last
+//! applied to the session, its age, and any bytes the server sent while idle.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use pgwire::messages::simplequery::Query;
+use pgwire::messages::startup::{Authentication, Startup};
+use pgwire::messages::terminate::Terminate;
+use pgwire::messages::{DecodeContext, Message};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::auth::Credential;
+use crate::auth::backend::BackendAuth;
+use crate::error::ServerError;
+use crate::params::ParamSet;
+use crate::protocol::ServerNotice;
+use crate::protocol::frame::{self, MAX_BUFFERED_LEN, ReadError, read_message};
+use crate::protocol::messages::{frontend, parameter_status};
+
+/// Where a server connection goes and as whom.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerTarget {
+    /// backend name from the config
+    pub backend: Arc<str>,
+    /// host name or address
+    pub host: String,
+    /// TCP port
+    pub port: u16,
+    /// real database name
+    pub dbname: String,
+    /// user to log in as
+    pub user: String,
+}
+
+/// What a CancelRequest for this connection must carry, and where it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    /// the server's address as connected
+    pub addr: SocketAddr,
+    /// backend process id
+    pub pid: i32,
+    /// backend secret
+    pub secret: i32,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An open, logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    /// the socket
+    pub stream: TcpStream,
+    /// bytes read from the server and not yet passed on; kept between borrows
+    pub inbuf: BytesMut,
+    /// kinds ('Q', 'S', 'F') of requests sent and not yet answered by ReadyForQuery
+    pub pending: VecDeque<u8>,
+    /// settings last applied to this session (`None`: server defaults)
+    pub applied: Option<Arc<ParamSet>>,
+    /// for cancel requests
+    pub cancel_key: CancelKey,
+    /// ParameterStatus values the server sent at login
+    pub reported: Vec<(String, String)>,
+    /// process-unique id for logs
+    pub id: u64,
+    created: Instant,
+    idle_since: Instant,
+}
+
+impl ServerConn {
+    /// Connects, logs in and waits for the first ReadyForQuery, all within `timeout`.
+    pub async fn connect(
+        target: &ServerTarget,
+        credential: &Credential,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
+        tokio::time::timeout(timeout, Self::login(target, credential))
+            .await
+            .map_err(|_| ServerError::Timeout(timeout))?
+    }
+
+    async fn login(
+        target: &ServerTarget,
+        credential: &Credential,
+    ) -> Result<ServerConn, ServerError> {
+        let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let mut startup = Startup::new();
+        startup
+            .parameters
+            .insert("user".to_owned(), target.user.clone());
+        startup
+            .parameters
+            .insert("database".to_owned(), target.dbname.clone());
+        stream.write_all(&frontend(&startup)).await?;
+
+        let mut auth = BackendAuth::new(credential);
+        let mut inbuf = BytesMut::with_capacity(8192);
+        let mut reported = Vec::new();
+        let mut key = None;
+        loop {
+            let (tag, body) = read(&mut stream, &mut inbuf).await?;
+            match tag {
+                b'R' => {
+                    if let Some(reply) = auth.respond(decode_auth(body)?)? {
+                        stream.write_all(&reply).await?;
+                    }
+                }
+                b'S' => {
+                    if let Some((name, value)) = parameter_status(&body) {
+                        reported.push((name.to_owned(), value.to_owned()));
+                    }
+                }
+                b'K' if body.len() == 8 => {
+                    let mut b = &body[..];
+                    key = Some((b.get_i32(), b.get_i32()));
+                }
+                b'E' => return Err(ServerError::Rejected(ServerNotice::parse(&body))),
+                b'N' | b'v' => {}
+                b'Z' => break,
+                other => {
+                    return Err(ServerError::Protocol(format!(
+                        "unexpected message type '{}' during login",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+        let (pid, secret) =
+            key.ok_or_else(|| ServerError::Protocol("no BackendKeyData at login".into()))?;
+        let now = Instant::now();
+        Ok(ServerConn {
+            stream,
+            inbuf,
+            pending: VecDeque::new(),
+            applied: None,
+            cancel_key: CancelKey { addr, pid, secret },
+            reported,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            created: now,
+            idle_since: now,
+        })
+    }
+
+    /// Runs one of pgwarden's own statements (settings, reset) and reads to ReadyForQuery.
+    /// Returns the ParameterStatus reports it caused. A server error is returned after
+    /// the connection is back at ReadyForQuery, so the connection stays usable.
+    pub async fn execute(&mut self, sql: &str) -> Result<Vec<(String, String)>, ServerError> {
+        self.stream
+            .write_all(&frontend(&Query::new(sql.to_owned())))
+            .await?;
+        let mut reports = Vec::new();
+        let mut failure = None;
+        loop {
+            let (tag, body) = read(&mut self.stream, &mut self.inbuf).await?;
+            match tag {
+                b'S' => {
+                    if let Some((name, value)) = parameter_status(&body) {
+                        reports.push((name.to_owned(), value.to_owned()));
+                    }
+                }
+                b'E' => {
+                    let notice = ServerNotice::parse(&body);
+                    if notice.is_fatal() {
+                        return Err(ServerError::Rejected(notice));
+                    }
+                    failure.get_or_insert(notice);
+                }
+                b'Z' => {
+                    if body.first() != Some(&b'I') {
+                        return Err(ServerError::Protocol(
+                            "internal statement left a transaction open".into(),
+                        ));
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match failure {
+            Some(notice) => Err(ServerError::Rejected(notice)),
+            None => Ok(reports),
+        }
+    }
+
+    /// Checks an idle connection before it is handed out: the server may have closed
+    /// it, or sent something (a FATAL on termination, a ParameterStatus) while idle.
+    pub fn check_idle(&mut self) -> Result<(), String> {
+        loop {
+            self.inbuf.reserve(1024);
+            match self.stream.try_read_buf(&mut self.inbuf) {
+                Ok(0) => return Err("closed by the server".into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        while !self.inbuf.is_empty() {
+            let (tag, len) = match frame::header(&self.inbuf, MAX_BUFFERED_LEN) {
+                Some(Ok(h)) if self.inbuf.len() >= h.1 => h,
+                Some(Err(e)) => return Err(e.to_string()),
+                _ => return Err("partial message while idle".into()),
+            };
+            let frame = self.inbuf.split_to(len);
+            match tag {
+                // Asynchronous messages a session may receive at any time.
+                b'S' | b'N' | b'A' => {}
+                b'E' => return Err(ServerNotice::parse(&frame[5..]).message),
+                other => {
+                    return Err(format!(
+                        "unexpected message type '{}' while idle",
+                        char::from(other)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Age since connect.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Time since it was last returned to the pool.
+    pub fn idle_for(&self) -> Duration {
+        self.idle_since.elapsed()
+    }
+
+    /// Marks the moment it goes back to the pool.
+    pub fn mark_idle(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
+    /// Sends Terminate when the socket takes it without waiting, then closes.
+    pub fn close(self) {
+        let _ = self.stream.try_write(&frontend(&Terminate::new()));
+    }
+}
+
+async fn read(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(u8, BytesMut), ServerError> {
+    read_message(stream, buf, MAX_BUFFERED_LEN)
+        .await
+        .map_err(|e| match e {
+            ReadError::Io(e) => ServerError::Io(e),
+            ReadError::Frame(e) => ServerError::Protocol(e.to_string()),
+        })
+}
+
+fn decode_auth(mut body: BytesMut) -> Result<Authentication, ServerError> {
+    // pgwire's decoder trusts the body to be long enough; check first so that a
+    // broken server gets an error, not a panic.
+    let needed = match body.get(..4) {
+        Some([0, 0, 0, 5]) => 8,
+        Some(_) => 4,
+        None => usize::MAX,
+    };
+    if body.len() < needed {
+        return Err(ServerError::Protocol(
+            "truncated authentication request".into(),
+        ));
+    }
+    let len = body.len() + 4;
+    Authentication::decode_body(&mut body, len, &DecodeContext::default())
+        .map_err(|e| ServerError::Protocol(format!("authentication request: {e}")))
+}
