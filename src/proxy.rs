@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +26,6 @@ use crate::client;
 use crate::config::{Config, ConfigError};
 use crate::error::ClientError;
 use crate::pool::Pools;
-use crate::protocol::messages::put_error;
 
 /// State shared by every task of the proxy.
 #[derive(Debug)]
@@ -153,9 +150,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()>
 
 async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) {
     warn!(%peer, max_client_conn = max, "refusing client: max_client_conn reached");
-    let mut out = BytesMut::new();
-    put_error(&mut out, &ClientError::TooManyClients(max).to_notice(true));
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+    client::farewell(
+        &mut stream,
+        &ClientError::TooManyClients(max).to_notice(true),
+    )
+    .await;
 }
 
 async fn handle_signals(shared: Arc<Shared>) {

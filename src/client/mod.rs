@@ -20,9 +20,10 @@ pub mod splice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -50,9 +51,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Err(_) => info!(%peer, "client did not finish logging in within client_login_timeout"),
         Ok(Err((mut stream, LoginError::Refused(e)))) => {
             debug!(%peer, error = %e, "login refused");
-            let mut out = BytesMut::new();
-            put_error(&mut out, &e.to_notice(true));
-            let _ = stream.write_all(&out).await;
+            farewell(&mut stream, &e.to_notice(true)).await;
         }
         Ok(Err((_, LoginError::Gone))) => debug!(%peer, "client left during login"),
         Ok(Ok(Login::Cancel { pid, secret })) => {
@@ -61,6 +60,27 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
         Ok(Ok(Login::Ready(session))) => session.run().await,
     }
+}
+
+/// Sends a last error and closes gently: unread input at close would make the
+/// kernel reset the connection, and the client might never read the error.
+pub async fn farewell(stream: &mut TcpStream, notice: &ServerNotice) {
+    let mut out = BytesMut::new();
+    put_error(&mut out, notice);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut budget: usize = 64 * 1024;
+        while budget > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => budget = budget.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// What login established about a client.
@@ -136,19 +156,13 @@ impl Session {
             End::Gone => info!(peer = %self.peer, pid, "client disconnected"),
             End::Shutdown => {
                 info!(peer = %self.peer, pid, "client disconnected by shutdown");
-                self.tell(&ClientError::Shutdown.to_notice(true)).await;
+                farewell(&mut self.stream, &ClientError::Shutdown.to_notice(true)).await;
             }
             End::Fatal(e) => {
                 warn!(peer = %self.peer, pid, error = %e, "client disconnected after an error");
-                self.tell(&e.to_notice(true)).await;
+                farewell(&mut self.stream, &e.to_notice(true)).await;
             }
         }
-    }
-
-    async fn tell(&mut self, notice: &ServerNotice) {
-        let mut out = BytesMut::new();
-        put_error(&mut out, notice);
-        let _ = self.stream.write_all(&out).await;
     }
 
     async fn serve_requests(&mut self) -> End {

@@ -1,0 +1,336 @@
+//! Shared pieces of the benchmarks: a PostgreSQL with a pgbench database, the
+//! poolers under comparison (pgwarden and PgBouncer) in front of it, pgbench
+//! runs, CPU accounting of a process, and table printing.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgwarden::cluster::{Cluster, ClusterSpec, Programs, free_port};
+
+/// The benchmark user, its password and database.
+pub const USER: &str = "bench";
+pub const PASSWORD: &str = "bench";
+pub const DATABASE: &str = "bench";
+
+/// An environment variable parsed, or a default.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A comma-separated list from the environment, or a default.
+pub fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A PostgreSQL with the benchmark user and an initialised pgbench database.
+pub fn cluster(scale: u32) -> Cluster {
+    let cluster = Cluster::start(&ClusterSpec::default()).expect("start PostgreSQL");
+    cluster.create_user(USER, PASSWORD).unwrap();
+    cluster.create_database(DATABASE, USER).unwrap();
+    let out = cluster
+        .client_program("pgbench")
+        .args(["-i", "-q", "-s", &scale.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.primary().port.to_string(),
+            "-U",
+            USER,
+            DATABASE,
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+}
+
+/// Something pgbench can connect to.
+pub struct Target {
+    pub name: &'static str,
+    pub port: u16,
+    /// the pooler's process, for CPU accounting; `None` for direct PostgreSQL
+    pub pid: Option<i32>,
+    child: Option<Child>,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            // SAFETY: signalling a process this benchmark started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Direct connections to PostgreSQL.
+pub fn direct(cluster: &Cluster) -> Target {
+    Target {
+        name: "direct",
+        port: cluster.primary().port,
+        pid: None,
+        child: None,
+        dir: None,
+    }
+}
+
+fn scratch_dir(programs: &Programs, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgwarden-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    programs.make_dir(&dir).unwrap();
+    dir
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// pgwarden (release build) in transaction mode with `pool_size` server connections.
+pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str) -> Target {
+    let programs = Programs::find().unwrap();
+    let dir = scratch_dir(&programs, "pgwarden");
+    let port = free_port().unwrap();
+    std::fs::write(
+        dir.join("pgwarden.toml"),
+        format!(
+            "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nlog_level = \"warn\"\n{extra}\n\
+             [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
+             [pool]\nmode = \"transaction\"\ndefault_pool_size = {pool_size}\n\
+             [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\nport = {}\n\
+             [databases.{DATABASE}]\n",
+            cluster.primary().port
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("userlist.txt"),
+        format!("\"{USER}\" \"{PASSWORD}\"\n"),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .arg("--config")
+        .arg(dir.join("pgwarden.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pgwarden.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    wait_listening(port, "pgwarden");
+    Target {
+        name: "pgwarden",
+        port,
+        pid: Some(pid),
+        child: Some(child),
+        dir: Some(dir),
+    }
+}
+
+/// PgBouncer from the distribution, configured like pgwarden.
+pub fn pgbouncer(cluster: &Cluster, pool_size: u32) -> Option<Target> {
+    let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())?;
+    let programs = Programs::find().unwrap();
+    let dir = scratch_dir(&programs, "pgbouncer");
+    let port = free_port().unwrap();
+    let ini = dir.join("pgbouncer.ini");
+    programs
+        .write_file(
+            &ini,
+            &format!(
+                "[databases]\n{DATABASE} = host=127.0.0.1 port={} dbname={DATABASE}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
+                 default_pool_size = {pool_size}\nmax_client_conn = 20000\n\
+                 logfile = {}\npidfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
+                cluster.primary().port,
+                dir.join("userlist.txt").display(),
+                dir.join("pgbouncer.log").display(),
+                dir.join("pgbouncer.pid").display(),
+            ),
+        )
+        .unwrap();
+    programs
+        .write_file(
+            &dir.join("userlist.txt"),
+            &format!("\"{USER}\" \"{PASSWORD}\"\n"),
+        )
+        .unwrap();
+    let child = programs
+        .command_path(std::path::Path::new(binary))
+        .arg(&ini)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port, "pgbouncer");
+    let pid = std::fs::read_to_string(dir.join("pgbouncer.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    Some(Target {
+        name: "pgbouncer",
+        port,
+        pid,
+        child: Some(child),
+        dir: Some(dir),
+    })
+}
+
+/// User + system CPU time a process has used so far (all threads).
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/PID/stat; 12 and 13 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz)
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one pgbench run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub tps: f64,
+    pub transactions: u64,
+    pub failed: u64,
+    pub latency_ms: f64,
+    /// pooler CPU microseconds per transaction
+    pub cpu_us_per_tx: Option<f64>,
+}
+
+/// Runs pgbench against `target` with `args` and accounts the pooler's CPU.
+pub fn pgbench(cluster: &Cluster, target: &Target, args: &[&str]) -> Run {
+    let before = target.pid.map(cpu_time);
+    let out = cluster
+        .client_program("pgbench")
+        .args(["-n"])
+        .args(args)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &target.port.to_string(),
+            "-U",
+            USER,
+            DATABASE,
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let after = target.pid.map(cpu_time);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} against {}: {stdout}{}",
+        target.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let number = |s: String| {
+        s.split([' ', '/'])
+            .next()
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let transactions = number(field("number of transactions actually processed: ")) as u64;
+    let cpu_us_per_tx = match (before, after) {
+        (Some(b), Some(a)) if transactions > 0 => {
+            Some(a.saturating_sub(b).as_secs_f64() * 1e6 / transactions as f64)
+        }
+        _ => None,
+    };
+    Run {
+        tps: number(field("tps = ")),
+        transactions,
+        failed: number(field("number of failed transactions: ")) as u64,
+        latency_ms: number(field("latency average = ")),
+        cpu_us_per_tx,
+    }
+}
+
+/// Median of a sample (0 for an empty one).
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+/// One line describing the machine, for the report.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "{cpus} CPUs ({model}), load average {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}

@@ -1,0 +1,351 @@
+//! Test harness: a real PostgreSQL (one per test binary, from `pgwarden::cluster`),
+//! a fresh user and database per test, and pgwarden started as its own process in
+//! front of it, exactly as an operator would run it.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use pgwarden::cluster::{Cluster, ClusterSpec, free_port};
+
+static CLUSTER: OnceLock<Mutex<Option<Cluster>>> = OnceLock::new();
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn stop_shared_cluster() {
+    if let Some(slot) = CLUSTER.get() {
+        drop(slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
+/// Runs `f` with the test binary's shared PostgreSQL, started on first use and
+/// stopped when the test process exits.
+pub fn with_cluster<T>(f: impl FnOnce(&Cluster) -> T) -> T {
+    let slot = CLUSTER.get_or_init(|| {
+        let cluster = Cluster::start(&ClusterSpec::default())
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL for the tests: {e}"));
+        // SAFETY: registers a plain extern "C" function; it runs once at process exit.
+        unsafe { libc::atexit(stop_shared_cluster) };
+        Mutex::new(Some(cluster))
+    });
+    let guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+    f(guard.as_ref().expect("cluster is only taken at exit"))
+}
+
+/// A user and a database of one test's own.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pub name: String,
+    pub user: String,
+    pub password: String,
+    /// port of the PostgreSQL server, for direct connections
+    pub server_port: u16,
+}
+
+impl Db {
+    /// Creates a fresh user (password authentication) and a database it owns.
+    pub fn create() -> Db {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}_{n}", std::process::id());
+        let db = Db {
+            name: format!("db_{tag}"),
+            user: format!("user_{tag}"),
+            password: format!("pw'{tag}"),
+            server_port: 0,
+        };
+        with_cluster(|c| {
+            c.create_user(&db.user, &db.password).unwrap();
+            c.create_database(&db.name, &db.user).unwrap();
+            Db {
+                server_port: c.primary().port,
+                ..db
+            }
+        })
+    }
+
+    /// Runs SQL as the superuser in this database, directly on the server.
+    pub fn admin_sql(&self, sql: &str) -> String {
+        with_cluster(|c| c.primary().sql_in(&self.name, sql).unwrap())
+    }
+
+    /// A direct connection to PostgreSQL, bypassing pgwarden.
+    pub async fn direct(&self) -> tokio_postgres::Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={}",
+            self.server_port,
+            self.user,
+            quote(&self.password),
+            self.name
+        ))
+        .await
+        .unwrap()
+    }
+}
+
+/// How to configure the pgwarden under test; each field is TOML appended to its section.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub pgwarden: String,
+    pub auth: Option<String>,
+    pub pool: String,
+    /// extra keys for every `[databases.X]` entry
+    pub database: String,
+    /// user list lines beyond the test databases' users
+    pub extra_users: String,
+}
+
+/// A pgwarden process.
+pub struct Pgwarden {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+impl Pgwarden {
+    /// Starts pgwarden for `dbs` with default options.
+    pub fn start(dbs: &[&Db]) -> Pgwarden {
+        Self::start_with(dbs, Options::default())
+    }
+
+    /// Starts pgwarden for `dbs` and waits until it accepts connections.
+    pub fn start_with(dbs: &[&Db], options: Options) -> Pgwarden {
+        let port = free_port().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "pgwarden-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("pgwarden.toml");
+        std::fs::write(&config, config_text(port, dbs, &options)).unwrap();
+        std::fs::write(dir.join("userlist.txt"), userlist(dbs, &options)).unwrap();
+        let log = dir.join("pgwarden.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "pgwarden=debug,info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = Pgwarden {
+            child,
+            port,
+            dir,
+            config,
+            log,
+        };
+        p.wait_ready();
+        p
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("pgwarden exited with {status}:\n{}", self.log());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pgwarden did not start listening:\n{}", self.log());
+    }
+
+    /// The libpq connection string for `db` through pgwarden.
+    pub fn conninfo(&self, db: &Db) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={}",
+            self.port,
+            db.user,
+            quote(&db.password),
+            db.name
+        )
+    }
+
+    /// A tokio-postgres client through pgwarden.
+    pub async fn connect(&self, db: &Db) -> tokio_postgres::Client {
+        connect(&self.conninfo(db))
+            .await
+            .unwrap_or_else(|e| panic!("connect through pgwarden: {e:?}\n{}", self.log()))
+    }
+
+    /// What pgwarden logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal to the pgwarden process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the process to exit and returns whether it exited successfully.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<bool> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Rewrites the configuration file (for reload tests).
+    pub fn rewrite_config(&self, dbs: &[&Db], options: &Options) {
+        std::fs::write(&self.config, config_text(self.port, dbs, options)).unwrap();
+        std::fs::write(self.dir.join("userlist.txt"), userlist(dbs, options)).unwrap();
+    }
+}
+
+impl Drop for Pgwarden {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- pgwarden log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config_text(port: u16, dbs: &[&Db], o: &Options) -> String {
+    let (backend_port, auth) = (
+        dbs.first().map_or(5432, |d| d.server_port),
+        o.auth.as_deref().unwrap_or("scram-sha-256"),
+    );
+    let mut text = format!(
+        "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"10s\"\n{}\n\
+         [auth]\ntype = \"{auth}\"\nfile = \"userlist.txt\"\n\
+         [pool]\n{}\n\
+         [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\nport = {backend_port}\n",
+        o.pgwarden, o.pool
+    );
+    for db in dbs {
+        text.push_str(&format!("[databases.{}]\n{}\n", db.name, o.database));
+    }
+    text
+}
+
+fn userlist(dbs: &[&Db], o: &Options) -> String {
+    let mut text: String = dbs
+        .iter()
+        .map(|d| format!("\"{}\" \"{}\"\n", d.user, d.password.replace('"', "\"\"")))
+        .collect();
+    text.push_str(&o.extra_users);
+    text
+}
+
+/// Quotes a libpq connection-string value.
+pub fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The message of a tokio-postgres error: the server's (or pgwarden's) when it sent one.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or pgwarden) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+
+/// A raw socket speaking the protocol by hand, for what drivers never send.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// A StartupMessage for protocol 3.0.
+    pub fn startup(&mut self, params: &[(&str, &str)]) {
+        let mut body = 196_608u32.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        self.send(&packet);
+    }
+
+    /// Sends one typed message.
+    pub fn message(&mut self, tag: u8, body: &[u8]) {
+        self.send(&frame(tag, body));
+    }
+
+    /// Reads one typed message; `None` when the connection closed.
+    pub fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        self.stream.read_exact(&mut header).ok()?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        self.stream.read_exact(&mut body).ok()?;
+        Some((header[0], body))
+    }
+
+    /// Reads messages up to and including the next one of type `tag`.
+    pub fn read_until(&mut self, tag: u8) -> Vec<(u8, Vec<u8>)> {
+        let mut seen = Vec::new();
+        while let Some(m) = self.read() {
+            let done = m.0 == tag;
+            seen.push(m);
+            if done {
+                break;
+            }
+        }
+        seen
+    }
+}
+
+/// One typed message.
+pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// The SQLSTATE ('C' field) of an ErrorResponse body.
+pub fn error_code(body: &[u8]) -> String {
+    body.split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,305 @@
+//! Logging in: authentication methods and secrets, refusals with the right
+//! SQLSTATE, and hostile or broken startup traffic that must not hurt anyone else.
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::{Db, Options, Pgwarden, Raw, error_code, sqlstate};
+
+fn auth(method: &str) -> Options {
+    Options {
+        auth: Some(method.into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn scram_accepts_the_right_password_and_refuses_others_with_28p01() {
+    let db = Db::create();
+    let pgw = Pgwarden::start(&[&db]);
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
+    let err = common::connect(&strip_password(&pgw.conninfo(&db), "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+
+    let unknown = Db {
+        user: "nobody_here".into(),
+        ..db.clone()
+    };
+    let err = common::connect(&pgw.conninfo(&unknown)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    // Same message shape for both: user names cannot be probed.
+    assert!(
+        common::message(&err).contains("password authentication failed"),
+        "{err}"
+    );
+    assert!(pgw.log().contains("authentication failed"));
+    assert!(
+        !pgw.log().contains(&db.password),
+        "a password reached the log"
+    );
+}
+
+fn strip_password(conninfo: &str, password: &str) -> String {
+    let kept: Vec<&str> = conninfo
+        .split(' ')
+        .filter(|kv| !kv.starts_with("password="))
+        .collect();
+    format!("{} password={password}", kept.join(" "))
+}
+
+#[tokio::test]
+async fn md5_and_trust_methods_and_md5_or_scram_secrets_work() {
+    let db = Db::create();
+    // md5 method with a plain-password user list.
+    let pgw = Pgwarden::start_with(&[&db], auth("md5"));
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    let err = common::connect(&strip_password(&pgw.conninfo(&db), "bad"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    drop(pgw);
+
+    // trust asks for nothing.
+    let pgw = Pgwarden::start_with(&[&db], auth("trust"));
+    common::connect(&strip_password(&pgw.conninfo(&db), "anything"))
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    drop(pgw);
+
+    // A SCRAM verifier in the user list authenticates clients (the server login then
+    // uses a second user whose plain password is listed).
+    let verifier = db.admin_sql(&format!(
+        "SELECT rolpassword FROM pg_authid WHERE rolname = '{}'",
+        db.user
+    ));
+    assert!(verifier.starts_with("SCRAM-SHA-256$"));
+    let scram_user = Db::create();
+    let mut pgw_dbs = Pgwarden::start_with(
+        &[&db],
+        Options {
+            extra_users: format!("\"{}\" \"{verifier}\"\n", scram_user.user),
+            ..Default::default()
+        },
+    );
+    let as_scram_user = Db {
+        user: scram_user.user.clone(),
+        password: db.password.clone(),
+        ..db.clone()
+    };
+    // The client authenticates against the verifier (same password as `db`), but the
+    // server login needs a plain password, which the user list does not have:
+    let err = common::connect(&pgw_dbs.conninfo(&as_scram_user))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert!(
+        common::message(&err).contains("store the plain password"),
+        "{err}"
+    );
+    pgw_dbs.signal(libc::SIGTERM);
+    assert_eq!(pgw_dbs.wait_exit(Duration::from_secs(10)), Some(true));
+}
+
+#[tokio::test]
+async fn an_unknown_database_gets_3d000() {
+    let db = Db::create();
+    let pgw = Pgwarden::start(&[&db]);
+    let other = Db {
+        name: "not_configured".into(),
+        ..db.clone()
+    };
+    let err = common::connect(&pgw.conninfo(&other)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("3D000"));
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_startup_packets_are_refused_while_others_keep_working() {
+    let db = Db::create();
+    let pgw = Pgwarden::start(&[&db]);
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+
+    // An HTTP request is not a startup packet.
+    let mut raw = Raw::connect(pgw.port);
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (tag, body) = raw.read().expect("an error before closing");
+    assert_eq!(tag, b'E');
+    assert_eq!(error_code(&body), "08P01");
+    assert!(raw.read().is_none(), "connection closed");
+
+    // A length of 2 GiB is refused before anything is allocated.
+    let mut raw = Raw::connect(pgw.port);
+    raw.send(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]);
+    let (tag, body) = raw.read().unwrap();
+    assert_eq!((tag, error_code(&body).as_str()), (b'E', "08P01"));
+
+    // Garbage after a valid login ends that client only.
+    let mut raw = Raw::connect(pgw.port);
+    raw.startup(&[("user", &db.user), ("database", &db.name)]);
+    let _ = raw.read_until(b'R');
+    raw.send(b"\x00\x01garbage");
+    let _ = raw.read();
+
+    // A protocol version that does not exist.
+    let mut raw = Raw::connect(pgw.port);
+    raw.send(&[0, 0, 0, 8, 0, 9, 0, 0]);
+    let (_, body) = raw.read().unwrap();
+    assert_eq!(error_code(&body), "0A000");
+
+    // Random bytes of every length never take the process down.
+    for len in [1usize, 3, 4, 7, 8, 9, 100, 20_000] {
+        let mut raw = Raw::connect(pgw.port);
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
+        // pgwarden may close before reading everything: write errors are fine here.
+        let _ = std::io::Write::write_all(&mut raw.stream, &bytes);
+        let _ = raw.stream.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = raw.stream.read_to_end(&mut rest);
+    }
+
+    client.simple_query("SELECT 1").await.unwrap();
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 2")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn ssl_and_gss_requests_are_answered_no_and_the_login_continues() {
+    let db = Db::create();
+    let pgw = Pgwarden::start(&[&db]);
+    let mut raw = Raw::connect(pgw.port);
+    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    let mut answer = [0u8; 1];
+    raw.stream.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]);
+    raw.stream.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    raw.startup(&[("user", &db.user), ("database", &db.name)]);
+    let (tag, body) = raw.read().unwrap();
+    assert_eq!(tag, b'R');
+    assert_eq!(&body[..4], &10u32.to_be_bytes(), "SASL requested");
+
+    // psql with sslmode=prefer falls back to plaintext; sslmode=require gets a clear refusal.
+    let psql = |mode: &str| {
+        common::with_cluster(|c| {
+            c.client_program("psql")
+                .arg(format!("{} sslmode={mode}", pgw.conninfo(&db)))
+                .args(["-X", "-A", "-t", "-c", "SELECT 42"])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = psql("prefer");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let out = psql("require");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SSL"));
+}
+
+#[tokio::test]
+async fn silent_clients_are_closed_after_client_login_timeout() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: "client_login_timeout = \"1s\"".into(),
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let mut silent = Raw::connect(pgw.port);
+    let mut buf = [0u8; 16];
+    let n = silent.stream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // A client that stops in the middle of SCRAM is closed too.
+    let mut stuck = Raw::connect(pgw.port);
+    stuck.startup(&[("user", &db.user), ("database", &db.name)]);
+    let (tag, _) = stuck.read().unwrap();
+    assert_eq!(tag, b'R');
+    assert!(stuck.read().is_none());
+}
+
+#[tokio::test]
+async fn clients_over_max_client_conn_get_53300() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: "max_client_conn = 3".into(),
+            ..Default::default()
+        },
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(pgw.connect(&db).await);
+    }
+    let err = common::connect(&pgw.conninfo(&db)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn replication_connections_and_unknown_protocol_options_are_handled() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], auth("trust"));
+    let mut raw = Raw::connect(pgw.port);
+    raw.startup(&[
+        ("user", &db.user),
+        ("database", &db.name),
+        ("replication", "database"),
+    ]);
+    let (tag, body) = raw.read().unwrap();
+    assert_eq!((tag, error_code(&body).as_str()), (b'E', "0A000"));
+
+    // Protocol 3.2 with a _pq_ option: NegotiateProtocolVersion, then a normal login.
+    let mut raw = Raw::connect(pgw.port);
+    let mut body = 196_610u32.to_be_bytes().to_vec();
+    for (k, v) in [
+        ("user", db.user.as_str()),
+        ("database", db.name.as_str()),
+        ("_pq_.test", "1"),
+    ] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    raw.send(&packet);
+    let messages = raw.read_until(b'Z');
+    assert_eq!(messages[0].0, b'v');
+    assert!(messages.iter().any(|(t, _)| *t == b'K'));
+    assert_eq!(messages.last().unwrap().0, b'Z');
+}

@@ -1,0 +1,323 @@
+//! Pooling behaviour: many clients on few server connections, the bounded
+//! wait, session mode, and what happens to server connections that break.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Db, Options, Pgwarden, sqlstate};
+use tokio_postgres::types::Type;
+
+/// The server process serving the client's next statement.
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_typed_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn pool(settings: &str) -> Options {
+    Options {
+        pool: settings.into(),
+        ..Default::default()
+    }
+}
+
+/// Backend pids of the sessions the test user has on the server.
+fn server_pids(db: &Db) -> Vec<i32> {
+    db.admin_sql(&format!(
+        "SELECT pid FROM pg_stat_activity WHERE usename = '{}' ORDER BY pid",
+        db.user
+    ))
+    .lines()
+    .filter_map(|l| l.trim().parse().ok())
+    .collect()
+}
+
+#[tokio::test]
+async fn fifty_clients_share_a_pool_of_five() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 5"));
+    let setup = pgw.connect(&db).await;
+    setup
+        .batch_execute("CREATE TABLE hits (client int, n int)")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for c in 0..50i32 {
+        let client = pgw.connect(&db).await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..20i32 {
+                client
+                    .execute_typed(
+                        "INSERT INTO hits VALUES ($1, $2)",
+                        &[(&c, Type::INT4), (&n, Type::INT4)],
+                    )
+                    .await?;
+                client
+                    .simple_query("BEGIN; SELECT pg_sleep(0.001); COMMIT")
+                    .await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let n: i64 = setup
+        .query_typed_one("SELECT count(*) FROM hits", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1000);
+    let servers = server_pids(&db);
+    assert!(
+        servers.len() <= 5,
+        "{} server connections for a pool of 5",
+        servers.len()
+    );
+}
+
+#[tokio::test]
+async fn a_held_pool_makes_waiters_time_out_with_53300_and_they_stay_connected() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        pool("default_pool_size = 1\nquery_wait_timeout = \"1s\""),
+    );
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiter = pgw.connect(&db).await;
+    let started = Instant::now();
+    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The extended protocol gets the same answer.
+    let err = waiter
+        .query_typed("SELECT $1::int", &[(&1i32, Type::INT4)])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    // Same client connection, now served.
+    let row = waiter
+        .query_typed_one("SELECT $1::int", &[(&5i32, Type::INT4)])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 5);
+}
+
+#[tokio::test]
+async fn waiting_clients_are_served_in_arrival_order() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..5 {
+        let client = pgw.connect(&db).await;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            client.simple_query("SELECT 1").await.unwrap();
+            tx.send(i).unwrap();
+        });
+        // Make the arrival order unambiguous.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        order.push(rx.recv().await.unwrap());
+    }
+    assert_eq!(order, [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn session_mode_keeps_one_server_connection_and_discards_state_after() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            database: "pool_mode = \"session\"\npool_size = 1".into(),
+            ..Default::default()
+        },
+    );
+    let a = pgw.connect(&db).await;
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    a.batch_execute("SET work_mem = '7MB'; CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let again: i32 = a
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(again, pid);
+    }
+    // LISTEN/NOTIFY works in session mode.
+    a.batch_execute("LISTEN chan").await.unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = pgw.connect(&db).await;
+    let row = b
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('work_mem'), to_regclass('pg_temp.scratch') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i32>(0),
+        pid,
+        "the server connection was reused"
+    );
+    assert_eq!(
+        row.get::<_, String>(1),
+        "4MB",
+        "DISCARD ALL reset the session"
+    );
+    assert!(row.get::<_, bool>(2), "temporary table survived");
+}
+
+#[tokio::test]
+async fn server_connections_killed_while_idle_are_never_handed_out() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 3"));
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let before = server_pids(&db);
+    assert!(!before.is_empty());
+    db.admin_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{}'",
+        db.user
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let after = server_pids(&db);
+    assert!(after.iter().all(|p| !before.contains(p)));
+}
+
+#[tokio::test]
+async fn a_server_lost_mid_transaction_costs_the_transaction_not_the_client() {
+    let db = Db::create();
+    let pgw = Pgwarden::start(&[&db]);
+    let client = pgw.connect(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .unwrap();
+
+    // Outside a transaction block: the statement fails with 08006, the next one works.
+    let pid = backend_pid(&client).await;
+    let victim = tokio::spawn({
+        let db = db.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            db.admin_sql(&format!("SELECT pg_terminate_backend({pid})"));
+        }
+    });
+    let err = client.simple_query("SELECT pg_sleep(5)").await.unwrap_err();
+    victim.await.unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    assert!(
+        common::message(&err).contains("pg1"),
+        "names the backend: {err}"
+    );
+    client.simple_query("SELECT 1").await.unwrap();
+
+    // Inside a block: the lost transaction stays failed until the client rolls back,
+    // so nothing after the loss runs outside the transaction the client believes in.
+    client
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let pid = backend_pid(&client).await;
+    db.admin_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = client
+        .execute_typed("INSERT INTO t VALUES (2)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    let err = client
+        .simple_query("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"), "{err}");
+    // pgjdbc-style ROLLBACK through the extended protocol.
+    client.execute("ROLLBACK", &[]).await.unwrap();
+    client
+        .batch_execute("INSERT INTO t VALUES (4)")
+        .await
+        .unwrap();
+    let rows: Vec<i32> = client
+        .query_typed("SELECT v FROM t ORDER BY v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, [4]);
+}
+
+#[tokio::test]
+async fn idle_server_connections_are_closed_after_server_idle_timeout() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("server_idle_timeout = \"1s\""));
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(server_pids(&db).len(), 1);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(server_pids(&db).len(), 0, "{}", pgw.log());
+    client.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn server_connections_are_replaced_after_server_lifetime() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("server_lifetime = \"1s\""));
+    let client = pgw.connect(&db).await;
+    let first = backend_pid(&client).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = backend_pid(&client).await;
+    assert_ne!(first, second);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_transaction_does_not_leak_its_transaction() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
+    let setup = pgw.connect(&db).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    let leaver = pgw.connect(&db).await;
+    leaver
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    drop(leaver);
+    // The single server connection must come back clean (or be replaced) for the next client.
+    let n: i64 = tokio::time::timeout(
+        Duration::from_secs(5),
+        setup.query_typed_one("SELECT count(*) FROM t", &[]),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .get(0);
+    assert_eq!(n, 0);
+    // No transaction (with the leaver's write) is open on the connection served to us.
+    let fresh: bool = setup
+        .query_typed_one("SELECT pg_current_xact_id_if_assigned() IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fresh);
+}
