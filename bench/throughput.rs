@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench --bench throughput` (needs `apt-get install -y pgbouncer`).
 //! Knobs (environment): BENCH_ROUNDS=3, BENCH_SECONDS=10, BENCH_SCALE=10,
-//! BENCH_CLIENTS=10,50,200, BENCH_MODES=simple,extended, BENCH_SCRIPT=-S, BENCH_POOL=20.
+//! BENCH_CLIENTS=10,50,200, BENCH_MODES=simple,extended, BENCH_SCRIPT=-S, BENCH_POOL=20,
+//! BENCH_PGWARDEN (extra `[pgwarden]` lines, e.g. "workers = 1").
 
 #[path = "support/mod.rs"]
 mod support;
@@ -27,7 +28,11 @@ fn main() {
     let cluster = support::cluster(scale);
     let mut targets: Vec<Target> = vec![
         support::direct(&cluster),
-        support::pgwarden(&cluster, pool, ""),
+        support::pgwarden(
+            &cluster,
+            pool,
+            &std::env::var("BENCH_PGWARDEN").unwrap_or_default(),
+        ),
     ];
     match support::pgbouncer(&cluster, pool) {
         Some(t) => targets.push(t),

@@ -468,25 +468,24 @@ impl Session {
     }
 
     /// Reads more client bytes. While the buffer is empty its memory is given back,
-    /// so that an idle client costs only its socket and this struct.
+    /// so that an idle client costs only its socket and this struct: the wait for
+    /// readability needs no buffer, and one is allocated only when bytes are there.
     async fn fill(&mut self) -> Result<(), End> {
         if self.inbuf.is_empty() {
             self.inbuf = BytesMut::new();
         }
-        loop {
-            tokio::select! {
-                r = self.stream.readable() => r?,
-                () = self.shared.shutdown.cancelled(), if self.idle() => return Err(End::Shutdown),
-            }
-            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
-                self.inbuf.reserve(READ_CHUNK);
-            }
-            match self.stream.try_read_buf(&mut self.inbuf) {
-                Ok(0) => return Err(End::Gone),
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(End::Gone),
-            }
+        tokio::select! {
+            r = self.stream.readable() => r?,
+            () = self.shared.shutdown.cancelled(), if self.idle() => return Err(End::Shutdown),
+        }
+        if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
+            self.inbuf.reserve(READ_CHUNK);
+        }
+        // A poll-based read (rather than try_read) lets tokio note that a short read
+        // drained the socket, which spares the splice a read that would find nothing.
+        match self.stream.read_buf(&mut self.inbuf).await {
+            Ok(0) | Err(_) => Err(End::Gone),
+            Ok(_) => Ok(()),
         }
     }
 

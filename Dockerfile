@@ -1,0 +1,25 @@
+# pgwarden container image: `docker build -t pgwarden .`
+# Run: docker run -p 6432:6432 -v /path/to/conf:/etc/pgwarden:ro pgwarden
+# The mounted folder holds pgwarden.toml (listen = "0.0.0.0:6432") and the user list it names.
+
+FROM rust:1.95.0-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY bench ./bench
+COPY conf ./conf
+RUN cargo build --release --locked --bin pgwarden
+
+FROM debian:bookworm-20251117-slim
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgwarden \
+    && mkdir -p /etc/pgwarden \
+    && chown pgwarden:pgwarden /etc/pgwarden
+COPY --from=build /src/target/release/pgwarden /usr/local/bin/pgwarden
+COPY --chown=pgwarden:pgwarden conf/pgwarden.toml /etc/pgwarden/pgwarden.toml.example
+USER pgwarden
+EXPOSE 6432
+# Healthy while the listener accepts connections.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/6432"]
+ENTRYPOINT ["/usr/local/bin/pgwarden"]
+CMD ["run", "--config", "/etc/pgwarden/pgwarden.toml"]
