@@ -49,6 +49,12 @@ pub struct Config {
     /// `[pool]`: server connection pools
     #[serde(default)]
     pub pool: PoolConfig,
+    /// `[health]`: how backends are probed
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// `[failover]`: what happens when the primary fails
+    #[serde(default)]
+    pub failover: FailoverConfig,
     /// `[[backends]]`: the PostgreSQL nodes
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
@@ -187,6 +193,130 @@ impl fmt::Display for PoolMode {
     }
 }
 
+/// `[health]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// time between probes of a healthy backend
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// bound on one probe (connect, login, query)
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// consecutive failed probes that mark a backend down
+    pub failure_threshold: u32,
+    /// user the monitor (and the failover controller) logs in as; its password comes from the user list
+    pub user: String,
+    /// database the monitor connects to
+    pub dbname: String,
+    /// standbys further behind than this are not used for reads
+    #[serde(with = "size")]
+    pub max_standby_lag: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 3,
+            user: "postgres".into(),
+            dbname: "postgres".into(),
+            max_standby_lag: 16 << 20,
+        }
+    }
+}
+
+/// `[failover]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// who decides about promotions
+    pub mode: FailoverMode,
+    /// promote only when the healthy standbys confirm they lost the primary too
+    pub require_witness: bool,
+    /// refuse a candidate that received this much less WAL than the old primary had written
+    #[serde(with = "size")]
+    pub maximum_lag_on_failover: u64,
+    /// how long a transaction waits for a primary before SQLSTATE 57P03
+    #[serde(with = "duration")]
+    pub client_wait_timeout: Duration,
+    /// bound on `pg_promote`
+    #[serde(with = "duration")]
+    pub promote_timeout: Duration,
+    /// user the re-pointed standbys replicate as (default: `health.user`); password from the user list
+    pub replication_user: Option<String>,
+    /// set `default_transaction_read_only` on a fenced node that comes back as a primary
+    pub fence_read_only: bool,
+    /// shell command run on failover, fencing, split brain, …, with the event in its environment
+    pub on_event: Option<String>,
+    /// bound on the hook command
+    #[serde(with = "duration")]
+    pub hook_timeout: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            mode: FailoverMode::Auto,
+            require_witness: true,
+            maximum_lag_on_failover: 16 << 20,
+            client_wait_timeout: Duration::from_secs(30),
+            promote_timeout: Duration::from_secs(60),
+            replication_user: None,
+            fence_read_only: true,
+            on_event: None,
+            hook_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl FailoverConfig {
+    /// The user standbys replicate as.
+    pub fn replication_user<'a>(&'a self, health: &'a HealthConfig) -> &'a str {
+        self.replication_user.as_deref().unwrap_or(&health.user)
+    }
+}
+
+/// Who decides which node is the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    /// pgwarden promotes the best standby when the primary fails
+    Auto,
+    /// pgwarden never promotes; it routes to whichever node reports itself primary
+    Follow,
+    /// the first backend is the primary, whatever happens
+    Off,
+}
+
+/// Where a database's transactions go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// the primary only
+    #[default]
+    Primary,
+    /// healthy standbys only (load-balanced)
+    Standby,
+    /// a healthy standby, else the primary
+    PreferStandby,
+    /// any healthy node
+    Any,
+}
+
+impl Target {
+    /// What a database with this target waits for, in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Primary => "primary",
+            Target::Standby => "standby",
+            Target::PreferStandby => "standby or primary",
+            Target::Any => "node",
+        }
+    }
+}
+
 /// `[[backends]]`: one PostgreSQL node.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +328,9 @@ pub struct BackendConfig {
     /// TCP port
     #[serde(default = "default_pg_port")]
     pub port: u16,
+    /// higher wins when two failover candidates have received the same WAL
+    #[serde(default)]
+    pub priority: i32,
 }
 
 fn default_pg_port() -> u16 {
@@ -214,6 +347,9 @@ pub struct DatabaseConfig {
     pub pool_size: Option<u32>,
     /// overrides `pool.mode`
     pub pool_mode: Option<PoolMode>,
+    /// which nodes serve this database
+    #[serde(default)]
+    pub target: Target,
 }
 
 /// The name of the admin console's virtual database; no `[databases]` entry may take it.
@@ -275,6 +411,25 @@ impl Config {
         if self.pool.server_connect_timeout.is_zero() {
             return err(
                 "pool.server_connect_timeout".into(),
+                "must be above 0".into(),
+            );
+        }
+        let h = &self.health;
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            return err(
+                "health.interval".into(),
+                "interval and timeout must be above 0".into(),
+            );
+        }
+        if h.failure_threshold == 0 {
+            return err(
+                "health.failure_threshold".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.failover.client_wait_timeout.is_zero() {
+            return err(
+                "failover.client_wait_timeout".into(),
                 "must be above 0".into(),
             );
         }
@@ -370,7 +525,44 @@ impl Config {
             dbname: db.dbname.clone().unwrap_or_else(|| name.to_owned()),
             pool_size: db.pool_size.unwrap_or(self.pool.default_pool_size),
             pool_mode: db.pool_mode.unwrap_or(self.pool.mode),
+            target: db.target,
         })
+    }
+
+    /// Checks the keys that name users against the user list.
+    pub fn check_users(&self, users: &crate::auth::UserList) -> Result<(), ConfigError> {
+        let mut named = vec![("health.user", self.health.user.as_str())];
+        if let Some(user) = &self.failover.replication_user {
+            named.push(("failover.replication_user", user));
+        }
+        for (key, user) in named {
+            match users
+                .get(user)
+                .map(|c| matches!(c.secret, crate::auth::Secret::Plain(_)))
+            {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(ConfigError::new(
+                        &self.source,
+                        key,
+                        format!(
+                            "user \"{user}\" needs a plain password in the user list (pgwarden logs in with it)"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        &self.source,
+                        key,
+                        format!(
+                            "user \"{user}\" is not in the user list {}",
+                            self.auth_file().display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -383,6 +575,8 @@ pub struct DatabaseSettings {
     pub pool_size: u32,
     /// pooling mode
     pub pool_mode: PoolMode,
+    /// which nodes serve it
+    pub target: Target,
 }
 
 fn is_simple_name(s: &str) -> bool {
@@ -427,6 +621,50 @@ pub mod duration {
         humantime::parse_duration(s).map_err(|e| {
             format!("`{s}` is not a duration ({e}); write it with a unit, e.g. \"500ms\", \"30s\", \"10m\"")
         })
+    }
+}
+
+/// Sizes are a number of bytes or a string with a unit: `"16MB"`, `"512kB"`, `"1GB"`.
+pub mod size {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    /// Parses a size.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(n),
+            Raw::Text(s) => parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// Parses `"16MB"` (units B, kB, MB, GB, TB, powers of 1024 as in PostgreSQL).
+    pub fn parse(s: &str) -> Result<u64, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write e.g. \"16MB\""))?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "kB" | "KB" => 10,
+            "MB" => 20,
+            "GB" => 30,
+            "TB" => 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` in `{s}`; use B, kB, MB, GB or TB"
+                ));
+            }
+        };
+        n.checked_mul(1 << shift)
+            .ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 
@@ -479,7 +717,8 @@ host = "127.0.0.1"
             DatabaseSettings {
                 dbname: "real".into(),
                 pool_size: 3,
-                pool_mode: PoolMode::Session
+                pool_mode: PoolMode::Session,
+                target: Target::Primary,
             }
         );
     }
@@ -520,6 +759,20 @@ host = "127.0.0.1"
 
         let e = parse("[pgwarden\n").unwrap_err();
         assert_eq!(e.key, "(syntax)");
+    }
+
+    #[test]
+    fn sizes_take_postgres_units() {
+        assert_eq!(size::parse("16MB"), Ok(16 << 20));
+        assert_eq!(size::parse("512kB"), Ok(512 << 10));
+        assert_eq!(size::parse("100"), Ok(100));
+        assert!(size::parse("16 mb").is_err());
+        assert!(size::parse("lots").is_err());
+        let c = parse(&format!("[health]\nmax_standby_lag = 1024\n[failover]\nmaximum_lag_on_failover = \"1MB\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.health.max_standby_lag, 1024);
+        assert_eq!(c.failover.maximum_lag_on_failover, 1 << 20);
+        let e = parse(&format!("[failover]\nmode = \"sometimes\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "failover.mode");
     }
 
     #[test]

@@ -96,9 +96,18 @@ pub enum ClientError {
         /// what was observed
         reason: String,
     },
-    /// No backend to route to.
-    #[error("no primary available for database \"{0}\"")]
-    NoPrimary(String),
+    /// No backend to route to within `failover.client_wait_timeout`.
+    #[error(
+        "no {what} available for database \"{database}\" within {waited:?} (failover in progress?)"
+    )]
+    Unavailable {
+        /// client-facing database name
+        database: String,
+        /// "primary", "standby", …
+        what: &'static str,
+        /// how long the request waited
+        waited: Duration,
+    },
     /// An error the server reported that must reach the client unchanged.
     #[error("{}", .0.message)]
     Server(ServerNotice),
@@ -119,6 +128,18 @@ pub enum ClientError {
     TransactionAborted,
 }
 
+impl ServerError {
+    /// True for failures that a failover or a restart can cure: the server is
+    /// unreachable, or says it is starting or stopping.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServerError::Io(_) | ServerError::Timeout(_) => true,
+            ServerError::Rejected(n) => matches!(n.code.as_str(), "57P01" | "57P02" | "57P03"),
+            ServerError::Protocol(_) | ServerError::Credentials(_) => false,
+        }
+    }
+}
+
 impl ClientError {
     /// The SQLSTATE a client sees for this error.
     pub fn sqlstate(&self) -> &str {
@@ -135,7 +156,7 @@ impl ClientError {
                 _ => CANNOT_CONNECT,
             },
             ClientError::ServerLost { .. } => CONNECTION_FAILURE,
-            ClientError::NoPrimary(_) => CANNOT_CONNECT_NOW,
+            ClientError::Unavailable { .. } => CANNOT_CONNECT_NOW,
             ClientError::Server(notice) => &notice.code,
             ClientError::Protocol(_) => PROTOCOL_VIOLATION,
             ClientError::Unsupported(_) => FEATURE_NOT_SUPPORTED,

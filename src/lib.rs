@@ -3,6 +3,8 @@
 //! The crate is laid out by concern; this file only names the parts.
 //! A client's bytes flow `proxy` (accept) → `client` (login, transactions) →
 //! `pool` (a server connection to the backend `backend` routes to) → `server`.
+//! Beside that path, `health` probes the nodes, runs `failover`, and publishes
+//! the routing table that `backend` defines.
 
 pub mod auth;
 pub mod backend;
@@ -11,6 +13,8 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod failover;
+pub mod health;
 pub mod params;
 pub mod pool;
 pub mod protocol;

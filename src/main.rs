@@ -25,7 +25,8 @@ enum Command {
     Run,
     /// Validate the configuration and the user list, then exit.
     CheckConfig,
-    /// Start a local PostgreSQL and pgwarden in front of it, for trying pgwarden out.
+    /// Start a local primary with two streaming standbys and pgwarden in front of them,
+    /// with automatic failover, for trying pgwarden out.
     Demo,
 }
 
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
 fn load(path: &Path) -> Result<(Config, UserList), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let users = UserList::load(&config.auth_file()).map_err(|e| e.to_string())?;
+    config.check_users(&users).map_err(|e| e.to_string())?;
     Ok((config, users))
 }
 

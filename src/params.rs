@@ -191,7 +191,7 @@ pub fn sync_statement(from: Option<&Arc<ParamSet>>, to: &Arc<ParamSet>) -> Optio
 }
 
 /// An escape-string literal: correct whatever `standard_conforming_strings` says.
-fn literal(value: &str) -> String {
+pub fn literal(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 3);
     out.push_str("E'");
     for c in value.chars() {

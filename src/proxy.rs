@@ -9,22 +9,24 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::auth::UserList;
-use crate::backend::{BackendTable, Routing, routing};
+use crate::backend::{BackendTable, Routing};
 use crate::cancel::CancelRegistry;
 use crate::client;
 use crate::config::{Config, ConfigError};
 use crate::error::ClientError;
+use crate::health;
 use crate::pool::Pools;
 
 /// State shared by every task of the proxy.
@@ -34,8 +36,16 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     /// the user list
     pub users: Arc<ArcSwap<UserList>>,
-    /// the routing table
+    /// the routing table, written by the health monitor only
     pub routing: Routing,
+    /// clients saw a server connection fail: the monitor probes at once
+    pub alarm: Notify,
+    /// the configuration was reloaded: the monitor re-reads the backends
+    pub reconfigured: Notify,
+    /// spreads reads over standbys
+    pub read_turn: AtomicUsize,
+    /// the routing generation whose first transaction on a new primary was logged
+    pub first_transaction_logged: AtomicU64,
     /// server connection pools
     pub pools: Pools,
     /// cancel keys issued to clients
@@ -53,7 +63,11 @@ impl Shared {
     pub fn new(config: Config, users: UserList) -> Arc<Shared> {
         let users = Arc::new(ArcSwap::from_pointee(users));
         Arc::new(Shared {
-            routing: routing(&config),
+            routing: Routing::new(BackendTable::initial(&config, 1)),
+            alarm: Notify::new(),
+            reconfigured: Notify::new(),
+            read_turn: AtomicUsize::new(0),
+            first_transaction_logged: AtomicU64::new(1),
             pools: Pools::new(users.clone()),
             config: ArcSwap::from_pointee(config),
             users,
@@ -70,17 +84,16 @@ impl Shared {
         let old = self.config.load_full();
         let config = Config::load(&old.source)?;
         let users = UserList::load(&config.auth_file())?;
+        config.check_users(&users)?;
         if config.pgwarden.listen != old.pgwarden.listen
             || config.pgwarden.workers != old.pgwarden.workers
         {
             warn!("pgwarden.listen and pgwarden.workers take effect at the next restart");
         }
         self.users.store(Arc::new(users));
-        let generation = self.routing.load().generation + 1;
-        self.routing
-            .store(Arc::new(BackendTable::from_config(&config, generation)));
         self.pools.reconfigure(&config);
         self.config.store(Arc::new(config));
+        self.reconfigured.notify_one();
         Ok(())
     }
 }
@@ -97,6 +110,7 @@ pub async fn bind(config: &Config) -> io::Result<TcpListener> {
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
     info!(addr = %listener.local_addr()?, "pgwarden listening");
     let signals = tokio::spawn(handle_signals(shared.clone()));
+    let monitor = tokio::spawn(health::run(shared.clone()));
     let reaper = {
         let shared = shared.clone();
         tokio::spawn(async move { shared.pools.reap_until(shared.shutdown.clone()).await })
@@ -144,6 +158,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()>
     shared.pools.retire_all();
     signals.abort();
     let _ = reaper.await;
+    let _ = monitor.await;
     info!("pgwarden stopped");
     Ok(())
 }

@@ -14,12 +14,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{Session, apply_settings};
+use super::Session;
 use crate::auth;
 use crate::config::ADMIN_DATABASE;
 use crate::error::{ClientError, sqlstate};
 use crate::params::{self, ParamSet};
-use crate::pool::{CheckoutError, PoolKey, ServerPool};
 use crate::protocol::ServerNotice;
 use crate::protocol::messages::{
     put_auth, put_backend_key, put_negotiate_protocol, put_parameter_status, put_ready,
@@ -66,15 +65,15 @@ pub async fn login(
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Result<Login, (TcpStream, LoginError)> {
-    match login_steps(&mut stream, peer, shared).await {
-        Ok(Step::Cancel { pid, secret }) => Ok(Login::Cancel { pid, secret }),
-        Ok(Step::Ready(parts)) => Ok(Login::Ready(Box::new(Session::new(
-            stream,
-            peer,
-            shared.clone(),
-            *parts,
-        )))),
-        Err(e) => Err((stream, e)),
+    let logged_in = match login_steps(&mut stream, peer, shared).await {
+        Ok(Step::Cancel { pid, secret }) => return Ok(Login::Cancel { pid, secret }),
+        Ok(Step::Ready(logged_in)) => logged_in,
+        Err(e) => return Err((stream, e)),
+    };
+    let mut session = Session::new(stream, peer, shared.clone(), *logged_in);
+    match session.welcome().await {
+        Ok(()) => Ok(Login::Ready(Box::new(session))),
+        Err(e) => Err((session.into_stream(), e)),
     }
 }
 
@@ -116,39 +115,44 @@ async fn login_steps(
         return Err(ClientError::UnknownDatabase(request.database).into());
     }
     put_auth(&mut out, pgwire::messages::startup::Authentication::Ok);
-
-    let settings = Arc::new(request.settings);
-    let table = shared.routing.load();
-    let primary = table
-        .primary()
-        .ok_or_else(|| ClientError::NoPrimary(request.database.clone()))?;
-    let key = PoolKey::new(&config, &request.database, &request.user, &primary.config)
-        .ok_or_else(|| ClientError::UnknownDatabase(request.database.clone()))?;
-    let pool = shared.pools.get(&key, &config);
-    let welcome = match pool.welcome_for(&settings) {
-        Some(w) => w,
-        None => check_settings(&pool, &settings, &request.database).await?,
-    };
-    let mode = config
-        .database(&request.database)
-        .map_or(config.pool.mode, |d| d.pool_mode);
-
-    let cancel = shared.cancels.register();
-    for (name, value) in &welcome {
-        put_parameter_status(&mut out, name, value);
-    }
-    put_backend_key(&mut out, cancel.pid(), cancel.secret());
-    put_ready(&mut out, b'I');
     stream.write_all(&out).await?;
-    info!(%peer, pid = cancel.pid(), db = %request.database, user = %request.user, %mode, "client logged in");
+    let db = config.database(&request.database);
     Ok(Step::Ready(Box::new(super::LoggedIn {
+        mode: db.as_ref().map_or(config.pool.mode, |d| d.pool_mode),
+        target: db.map(|d| d.target).unwrap_or_default(),
         database: request.database,
         user: request.user,
-        mode,
-        params: settings,
-        cancel,
-        route: Some((table.generation, pool)),
+        params: Arc::new(request.settings),
+        cancel: shared.cancels.register(),
+        route: None,
     })))
+}
+
+impl Session {
+    /// Sends the ParameterStatus set, BackendKeyData and the first ReadyForQuery. The
+    /// first client with settings a server has not seen yet has them checked by one
+    /// (routed like a transaction); later logins need no server at all.
+    async fn welcome(&mut self) -> Result<(), LoginError> {
+        let logins = self.shared.pools.logins(&self.who.database, &self.who.user);
+        let welcome = match logins.welcome_for(&self.who.params) {
+            Some(welcome) => welcome,
+            None => {
+                let (conn, reports) = self.attach().await?;
+                self.who.cancel.serving(None);
+                conn.release();
+                logins.accept(&self.who.params, &reports)
+            }
+        };
+        let mut out = BytesMut::new();
+        for (name, value) in &welcome {
+            put_parameter_status(&mut out, name, value);
+        }
+        put_backend_key(&mut out, self.who.cancel.pid(), self.who.cancel.secret());
+        put_ready(&mut out, b'I');
+        self.stream.write_all(&out).await?;
+        info!(peer = %self.peer, pid = self.who.cancel.pid(), db = %self.who.database, user = %self.who.user, mode = %self.who.mode, "client logged in");
+        Ok(())
+    }
 }
 
 /// Reads startup packets until a StartupMessage or CancelRequest, refusing SSL and GSS
@@ -164,29 +168,6 @@ async fn read_startup_message(stream: &mut TcpStream) -> Result<StartupRequest, 
         }
     }
     Err(ClientError::Protocol("too many SSL/GSS negotiation requests".into()).into())
-}
-
-/// Asks a server whether it accepts the client's settings, and learns how it reports them.
-async fn check_settings(
-    pool: &Arc<ServerPool>,
-    settings: &Arc<ParamSet>,
-    database: &str,
-) -> Result<Vec<(String, String)>, ClientError> {
-    let conn = pool.checkout().await.map_err(|e| match e {
-        CheckoutError::Timeout(timeout) => ClientError::PoolTimeout {
-            database: database.to_owned(),
-            timeout,
-        },
-        CheckoutError::Connect(source) => ClientError::ServerConnect {
-            backend: pool.target.backend.to_string(),
-            source,
-        },
-        CheckoutError::Retired => ClientError::NoPrimary(database.to_owned()),
-    })?;
-    let (conn, reports) = apply_settings(conn, settings).await?;
-    let welcome = pool.accept(settings, &reports);
-    conn.release();
-    Ok(welcome)
 }
 
 /// The parts of a StartupMessage pgwarden acts on.

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::cancel::CancelHandle;
-use crate::config::PoolMode;
+use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::params::{ParamSet, sync_statement};
 use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
@@ -88,8 +88,10 @@ pub struct LoggedIn {
     database: String,
     user: String,
     mode: PoolMode,
+    target: Target,
     params: Arc<ParamSet>,
     cancel: CancelHandle,
+    /// the primary's pool and the routing generation it was chosen in
     route: Option<(u64, Arc<ServerPool>)>,
 }
 
@@ -145,6 +147,10 @@ impl Session {
             status: b'I',
             between: Between::Ready,
         }
+    }
+
+    fn into_stream(self) -> TcpStream {
+        self.stream
     }
 
     async fn run(mut self) {
@@ -235,7 +241,7 @@ impl Session {
             _ => {}
         }
         let conn = match self.attach().await {
-            Ok(conn) => conn,
+            Ok((conn, _)) => conn,
             Err(e) => return self.refuse(tag, e).await,
         };
         self.transaction(conn).await
@@ -252,8 +258,9 @@ impl Session {
             params: &mut self.who.params,
             status: &mut self.status,
         };
+        let evicted = conn.pool().retired().clone();
         let (outcome, to_client) =
-            splice::splice(client, &mut conn, hold, &self.shared.shutdown).await;
+            splice::splice(client, &mut conn, hold, &self.shared.shutdown, &evicted).await;
         self.who.cancel.serving(None);
         let result = match outcome {
             Outcome::Idle if hold => {
@@ -284,6 +291,8 @@ impl Session {
             } => {
                 let backend = conn.pool().target.backend.to_string();
                 conn.discard();
+                // Others may be about to hit the same failure: let the monitor look now.
+                self.shared.alarm.notify_one();
                 let reason = match notice {
                     Some(n) => format!("{reason} ({})", n.code),
                     None => reason,
@@ -309,54 +318,102 @@ impl Session {
         result
     }
 
-    /// Picks the backend, checks out a connection, and applies the client's settings to it.
-    async fn attach(&mut self) -> Result<PooledConn, ClientError> {
+    /// Picks the backend, checks out a connection, and applies the client's settings to
+    /// it (returning what the server reported while applying them). While nothing can
+    /// serve the request (no primary during a failover, the primary unreachable) it
+    /// waits for the routing to change, up to `failover.client_wait_timeout`.
+    async fn attach(&mut self) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
+        let waited = self.shared.config.load().failover.client_wait_timeout;
+        let deadline = tokio::time::Instant::now() + waited;
+        let mut changes = self.shared.routing.subscribe();
+        let mut last_error = None;
         loop {
-            let pool = self.route()?;
-            let conn = match pool.checkout().await {
-                Ok(conn) => conn,
-                Err(CheckoutError::Retired) => {
+            changes.borrow_and_update();
+            if let Some(pool) = self.route()? {
+                match pool.checkout().await {
+                    Ok(conn) => {
+                        let (conn, reports) = apply_settings(conn, &self.who.params).await?;
+                        self.who.cancel.serving(Some(conn.cancel_key));
+                        return Ok((conn, reports));
+                    }
                     // The backend left the routing table while we waited: route again.
-                    self.who.route = None;
-                    continue;
+                    Err(CheckoutError::Retired) => {
+                        self.who.route = None;
+                        continue;
+                    }
+                    Err(CheckoutError::Timeout(timeout)) => {
+                        warn!(peer = %self.peer, db = %self.who.database, user = %self.who.user, ?timeout, "query_wait_timeout: no server connection");
+                        return Err(ClientError::PoolTimeout {
+                            database: self.who.database.clone(),
+                            timeout,
+                        });
+                    }
+                    Err(CheckoutError::Connect(source)) => {
+                        let transient = source.is_transient();
+                        let error = ClientError::ServerConnect {
+                            backend: pool.target.backend.to_string(),
+                            source,
+                        };
+                        if !transient {
+                            return Err(error);
+                        }
+                        // Perhaps the primary just died: have it probed, and wait for
+                        // the routing to change rather than failing the request.
+                        self.shared.alarm.notify_one();
+                        last_error = Some(error);
+                    }
                 }
-                Err(CheckoutError::Timeout(timeout)) => {
-                    warn!(peer = %self.peer, db = %self.who.database, user = %self.who.user, ?timeout, "query_wait_timeout: no server connection");
-                    return Err(ClientError::PoolTimeout {
-                        database: self.who.database.clone(),
-                        timeout,
-                    });
-                }
-                Err(CheckoutError::Connect(source)) => {
-                    return Err(ClientError::ServerConnect {
-                        backend: pool.target.backend.to_string(),
-                        source,
-                    });
-                }
-            };
-            let (conn, _) = apply_settings(conn, &self.who.params).await?;
-            self.who.cancel.serving(Some(conn.cancel_key));
-            return Ok(conn);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(last_error.unwrap_or(ClientError::Unavailable {
+                    database: self.who.database.clone(),
+                    what: self.who.target.name(),
+                    waited,
+                }));
+            }
         }
     }
 
-    /// The pool of the backend this client's transactions go to now.
-    fn route(&mut self) -> Result<Arc<ServerPool>, ClientError> {
+    /// The pool of the backend this client's next transaction goes to, or `None` when
+    /// no node can serve it right now.
+    fn route(&mut self) -> Result<Option<Arc<ServerPool>>, ClientError> {
         let table = self.shared.routing.load();
-        if let Some((generation, pool)) = &self.who.route
+        let primary = self.who.target == Target::Primary;
+        if primary
+            && let Some((generation, pool)) = &self.who.route
             && *generation == table.generation
         {
-            return Ok(pool.clone());
+            return Ok(Some(pool.clone()));
         }
-        let primary = table
-            .primary()
-            .ok_or_else(|| ClientError::NoPrimary(self.who.database.clone()))?;
         let config = self.shared.config.load();
-        let key = PoolKey::new(&config, &self.who.database, &self.who.user, &primary.config)
+        let turn = if primary {
+            0
+        } else {
+            self.shared.read_turn.fetch_add(1, Ordering::Relaxed)
+        };
+        let Some(backend) = table.route(self.who.target, config.health.max_standby_lag, turn)
+        else {
+            return Ok(None);
+        };
+        let key = PoolKey::new(&config, &self.who.database, &self.who.user, &backend.config)
             .ok_or_else(|| ClientError::UnknownDatabase(self.who.database.clone()))?;
         let pool = self.shared.pools.get(&key, &config);
-        self.who.route = Some((table.generation, pool.clone()));
-        Ok(pool)
+        if primary {
+            self.who.route = Some((table.generation, pool.clone()));
+            let logged = &self.shared.first_transaction_logged;
+            let seen = logged.load(Ordering::Relaxed);
+            if table.generation > seen
+                && logged
+                    .compare_exchange(seen, table.generation, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                info!(backend = %backend.config.name, generation = table.generation, "first transaction routed after a routing change");
+            }
+        }
+        Ok(Some(pool))
     }
 
     /// Answers a request that could not get a server connection; the client stays.

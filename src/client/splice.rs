@@ -94,14 +94,16 @@ struct Exchange {
 }
 
 /// Splices `client` onto `server` until the transaction ends (or, with `hold`,
-/// until the client leaves or `stop` fires while the session is idle). Returns
-/// how it ended and the bytes still to be written to the client, which the
-/// caller flushes after giving the server connection back.
+/// until the client leaves or `stop` fires while the session is idle). `evicted`
+/// fires when the server's backend leaves the routing table: the transaction is
+/// then lost. Returns how it ended and the bytes still to be written to the
+/// client, which the caller flushes after giving the server connection back.
 pub async fn splice(
     client: ClientSide<'_>,
     server: &mut ServerConn,
     hold: bool,
     stop: &CancellationToken,
+    evicted: &CancellationToken,
 ) -> (Outcome, BytesMut) {
     let ClientSide {
         stream,
@@ -120,6 +122,10 @@ pub async fn splice(
     } = server;
     let (mut server_r, mut server_w) = server_stream.split();
 
+    // Created once: a cancellation future registers its waker when first polled.
+    let stopped = stop.cancelled();
+    let evicted = evicted.cancelled();
+    tokio::pin!(stopped, evicted);
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::new();
     let mut server_scan = Scanner::default();
@@ -197,7 +203,8 @@ pub async fn splice(
                     }
                 }
             }
-            () = stop.cancelled(), if hold && idle && !stop.is_cancelled() => {}
+            () = &mut evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
+            () = &mut stopped, if hold && idle && !stop.is_cancelled() => {}
         }
     }
 }

@@ -1,10 +1,11 @@
-//! `pgwarden demo`: a local PostgreSQL with pgwarden in front of it, to try pgwarden
-//! out with nothing but the PostgreSQL packages installed. Everything it starts
-//! lives in a temporary folder and is removed on Ctrl-C.
+//! `pgwarden demo`: a local primary with two streaming standbys (synchronous
+//! replication, ANY 1) and pgwarden in front of them with automatic failover, to
+//! try pgwarden out with nothing but the PostgreSQL packages installed.
+//! Everything it starts lives in a temporary folder and is removed on Ctrl-C.
 
 use std::process::ExitCode;
 
-use super::{Cluster, ClusterSpec};
+use super::{Cluster, ClusterSpec, SUPERUSER};
 use crate::auth::UserList;
 use crate::config::Config;
 use crate::proxy;
@@ -24,47 +25,86 @@ pub fn run() -> ExitCode {
 }
 
 fn start() -> Result<(), Box<dyn std::error::Error>> {
-    eprintln!("starting a local PostgreSQL …");
-    let cluster = Cluster::start(&ClusterSpec::default())?;
+    eprintln!("starting a local primary and two streaming standbys …");
+    let cluster = Cluster::start(&ClusterSpec {
+        standbys: 2,
+        synchronous: true,
+        // Standbys notice a silent primary within the monitor's detection window.
+        settings: vec![("wal_receiver_timeout".into(), "3s".into())],
+    })?;
     let (user, password, database) = APP;
     cluster.create_user(user, password)?;
     cluster.create_database(database, user)?;
-    let primary = cluster.primary();
 
     let listen = if std::net::TcpListener::bind("127.0.0.1:6432").is_ok() {
         "127.0.0.1:6432".to_owned()
     } else {
         format!("127.0.0.1:{}", super::free_port()?)
     };
+    let backends: String = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "[[backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",
+                n.name, n.port
+            )
+        })
+        .collect();
     let config_path = cluster.root().join("pgwarden.toml");
-    let config_text = format!(
-        "[pgwarden]\nlisten = \"{listen}\"\n\
-         [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
-         [[backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n\
-         [databases.{database}]\n",
-        primary.name, primary.port
-    );
-    std::fs::write(&config_path, &config_text)?;
+    std::fs::write(
+        &config_path,
+        format!(
+            "[pgwarden]\nlisten = \"{listen}\"\n\
+             [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
+             [failover]\nmode = \"auto\"\n\
+             {backends}\
+             [databases.{database}]\n\
+             [databases.{database}_ro]\ndbname = \"{database}\"\ntarget = \"prefer-standby\"\n"
+        ),
+    )?;
     std::fs::write(
         cluster.root().join("userlist.txt"),
-        format!("\"{user}\" \"{password}\"\n"),
+        format!(
+            "\"{user}\" \"{password}\"\n\"{}\" \"{}\"\n",
+            SUPERUSER.0, SUPERUSER.1
+        ),
     )?;
     let config = Config::load(&config_path)?;
     let users = UserList::load(&config.auth_file())?;
+    config.check_users(&users)?;
     crate::init_logging(&config.pgwarden.log_level);
 
     let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6432"));
+    let nodes: String = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "  {} on 127.0.0.1:{}  data {}\n",
+                n.name,
+                n.port,
+                n.data.display()
+            )
+        })
+        .collect();
+    let pidfile = cluster.primary().data.join("postmaster.pid");
     println!(
-        "\npgwarden demo is running.\n\n\
-         PostgreSQL {name} on 127.0.0.1:{pg_port}, pgwarden on {listen} (transaction pooling).\n\
+        "\npgwarden demo is running: pgwarden on {listen} in front of\n{nodes}\
+         ({first} is the primary; synchronous replication to ANY 1 standby).\n\
          Config: {config}\n\n\
-         Connect:    psql \"host={host} port={port} user={user} password={password} dbname={database}\"\n\
-         Benchmark:  PGPASSWORD={password} pgbench -h {host} -p {port} -U {user} -i {database}\n\
-         \u{20}           PGPASSWORD={password} pgbench -h {host} -p {port} -U {user} -c 20 -T 10 -S {database}\n\n\
+         Connect:     psql \"host={host} port={port} user={user} password={password} dbname={database}\"\n\
+         Reads:       dbname={database}_ro goes to a standby when one is healthy\n\
+         Load:        PGPASSWORD={password} pgbench -h {host} -p {port} -U {user} -i {database}\n\
+         \u{20}            PGPASSWORD={password} pgbench -h {host} -p {port} -U {user} -c 10 -T 60 {database}\n\
+         Fail over:   kill -9 $(head -1 {pidfile})\n\
+         \u{20}            pgwarden confirms the loss with the standbys, promotes the most\n\
+         \u{20}            up-to-date one, re-points the other and fences {first}; the log\n\
+         \u{20}            below shows each step with its time.\n\n\
          Press Ctrl-C to stop; everything started here is removed.\n",
-        name = primary.name,
-        pg_port = primary.port,
+        first = cluster.primary().name,
         config = config_path.display(),
+        pidfile = pidfile.display(),
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -5,6 +5,7 @@
 //! connections. Clients look a pool up once per change of routing and then
 //! keep the `Arc`, so the registry's lock is off the per-transaction path.
 
+mod logins;
 mod server_pool;
 mod slots;
 
@@ -16,6 +17,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+pub use logins::Logins;
 pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 
 use crate::auth::UserList;
@@ -57,6 +59,7 @@ impl PoolKey {
 #[derive(Debug)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<ServerPool>>>,
+    logins: Mutex<HashMap<(String, String), Arc<Logins>>>,
     users: Arc<ArcSwap<UserList>>,
 }
 
@@ -65,6 +68,7 @@ impl Pools {
     pub fn new(users: Arc<ArcSwap<UserList>>) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
+            logins: Mutex::new(HashMap::new()),
             users,
         }
     }
@@ -79,10 +83,34 @@ impl Pools {
             key.target.clone(),
             settings_for(config, &key.database),
             self.users.clone(),
+            self.logins(&key.database, &key.target.user),
         ));
         debug!(db = %key.database, backend = %key.target.backend, user = %key.target.user, "pool created");
         pools.insert(key.clone(), pool.clone());
         pool
+    }
+
+    /// The login facts of `user` on `database`, shared by its pools on every backend.
+    pub fn logins(&self, database: &str, user: &str) -> Arc<Logins> {
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        logins
+            .entry((database.to_owned(), user.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// Retires every pool of `backend`: idle connections close, waiters re-route,
+    /// and transactions running on it end with an error naming the backend.
+    pub fn retire_backend(&self, backend: &str) {
+        let mut pools = self.lock();
+        pools.retain(|key, pool| {
+            let keep = *key.target.backend != *backend;
+            if !keep {
+                pool.retire();
+            }
+            keep
+        });
+        info!(%backend, "retired the pools of a backend that left the routing table");
     }
 
     /// Every pool with its key.

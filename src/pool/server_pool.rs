@@ -1,24 +1,23 @@
 //! The server connections of one (backend, database, user): checkout with a
-//! bounded, fair wait; return; and what it remembers for logins.
+//! bounded, fair wait; return; retirement.
 //!
 //! A checked-out connection is a [`PooledConn`]: it goes back with
 //! [`PooledConn::release`] when the caller knows it is clean, and is closed on
 //! drop otherwise, so an early return or a panic can never hand a dirty
 //! connection to the next client.
 
-use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::UserList;
 use crate::error::ServerError;
-use crate::params::ParamSet;
 use crate::server::{ServerConn, ServerTarget};
 
 /// The limits and timeouts of one pool; replaced whole on reload.
@@ -61,19 +60,6 @@ enum Slot {
     Reserve,
 }
 
-/// Login facts learned from this pool's server connections.
-#[derive(Debug, Default)]
-struct LoginCache {
-    /// ParameterStatus a new server session reports (server defaults)
-    welcome: Option<Arc<Vec<(String, String)>>>,
-    /// startup settings (lower-cased name, value) known to be accepted, with the
-    /// value the server reports for them when it reports them
-    accepted: HashMap<(String, String), String>,
-}
-
-/// Most distinct accepted settings remembered per pool; beyond it the memory starts over.
-const MAX_ACCEPTED: usize = 1024;
-
 /// The server connections to one target.
 #[derive(Debug)]
 pub struct ServerPool {
@@ -84,8 +70,8 @@ pub struct ServerPool {
     reserve: Slots,
     idle: Mutex<Vec<ServerConn>>,
     users: Arc<ArcSwap<UserList>>,
-    logins: Mutex<LoginCache>,
-    retired: AtomicBool,
+    logins: Arc<Logins>,
+    retired: CancellationToken,
 }
 
 impl ServerPool {
@@ -94,6 +80,7 @@ impl ServerPool {
         target: ServerTarget,
         settings: PoolSettings,
         users: Arc<ArcSwap<UserList>>,
+        logins: Arc<Logins>,
     ) -> Self {
         ServerPool {
             target,
@@ -102,8 +89,8 @@ impl ServerPool {
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
             users,
-            logins: Mutex::new(LoginCache::default()),
-            retired: AtomicBool::new(false),
+            logins,
+            retired: CancellationToken::new(),
         }
     }
 
@@ -142,7 +129,7 @@ impl ServerPool {
         match ServerConn::connect(&self.target, &credential, settings.connect_timeout).await {
             Ok(conn) => {
                 debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
-                self.remember_welcome(&conn);
+                self.logins.remember_welcome(&conn.reported);
                 pooled.conn = Some(conn);
                 Ok(pooled)
             }
@@ -191,7 +178,7 @@ impl ServerPool {
 
     fn give_back(&self, mut conn: ServerConn, slot: Slot) {
         let settings = self.settings.load();
-        if self.retired.load(Ordering::Acquire) || expired(&conn, &settings) {
+        if self.retired.is_cancelled() || expired(&conn, &settings) {
             conn.close();
         } else {
             conn.mark_idle();
@@ -241,7 +228,7 @@ impl ServerPool {
 
     /// Stops the pool: waiters are told, idle connections close, and returned ones close too.
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+        self.retired.cancel();
         self.main.close();
         self.reserve.close();
         let idle = std::mem::take(&mut *lock(&self.idle));
@@ -256,63 +243,14 @@ impl ServerPool {
         (size.saturating_sub(free).saturating_sub(idle), idle, size)
     }
 
-    fn remember_welcome(&self, conn: &ServerConn) {
-        let mut logins = lock(&self.logins);
-        if logins.welcome.is_none() {
-            logins.welcome = Some(Arc::new(conn.reported.clone()));
-        }
+    /// Login facts shared by the pools of this (database, user).
+    pub fn logins(&self) -> &Arc<Logins> {
+        &self.logins
     }
 
-    /// The ParameterStatus set for a client with `settings`, if every setting is known to
-    /// be accepted and a server session has been seen; `None` means a server must be asked.
-    pub fn welcome_for(&self, settings: &ParamSet) -> Option<Vec<(String, String)>> {
-        lock(&self.logins).welcome_for(settings)
-    }
-
-    /// Records that a server accepted `settings`, reporting `reports` while applying
-    /// them, and returns the ParameterStatus set such a client is welcomed with.
-    pub fn accept(
-        &self,
-        settings: &ParamSet,
-        reports: &[(String, String)],
-    ) -> Vec<(String, String)> {
-        let mut logins = lock(&self.logins);
-        if logins.accepted.len() + settings.iter().count() > MAX_ACCEPTED {
-            logins.accepted.clear();
-        }
-        for (name, value) in settings.iter() {
-            let reported = reports
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map_or(value, |(_, v)| v.as_str());
-            logins
-                .accepted
-                .insert((name.to_owned(), value.to_owned()), reported.to_owned());
-        }
-        logins.welcome_for(settings).unwrap_or_default()
-    }
-}
-
-impl LoginCache {
-    fn welcome_for(&self, settings: &ParamSet) -> Option<Vec<(String, String)>> {
-        let welcome = self.welcome.as_ref()?;
-        let mut shown = HashMap::new();
-        for (name, value) in settings.iter() {
-            let normalized = self.accepted.get(&(name.to_owned(), value.to_owned()))?;
-            shown.insert(name, normalized.as_str());
-        }
-        Some(
-            welcome
-                .iter()
-                .map(|(name, value)| {
-                    let v = shown
-                        .get(name.to_ascii_lowercase().as_str())
-                        .copied()
-                        .unwrap_or(value);
-                    (name.clone(), v.to_owned())
-                })
-                .collect(),
-        )
+    /// Cancelled when the pool is retired: transactions on it must end.
+    pub fn retired(&self) -> &CancellationToken {
+        &self.retired
     }
 }
 

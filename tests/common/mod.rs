@@ -93,6 +93,12 @@ pub struct Options {
     pub pgwarden: String,
     pub auth: Option<String>,
     pub pool: String,
+    pub health: String,
+    pub failover: String,
+    /// (name, port) of each backend; empty: the shared cluster's server as "pg1"
+    pub backends: Vec<(String, u16)>,
+    /// extra `[databases.X]` entries, verbatim
+    pub databases: String,
     /// extra keys for every `[databases.X]` entry
     pub database: String,
     /// user list lines beyond the test databases' users
@@ -220,28 +226,41 @@ impl Drop for Pgwarden {
 }
 
 fn config_text(port: u16, dbs: &[&Db], o: &Options) -> String {
-    let (backend_port, auth) = (
-        dbs.first().map_or(5432, |d| d.server_port),
-        o.auth.as_deref().unwrap_or("scram-sha-256"),
-    );
+    let auth = o.auth.as_deref().unwrap_or("scram-sha-256");
     let mut text = format!(
         "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"10s\"\n{}\n\
          [auth]\ntype = \"{auth}\"\nfile = \"userlist.txt\"\n\
-         [pool]\n{}\n\
-         [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\nport = {backend_port}\n",
-        o.pgwarden, o.pool
+         [pool]\n{}\n[health]\n{}\n[failover]\n{}\n",
+        o.pgwarden, o.pool, o.health, o.failover
     );
+    let backends = if o.backends.is_empty() {
+        vec![(
+            "pg1".to_owned(),
+            dbs.first().map_or(5432, |d| d.server_port),
+        )]
+    } else {
+        o.backends.clone()
+    };
+    for (name, backend_port) in backends {
+        text.push_str(&format!(
+            "[[backends]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {backend_port}\n"
+        ));
+    }
     for db in dbs {
         text.push_str(&format!("[databases.{}]\n{}\n", db.name, o.database));
     }
+    text.push_str(&o.databases);
     text
 }
 
 fn userlist(dbs: &[&Db], o: &Options) -> String {
-    let mut text: String = dbs
+    // The monitor logs in as the harness superuser.
+    let (user, password) = pgwarden::cluster::SUPERUSER;
+    let mut text = format!("\"{user}\" \"{password}\"\n");
+    text += &dbs
         .iter()
         .map(|d| format!("\"{}\" \"{}\"\n", d.user, d.password.replace('"', "\"\"")))
-        .collect();
+        .collect::<String>();
     text.push_str(&o.extra_users);
     text
 }

@@ -1,0 +1,526 @@
+//! The health monitor: probes every backend, keeps each node's state, decides
+//! which node is the primary, runs the failover controller when the primary is
+//! down, and publishes the routing table.
+//!
+//! It is the only writer of the routing table. Each backend has a prober task
+//! ([`probe`]) that reports to this loop; each report moves the node's state
+//! machine (`Unknown → Up ⇄ Suspect → Down`, see [`Health`]), after which the
+//! monitor re-decides and publishes a new table when anything changed. Clients
+//! that see a server connection fail raise an alarm that makes every prober
+//! probe at once, so a crash is confirmed in milliseconds rather than at the
+//! next interval.
+//!
+//! Failover modes: `auto` promotes (see [`crate::failover`]); `follow` routes to
+//! whichever node reports itself primary, newest timeline first; `off` routes to
+//! the first backend whatever happens.
+
+pub mod probe;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::backend::{Backend, BackendTable, Health, Role};
+use crate::config::{Config, FailoverMode};
+use crate::failover::hooks::{self, Event, EventKind};
+use crate::failover::{self, Refusal};
+use crate::proxy::Shared;
+use probe::{Login, Prober, Report};
+
+/// Runs the monitor until shutdown.
+pub async fn run(shared: Arc<Shared>) {
+    let mut monitor = Monitor::new(shared);
+    monitor.start_probers();
+    monitor.publish();
+    loop {
+        tokio::select! {
+            Some(report) = monitor.reports.recv() => monitor.on_report(report).await,
+            () = monitor.shared.alarm.notified() => monitor.probers.iter().for_each(Prober::wake),
+            () = monitor.shared.reconfigured.notified() => monitor.reconfigure(),
+            () = monitor.shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+struct Monitor {
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    nodes: Vec<Backend>,
+    probers: Vec<Prober>,
+    /// the node pgwarden routes writes to (it may be down while a failover is pending)
+    primary: Option<usize>,
+    split_brain: bool,
+    generation: u64,
+    epoch: u64,
+    reports: mpsc::UnboundedReceiver<Report>,
+    report_sender: mpsc::UnboundedSender<Report>,
+    /// the failover in progress: when it was detected, and the last refusal logged
+    pending: Option<(Instant, Option<Refusal>)>,
+    next_attempt: Instant,
+    /// fenced nodes pgwarden made read-only
+    read_only: HashSet<usize>,
+}
+
+impl Monitor {
+    fn new(shared: Arc<Shared>) -> Monitor {
+        let config = shared.config.load_full();
+        let table = shared.routing.load_full();
+        let (report_sender, reports) = mpsc::unbounded_channel();
+        Monitor {
+            nodes: table.backends.clone(),
+            primary: table.primary,
+            split_brain: false,
+            generation: table.generation,
+            epoch: 0,
+            probers: Vec::new(),
+            reports,
+            report_sender,
+            pending: None,
+            next_attempt: Instant::now(),
+            read_only: HashSet::new(),
+            config,
+            shared,
+        }
+    }
+
+    /// How the monitor and the controller log in.
+    fn login(&self) -> Option<Login> {
+        let health = &self.config.health;
+        let users = self.shared.users.load();
+        match users.get(&health.user).map(|c| c.secret.clone()) {
+            Some(crate::auth::Secret::Plain(password)) => Some(Login {
+                user: health.user.clone(),
+                password,
+                dbname: health.dbname.clone(),
+                timeout: health.timeout,
+            }),
+            _ => None,
+        }
+    }
+
+    fn start_probers(&mut self) {
+        self.epoch += 1;
+        self.probers.clear();
+        let Some(login) = self.login() else {
+            error!(user = %self.config.health.user, "health.user has no plain password in the user list: backends are not probed");
+            return;
+        };
+        for (index, node) in self.nodes.iter().enumerate() {
+            self.probers.push(Prober::start(
+                index,
+                self.epoch,
+                node.config.clone(),
+                login.clone(),
+                self.config.health.interval,
+                self.report_sender.clone(),
+            ));
+        }
+    }
+
+    /// A reload: keep what is known about unchanged backends, start over for the rest.
+    fn reconfigure(&mut self) {
+        let config = self.shared.config.load_full();
+        let primary_name = self.primary.map(|p| self.nodes[p].config.name.clone());
+        let old = std::mem::take(&mut self.nodes);
+        self.nodes = config
+            .backends
+            .iter()
+            .map(|c| {
+                old.iter()
+                    .find(|n| n.config == *c)
+                    .cloned()
+                    .unwrap_or_else(|| Backend::new(c.clone()))
+            })
+            .collect();
+        self.primary =
+            primary_name.and_then(|name| self.nodes.iter().position(|n| n.config.name == name));
+        self.read_only.clear();
+        self.config = config;
+        self.start_probers();
+        self.decide_static();
+        self.publish();
+    }
+
+    async fn on_report(&mut self, report: Report) {
+        if report.epoch != self.epoch || report.index >= self.nodes.len() {
+            return;
+        }
+        let threshold = self.config.health.failure_threshold;
+        let node = &mut self.nodes[report.index];
+        let before = (node.health, node.role());
+        node.health = node.health.after(report.result.is_ok(), threshold);
+        node.checked_at = Some(report.at);
+        let reason = match report.result {
+            Ok(facts) => {
+                node.facts = Some(facts);
+                None
+            }
+            Err(reason) => Some(reason),
+        };
+        let after = (node.health, node.role());
+        if before != after {
+            let name = &node.config.name;
+            match after.0 {
+                Health::Down => {
+                    warn!(backend = %name, from = before.0.name(), to = "down", reason = reason.as_deref().unwrap_or(""), "backend state changed")
+                }
+                Health::Suspect { failures } => {
+                    info!(backend = %name, from = before.0.name(), to = "suspect", failures, reason = reason.as_deref().unwrap_or(""), "backend state changed")
+                }
+                _ => {
+                    info!(backend = %name, from = before.0.name(), to = after.0.name(), role = ?after.1, "backend state changed")
+                }
+            }
+        }
+        match self.config.failover.mode {
+            FailoverMode::Auto => self.decide_auto().await,
+            FailoverMode::Follow | FailoverMode::Off => self.decide_static(),
+        }
+        self.watch_fenced().await;
+        self.publish();
+    }
+
+    /// `off` and `follow`: no promotions, only the choice of where to route.
+    fn decide_static(&mut self) {
+        match self.config.failover.mode {
+            FailoverMode::Off => self.primary = Some(0).filter(|_| !self.nodes.is_empty()),
+            FailoverMode::Follow => {
+                let reporting = self.reporting_primaries();
+                self.split_brain = reporting.len() > 1;
+                if let Some(best) = self.newest(&reporting)
+                    && self.primary != Some(best)
+                {
+                    self.set_primary(best, "reports itself primary");
+                }
+            }
+            FailoverMode::Auto => {}
+        }
+    }
+
+    /// `auto`: keep the primary, fail over when it is down, and settle two primaries.
+    async fn decide_auto(&mut self) {
+        let reporting = self.reporting_primaries();
+        let Some(p) = self.primary else {
+            // Start-up (or the primary was demoted outside pgwarden): take the node
+            // that reports itself primary; never promote without having seen one.
+            if let Some(best) = self.newest(&reporting) {
+                self.set_primary(best, "reports itself primary");
+                self.fence_others(best, &reporting);
+            }
+            return;
+        };
+        let node = &self.nodes[p];
+        if node.health == Health::Down && !node.fenced {
+            self.fail_over(p).await;
+            return;
+        }
+        if self.pending.take().is_some() {
+            info!(backend = %self.nodes[p].config.name, "primary is reachable again; no failover");
+        }
+        if node.routable() && node.role() == Some(Role::Standby) {
+            warn!(backend = %node.config.name, "the primary is now a standby (demoted outside pgwarden)");
+            self.primary = None;
+            if let Some(best) = self.newest(&reporting) {
+                self.set_primary(best, "reports itself primary");
+            }
+            return;
+        }
+        if reporting.iter().any(|&q| q != p) {
+            let best = self.newest(&reporting).unwrap_or(p);
+            if best != p {
+                self.set_primary(best, "newer timeline than the current primary");
+            }
+            self.fence_others(best, &reporting);
+        }
+    }
+
+    /// Nodes that are routable and report themselves primary.
+    fn reporting_primaries(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].routable() && self.nodes[i].role() == Some(Role::Primary))
+            .collect()
+    }
+
+    /// Of `candidates`, the newest timeline; ties go to the current primary, then config order.
+    fn newest(&self, candidates: &[usize]) -> Option<usize> {
+        let timeline = |i: usize| {
+            self.nodes[i]
+                .facts
+                .as_ref()
+                .and_then(|f| f.timeline)
+                .unwrap_or(0)
+        };
+        candidates
+            .iter()
+            .copied()
+            .max_by_key(|&i| (timeline(i), Some(i) == self.primary, std::cmp::Reverse(i)))
+    }
+
+    fn set_primary(&mut self, index: usize, why: &str) {
+        let timeline = self.nodes[index].facts.as_ref().and_then(|f| f.timeline);
+        info!(backend = %self.nodes[index].config.name, ?timeline, why, "routing writes to new primary");
+        self.primary = Some(index);
+    }
+
+    /// Fences every node in `reporting` but `keep`: two primaries, one routed.
+    fn fence_others(&mut self, keep: usize, reporting: &[usize]) {
+        for &q in reporting.iter().filter(|&&q| q != keep) {
+            error!(
+                backend = %self.nodes[q].config.name,
+                primary = %self.nodes[keep].config.name,
+                "split brain: two nodes report themselves primary; fencing the older timeline"
+            );
+            self.fence(q);
+            self.hook(EventKind::SplitBrain, q, Some(keep), None);
+        }
+    }
+
+    fn fence(&mut self, index: usize) {
+        if !self.nodes[index].fenced {
+            self.nodes[index].fenced = true;
+            info!(backend = %self.nodes[index].config.name, "fenced: no longer routed to");
+            let primary = self.primary;
+            self.hook(EventKind::Fence, index, primary, None);
+        }
+    }
+
+    /// Detect → confirm → select → promote → publish → re-point → fence.
+    async fn fail_over(&mut self, old: usize) {
+        if Instant::now() < self.next_attempt {
+            return;
+        }
+        self.next_attempt = Instant::now() + self.config.health.interval;
+        let old_name = self.nodes[old].config.name.clone();
+        let detected = match &self.pending {
+            Some((at, _)) => *at,
+            None => {
+                warn!(step = "detected", backend = %old_name, "failover: primary is down");
+                self.pending = Some((Instant::now(), None));
+                Instant::now()
+            }
+        };
+        let ms = || detected.elapsed().as_millis() as u64;
+        let Some(login) = self.login() else { return };
+        let f = self.config.failover.clone();
+        let witnesses = failover::poll_standbys(&self.nodes, old, &login).await;
+        let old_lsn = self.nodes[old].facts.as_ref().and_then(|f| f.lsn);
+        let candidate = match failover::choose(
+            &witnesses,
+            &self.nodes,
+            old_lsn,
+            f.maximum_lag_on_failover,
+            f.require_witness,
+        ) {
+            Ok(c) => c,
+            Err(refusal) => {
+                if self.pending.as_ref().and_then(|p| p.1.as_ref()) != Some(&refusal) {
+                    warn!(step = "refused", backend = %old_name, reason = %refusal, elapsed_ms = ms(), "failover: not promoting");
+                    self.pending = Some((detected, Some(refusal)));
+                }
+                return;
+            }
+        };
+        let new_name = self.nodes[candidate].config.name.clone();
+        info!(step = "confirmed", backend = %old_name, witnesses = witnesses.len(), require_witness = f.require_witness, elapsed_ms = ms(), "failover: primary loss confirmed");
+        info!(step = "selected", candidate = %new_name, received_lsn = ?witnesses.iter().find(|w| w.index == candidate).and_then(|w| w.received), elapsed_ms = ms(), "failover: candidate selected");
+        let timeline = match failover::promote(
+            &self.nodes[candidate].config,
+            &login,
+            f.promote_timeout.as_secs(),
+        )
+        .await
+        {
+            Ok(t) => t,
+            Err(refusal) => {
+                error!(step = "promote_failed", candidate = %new_name, reason = %refusal, elapsed_ms = ms(), "failover: promotion failed");
+                self.pending = Some((detected, Some(refusal)));
+                return;
+            }
+        };
+        info!(step = "promoted", backend = %new_name, timeline, elapsed_ms = ms(), "failover: standby promoted");
+        if let Some(facts) = self.nodes[candidate].facts.as_mut() {
+            facts.role = Role::Primary;
+            facts.timeline = Some(timeline);
+        }
+        self.primary = Some(candidate);
+        self.pending = None;
+        self.fence(old);
+        self.publish();
+        info!(step = "published", primary = %new_name, generation = self.generation, elapsed_ms = ms(), "failover: new primary routed");
+
+        let replication_user = f.replication_user(&self.config.health).to_owned();
+        let password = match self
+            .shared
+            .users
+            .load()
+            .get(&replication_user)
+            .map(|c| c.secret.clone())
+        {
+            Some(crate::auth::Secret::Plain(p)) => p,
+            _ => String::new(),
+        };
+        let new_config = self.nodes[candidate].config.clone();
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if i == candidate || i == old || !n.routable() || n.role() != Some(Role::Standby) {
+                continue;
+            }
+            match failover::repoint(
+                &n.config,
+                &new_config,
+                &login,
+                (&replication_user, &password),
+            )
+            .await
+            {
+                Ok(()) => {
+                    info!(step = "repointed", standby = %n.config.name, primary = %new_name, elapsed_ms = ms(), "failover: standby follows the new primary");
+                    self.hook(EventKind::Repoint, i, Some(candidate), Some(timeline));
+                }
+                Err(e) => {
+                    error!(step = "repoint_failed", standby = %n.config.name, error = %e, "failover: could not re-point standby")
+                }
+            }
+        }
+        info!(step = "fenced", backend = %old_name, elapsed_ms = ms(), "failover: old primary fenced");
+        let event = Event {
+            kind: EventKind::Failover,
+            backend: new_name.clone(),
+            old_primary: Some(old_name),
+            new_primary: Some(new_name),
+            timeline: Some(timeline),
+        };
+        hooks::run(f.on_event.as_deref(), f.hook_timeout, event);
+    }
+
+    /// Fenced nodes: unfence those that rejoined as standbys of the primary; report
+    /// (and make read-only) those that came back as primaries.
+    async fn watch_fenced(&mut self) {
+        let configs: Vec<_> = self.nodes.iter().map(|n| n.config.clone()).collect();
+        let mut split = false;
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if !n.fenced || !matches!(n.health, Health::Up) {
+                continue;
+            }
+            match n.facts.as_ref().map(|f| (f.role, f.receiver.as_ref())) {
+                Some((Role::Standby, receiver)) => {
+                    let follows = self
+                        .primary
+                        .is_some_and(|p| failover::streams_from(receiver, p, &configs));
+                    if follows {
+                        info!(backend = %n.config.name, "unfenced: rejoined as a standby of the primary");
+                        self.nodes[i].fenced = false;
+                        if self.read_only.remove(&i)
+                            && let Some(login) = self.login()
+                            && let Err(e) =
+                                failover::set_read_only(&configs[i], &login, false).await
+                        {
+                            warn!(backend = %configs[i].name, error = %e, "could not lift default_transaction_read_only");
+                        }
+                        let primary = self.primary;
+                        self.hook(EventKind::Unfence, i, primary, None);
+                    }
+                }
+                Some((Role::Primary, _)) => {
+                    split = true;
+                    if !self.split_brain {
+                        error!(backend = %n.config.name, "split brain: a fenced node reports itself primary; it stays fenced");
+                        let primary = self.primary;
+                        self.hook(EventKind::SplitBrain, i, primary, None);
+                    }
+                    if self.config.failover.fence_read_only
+                        && self.read_only.insert(i)
+                        && let Some(login) = self.login()
+                    {
+                        match failover::set_read_only(&configs[i], &login, true).await {
+                            Ok(()) => {
+                                info!(backend = %configs[i].name, "fenced node set to default_transaction_read_only")
+                            }
+                            Err(e) => {
+                                self.read_only.remove(&i);
+                                warn!(backend = %configs[i].name, error = %e, "could not make the fenced node read-only");
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if self.config.failover.mode == FailoverMode::Auto {
+            self.split_brain = split;
+        }
+    }
+
+    fn hook(&self, kind: EventKind, index: usize, primary: Option<usize>, timeline: Option<u32>) {
+        let name = |i: usize| self.nodes[i].config.name.clone();
+        let f = &self.config.failover;
+        hooks::run(
+            f.on_event.as_deref(),
+            f.hook_timeout,
+            Event {
+                kind,
+                backend: name(index),
+                old_primary: None,
+                new_primary: primary.map(name),
+                timeline,
+            },
+        );
+    }
+
+    /// Publishes the current view; the generation moves only when routing changes.
+    fn publish(&mut self) {
+        let primary_lsn = self
+            .primary
+            .and_then(|p| self.nodes[p].facts.as_ref())
+            .filter(|f| f.role == Role::Primary)
+            .and_then(|f| f.lsn);
+        for node in &mut self.nodes {
+            node.lag_bytes = match (&node.facts, primary_lsn) {
+                (Some(f), Some(top)) if f.role == Role::Standby => {
+                    Some(top.saturating_sub(f.replay_lsn.or(f.lsn).unwrap_or(0)))
+                }
+                _ => None,
+            };
+        }
+        let routed = match self.config.failover.mode {
+            FailoverMode::Off => self.primary,
+            _ => self.primary.filter(|&p| self.nodes[p].routable()),
+        };
+        let mut table = BackendTable {
+            generation: self.generation,
+            backends: self.nodes.clone(),
+            primary: routed,
+            split_brain: self.split_brain,
+        };
+        let previous = self.shared.routing.load_full();
+        if table.routing_differs(&previous) {
+            self.generation += 1;
+            table.generation = self.generation;
+            for (before, now) in previous.backends.iter().zip(&table.backends) {
+                if before.routable() && !now.routable() && before.config == now.config {
+                    self.shared.pools.retire_backend(&now.config.name);
+                }
+            }
+            let routable: Vec<&str> = table
+                .backends
+                .iter()
+                .filter(|b| b.routable())
+                .map(|b| b.config.name.as_str())
+                .collect();
+            info!(
+                generation = self.generation,
+                primary = table
+                    .primary()
+                    .map(|b| b.config.name.as_str())
+                    .unwrap_or("none"),
+                ?routable,
+                "routing table changed"
+            );
+        }
+        self.shared.routing.store(table);
+    }
+}
