@@ -60,6 +60,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     root: PathBuf,
     programs: Programs,
+    spec: ClusterSpec,
 }
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -79,10 +80,11 @@ impl Cluster {
             nodes: Vec::new(),
             root,
             programs,
+            spec: spec.clone(),
         };
-        cluster.init_primary(spec)?;
+        cluster.init_primary()?;
         for i in 0..spec.standbys {
-            cluster.add_standby(&format!("pg{}", i + 2), spec)?;
+            cluster.add_standby(&format!("pg{}", i + 2))?;
         }
         Ok(cluster)
     }
@@ -103,7 +105,7 @@ impl Cluster {
         Ok(node)
     }
 
-    fn init_primary(&mut self, spec: &ClusterSpec) -> Result<(), ClusterError> {
+    fn init_primary(&mut self) -> Result<(), ClusterError> {
         let node = self.node("pg1")?;
         let pwfile = self.root.join("pwfile");
         self.programs.write_file(&pwfile, SUPERUSER.1)?;
@@ -115,18 +117,13 @@ impl Cluster {
             .args(["-U", SUPERUSER.0, "-E", "UTF8", "--locale=C", "-N"])
             .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
             .arg(format!("--pwfile={}", pwfile.display())))?;
-        let mut conf = node.base_settings();
-        if spec.synchronous {
-            conf.push_str("synchronous_standby_names = 'ANY 1 (*)'\n");
-        }
-        conf.push_str(&extra_settings(spec));
-        append(&node.data.join("postgresql.conf"), &conf)?;
+        self.configure(&node)?;
         node.start()?;
         self.nodes.push(node);
         Ok(())
     }
 
-    fn add_standby(&mut self, name: &str, spec: &ClusterSpec) -> Result<(), ClusterError> {
+    fn add_standby(&mut self, name: &str) -> Result<(), ClusterError> {
         let primary = self.primary();
         let node = self.node(name)?;
         run(self
@@ -138,9 +135,47 @@ impl Cluster {
             .arg("-D")
             .arg(&node.data)
             .args(["-R", "-X", "stream", "-c", "fast", "-N"]))?;
-        let conf = format!("{}{}", node.base_settings(), extra_settings(spec));
-        append(&node.data.join("postgresql.conf"), &conf)?;
+        self.configure(&node)?;
         // Stream over TCP like a real standby, so that pgwarden can re-point it later.
+        self.follow(&node, primary)?;
+        node.start()?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Turns `node` (stopped or crashed, on an old timeline) into a standby of
+    /// `primary`, as an operator would: clean shutdown, `pg_rewind` from the new
+    /// primary, `standby.signal`, `primary_conninfo`, start.
+    pub fn rejoin(&self, node: usize, primary: usize) -> Result<(), ClusterError> {
+        let (n, p) = (&self.nodes[node], &self.nodes[primary]);
+        if n.postmaster_pid().is_none() {
+            // pg_rewind needs a cleanly shut down target: finish crash recovery first.
+            n.start()?;
+        }
+        n.stop()?;
+        // pg_rewind reads the source's timeline from its control file, which a
+        // freshly promoted server only updates at its first checkpoint.
+        p.sql("CHECKPOINT")?;
+        run(self
+            .programs
+            .command("pg_rewind")
+            .arg("-D")
+            .arg(&n.data)
+            .arg(format!(
+                "--source-server={}",
+                p.conninfo(SUPERUSER.0, SUPERUSER.1, "postgres")
+            )))
+        .map_err(|e| e.with_log(n))?;
+        // pg_rewind copied the source's configuration files: make the node itself again.
+        self.configure(n)?;
+        self.follow(n, p)?;
+        n.start()
+    }
+
+    /// Writes the standby configuration that makes `node` stream from `primary`.
+    fn follow(&self, node: &Node, primary: &Node) -> Result<(), ClusterError> {
+        self.programs
+            .write_file(&node.data.join("standby.signal"), "")?;
         let auto = node.data.join("postgresql.auto.conf");
         let kept: String = std::fs::read_to_string(&auto)
             .unwrap_or_default()
@@ -151,13 +186,11 @@ impl Cluster {
         self.programs.write_file(
             &auto,
             &format!(
-                "{kept}primary_conninfo = '{} application_name={name}'\n",
-                primary.conninfo(SUPERUSER.0, SUPERUSER.1, "postgres")
+                "{kept}primary_conninfo = '{} application_name={}'\n",
+                primary.conninfo(SUPERUSER.0, SUPERUSER.1, "postgres"),
+                node.name
             ),
-        )?;
-        node.start()?;
-        self.nodes.push(node);
-        Ok(())
+        )
     }
 
     /// Creates a login role with a password.
@@ -198,11 +231,19 @@ impl Drop for Cluster {
     }
 }
 
-fn extra_settings(spec: &ClusterSpec) -> String {
-    spec.settings
-        .iter()
-        .map(|(k, v)| format!("{k} = '{}'\n", v.replace('\'', "''")))
-        .collect()
+impl Cluster {
+    /// Appends the node's own settings to its postgresql.conf (later lines win). Every
+    /// node gets the same replication settings, so that any of them can be primary.
+    fn configure(&self, node: &Node) -> Result<(), ClusterError> {
+        let mut conf = node.base_settings();
+        if self.spec.synchronous {
+            conf.push_str("synchronous_standby_names = 'ANY 1 (*)'\n");
+        }
+        for (k, v) in &self.spec.settings {
+            conf.push_str(&format!("{k} = '{}'\n", v.replace('\'', "''")));
+        }
+        append(&node.data.join("postgresql.conf"), &conf)
+    }
 }
 
 fn append(path: &Path, text: &str) -> Result<(), ClusterError> {

@@ -60,6 +60,7 @@ impl Node {
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) -> Result<(), ClusterError> {
+        self.clear_crashed_pid_file();
         run(self
             .programs
             .command("pg_ctl")
@@ -96,12 +97,38 @@ impl Node {
         .map(|_| ())
     }
 
-    /// The postmaster's pid while it runs.
+    /// The postmaster's pid while it runs (a killed one that is not reaped yet does not count).
     pub fn postmaster_pid(&self) -> Option<i32> {
+        let pid = self.recorded_pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let zombie = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
+        (!zombie).then_some(pid)
+    }
+
+    fn recorded_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        // SAFETY: signal 0 only checks that the process exists.
-        (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// After a crash the killed postmaster may linger as a zombie until init reaps
+    /// it, and PostgreSQL refuses to start while its pid looks alive. Wait for the
+    /// reaping; a zombie that outlives that holds nothing, so its pid file can go.
+    fn clear_crashed_pid_file(&self) {
+        let Some(pid) = self.recorded_pid() else {
+            return;
+        };
+        if self.postmaster_pid().is_some() {
+            return;
+        }
+        for _ in 0..100 {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(self.data.join("postmaster.pid"));
     }
 
     /// Sends `signal` to the postmaster (SIGKILL simulates a crash; SIGSTOP a hang).
@@ -117,6 +144,22 @@ impl Node {
                 "kill({pid}, {signal}) failed: {}",
                 std::io::Error::last_os_error()
             )))
+        }
+    }
+
+    /// True when the server is a standby (in recovery).
+    pub fn in_recovery(&self) -> Result<bool, ClusterError> {
+        Ok(self.sql("SELECT pg_is_in_recovery()")? == "t")
+    }
+
+    /// Promotes a standby and waits for it to leave recovery.
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        match self.sql("SELECT pg_promote(true, 60)")?.as_str() {
+            "t" => Ok(()),
+            other => Err(ClusterError::new(format!(
+                "pg_promote on {} returned {other}",
+                self.name
+            ))),
         }
     }
 

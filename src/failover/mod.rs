@@ -202,6 +202,24 @@ pub async fn promote(
     Ok(row.get::<_, Option<i32>>(1).unwrap_or(0) as u32)
 }
 
+/// Starts a checkpoint on a freshly promoted node, in the background: until its
+/// first checkpoint its control file still names the old timeline, which makes
+/// `pg_rewind` of the old primary conclude that no rewind is needed.
+pub fn checkpoint_soon(node: BackendConfig, login: Login) {
+    tokio::spawn(async move {
+        let done = async {
+            let client = connect(&node, &login).await?;
+            client
+                .batch_execute("CHECKPOINT")
+                .await
+                .map_err(|e| describe(&e))
+        };
+        if let Err(e) = done.await {
+            tracing::warn!(backend = %node.name, error = %e, "post-promotion checkpoint failed");
+        }
+    });
+}
+
 /// Points `standby` at `primary`: it reloads `primary_conninfo` and follows the new
 /// timeline without a restart (PostgreSQL 13+).
 pub async fn repoint(

@@ -18,7 +18,7 @@ pub mod probe;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -62,6 +62,8 @@ struct Monitor {
     next_attempt: Instant,
     /// fenced nodes pgwarden made read-only
     read_only: HashSet<usize>,
+    /// per node: reports of probes started before this are stale (the node was just promoted)
+    not_before: Vec<SystemTime>,
 }
 
 impl Monitor {
@@ -81,6 +83,7 @@ impl Monitor {
             pending: None,
             next_attempt: Instant::now(),
             read_only: HashSet::new(),
+            not_before: Vec::new(),
             config,
             shared,
         }
@@ -104,6 +107,7 @@ impl Monitor {
     fn start_probers(&mut self) {
         self.epoch += 1;
         self.probers.clear();
+        self.not_before = vec![SystemTime::UNIX_EPOCH; self.nodes.len()];
         let Some(login) = self.login() else {
             error!(user = %self.config.health.user, "health.user has no plain password in the user list: backends are not probed");
             return;
@@ -145,14 +149,17 @@ impl Monitor {
     }
 
     async fn on_report(&mut self, report: Report) {
-        if report.epoch != self.epoch || report.index >= self.nodes.len() {
+        if report.epoch != self.epoch
+            || report.index >= self.nodes.len()
+            || report.started < self.not_before[report.index]
+        {
             return;
         }
         let threshold = self.config.health.failure_threshold;
         let node = &mut self.nodes[report.index];
         let before = (node.health, node.role());
         node.health = node.health.after(report.result.is_ok(), threshold);
-        node.checked_at = Some(report.at);
+        node.checked_at = Some(report.started);
         let reason = match report.result {
             Ok(facts) => {
                 node.facts = Some(facts);
@@ -347,9 +354,13 @@ impl Monitor {
         }
         self.primary = Some(candidate);
         self.pending = None;
+        // A probe of the candidate that started before the promotion would say "standby".
+        self.not_before[candidate] = SystemTime::now();
+        self.probers[candidate].wake();
         self.fence(old);
         self.publish();
         info!(step = "published", primary = %new_name, generation = self.generation, elapsed_ms = ms(), "failover: new primary routed");
+        failover::checkpoint_soon(self.nodes[candidate].config.clone(), login.clone());
 
         let replication_user = f.replication_user(&self.config.health).to_owned();
         let password = match self

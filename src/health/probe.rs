@@ -155,8 +155,8 @@ pub struct Report {
     pub epoch: u64,
     /// what the probe saw, or why it failed
     pub result: Result<Facts, String>,
-    /// when the probe finished
-    pub at: SystemTime,
+    /// when the probe started: what it saw is at least this recent
+    pub started: SystemTime,
 }
 
 /// A running prober; stops when dropped.
@@ -212,6 +212,7 @@ async fn run(
 ) {
     let mut session: Option<Session> = None;
     loop {
+        let started = SystemTime::now();
         let result = tokio::time::timeout(login.timeout, async {
             if session.is_none() {
                 session = Some(Session::open(&backend, &login).await?);
@@ -232,7 +233,7 @@ async fn run(
             index,
             epoch,
             result,
-            at: SystemTime::now(),
+            started,
         };
         if reports.send(report).is_err() {
             return;

@@ -68,6 +68,21 @@ impl Db {
         })
     }
 
+    /// Creates a fresh user and database on a cluster of the test's own.
+    pub fn create_on(cluster: &Cluster) -> Db {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}_{n}", std::process::id());
+        let db = Db {
+            name: format!("db_{tag}"),
+            user: format!("user_{tag}"),
+            password: format!("pw_{tag}"),
+            server_port: cluster.primary().port,
+        };
+        cluster.create_user(&db.user, &db.password).unwrap();
+        cluster.create_database(&db.name, &db.user).unwrap();
+        db
+    }
+
     /// Runs SQL as the superuser in this database, directly on the server.
     pub fn admin_sql(&self, sql: &str) -> String {
         with_cluster(|c| c.primary().sql_in(&self.name, sql).unwrap())
@@ -263,6 +278,15 @@ fn userlist(dbs: &[&Db], o: &Options) -> String {
         .collect::<String>();
     text.push_str(&o.extra_users);
     text
+}
+
+/// Polls `check` every 50 ms until it returns true; panics with `what` after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Quotes a libpq connection-string value.

@@ -1,0 +1,485 @@
+//! Fault tolerance on a real three-node cluster (a primary and two streaming
+//! standbys made with pg_basebackup -R): detection, promotion of the best
+//! standby, re-pointing, fencing, the witness check, follow mode, and what
+//! clients see meanwhile.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Db, Options, Pgwarden, eventually, sqlstate};
+use pgwarden::cluster::{Cluster, ClusterSpec};
+use tokio_postgres::types::Type;
+
+/// A three-node cluster and a pgwarden in front of it.
+struct Env {
+    cluster: Cluster,
+    db: Db,
+    pgw: Pgwarden,
+}
+
+fn cluster(synchronous: bool) -> Cluster {
+    Cluster::start(&ClusterSpec {
+        standbys: 2,
+        synchronous,
+        settings: vec![("wal_receiver_timeout".into(), "2s".into())],
+    })
+    .expect("start a three-node cluster")
+}
+
+/// Fast probes keep the tests short; the defaults are measured by bench/failover.
+fn fast(failover: &str) -> Options {
+    Options {
+        health: "interval = \"200ms\"\ntimeout = \"500ms\"".into(),
+        failover: if failover.contains("client_wait_timeout") {
+            failover.to_owned()
+        } else {
+            format!("client_wait_timeout = \"15s\"\n{failover}")
+        },
+        ..Default::default()
+    }
+}
+
+fn start(cluster: Cluster, mut options: Options) -> Env {
+    let db = Db::create_on(&cluster);
+    if options.backends.is_empty() {
+        options.backends = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.port))
+            .collect();
+    }
+    let pgw = Pgwarden::start_with(&[&db], options);
+    Env { cluster, db, pgw }
+}
+
+impl Env {
+    /// The index of the node a client's next statement runs on.
+    async fn serving(&self, client: &tokio_postgres::Client) -> usize {
+        let port: i32 = client
+            .query_typed_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        self.cluster
+            .nodes
+            .iter()
+            .position(|n| i32::from(n.port) == port)
+            .unwrap()
+    }
+
+    fn sql(&self, node: usize, sql: &str) -> String {
+        self.cluster.nodes[node]
+            .sql_in(&self.db.name, sql)
+            .unwrap_or_default()
+    }
+
+    fn primaries(&self) -> Vec<usize> {
+        (0..self.cluster.nodes.len())
+            .filter(|&i| self.cluster.nodes[i].postmaster_pid().is_some())
+            .filter(|&i| self.cluster.nodes[i].in_recovery().ok() == Some(false))
+            .collect()
+    }
+}
+
+/// What a writer saw: acknowledged ids with when, and the SQLSTATEs of failures.
+type Ledger = (Vec<(i32, Instant)>, Vec<String>);
+
+/// Inserts ids through pgwarden every 20 ms until stopped.
+fn writer(conninfo: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Ledger> {
+    tokio::spawn(async move {
+        let client = common::connect(&conninfo).await.unwrap();
+        let (mut acked, mut failures) = (Vec::new(), Vec::new());
+        let mut id = 0;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            match client
+                .execute_typed("INSERT INTO ledger VALUES ($1)", &[(&id, Type::INT4)])
+                .await
+            {
+                Ok(_) => acked.push((id, Instant::now())),
+                Err(e) => {
+                    assert!(
+                        !e.is_closed(),
+                        "pgwarden closed the writer's connection: {e}"
+                    );
+                    failures.push(sqlstate(&e).unwrap_or_else(|| e.to_string()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (acked, failures)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit() {
+    let env = start(cluster(true), fast(""));
+    let admin = env.pgw.connect(&env.db).await;
+    admin
+        .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    assert_eq!(env.serving(&admin).await, 0);
+    let idle: Vec<_> =
+        futures_util::future::join_all((0..5).map(|_| env.pgw.connect(&env.db))).await;
+    let in_block = env.pgw.connect(&env.db).await;
+    in_block.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(env.pgw.conninfo(&env.db), stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+
+    // Writes resume on a promoted standby.
+    let new = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let primaries = env.primaries();
+        if primaries.len() == 1 && primaries[0] != 0 {
+            break primaries[0];
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no promotion:\n{}",
+            env.pgw.log()
+        );
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failures) = writes.await.unwrap();
+    let last_before = acked.iter().rev().find(|(_, t)| *t < killed_at).unwrap().1;
+    let first_after = acked
+        .iter()
+        .find(|(_, t)| *t > killed_at)
+        .expect("writes resumed")
+        .1;
+    eprintln!(
+        "write window {:?}; {} acknowledged, failures {failures:?}",
+        first_after - last_before,
+        acked.len()
+    );
+    // At most the one insert in flight at the crash fails, with 08006.
+    assert!(
+        failures.len() <= 1 && failures.iter().all(|c| c == "08006"),
+        "{failures:?}"
+    );
+
+    // Every acknowledged commit is on the new primary.
+    let stored: BTreeSet<i32> = env
+        .sql(new, "SELECT id FROM ledger")
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let lost: Vec<i32> = acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !stored.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "lost acknowledged commits {lost:?}");
+
+    // The other standby follows the new primary.
+    let other = 3 - new;
+    let other_name = env.cluster.nodes[other].name.clone();
+    eventually(
+        Duration::from_secs(15),
+        "the other standby streams from the new primary",
+        || {
+            env.sql(
+                new,
+                "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+            )
+            .lines()
+            .any(|l| l == other_name)
+        },
+    )
+    .await;
+
+    // Idle clients carry on without reconnecting, on the new primary.
+    for client in &idle {
+        assert_eq!(env.serving(client).await, new);
+    }
+    // The client whose transaction block died learns it, and rolls back.
+    let err = in_block.simple_query("SELECT 2").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    assert!(common::message(&err).contains("pg1"), "{err}");
+    in_block.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(env.serving(&in_block).await, new);
+
+    // The old primary comes back on its old timeline: it stays fenced, gets no
+    // traffic, and is made read-only.
+    env.cluster.nodes[0].start().unwrap();
+    eventually(Duration::from_secs(10), "split brain reported", || {
+        env.pgw.log().contains("split brain")
+    })
+    .await;
+    for id in 100_000..100_020 {
+        admin
+            .execute_typed("INSERT INTO ledger VALUES ($1)", &[(&id, Type::INT4)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        env.sql(0, "SELECT count(*) FROM ledger WHERE id >= 100000"),
+        "0"
+    );
+    assert_eq!(
+        env.sql(new, "SELECT count(*) FROM ledger WHERE id >= 100000"),
+        "20"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the fenced node is read-only",
+        || env.sql(0, "SHOW default_transaction_read_only") == "on",
+    )
+    .await;
+
+    // Rejoined as a standby of the new primary (pg_rewind), it is unfenced.
+    env.cluster.rejoin(0, new).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the old primary is unfenced",
+        || env.pgw.log().contains("unfenced"),
+    )
+    .await;
+    assert_eq!(env.sql(0, "SHOW default_transaction_read_only"), "off");
+    assert_eq!(
+        env.sql(0, "SELECT count(*) FROM ledger WHERE id >= 100000"),
+        "20"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_with_the_most_wal_is_promoted() {
+    let env = start(cluster(false), fast(""));
+    let client = env.pgw.connect(&env.db).await;
+    client
+        .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // pg2 stops receiving WAL; pg3 keeps streaming. Name order would favour pg2.
+    env.cluster.nodes[1]
+        .sql("ALTER SYSTEM SET primary_conninfo = ''")
+        .unwrap();
+    env.cluster.nodes[1].sql("SELECT pg_reload_conf()").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "pg2's WAL receiver stopped",
+        || {
+            env.cluster.nodes[1]
+                .sql("SELECT count(*) FROM pg_stat_wal_receiver")
+                .ok()
+                == Some("0".into())
+        },
+    )
+    .await;
+    for id in 0..200 {
+        client
+            .execute_typed("INSERT INTO ledger VALUES ($1)", &[(&id, Type::INT4)])
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(10), "pg3 received everything", || {
+        env.sql(2, "SELECT count(*) FROM ledger") == "200"
+    })
+    .await;
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    eventually(Duration::from_secs(20), "a promotion", || {
+        !env.primaries().is_empty()
+    })
+    .await;
+    assert_eq!(env.primaries(), vec![2], "{}", env.pgw.log());
+    assert_eq!(env.serving(&client).await, 2);
+    // pg2 was re-pointed at pg3 and catches up across the timeline switch.
+    eventually(Duration::from_secs(20), "pg2 caught up from pg3", || {
+        env.sql(1, "SELECT count(*) FROM ledger") == "200"
+    })
+    .await;
+}
+
+/// A TCP relay the test can cut: it stands between pgwarden and the primary only.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: u16, port: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    /// Cuts every relayed connection and stops listening; with the JoinSet dropped,
+    /// the sockets close, as a network partition would look to pgwarden.
+    fn cut(self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_off_from_a_healthy_primary_does_not_promote() {
+    let cluster = cluster(false);
+    let relay_port = pgwarden::cluster::free_port().unwrap();
+    let relay = Relay::start(cluster.nodes[0].port, relay_port).await;
+    let mut options = fast("client_wait_timeout = \"2s\"");
+    options.backends = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                if n.name == "pg1" { relay.port } else { n.port },
+            )
+        })
+        .collect();
+    let env = start(cluster, options);
+    let client = env.pgw.connect(&env.db).await;
+    client
+        .batch_execute("CREATE TABLE ledger (id int)")
+        .await
+        .unwrap();
+
+    relay.cut();
+    eventually(Duration::from_secs(10), "pg1 marked down", || {
+        env.pgw.log().contains("to=\"down\"") || env.pgw.log().contains("to=down")
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the refusal is logged", || {
+        env.pgw.log().contains("still streams from the primary")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.primaries(),
+        vec![0],
+        "a standby was promoted:\n{}",
+        env.pgw.log()
+    );
+    // Writes wait for a primary, then get 57P03; the client stays connected.
+    let started = Instant::now();
+    let err = client
+        .batch_execute("INSERT INTO ledger VALUES (1)")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(sqlstate(&err).as_deref(), Some("57P03") | Some("08001")),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+
+    // The link comes back: pg1 is the primary again, no failover happened.
+    let _relay = Relay::start(env.cluster.nodes[0].port, relay_port).await;
+    eventually(Duration::from_secs(10), "pg1 routable again", || {
+        env.pgw.log().contains("primary is reachable again")
+    })
+    .await;
+    client
+        .batch_execute("INSERT INTO ledger VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(env.sql(0, "SELECT count(*) FROM ledger"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_mode_routes_to_a_node_promoted_by_hand() {
+    let env = start(cluster(false), fast("mode = \"follow\""));
+    let client = env.pgw.connect(&env.db).await;
+    assert_eq!(env.serving(&client).await, 0);
+    env.cluster.nodes[1].promote().unwrap();
+    let promoted = Instant::now();
+    // pg1 still runs: two primaries, and the newer timeline wins.
+    let mut routed = None;
+    while promoted.elapsed() < Duration::from_secs(5) {
+        if env.serving(&client).await == 1 {
+            routed = Some(promoted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let routed = routed.unwrap_or_else(|| panic!("not routed to pg2:\n{}", env.pgw.log()));
+    assert!(routed < Duration::from_millis(1500), "took {routed:?}");
+    // follow mode never promotes: pg3 is still a standby.
+    assert!(env.cluster.nodes[2].in_recovery().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_primary_writes_get_57p03_and_standby_reads_go_on() {
+    let cluster = cluster(false);
+    let mut options = fast("mode = \"follow\"\nclient_wait_timeout = \"1s\"");
+    let db_name = {
+        let db = Db::create_on(&cluster);
+        options.databases = format!(
+            "[databases.reads]\ndbname = \"{}\"\ntarget = \"standby\"\n",
+            db.name
+        );
+        db
+    };
+    options.backends = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.port))
+        .collect();
+    let pgw = Pgwarden::start_with(&[&db_name], options);
+    let writer = pgw.connect(&db_name).await;
+    writer
+        .batch_execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let reads = Db {
+        name: "reads".into(),
+        ..db_name.clone()
+    };
+    let reader = pgw.connect(&reads).await;
+    cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let err = writer
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            sqlstate(&err).as_deref(),
+            Some("57P03") | Some("08001") | Some("08006")
+        ),
+        "{err}"
+    );
+    let err = writer
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
+    assert!(common::message(&err).contains("no primary"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    for _ in 0..10 {
+        let n: i64 = reader
+            .query_typed_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+        let standby: bool = reader
+            .query_typed_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(standby);
+    }
+}
