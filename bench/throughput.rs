@@ -32,6 +32,7 @@ fn main() {
             &cluster,
             pool,
             &std::env::var("BENCH_PGWARDEN").unwrap_or_default(),
+            "",
         ),
     ];
     match support::pgbouncer(&cluster, pool) {

@@ -35,7 +35,12 @@ pub fn env_list(name: &str, default: &str) -> Vec<String> {
 
 /// A PostgreSQL with the benchmark user and an initialised pgbench database.
 pub fn cluster(scale: u32) -> Cluster {
-    let cluster = Cluster::start(&ClusterSpec::default()).expect("start PostgreSQL");
+    cluster_with(scale, &ClusterSpec::default())
+}
+
+/// A cluster as `spec` says, with the benchmark user and a pgbench database.
+pub fn cluster_with(scale: u32, spec: &ClusterSpec) -> Cluster {
+    let cluster = Cluster::start(spec).expect("start PostgreSQL");
     cluster.create_user(USER, PASSWORD).unwrap();
     cluster.create_database(DATABASE, USER).unwrap();
     let out = cluster
@@ -105,19 +110,24 @@ fn scratch_dir(programs: &Programs, name: &str) -> PathBuf {
     dir
 }
 
-fn wait_listening(port: u16, what: &str) {
+fn wait_listening(port: u16, what: &str, child: &mut Child, log: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not start listening on {port}"
-        );
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > deadline {
+            panic!(
+                "{what} did not start listening on {port} ({exited:?}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// pgwarden (release build) in transaction mode with `pool_size` server connections.
-pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str) -> Target {
+/// pgwarden (release build) in transaction mode with `pool_size` server connections,
+/// in front of every node of `cluster`; `extra` is appended to `[pgwarden]` and
+/// `sections` after it (e.g. `[health]` settings).
+pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) -> Target {
     let programs = Programs::find().unwrap();
     let dir = scratch_dir(&programs, "pgwarden");
     let port = free_port().unwrap();
@@ -127,18 +137,26 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str) -> Target {
             "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nlog_level = \"warn\"\n{extra}\n\
              [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
              [pool]\nmode = \"transaction\"\ndefault_pool_size = {pool_size}\n\
-             [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\nport = {}\n\
+             {sections}\n{}\
              [databases.{DATABASE}]\n",
-            cluster.primary().port
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!(
+                    "[[backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",
+                    n.name, n.port
+                ))
+                .collect::<String>()
         ),
     )
     .unwrap();
+    let (superuser, superpassword) = pgwarden::cluster::SUPERUSER;
     std::fs::write(
         dir.join("userlist.txt"),
-        format!("\"{USER}\" \"{PASSWORD}\"\n"),
+        format!("\"{USER}\" \"{PASSWORD}\"\n\"{superuser}\" \"{superpassword}\"\n"),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
         .arg("--config")
         .arg(dir.join("pgwarden.toml"))
         .stdout(Stdio::null())
@@ -146,7 +164,7 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str) -> Target {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    wait_listening(port, "pgwarden");
+    wait_listening(port, "pgwarden", &mut child, &dir.join("pgwarden.log"));
     Target {
         name: "pgwarden",
         port,
@@ -187,14 +205,14 @@ pub fn pgbouncer(cluster: &Cluster, pool_size: u32) -> Option<Target> {
             &format!("\"{USER}\" \"{PASSWORD}\"\n"),
         )
         .unwrap();
-    let child = programs
+    let mut child = programs
         .command_path(std::path::Path::new(binary))
         .arg(&ini)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_listening(port, "pgbouncer");
+    wait_listening(port, "pgbouncer", &mut child, &dir.join("pgbouncer.log"));
     let pid = std::fs::read_to_string(dir.join("pgbouncer.pid"))
         .ok()
         .and_then(|s| s.trim().parse().ok());

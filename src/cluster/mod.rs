@@ -221,7 +221,7 @@ impl Drop for Cluster {
         for node in self.nodes.iter().rev() {
             if node.postmaster_pid().is_some() {
                 // A stopped (SIGSTOP) server must be woken to stop.
-                let _ = node.signal(libc::SIGCONT);
+                let _ = node.signal_all(libc::SIGCONT);
                 if node.stop_immediate().is_err() {
                     let _ = node.signal(libc::SIGKILL);
                 }

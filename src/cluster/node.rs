@@ -163,6 +163,33 @@ impl Node {
         }
     }
 
+    /// Sends `signal` to the postmaster and every process it started: SIGSTOP on all
+    /// of them is a server that hangs without closing a single socket.
+    pub fn signal_all(&self, signal: i32) -> Result<(), ClusterError> {
+        let pid = self
+            .postmaster_pid()
+            .ok_or_else(|| ClusterError::new(format!("{} is not running", self.name)))?;
+        let children = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|child| {
+                std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        let after = s.rsplit_once(')')?.1.to_owned();
+                        after.split_whitespace().nth(1)?.parse::<i32>().ok()
+                    })
+                    == Some(pid)
+            });
+        for p in std::iter::once(pid).chain(children) {
+            // SAFETY: signalling the node's own processes.
+            unsafe { libc::kill(p, signal) };
+        }
+        Ok(())
+    }
+
     /// Runs SQL as the superuser over the Unix socket and returns psql's unaligned output.
     pub fn sql(&self, sql: &str) -> Result<String, ClusterError> {
         self.sql_in("postgres", sql)
