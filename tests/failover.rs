@@ -117,7 +117,13 @@ fn writer(conninfo: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Le
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit() {
-    let env = start(cluster(true), fast(""));
+    let events = std::env::temp_dir().join(format!("pgwarden-events-{}", std::process::id()));
+    let _ = std::fs::remove_file(&events);
+    let hook = format!(
+        "on_event = \"echo $PGWARDEN_EVENT $PGWARDEN_BACKEND old=$PGWARDEN_OLD_PRIMARY new=$PGWARDEN_NEW_PRIMARY tl=$PGWARDEN_TIMELINE >> {}\"",
+        events.display()
+    );
+    let env = start(cluster(true), fast(&hook));
     let admin = env.pgw.connect(&env.db).await;
     admin
         .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
@@ -198,6 +204,16 @@ async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit
     )
     .await;
 
+    // The operator's hook heard about it.
+    let new_name = env.cluster.nodes[new].name.clone();
+    eventually(Duration::from_secs(5), "the failover hook ran", || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("failover {new_name} old=pg1 new={new_name} tl=2")))
+    })
+    .await;
+
     // Idle clients carry on without reconnecting, on the new primary.
     for client in &idle {
         assert_eq!(env.serving(client).await, new);
@@ -250,6 +266,40 @@ async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit
         env.sql(0, "SELECT count(*) FROM ledger WHERE id >= 100000"),
         "20"
     );
+    // Hooks run in the background: give the last one a moment.
+    eventually(
+        Duration::from_secs(5),
+        "fence, split brain, unfence and repoint events",
+        || {
+            let heard = std::fs::read_to_string(&events).unwrap_or_default();
+            ["fence pg1", "split_brain pg1", "unfence pg1", "repoint"]
+                .iter()
+                .all(|event| heard.contains(event))
+        },
+    )
+    .await;
+    let _ = std::fs::remove_file(&events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_off_never_moves_the_primary() {
+    let env = start(
+        cluster(false),
+        fast("mode = \"off\"\nclient_wait_timeout = \"1s\""),
+    );
+    let client = env.pgw.connect(&env.db).await;
+    assert_eq!(env.serving(&client).await, 0);
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        matches!(sqlstate(&err).as_deref(), Some("08001") | Some("08006")),
+        "{err}"
+    );
+    assert!(env.primaries().is_empty(), "a standby was promoted");
+    env.cluster.nodes[0].start().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.serving(&client).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
