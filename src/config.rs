@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem: which file, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +37,7 @@ impl ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[pgwarden]`: the listener and process-wide limits
@@ -67,7 +67,7 @@ pub struct Config {
 }
 
 /// `[pgwarden]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct General {
     /// address clients connect to
@@ -84,6 +84,12 @@ pub struct General {
     pub log_level: String,
     /// runtime worker threads; 0 means one per CPU
     pub workers: usize,
+    /// address of the HTTP endpoint (/metrics, /health/*, /status); empty disables it
+    pub http_listen: String,
+    /// users who may run every admin console command
+    pub admin_users: Vec<String>,
+    /// users who may run the admin console's SHOW commands
+    pub stats_users: Vec<String>,
 }
 
 impl Default for General {
@@ -95,12 +101,15 @@ impl Default for General {
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),
             workers: 0,
+            http_listen: "127.0.0.1:9930".into(),
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
         }
     }
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// client authentication method
@@ -120,7 +129,7 @@ impl Default for AuthConfig {
 }
 
 /// How clients prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
     /// no password asked
@@ -133,7 +142,7 @@ pub enum AuthMethod {
 }
 
 /// `[pool]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// default pooling mode
@@ -175,7 +184,7 @@ impl Default for PoolConfig {
 }
 
 /// When a server connection goes back to its pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// after every transaction
@@ -194,7 +203,7 @@ impl fmt::Display for PoolMode {
 }
 
 /// `[health]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// time between probes of a healthy backend
@@ -228,7 +237,7 @@ impl Default for HealthConfig {
 }
 
 /// `[failover]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverConfig {
     /// who decides about promotions
@@ -253,6 +262,9 @@ pub struct FailoverConfig {
     /// bound on the hook command
     #[serde(with = "duration")]
     pub hook_timeout: Duration,
+    /// how long a switchover waits for running transactions and for the target to catch up
+    #[serde(with = "duration")]
+    pub switchover_timeout: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -267,6 +279,7 @@ impl Default for FailoverConfig {
             fence_read_only: true,
             on_event: None,
             hook_timeout: Duration::from_secs(30),
+            switchover_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -279,7 +292,7 @@ impl FailoverConfig {
 }
 
 /// Who decides which node is the primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailoverMode {
     /// pgwarden promotes the best standby when the primary fails
@@ -291,7 +304,7 @@ pub enum FailoverMode {
 }
 
 /// Where a database's transactions go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Target {
     /// the primary only
@@ -318,7 +331,7 @@ impl Target {
 }
 
 /// `[[backends]]`: one PostgreSQL node.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// name used in logs, errors and admin commands
@@ -338,7 +351,7 @@ fn default_pg_port() -> u16 {
 }
 
 /// `[databases.NAME]`: a database clients may connect to.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// real name on the server; defaults to the client-facing name
@@ -388,6 +401,17 @@ impl Config {
             return err(
                 "pgwarden.listen".into(),
                 format!("`{}` is not an address:port ({e})", g.listen),
+            );
+        }
+        if !g.http_listen.is_empty()
+            && let Err(e) = g.http_listen.parse::<SocketAddr>()
+        {
+            return err(
+                "pgwarden.http_listen".into(),
+                format!(
+                    "`{}` is not an address:port ({e}); use \"\" to disable",
+                    g.http_listen
+                ),
             );
         }
         if g.max_client_conn == 0 {
@@ -513,6 +537,41 @@ impl Config {
         }
     }
 
+    /// The HTTP endpoint's address, unless disabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.pgwarden.http_listen.parse().ok()
+    }
+
+    /// Every key and its value, dotted (`pool.default_pool_size`), for SHOW CONFIG.
+    pub fn flatten(&self) -> Vec<(String, String)> {
+        fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
+            match value {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                toml::Value::Array(a) if a.iter().all(|v| v.is_table()) && !a.is_empty() => {
+                    for (i, v) in a.iter().enumerate() {
+                        walk(&format!("{prefix}[{i}]"), v, out);
+                    }
+                }
+                toml::Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+                other => out.push((prefix.to_owned(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(value) = toml::Value::try_from(self) {
+            walk("", &value, &mut out);
+        }
+        out
+    }
+
     /// The user list file.
     pub fn auth_file(&self) -> PathBuf {
         self.resolve(&self.auth.file)
@@ -606,6 +665,11 @@ pub mod duration {
 
     use serde::{Deserialize, Deserializer};
 
+    /// Writes a duration the way it is configured.
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
     /// Parses a duration string with a unit.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -633,6 +697,11 @@ pub mod size {
     enum Raw {
         Bytes(u64),
         Text(String),
+    }
+
+    /// Writes a size in bytes.
+    pub fn serialize<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*n)
     }
 
     /// Parses a size.

@@ -36,6 +36,12 @@ pub mod sqlstate {
     pub const IN_FAILED_TRANSACTION: &str = "25P02";
     /// invalid_parameter_value
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// insufficient_privilege
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    /// syntax_error
+    pub const SYNTAX_ERROR: &str = "42601";
+    /// object_not_in_prerequisite_state
+    pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
 }
 
 /// Why a server connection could not be used.
@@ -123,6 +129,12 @@ pub enum ClientError {
     /// pgwarden is stopping.
     #[error("pgwarden is shutting down")]
     Shutdown,
+    /// An operator ran KILL on the client's database.
+    #[error("terminated by the admin console (KILL)")]
+    Killed,
+    /// The user may not use the admin console (or this command).
+    #[error("{0}")]
+    NotAllowed(String),
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -161,8 +173,22 @@ impl ClientError {
             ClientError::Protocol(_) => PROTOCOL_VIOLATION,
             ClientError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             ClientError::BadParameter(_) => INVALID_PARAMETER_VALUE,
-            ClientError::Shutdown => ADMIN_SHUTDOWN,
+            ClientError::Shutdown | ClientError::Killed => ADMIN_SHUTDOWN,
+            ClientError::NotAllowed(_) => INSUFFICIENT_PRIVILEGE,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
+        }
+    }
+
+    /// A short label for the login-failure metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClientError::AuthFailed(_) => "password",
+            ClientError::UnknownDatabase(_) => "database",
+            ClientError::TooManyClients(_) => "max_client_conn",
+            ClientError::NotAllowed(_) => "not_allowed",
+            ClientError::Protocol(_) | ClientError::Unsupported(_) => "protocol",
+            ClientError::BadParameter(_) | ClientError::Server(_) => "parameter",
+            _ => "server",
         }
     }
 

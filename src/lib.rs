@@ -6,20 +6,24 @@
 //! Beside that path, `health` probes the nodes, runs `failover`, and publishes
 //! the routing table that `backend` defines.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
-pub mod cancel;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod failover;
 pub mod health;
+pub mod metrics;
 pub mod params;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod registry;
 pub mod server;
+pub mod verify;
 
 /// One event per line on stderr; `RUST_LOG` overrides the configured level.
 pub fn init_logging(level: &str) {

@@ -28,6 +28,34 @@ enum Command {
     /// Start a local primary with two streaming standbys and pgwarden in front of them,
     /// with automatic failover, for trying pgwarden out.
     Demo,
+    /// Report replication lag and compare tables between the primary and every other node;
+    /// exits 1 when they differ.
+    Verify {
+        /// a table to compare: [database.]table[(key, ...)] (repeatable)
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// key columns of the table at the same position, comma-separated (default: its primary key)
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// database of tables given without one (default: the first [databases] entry)
+        #[arg(long)]
+        database: Option<String>,
+        /// how long to wait for a standby to replay the primary's position
+        #[arg(long, default_value = "30s")]
+        wait: String,
+    },
+    /// Rehearse a planned switchover on the running pgwarden and report what clients saw.
+    Drill {
+        /// really do it (the primary changes)
+        #[arg(long)]
+        yes: bool,
+        /// the standby to promote (default: the most up to date)
+        #[arg(long)]
+        to: Option<String>,
+        /// switch back to the original primary afterwards (it must have rejoined as a standby)
+        #[arg(long)]
+        back: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +64,89 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.config),
         Command::CheckConfig => check_config(&cli.config),
         Command::Demo => cluster::demo::run(),
+        Command::Verify {
+            tables,
+            keys,
+            database,
+            wait,
+        } => verify(&cli.config, &tables, &keys, database, &wait),
+        Command::Drill { yes, to, back } => drill(&cli.config, yes, to, back),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn verify(
+    path: &Path,
+    tables: &[String],
+    keys: &[String],
+    database: Option<String>,
+    wait: &str,
+) -> ExitCode {
+    let result = (|| {
+        let (config, users) = load(path)?;
+        let wait = pgwarden::config::duration::parse(wait).map_err(|e| format!("--wait: {e}"))?;
+        let default_db = database
+            .or_else(|| {
+                config
+                    .databases
+                    .keys()
+                    .next()
+                    .and_then(|n| config.database(n))
+                    .map(|d| d.dbname)
+            })
+            .unwrap_or_else(|| "postgres".into());
+        let mut specs = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            let mut spec = pgwarden::verify::TableSpec::parse(table, &default_db)
+                .map_err(|e| format!("--table {e}"))?;
+            if let Some(key) = keys.get(i) {
+                spec.key = key.split(',').map(|k| k.trim().to_owned()).collect();
+            }
+            specs.push(spec);
+        }
+        runtime()?.block_on(pgwarden::verify::command(&config, &users, &specs, wait))
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("verify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn drill(path: &Path, yes: bool, to: Option<String>, back: bool) -> ExitCode {
+    if !yes {
+        eprintln!(
+            "pgwarden drill performs a real, planned switchover on the pgwarden running with {}:\n\
+             it connects to its admin console (the first pgwarden.admin_users entry), starts a probe\n\
+             client that runs SELECT 1 every 10 ms through pgwarden, runs SWITCHOVER{}, and reports\n\
+             the pause and any error the probe saw{}. The primary changes and the old one stays fenced\n\
+             until it rejoins as a standby. Run again with --yes to do it.",
+            path.display(),
+            to.as_deref()
+                .map(|t| format!(" TO {t}"))
+                .unwrap_or_default(),
+            if back { ", then switches back" } else { "" }
+        );
+        return ExitCode::from(2);
+    }
+    let result = load(path).and_then(|(config, users)| {
+        runtime()?.block_on(pgwarden::drill::run(&config, &users, to.as_deref(), back))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drill: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

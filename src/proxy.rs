@@ -22,12 +22,13 @@ use tracing::{error, info, warn};
 
 use crate::auth::UserList;
 use crate::backend::{BackendTable, Routing};
-use crate::cancel::CancelRegistry;
 use crate::client;
 use crate::config::{Config, ConfigError};
 use crate::error::ClientError;
 use crate::health;
-use crate::pool::Pools;
+use crate::metrics::Metrics;
+use crate::pool::{Gate, Pools};
+use crate::registry::ClientRegistry;
 
 /// State shared by every task of the proxy.
 #[derive(Debug)]
@@ -48,12 +49,22 @@ pub struct Shared {
     pub first_transaction_logged: AtomicU64,
     /// server connection pools
     pub pools: Pools,
-    /// cancel keys issued to clients
-    pub cancels: Arc<CancelRegistry>,
+    /// every connected client (cancel keys, admin listings)
+    pub clients: Arc<ClientRegistry>,
+    /// admission of transactions: PAUSE, RESUME, switchover
+    pub gate: Gate,
+    /// every metric
+    pub metrics: Metrics,
+    /// commands for the health monitor (FENCE, PROMOTE, SWITCHOVER, …)
+    pub monitor: crate::health::Commands,
+    /// when the process started
+    pub started_at: std::time::SystemTime,
+    /// failovers, switchovers and promotions so far
+    pub history: crate::failover::History,
     /// fired once on SIGTERM/SIGINT
     pub shutdown: CancellationToken,
     /// client sessions past login
-    pub clients: AtomicUsize,
+    pub sessions: AtomicUsize,
     /// accepted connections, logging in or logged in
     connections: AtomicUsize,
 }
@@ -71,9 +82,14 @@ impl Shared {
             pools: Pools::new(users.clone()),
             config: ArcSwap::from_pointee(config),
             users,
-            cancels: Arc::new(CancelRegistry::default()),
+            clients: Arc::new(ClientRegistry::default()),
+            gate: Gate::default(),
+            metrics: Metrics::new(),
+            monitor: crate::health::Commands::default(),
+            started_at: std::time::SystemTime::now(),
+            history: crate::failover::History::default(),
             shutdown: CancellationToken::new(),
-            clients: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
         })
     }
@@ -98,17 +114,38 @@ impl Shared {
     }
 }
 
-/// Binds the listener; separate from [`serve`] so that callers learn about a busy port at once.
-pub async fn bind(config: &Config) -> io::Result<TcpListener> {
-    let addr = config.listen_addr();
+/// The sockets pgwarden listens on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// PostgreSQL clients (and the admin console)
+    pub clients: TcpListener,
+    /// /metrics, /health/*, /status
+    pub http: Option<TcpListener>,
+}
+
+async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// Binds the listeners; separate from [`serve`] so that callers learn about a busy port at once.
+pub async fn bind(config: &Config) -> io::Result<Listeners> {
+    let clients = listen(config.listen_addr()).await?;
+    let http = match config.http_addr() {
+        Some(addr) => Some(listen(addr).await?),
+        None => None,
+    };
+    Ok(Listeners { clients, http })
+}
+
 /// Serves clients until SIGTERM/SIGINT (or `shared.shutdown`), then drains.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()> {
+pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> {
+    let listener = listeners.clients;
     info!(addr = %listener.local_addr()?, "pgwarden listening");
+    if let Some(http) = listeners.http {
+        tokio::spawn(crate::admin::http::serve(http, shared.clone()));
+    }
     let signals = tokio::spawn(handle_signals(shared.clone()));
     let monitor = tokio::spawn(health::run(shared.clone()));
     let reaper = {
@@ -145,13 +182,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> io::Result<()>
     sessions.close();
     let grace = shared.config.load().pgwarden.shutdown_timeout;
     info!(
-        clients = shared.clients.load(Ordering::Relaxed),
+        clients = shared.sessions.load(Ordering::Relaxed),
         ?grace,
         "shutting down: waiting for running transactions"
     );
     if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
         warn!(
-            clients = shared.clients.load(Ordering::Relaxed),
+            clients = shared.sessions.load(Ordering::Relaxed),
             "shutdown_timeout reached; closing the remaining connections"
         );
     }
@@ -172,6 +209,18 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) {
     .await;
 }
 
+/// Reloads and says how it went, in the log and the metrics (SIGHUP and the admin RELOAD).
+pub fn report_reload(shared: &Shared) -> Result<(), ConfigError> {
+    let result = shared.reload();
+    match &result {
+        Ok(()) => info!("configuration reloaded"),
+        Err(e) => error!(error = %e, "reload failed; the running configuration is unchanged"),
+    }
+    let label = if result.is_ok() { "ok" } else { "error" };
+    shared.metrics.reloads.with_label_values(&[label]).inc();
+    result
+}
+
 async fn handle_signals(shared: Arc<Shared>) {
     let (Ok(mut hangup), Ok(mut terminate), Ok(mut interrupt)) = (
         signal(SignalKind::hangup()),
@@ -185,10 +234,9 @@ async fn handle_signals(shared: Arc<Shared>) {
     };
     loop {
         tokio::select! {
-            _ = hangup.recv() => match shared.reload() {
-                Ok(()) => info!("configuration reloaded"),
-                Err(e) => error!(error = %e, "reload failed; the running configuration is unchanged"),
-            },
+            _ = hangup.recv() => {
+                let _ = report_reload(&shared);
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }

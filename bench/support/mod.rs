@@ -134,7 +134,7 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
     std::fs::write(
         dir.join("pgwarden.toml"),
         format!(
-            "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nlog_level = \"warn\"\n{extra}\n\
+            "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\nlog_level = \"warn\"\n{extra}\n\
              [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
              [pool]\nmode = \"transaction\"\ndefault_pool_size = {pool_size}\n\
              {sections}\n{}\

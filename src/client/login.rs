@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::Session;
+use crate::admin::{Console, Role};
 use crate::auth;
 use crate::config::ADMIN_DATABASE;
 use crate::error::{ClientError, sqlstate};
@@ -25,6 +26,7 @@ use crate::protocol::messages::{
 };
 use crate::protocol::startup::{StartupError, StartupRequest, read_startup};
 use crate::proxy::Shared;
+use crate::registry::Identity;
 
 /// What a new connection turned out to be.
 pub enum Login {
@@ -37,6 +39,8 @@ pub enum Login {
     },
     /// An authenticated client, welcomed and ready for queries.
     Ready(Box<Session>),
+    /// An operator on the admin console.
+    Admin(Box<Console>),
 }
 
 /// Why a login ended early.
@@ -67,6 +71,12 @@ pub async fn login(
 ) -> Result<Login, (TcpStream, LoginError)> {
     let logged_in = match login_steps(&mut stream, peer, shared).await {
         Ok(Step::Cancel { pid, secret }) => return Ok(Login::Cancel { pid, secret }),
+        Ok(Step::Admin { user, role }) => {
+            return match Console::start(stream, peer, shared.clone(), user, role).await {
+                Ok(console) => Ok(Login::Admin(Box::new(console))),
+                Err(stream) => Err((stream, LoginError::Gone)),
+            };
+        }
         Ok(Step::Ready(logged_in)) => logged_in,
         Err(e) => return Err((stream, e)),
     };
@@ -79,6 +89,7 @@ pub async fn login(
 
 enum Step {
     Cancel { pid: i32, secret: i32 },
+    Admin { user: String, role: Role },
     Ready(Box<super::LoggedIn>),
 }
 
@@ -111,19 +122,47 @@ async fn login_steps(
         }
         return Err(e.into());
     }
-    if request.database == ADMIN_DATABASE || config.database(&request.database).is_none() {
+    if request.database == ADMIN_DATABASE {
+        let g = &config.pgwarden;
+        let role = if g.admin_users.contains(&request.user) {
+            Role::Admin
+        } else if g.stats_users.contains(&request.user) {
+            Role::Stats
+        } else {
+            warn!(%peer, user = %request.user, "admin console refused: not in admin_users or stats_users");
+            return Err(ClientError::NotAllowed(format!(
+                "user \"{}\" may not use the admin console (pgwarden.admin_users, pgwarden.stats_users)",
+                request.user
+            ))
+            .into());
+        };
+        put_auth(&mut out, pgwire::messages::startup::Authentication::Ok);
+        stream.write_all(&out).await?;
+        return Ok(Step::Admin {
+            user: request.user,
+            role,
+        });
+    }
+    if config.database(&request.database).is_none() {
         return Err(ClientError::UnknownDatabase(request.database).into());
     }
     put_auth(&mut out, pgwire::messages::startup::Authentication::Ok);
     stream.write_all(&out).await?;
     let db = config.database(&request.database);
+    let client = shared.clients.register(Identity {
+        peer,
+        database: request.database.clone(),
+        user: request.user.clone(),
+    });
     Ok(Step::Ready(Box::new(super::LoggedIn {
         mode: db.as_ref().map_or(config.pool.mode, |d| d.pool_mode),
         target: db.map(|d| d.target).unwrap_or_default(),
+        metrics: shared.metrics.session(&request.database, &request.user),
+        gate: shared.gate.counter(&request.database),
         database: request.database,
         user: request.user,
         params: Arc::new(request.settings),
-        cancel: shared.cancels.register(),
+        client,
         route: None,
     })))
 }
@@ -138,7 +177,7 @@ impl Session {
             Some(welcome) => welcome,
             None => {
                 let (conn, reports) = self.attach().await?;
-                self.who.cancel.serving(None);
+                self.who.client.serving(None);
                 conn.release();
                 logins.accept(&self.who.params, &reports)
             }
@@ -147,10 +186,10 @@ impl Session {
         for (name, value) in &welcome {
             put_parameter_status(&mut out, name, value);
         }
-        put_backend_key(&mut out, self.who.cancel.pid(), self.who.cancel.secret());
+        put_backend_key(&mut out, self.who.client.pid(), self.who.client.secret());
         put_ready(&mut out, b'I');
         self.stream.write_all(&out).await?;
-        info!(peer = %self.peer, pid = self.who.cancel.pid(), db = %self.who.database, user = %self.who.user, mode = %self.who.mode, "client logged in");
+        info!(peer = %self.peer, pid = self.who.client.pid(), db = %self.who.database, user = %self.who.user, mode = %self.who.mode, "client logged in");
         Ok(())
     }
 }

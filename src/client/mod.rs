@@ -19,23 +19,24 @@ pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::cancel::CancelHandle;
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
+use crate::metrics::{ClientState, SessionMetrics};
 use crate::params::{ParamSet, sync_statement};
 use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::Shared;
+use crate::registry::ClientHandle;
 use aborted::Aborted;
 pub use login::{Login, LoginError};
 use splice::{ClientSide, Outcome};
@@ -48,17 +49,30 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let timeout = shared.config.load().pgwarden.client_login_timeout;
     match tokio::time::timeout(timeout, login::login(stream, peer, &shared)).await {
-        Err(_) => info!(%peer, "client did not finish logging in within client_login_timeout"),
+        Err(_) => {
+            shared
+                .metrics
+                .login_failures
+                .with_label_values(&["timeout"])
+                .inc();
+            info!(%peer, "client did not finish logging in within client_login_timeout");
+        }
         Ok(Err((mut stream, LoginError::Refused(e)))) => {
             debug!(%peer, error = %e, "login refused");
+            shared
+                .metrics
+                .login_failures
+                .with_label_values(&[e.reason()])
+                .inc();
             farewell(&mut stream, &e.to_notice(true)).await;
         }
         Ok(Err((_, LoginError::Gone))) => debug!(%peer, "client left during login"),
         Ok(Ok(Login::Cancel { pid, secret })) => {
             let connect = shared.config.load().pool.server_connect_timeout;
-            shared.cancels.cancel(pid, secret, connect).await;
+            shared.clients.cancel(pid, secret, connect).await;
         }
         Ok(Ok(Login::Ready(session))) => session.run().await,
+        Ok(Ok(Login::Admin(console))) => console.run().await,
     }
 }
 
@@ -90,7 +104,10 @@ pub struct LoggedIn {
     mode: PoolMode,
     target: Target,
     params: Arc<ParamSet>,
-    cancel: CancelHandle,
+    client: ClientHandle,
+    metrics: Arc<SessionMetrics>,
+    /// this database's in-flight counter at the admission gate
+    gate: Arc<AtomicUsize>,
     /// the primary's pool and the routing generation it was chosen in
     route: Option<(u64, Arc<ServerPool>)>,
 }
@@ -154,10 +171,12 @@ impl Session {
     }
 
     async fn run(mut self) {
-        self.shared.clients.fetch_add(1, Ordering::Relaxed);
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        self.who.metrics.idle.inc();
         let end = self.serve_requests().await;
-        self.shared.clients.fetch_sub(1, Ordering::Relaxed);
-        let pid = self.who.cancel.pid();
+        self.who.metrics.idle.dec();
+        self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+        let pid = self.who.client.pid();
         match end {
             End::Gone => info!(peer = %self.peer, pid, "client disconnected"),
             End::Shutdown => {
@@ -240,11 +259,43 @@ impl Session {
             }
             _ => {}
         }
-        let conn = match self.attach().await {
+        let metrics = self.who.metrics.clone();
+        metrics.transition(ClientState::Idle, ClientState::Waiting);
+        self.who.client.set_state(ClientState::Waiting);
+        let waiting = Instant::now();
+        let admission = self
+            .shared
+            .gate
+            .enter(&self.who.database, &self.who.gate)
+            .await;
+        let attached = self.attach().await;
+        metrics
+            .wait_seconds
+            .observe(waiting.elapsed().as_secs_f64());
+        let conn = match attached {
             Ok((conn, _)) => conn,
-            Err(e) => return self.refuse(tag, e).await,
+            Err(e) => {
+                drop(admission);
+                metrics.transition(ClientState::Waiting, ClientState::Idle);
+                self.who.client.set_state(ClientState::Idle);
+                if matches!(e, ClientError::PoolTimeout { .. }) {
+                    metrics.wait_timeouts.inc();
+                }
+                return self.refuse(tag, e).await;
+            }
         };
-        self.transaction(conn).await
+        metrics.transition(ClientState::Waiting, ClientState::Active);
+        self.who.client.set_state(ClientState::Active);
+        let started = Instant::now();
+        let result = self.transaction(conn).await;
+        drop(admission);
+        metrics.transactions.inc();
+        metrics
+            .transaction_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.transition(ClientState::Active, ClientState::Idle);
+        self.who.client.set_state(ClientState::Idle);
+        result
     }
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
@@ -259,9 +310,13 @@ impl Session {
             status: &mut self.status,
         };
         let evicted = conn.pool().retired().clone();
-        let (outcome, to_client) =
+        let (outcome, to_client, traffic) =
             splice::splice(client, &mut conn, hold, &self.shared.shutdown, &evicted).await;
-        self.who.cancel.serving(None);
+        self.who.client.serving(None);
+        let m = &self.who.metrics;
+        m.queries.inc_by(traffic.queries);
+        m.received_bytes.inc_by(traffic.received);
+        m.sent_bytes.inc_by(traffic.sent);
         let result = match outcome {
             Outcome::Idle if hold => {
                 reset_and_release(conn).await;
@@ -297,7 +352,7 @@ impl Session {
                     Some(n) => format!("{reason} ({})", n.code),
                     None => reason,
                 };
-                warn!(peer = %self.peer, pid = self.who.cancel.pid(), %backend, %reason, "server connection lost during a transaction");
+                warn!(peer = %self.peer, pid = self.who.client.pid(), %backend, %reason, "server connection lost during a transaction");
                 let error = ClientError::ServerLost { backend, reason };
                 if hold {
                     // A session-mode client's session state is gone with its server.
@@ -314,6 +369,7 @@ impl Session {
         };
         if !to_client.is_empty() {
             self.stream.write_all(&to_client).await?;
+            self.who.metrics.sent_bytes.inc_by(to_client.len() as u64);
         }
         result
     }
@@ -333,7 +389,9 @@ impl Session {
                 match pool.checkout().await {
                     Ok(conn) => {
                         let (conn, reports) = apply_settings(conn, &self.who.params).await?;
-                        self.who.cancel.serving(Some(conn.cancel_key));
+                        self.who
+                            .client
+                            .serving(Some((conn.cancel_key, conn.pool().target.backend.clone())));
                         return Ok((conn, reports));
                     }
                     // The backend left the routing table while we waited: route again.
@@ -534,6 +592,9 @@ impl Session {
         tokio::select! {
             r = self.stream.readable() => r?,
             () = self.shared.shutdown.cancelled(), if self.idle() => return Err(End::Shutdown),
+            () = self.who.client.entry().kill.cancelled() => {
+                return Err(End::Fatal(ClientError::Killed));
+            }
         }
         if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
             self.inbuf.reserve(READ_CHUNK);
@@ -542,7 +603,10 @@ impl Session {
         // drained the socket, which spares the splice a read that would find nothing.
         match self.stream.read_buf(&mut self.inbuf).await {
             Ok(0) | Err(_) => Err(End::Gone),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                self.who.metrics.received_bytes.inc_by(n as u64);
+                Ok(())
+            }
         }
     }
 

@@ -80,9 +80,21 @@ pub struct ClientSide<'a> {
     pub status: &'a mut u8,
 }
 
+/// What went through one splice, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// Query and Execute messages from the client
+    pub queries: u64,
+    /// bytes read from the client
+    pub received: u64,
+    /// bytes written to the client
+    pub sent: u64,
+}
+
 /// Per-splice bookkeeping of what the server still owes and what the client has started.
 #[derive(Default)]
 struct Exchange {
+    traffic: Traffic,
     /// extended-protocol messages sent since the last Sync or Query
     unsynced: bool,
     /// the server is in COPY FROM STDIN and ignores Sync until the copy ends
@@ -96,14 +108,28 @@ struct Exchange {
 /// Splices `client` onto `server` until the transaction ends (or, with `hold`,
 /// until the client leaves or `stop` fires while the session is idle). `evicted`
 /// fires when the server's backend leaves the routing table: the transaction is
-/// then lost. Returns how it ended and the bytes still to be written to the
-/// client, which the caller flushes after giving the server connection back.
+/// then lost. Returns how it ended, the bytes still to be written to the
+/// client (which the caller flushes after giving the server connection back),
+/// and what went through.
 pub async fn splice(
     client: ClientSide<'_>,
     server: &mut ServerConn,
     hold: bool,
     stop: &CancellationToken,
     evicted: &CancellationToken,
+) -> (Outcome, BytesMut, Traffic) {
+    let mut x = Exchange::default();
+    let (outcome, rest) = run(client, server, hold, stop, evicted, &mut x).await;
+    (outcome, rest, x.traffic)
+}
+
+async fn run(
+    client: ClientSide<'_>,
+    server: &mut ServerConn,
+    hold: bool,
+    stop: &CancellationToken,
+    evicted: &CancellationToken,
+    x: &mut Exchange,
 ) -> (Outcome, BytesMut) {
     let ClientSide {
         stream,
@@ -129,7 +155,6 @@ pub async fn splice(
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::new();
     let mut server_scan = Scanner::default();
-    let mut x = Exchange::default();
 
     macro_rules! lost {
         ($reason:expr) => {
@@ -146,7 +171,7 @@ pub async fn splice(
     }
 
     // Whatever the client already sent starts the exchange.
-    if let Err(e) = forward_client(inbuf, scanner, &mut to_server, pending, &mut x) {
+    if let Err(e) = forward_client(inbuf, scanner, &mut to_server, pending, x) {
         return (Outcome::ClientProtocol(e), to_client);
     }
 
@@ -168,9 +193,12 @@ pub async fn splice(
                 }
             }
             r = client_w.write_buf(&mut to_client), if !to_client.is_empty() && !x.client_done => {
-                if r.is_err() {
-                    x.client_done = true;
-                    to_client.clear();
+                match r {
+                    Ok(n) => x.traffic.sent += n as u64,
+                    Err(_) => {
+                        x.client_done = true;
+                        to_client.clear();
+                    }
                 }
             }
             r = read_into(&mut server_r, server_in), if to_client.len() < HIGH_WATER => {
@@ -185,7 +213,7 @@ pub async fn splice(
                 // A session that holds its server (session mode) keeps reading
                 // past the end of each transaction.
                 loop {
-                    match forward_server(server_in, &mut server_scan, &mut to_client, pending, status, params, applied, &mut x) {
+                    match forward_server(server_in, &mut server_scan, &mut to_client, pending, status, params, applied, x) {
                         Ok(true) if !hold && scanner.at_boundary() => return (Outcome::Idle, to_client),
                         Ok(true) => {}
                         Ok(false) => break,
@@ -196,8 +224,9 @@ pub async fn splice(
             r = read_into(&mut client_r, inbuf), if !x.client_done && to_server.len() < HIGH_WATER => {
                 match r {
                     Ok(0) | Err(_) => x.client_done = true,
-                    Ok(_) => {
-                        if let Err(e) = forward_client(inbuf, scanner, &mut to_server, pending, &mut x) {
+                    Ok(n) => {
+                        x.traffic.received += n as u64;
+                        if let Err(e) = forward_client(inbuf, scanner, &mut to_server, pending, x) {
                             return (Outcome::ClientProtocol(e), to_client);
                         }
                     }
@@ -260,6 +289,11 @@ fn forward_client(
                     b'Q' | b'F' => {
                         pending.push_back(tag);
                         x.unsynced = false;
+                        x.traffic.queries += 1;
+                    }
+                    b'E' => {
+                        x.unsynced = true;
+                        x.traffic.queries += 1;
                     }
                     // A Sync sent during COPY FROM STDIN is ignored by the server.
                     b'S' if !x.copy_in => {

@@ -36,11 +36,15 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     cluster.create_user(user, password)?;
     cluster.create_database(database, user)?;
 
-    let listen = if std::net::TcpListener::bind("127.0.0.1:6432").is_ok() {
-        "127.0.0.1:6432".to_owned()
-    } else {
-        format!("127.0.0.1:{}", super::free_port()?)
+    let port_or_free = |preferred: &str| -> Result<String, super::ClusterError> {
+        if std::net::TcpListener::bind(preferred).is_ok() {
+            Ok(preferred.to_owned())
+        } else {
+            Ok(format!("127.0.0.1:{}", super::free_port()?))
+        }
     };
+    let listen = port_or_free("127.0.0.1:6432")?;
+    let http = port_or_free("127.0.0.1:9930")?;
     let backends: String = cluster
         .nodes
         .iter()
@@ -55,7 +59,7 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(
         &config_path,
         format!(
-            "[pgwarden]\nlisten = \"{listen}\"\n\
+            "[pgwarden]\nlisten = \"{listen}\"\nhttp_listen = \"{http}\"\nadmin_users = [\"admin\"]\n\
              [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
              [failover]\nmode = \"auto\"\n\
              {backends}\
@@ -66,7 +70,7 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(
         cluster.root().join("userlist.txt"),
         format!(
-            "\"{user}\" \"{password}\"\n\"{}\" \"{}\"\n",
+            "\"{user}\" \"{password}\"\n\"admin\" \"admin\"\n\"{}\" \"{}\"\n",
             SUPERUSER.0, SUPERUSER.1
         ),
     )?;
@@ -95,6 +99,9 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
          Config: {config}\n\n\
          Connect:     psql \"host={host} port={port} user={user} password={password} dbname={database}\"\n\
          Reads:       dbname={database}_ro goes to a standby when one is healthy\n\
+         Admin:       psql \"host={host} port={port} user=admin password=admin dbname=pgwarden\" -c 'SHOW BACKENDS'\n\
+         \u{20}            (also SHOW POOLS, SHOW FAILOVERS, SWITCHOVER, VERIFY, …)\n\
+         Metrics:     curl http://{http}/metrics   (and /health/ready, /status)\n\
          Load:        PGPASSWORD={password} pgbench -h {host} -p {port} -U {user} -i {database}\n\
          \u{20}            PGPASSWORD={password} pgbench -h {host} -p {port} -U {user} -c 10 -T 60 {database}\n\
          Fail over:   kill -9 $(head -1 {pidfile})\n\

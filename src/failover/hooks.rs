@@ -20,6 +20,8 @@ pub enum EventKind {
     SplitBrain,
     /// a standby now streams from the new primary
     Repoint,
+    /// a planned primary change completed
+    Switchover,
 }
 
 impl EventKind {
@@ -31,6 +33,7 @@ impl EventKind {
             EventKind::Unfence => "unfence",
             EventKind::SplitBrain => "split_brain",
             EventKind::Repoint => "repoint",
+            EventKind::Switchover => "switchover",
         }
     }
 }

@@ -202,6 +202,81 @@ pub async fn promote(
     Ok(row.get::<_, Option<i32>>(1).unwrap_or(0) as u32)
 }
 
+/// The node's current WAL position (it must be a primary).
+pub async fn current_lsn(node: &BackendConfig, login: &Login) -> Result<u64, String> {
+    let client = connect(node, login).await?;
+    let lsn: tokio_postgres::types::PgLsn = client
+        .query_one("SELECT pg_current_wal_lsn()", &[])
+        .await
+        .map_err(|e| describe(&e))?
+        .get(0);
+    Ok(u64::from(lsn))
+}
+
+/// How a primary changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// automatic, after the primary failed
+    Failover,
+    /// planned, without client errors
+    Switchover,
+    /// ordered by an operator (PROMOTE)
+    Promote,
+}
+
+impl Kind {
+    /// Its name in logs and SHOW FAILOVERS.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Failover => "failover",
+            Kind::Switchover => "switchover",
+            Kind::Promote => "promote",
+        }
+    }
+}
+
+/// One primary change, for SHOW FAILOVERS and /status.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// when it completed
+    pub at: std::time::SystemTime,
+    /// how
+    pub kind: Kind,
+    /// the primary before
+    pub old_primary: Option<String>,
+    /// the primary after
+    pub new_primary: String,
+    /// the new primary's timeline
+    pub timeline: u32,
+    /// failover: detection to the new primary routed; switchover: the pause
+    pub window: std::time::Duration,
+}
+
+/// The last primary changes, newest last.
+#[derive(Debug, Default)]
+pub struct History {
+    records: std::sync::Mutex<std::collections::VecDeque<Record>>,
+}
+
+impl History {
+    const KEPT: usize = 100;
+
+    /// Adds a record, forgetting the oldest beyond a hundred.
+    pub fn record(&self, record: Record) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if records.len() == Self::KEPT {
+            records.pop_front();
+        }
+        records.push_back(record);
+    }
+
+    /// Every record kept, oldest first.
+    pub fn all(&self) -> Vec<Record> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.iter().cloned().collect()
+    }
+}
+
 /// Starts a checkpoint on a freshly promoted node, in the background: until its
 /// first checkpoint its control file still names the old timeline, which makes
 /// `pg_rewind` of the old primary conclude that no rewind is needed.

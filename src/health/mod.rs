@@ -20,18 +20,74 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::backend::{Backend, BackendTable, Health, Role};
 use crate::config::{Config, FailoverMode};
 use crate::failover::hooks::{self, Event, EventKind};
-use crate::failover::{self, Refusal};
+use crate::failover::{self, Kind, Record, Refusal};
 use crate::proxy::Shared;
 use probe::{Login, Prober, Report};
 
+/// An operator's request to the monitor, which owns the routing table.
+#[derive(Debug)]
+pub enum Request {
+    /// FENCE node
+    Fence(String),
+    /// UNFENCE node
+    Unfence(String),
+    /// PROMOTE node
+    Promote(String),
+    /// SWITCHOVER [TO node]
+    Switchover(Option<String>),
+}
+
+type Reply = oneshot::Sender<Result<String, String>>;
+
+/// The admin console's line to the monitor.
+#[derive(Debug)]
+pub struct Commands {
+    sender: mpsc::UnboundedSender<(Request, Reply)>,
+    receiver: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(Request, Reply)>>>,
+}
+
+impl Default for Commands {
+    fn default() -> Self {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        Commands {
+            sender,
+            receiver: std::sync::Mutex::new(Some(receiver)),
+        }
+    }
+}
+
+impl Commands {
+    /// Sends a request and waits for the monitor's answer.
+    pub async fn ask(&self, request: Request) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((request, reply))
+            .map_err(|_| "the health monitor is not running".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the health monitor stopped".to_owned())?
+    }
+
+    fn take(&self) -> Option<mpsc::UnboundedReceiver<(Request, Reply)>> {
+        self.receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 /// Runs the monitor until shutdown.
 pub async fn run(shared: Arc<Shared>) {
+    let Some(mut commands) = shared.monitor.take() else {
+        error!("the health monitor is already running");
+        return;
+    };
     let mut monitor = Monitor::new(shared);
     monitor.start_probers();
     monitor.publish();
@@ -40,6 +96,10 @@ pub async fn run(shared: Arc<Shared>) {
             Some(report) = monitor.reports.recv() => monitor.on_report(report).await,
             () = monitor.shared.alarm.notified() => monitor.probers.iter().for_each(Prober::wake),
             () = monitor.shared.reconfigured.notified() => monitor.reconfigure(),
+            Some((request, reply)) = commands.recv() => {
+                let answer = monitor.command(request).await;
+                let _ = reply.send(answer);
+            }
             () = monitor.shared.shutdown.cancelled() => return,
         }
     }
@@ -160,12 +220,25 @@ impl Monitor {
         let before = (node.health, node.role());
         node.health = node.health.after(report.result.is_ok(), threshold);
         node.checked_at = Some(report.started);
+        let name = node.config.name.as_str();
         let reason = match report.result {
             Ok(facts) => {
+                self.shared
+                    .metrics
+                    .probe_seconds
+                    .with_label_values(&[name])
+                    .observe(facts.latency.as_secs_f64());
                 node.facts = Some(facts);
                 None
             }
-            Err(reason) => Some(reason),
+            Err(reason) => {
+                self.shared
+                    .metrics
+                    .probe_failures
+                    .with_label_values(&[name])
+                    .inc();
+                Some(reason)
+            }
         };
         let after = (node.health, node.role());
         if before != after {
@@ -288,6 +361,7 @@ impl Monitor {
     fn fence(&mut self, index: usize) {
         if !self.nodes[index].fenced {
             self.nodes[index].fenced = true;
+            self.shared.metrics.fencings.inc();
             info!(backend = %self.nodes[index].config.name, "fenced: no longer routed to");
             let primary = self.primary;
             self.hook(EventKind::Fence, index, primary, None);
@@ -348,20 +422,51 @@ impl Monitor {
             }
         };
         info!(step = "promoted", backend = %new_name, timeline, elapsed_ms = ms(), "failover: standby promoted");
-        if let Some(facts) = self.nodes[candidate].facts.as_mut() {
+        self.pending = None;
+        self.publish_promotion(Some(old), candidate, timeline, &login);
+        info!(step = "published", primary = %new_name, generation = self.generation, elapsed_ms = ms(), "failover: new primary routed");
+        self.shared.metrics.failovers.inc();
+        self.after_promotion(
+            Some(old),
+            candidate,
+            timeline,
+            &login,
+            Kind::Failover,
+            detected.elapsed(),
+        )
+        .await;
+    }
+
+    /// Routes writes to a freshly promoted node and fences the old primary.
+    fn publish_promotion(&mut self, old: Option<usize>, new: usize, timeline: u32, login: &Login) {
+        if let Some(facts) = self.nodes[new].facts.as_mut() {
             facts.role = Role::Primary;
             facts.timeline = Some(timeline);
         }
-        self.primary = Some(candidate);
-        self.pending = None;
-        // A probe of the candidate that started before the promotion would say "standby".
-        self.not_before[candidate] = SystemTime::now();
-        self.probers[candidate].wake();
-        self.fence(old);
+        self.primary = Some(new);
+        // A probe of the new primary that started before the promotion would say "standby".
+        self.not_before[new] = SystemTime::now();
+        self.probers[new].wake();
+        if let Some(old) = old.filter(|&o| o != new) {
+            self.fence(old);
+        }
         self.publish();
-        info!(step = "published", primary = %new_name, generation = self.generation, elapsed_ms = ms(), "failover: new primary routed");
-        failover::checkpoint_soon(self.nodes[candidate].config.clone(), login.clone());
+        failover::checkpoint_soon(self.nodes[new].config.clone(), login.clone());
+    }
 
+    /// What follows a promotion once writes flow again: re-point the other standbys,
+    /// run the hook, and record the event.
+    async fn after_promotion(
+        &mut self,
+        old: Option<usize>,
+        new: usize,
+        timeline: u32,
+        login: &Login,
+        kind: Kind,
+        window: std::time::Duration,
+    ) {
+        let f = self.config.failover.clone();
+        let new_name = self.nodes[new].config.name.clone();
         let replication_user = f.replication_user(&self.config.health).to_owned();
         let password = match self
             .shared
@@ -373,38 +478,264 @@ impl Monitor {
             Some(crate::auth::Secret::Plain(p)) => p,
             _ => String::new(),
         };
-        let new_config = self.nodes[candidate].config.clone();
+        let new_config = self.nodes[new].config.clone();
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
-            if i == candidate || i == old || !n.routable() || n.role() != Some(Role::Standby) {
+            if i == new || Some(i) == old || !n.routable() || n.role() != Some(Role::Standby) {
                 continue;
             }
             match failover::repoint(
                 &n.config,
                 &new_config,
-                &login,
+                login,
                 (&replication_user, &password),
             )
             .await
             {
                 Ok(()) => {
-                    info!(step = "repointed", standby = %n.config.name, primary = %new_name, elapsed_ms = ms(), "failover: standby follows the new primary");
-                    self.hook(EventKind::Repoint, i, Some(candidate), Some(timeline));
+                    info!(step = "repointed", standby = %n.config.name, primary = %new_name, "{}: standby follows the new primary", kind.name());
+                    self.hook(EventKind::Repoint, i, Some(new), Some(timeline));
                 }
                 Err(e) => {
-                    error!(step = "repoint_failed", standby = %n.config.name, error = %e, "failover: could not re-point standby")
+                    error!(step = "repoint_failed", standby = %n.config.name, error = %e, "{}: could not re-point standby", kind.name())
                 }
             }
         }
-        info!(step = "fenced", backend = %old_name, elapsed_ms = ms(), "failover: old primary fenced");
+        let old_name = old.map(|o| self.nodes[o].config.name.clone());
+        if let Some(name) = &old_name {
+            info!(step = "fenced", backend = %name, "{}: old primary fenced", kind.name());
+        }
+        self.shared.history.record(Record {
+            at: SystemTime::now(),
+            kind,
+            old_primary: old_name.clone(),
+            new_primary: new_name.clone(),
+            timeline,
+            window,
+        });
         let event = Event {
-            kind: EventKind::Failover,
+            kind: match kind {
+                Kind::Switchover => EventKind::Switchover,
+                Kind::Failover | Kind::Promote => EventKind::Failover,
+            },
             backend: new_name.clone(),
-            old_primary: Some(old_name),
+            old_primary: old_name,
             new_primary: Some(new_name),
             timeline: Some(timeline),
         };
         hooks::run(f.on_event.as_deref(), f.hook_timeout, event);
+    }
+
+    /// Carries out an operator's command.
+    async fn command(&mut self, request: Request) -> Result<String, String> {
+        let index = |name: &str| {
+            self.nodes
+                .iter()
+                .position(|n| n.config.name == name)
+                .ok_or_else(|| format!("no backend named \"{name}\""))
+        };
+        match request {
+            Request::Fence(name) => {
+                let i = index(&name)?;
+                if self.nodes[i].fenced {
+                    return Ok(format!("{name} is already fenced"));
+                }
+                self.fence(i);
+                self.publish();
+                let warning = if self.primary == Some(i) {
+                    "; it was the primary: writes wait for PROMOTE or UNFENCE"
+                } else {
+                    ""
+                };
+                Ok(format!("{name} fenced{warning}"))
+            }
+            Request::Unfence(name) => {
+                let i = index(&name)?;
+                if !self.nodes[i].fenced {
+                    return Ok(format!("{name} is not fenced"));
+                }
+                self.nodes[i].fenced = false;
+                info!(backend = %name, "unfenced by the admin console");
+                if self.read_only.remove(&i) {
+                    let login = self
+                        .login()
+                        .ok_or("the monitor user has no plain password")?;
+                    failover::set_read_only(&self.nodes[i].config, &login, false)
+                        .await
+                        .map_err(|e| format!("{name} unfenced, but default_transaction_read_only could not be lifted: {e}"))?;
+                }
+                let primary = self.primary;
+                self.hook(EventKind::Unfence, i, primary, None);
+                self.publish();
+                Ok(format!("{name} unfenced"))
+            }
+            Request::Promote(name) => {
+                let i = index(&name)?;
+                let node = &self.nodes[i];
+                if self.primary == Some(i) && node.role() == Some(Role::Primary) {
+                    return Ok(format!("{name} is already the primary"));
+                }
+                if !node.routable() || node.role() != Some(Role::Standby) {
+                    return Err(format!("{name} is not a reachable, unfenced standby"));
+                }
+                let login = self
+                    .login()
+                    .ok_or("the monitor user has no plain password")?;
+                let started = Instant::now();
+                let timeline = failover::promote(
+                    &node.config,
+                    &login,
+                    self.config.failover.promote_timeout.as_secs(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let old = self.primary;
+                info!(backend = %name, timeline, "promoted by the admin console");
+                self.pending = None;
+                self.publish_promotion(old, i, timeline, &login);
+                self.after_promotion(old, i, timeline, &login, Kind::Promote, started.elapsed())
+                    .await;
+                Ok(format!("{name} promoted (timeline {timeline})"))
+            }
+            Request::Switchover(target) => self.switchover(target).await,
+        }
+    }
+
+    /// A planned primary change: pause new transactions, let running ones finish,
+    /// make the old primary read-only, wait for the target to replay everything it
+    /// wrote, promote the target, resume. Clients see a pause, not an error.
+    async fn switchover(&mut self, target: Option<String>) -> Result<String, String> {
+        let p = self
+            .primary
+            .filter(|&p| self.nodes[p].routable())
+            .ok_or("there is no routable primary to switch over from")?;
+        let login = self
+            .login()
+            .ok_or("the monitor user has no plain password")?;
+        let configs: Vec<_> = self.nodes.iter().map(|n| n.config.clone()).collect();
+        let eligible = |i: usize| {
+            let n = &self.nodes[i];
+            i != p
+                && n.routable()
+                && n.role() == Some(Role::Standby)
+                && failover::streams_from(
+                    n.facts.as_ref().and_then(|f| f.receiver.as_ref()),
+                    p,
+                    &configs,
+                )
+        };
+        let c = match target {
+            Some(name) => {
+                let i = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.config.name == name)
+                    .ok_or_else(|| format!("no backend named \"{name}\""))?;
+                if !eligible(i) {
+                    return Err(format!(
+                        "{name} is not a healthy standby streaming from the primary"
+                    ));
+                }
+                i
+            }
+            None => (0..self.nodes.len())
+                .filter(|&i| eligible(i))
+                .max_by_key(|&i| {
+                    let n = &self.nodes[i];
+                    let lsn = n.facts.as_ref().and_then(|f| f.replay_lsn).unwrap_or(0);
+                    (
+                        lsn,
+                        n.config.priority,
+                        std::cmp::Reverse(n.config.name.clone()),
+                    )
+                })
+                .ok_or("no healthy standby streams from the primary")?,
+        };
+        let (old_name, new_name) = (configs[p].name.clone(), configs[c].name.clone());
+        let timeout = self.config.failover.switchover_timeout;
+        let started = Instant::now();
+        let ms = || started.elapsed().as_millis() as u64;
+        info!(step = "pausing", from = %old_name, to = %new_name, "switchover: pausing new transactions");
+        self.shared.gate.pause(None);
+        let abort = |monitor: &Monitor, why: String| {
+            monitor.shared.gate.resume(None);
+            warn!(step = "aborted", from = %old_name, to = %new_name, reason = %why, elapsed_ms = ms(), "switchover aborted; clients resumed");
+            Err(format!("switchover aborted: {why}"))
+        };
+        if !self.shared.gate.drained(None, timeout).await {
+            let running = self.shared.gate.in_flight(None);
+            return abort(
+                self,
+                format!(
+                    "{running} transactions still running after switchover_timeout ({timeout:?})"
+                ),
+            );
+        }
+        info!(
+            step = "drained",
+            elapsed_ms = ms(),
+            "switchover: no transaction running"
+        );
+        if let Err(e) = failover::set_read_only(&configs[p], &login, true).await {
+            return abort(self, format!("could not make {old_name} read-only: {e}"));
+        }
+        let caught_up = async {
+            let lsn = failover::current_lsn(&configs[p], &login).await?;
+            let client = crate::health::probe::connect(&configs[c], &login).await?;
+            loop {
+                let replayed: Option<tokio_postgres::types::PgLsn> = client
+                    .query_one("SELECT pg_last_wal_replay_lsn()", &[])
+                    .await
+                    .map_err(|e| probe::describe(&e))?
+                    .get(0);
+                if replayed.map(u64::from) >= Some(lsn) {
+                    return Ok::<u64, String>(lsn);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(remaining, caught_up).await {
+            Ok(Ok(lsn)) => info!(
+                step = "caught_up",
+                lsn,
+                elapsed_ms = ms(),
+                "switchover: {new_name} replayed everything {old_name} wrote"
+            ),
+            outcome => {
+                let _ = failover::set_read_only(&configs[p], &login, false).await;
+                let why = match outcome {
+                    Ok(Err(e)) => e,
+                    _ => format!("{new_name} did not catch up within switchover_timeout"),
+                };
+                return abort(self, why);
+            }
+        }
+        let timeline = match failover::promote(
+            &configs[c],
+            &login,
+            self.config.failover.promote_timeout.as_secs(),
+        )
+        .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = failover::set_read_only(&configs[p], &login, false).await;
+                return abort(self, e.to_string());
+            }
+        };
+        self.read_only.insert(p);
+        self.publish_promotion(Some(p), c, timeline, &login);
+        self.shared.gate.resume(None);
+        let paused = started.elapsed();
+        info!(step = "resumed", from = %old_name, to = %new_name, timeline, paused_ms = paused.as_millis() as u64, "switchover: clients resumed on the new primary");
+        self.shared.metrics.switchovers.inc();
+        self.after_promotion(Some(p), c, timeline, &login, Kind::Switchover, paused)
+            .await;
+        Ok(format!(
+            "switched over from {old_name} to {new_name} (timeline {timeline}); transactions paused {} ms",
+            paused.as_millis()
+        ))
     }
 
     /// Fenced nodes: unfence those that rejoined as standbys of the primary; report
@@ -436,7 +767,15 @@ impl Monitor {
                         self.hook(EventKind::Unfence, i, primary, None);
                     }
                 }
-                Some((Role::Primary, _)) => {
+                // A fenced node that reports itself primary while another node is the
+                // routed primary: two primaries. (A fenced sole primary is just fenced.)
+                Some((Role::Primary, _))
+                    if self.primary.is_some_and(|p| {
+                        p != i
+                            && self.nodes[p].routable()
+                            && self.nodes[p].role() == Some(Role::Primary)
+                    }) =>
+                {
                     split = true;
                     if !self.split_brain {
                         error!(backend = %n.config.name, "split brain: a fenced node reports itself primary; it stays fenced");
@@ -458,7 +797,7 @@ impl Monitor {
                         }
                     }
                 }
-                None => {}
+                _ => {}
             }
         }
         if self.config.failover.mode == FailoverMode::Auto {
@@ -532,6 +871,7 @@ impl Monitor {
                 "routing table changed"
             );
         }
+        self.shared.metrics.observe_table(&table);
         self.shared.routing.store(table);
     }
 }

@@ -5,6 +5,7 @@
 //! connections. Clients look a pool up once per change of routing and then
 //! keep the `Arc`, so the registry's lock is off the per-transaction path.
 
+mod gate;
 mod logins;
 mod server_pool;
 mod slots;
@@ -17,6 +18,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+pub use gate::{Admission, Gate, Paused};
 pub use logins::Logins;
 pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 
@@ -111,6 +113,17 @@ impl Pools {
             keep
         });
         info!(%backend, "retired the pools of a backend that left the routing table");
+    }
+
+    /// Retires every pool of client-facing `database` (KILL).
+    pub fn retire_database(&self, database: &str) {
+        self.lock().retain(|key, pool| {
+            let keep = key.database != database;
+            if !keep {
+                pool.retire();
+            }
+            keep
+        });
     }
 
     /// Every pool with its key.

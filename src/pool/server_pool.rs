@@ -235,6 +235,11 @@ impl ServerPool {
         idle.into_iter().for_each(ServerConn::close);
     }
 
+    /// The idle connections' keys (server pid and address), for SHOW SERVERS.
+    pub fn idle_servers(&self) -> Vec<crate::server::CancelKey> {
+        lock(&self.idle).iter().map(|c| c.cancel_key).collect()
+    }
+
     /// Counts for the admin console and metrics: (in use, idle, size).
     pub fn counts(&self) -> (usize, usize, usize) {
         let size = self.main.size() + self.reserve.size();

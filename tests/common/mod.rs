@@ -124,6 +124,8 @@ pub struct Options {
 pub struct Pgwarden {
     child: Child,
     pub port: u16,
+    /// the HTTP endpoint's port
+    pub http_port: u16,
     pub dir: PathBuf,
     pub config: PathBuf,
     log: PathBuf,
@@ -138,6 +140,7 @@ impl Pgwarden {
     /// Starts pgwarden for `dbs` and waits until it accepts connections.
     pub fn start_with(dbs: &[&Db], options: Options) -> Pgwarden {
         let port = free_port().unwrap();
+        let http_port = free_port().unwrap();
         let dir = std::env::temp_dir().join(format!(
             "pgwarden-test-{}-{}",
             std::process::id(),
@@ -145,7 +148,7 @@ impl Pgwarden {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("pgwarden.toml");
-        std::fs::write(&config, config_text(port, dbs, &options)).unwrap();
+        std::fs::write(&config, config_text(port, http_port, dbs, &options)).unwrap();
         std::fs::write(dir.join("userlist.txt"), userlist(dbs, &options)).unwrap();
         let log = dir.join("pgwarden.log");
         let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
@@ -159,6 +162,7 @@ impl Pgwarden {
         let mut p = Pgwarden {
             child,
             port,
+            http_port,
             dir,
             config,
             log,
@@ -224,7 +228,11 @@ impl Pgwarden {
 
     /// Rewrites the configuration file (for reload tests).
     pub fn rewrite_config(&self, dbs: &[&Db], options: &Options) {
-        std::fs::write(&self.config, config_text(self.port, dbs, options)).unwrap();
+        std::fs::write(
+            &self.config,
+            config_text(self.port, self.http_port, dbs, options),
+        )
+        .unwrap();
         std::fs::write(self.dir.join("userlist.txt"), userlist(dbs, options)).unwrap();
     }
 }
@@ -240,10 +248,11 @@ impl Drop for Pgwarden {
     }
 }
 
-fn config_text(port: u16, dbs: &[&Db], o: &Options) -> String {
+fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
     let auth = o.auth.as_deref().unwrap_or("scram-sha-256");
     let mut text = format!(
-        "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"10s\"\n{}\n\
+        "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n\
+         shutdown_timeout = \"10s\"\n{}\n\
          [auth]\ntype = \"{auth}\"\nfile = \"userlist.txt\"\n\
          [pool]\n{}\n[health]\n{}\n[failover]\n{}\n",
         o.pgwarden, o.pool, o.health, o.failover

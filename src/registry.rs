@@ -1,6 +1,7 @@
-//! Query cancellation across the pool.
+//! Every connected client: its cancel key, the server connection serving it
+//! right now, and what the admin console shows about it.
 //!
-//! A client only knows the BackendKeyData pgwarden issued it. Each client
+//! A client only knows the BackendKeyData pgwarden issued. Each client
 //! registers here for its lifetime; while it holds a server connection its
 //! entry points at that connection's real key. A CancelRequest is forwarded to
 //! that server connection only, and only while the client is using it: a
@@ -8,73 +9,125 @@
 //! never cancel another client's query.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+
+use crate::metrics::ClientState;
 
 use crate::protocol::messages::cancel_request;
 use crate::server::CancelKey;
 
 const SHARDS: usize = 16;
 
-/// One client's cancel entry.
-#[derive(Debug)]
-struct Entry {
-    secret: i32,
-    serving: Mutex<Option<CancelKey>>,
+/// Who a client is, for the admin console.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// client address
+    pub peer: SocketAddr,
+    /// client-facing database
+    pub database: String,
+    /// user name
+    pub user: String,
 }
 
-/// Every connected client's cancel key.
+/// One client's entry.
 #[derive(Debug)]
-pub struct CancelRegistry {
+pub struct Entry {
+    /// pid from its BackendKeyData
+    pub pid: i32,
+    secret: i32,
+    /// who it is
+    pub identity: Identity,
+    /// when it logged in
+    pub connected_at: SystemTime,
+    state: AtomicU8,
+    serving: Mutex<Option<(CancelKey, Arc<str>)>>,
+    /// fired by the admin console's KILL: the session ends at once
+    pub kill: CancellationToken,
+}
+
+impl Entry {
+    /// Idle, waiting or active.
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
+    }
+
+    /// The server connection serving it, and its backend.
+    pub fn serving(&self) -> Option<(CancelKey, Arc<str>)> {
+        lock(&self.serving).clone()
+    }
+}
+
+/// Every connected client.
+#[derive(Debug)]
+pub struct ClientRegistry {
     shards: [Mutex<HashMap<i32, Arc<Entry>>>; SHARDS],
     next_pid: AtomicU32,
 }
 
-impl Default for CancelRegistry {
+impl Default for ClientRegistry {
     fn default() -> Self {
-        CancelRegistry {
+        ClientRegistry {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             next_pid: AtomicU32::new(rand::random::<u32>()),
         }
     }
 }
 
-impl CancelRegistry {
+impl ClientRegistry {
     /// Issues a fresh (pid, secret) for a client; the entry lives as long as the handle.
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let entry = Arc::new(Entry {
-            secret: rand::random(),
-            serving: Mutex::new(None),
-        });
+    pub fn register(self: &Arc<Self>, identity: Identity) -> ClientHandle {
         loop {
             // Positive, non-zero pids, as PostgreSQL's are.
             let pid =
                 (self.next_pid.fetch_add(1, Ordering::Relaxed) % (i32::MAX as u32)) as i32 + 1;
             let mut shard = self.shard(pid);
             if let std::collections::hash_map::Entry::Vacant(v) = shard.entry(pid) {
-                v.insert(entry.clone());
-                return CancelHandle {
-                    registry: self.clone(),
+                let entry = Arc::new(Entry {
                     pid,
+                    secret: rand::random(),
+                    identity,
+                    connected_at: SystemTime::now(),
+                    state: AtomicU8::new(0),
+                    serving: Mutex::new(None),
+                    kill: CancellationToken::new(),
+                });
+                v.insert(entry.clone());
+                return ClientHandle {
+                    registry: self.clone(),
                     entry,
                 };
             }
         }
     }
 
+    /// Every connected client.
+    pub fn all(&self) -> Vec<Arc<Entry>> {
+        self.shards
+            .iter()
+            .flat_map(|s| lock(s).values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Forwards a client's CancelRequest to the server connection it is using now, if any.
     pub async fn cancel(&self, pid: i32, secret: i32, connect_timeout: Duration) {
-        let target = self.shard(pid).get(&pid).cloned().and_then(|entry| {
-            (entry.secret == secret)
-                .then(|| *lock(&entry.serving))
-                .flatten()
-        });
-        let Some(key) = target else {
+        let target = self
+            .shard(pid)
+            .get(&pid)
+            .cloned()
+            .and_then(|entry| (entry.secret == secret).then(|| entry.serving()).flatten());
+        let Some((key, _)) = target else {
             debug!(pid, "cancel request matches no running query");
             return;
         };
@@ -102,18 +155,17 @@ impl CancelRegistry {
     }
 }
 
-/// A client's registration; dropping it forgets the key.
+/// A client's registration; dropping it forgets the client.
 #[derive(Debug)]
-pub struct CancelHandle {
-    registry: Arc<CancelRegistry>,
-    pid: i32,
+pub struct ClientHandle {
+    registry: Arc<ClientRegistry>,
     entry: Arc<Entry>,
 }
 
-impl CancelHandle {
+impl ClientHandle {
     /// The pid sent in BackendKeyData.
     pub fn pid(&self) -> i32 {
-        self.pid
+        self.entry.pid
     }
 
     /// The secret sent in BackendKeyData.
@@ -121,15 +173,30 @@ impl CancelHandle {
         self.entry.secret
     }
 
+    /// The registry entry.
+    pub fn entry(&self) -> &Arc<Entry> {
+        &self.entry
+    }
+
     /// Points cancels at the server connection now serving the client (or at nothing).
-    pub fn serving(&self, key: Option<CancelKey>) {
+    pub fn serving(&self, key: Option<(CancelKey, Arc<str>)>) {
         *lock(&self.entry.serving) = key;
+    }
+
+    /// Records the client's state for the admin console.
+    pub fn set_state(&self, state: ClientState) {
+        let code = match state {
+            ClientState::Idle => 0,
+            ClientState::Waiting => 1,
+            ClientState::Active => 2,
+        };
+        self.entry.state.store(code, Ordering::Relaxed);
     }
 }
 
-impl Drop for CancelHandle {
+impl Drop for ClientHandle {
     fn drop(&mut self) {
-        self.registry.shard(self.pid).remove(&self.pid);
+        self.registry.shard(self.entry.pid).remove(&self.entry.pid);
     }
 }
 
@@ -141,11 +208,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn someone() -> Identity {
+        Identity {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            database: "db".into(),
+            user: "u".into(),
+        }
+    }
+
     #[tokio::test]
     async fn keys_are_unique_and_forgotten_on_drop() {
-        let reg = Arc::new(CancelRegistry::default());
-        let a = reg.register();
-        let b = reg.register();
+        let reg = Arc::new(ClientRegistry::default());
+        let a = reg.register(someone());
+        let b = reg.register(someone());
+        assert_eq!(reg.all().len(), 2);
         assert_ne!(a.pid(), b.pid());
         assert!(a.pid() > 0);
         let pid = a.pid();
@@ -159,8 +235,8 @@ mod tests {
         // A listener that records whether anything connected.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let reg = Arc::new(CancelRegistry::default());
-        let client = reg.register();
+        let reg = Arc::new(ClientRegistry::default());
+        let client = reg.register(someone());
         let key = CancelKey {
             addr,
             pid: 42,
@@ -168,7 +244,7 @@ mod tests {
         };
         let t = Duration::from_secs(1);
         reg.cancel(client.pid(), client.secret(), t).await; // idle: nothing
-        client.serving(Some(key));
+        client.serving(Some((key, "pg1".into())));
         reg.cancel(client.pid(), client.secret().wrapping_add(1), t)
             .await; // wrong secret
         assert!(

@@ -1,0 +1,228 @@
+//! The admin console's language: PgBouncer's SHOW/PAUSE/RESUME/RELOAD/SHUTDOWN/
+//! KILL, plus pgwarden's cluster commands. Case-insensitive, a trailing `;`
+//! optional; names may be double-quoted.
+
+/// What SHOW can show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    /// one row per (database, user): client and server connection counts
+    Pools,
+    /// one row per client
+    Clients,
+    /// one row per server connection
+    Servers,
+    /// one row per configured database
+    Databases,
+    /// totals per database
+    Stats,
+    /// every configuration key
+    Config,
+    /// pgwarden's version
+    Version,
+    /// the routing table: every node with role, state, LSN, lag
+    Backends,
+    /// the history of failovers and switchovers
+    Failovers,
+}
+
+/// One admin command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// SHOW …
+    Show(Show),
+    /// PAUSE [db]: new transactions wait; returns once running ones finished
+    Pause(Option<String>),
+    /// RESUME [db]
+    Resume(Option<String>),
+    /// RELOAD: re-read the configuration and the user list
+    Reload,
+    /// SHUTDOWN: stop pgwarden gracefully
+    Shutdown,
+    /// KILL db: drop the database's clients and server connections now
+    Kill(String),
+    /// FENCE node: never route to it
+    Fence(String),
+    /// UNFENCE node
+    Unfence(String),
+    /// PROMOTE node: make it the primary (the operator decides)
+    Promote(String),
+    /// SWITCHOVER [TO node]: planned primary change without client errors
+    Switchover(Option<String>),
+    /// VERIFY [[db.]table[(key)] …]: replication lag, and primary/standby data comparison
+    Verify(Vec<String>),
+    /// SET …: drivers send settings at connect; accepted and ignored, as PgBouncer does
+    Set,
+    /// an empty query string
+    Empty,
+}
+
+impl Command {
+    /// True for commands that only read (what `stats_users` may run).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Command::Show(_) | Command::Set | Command::Empty)
+    }
+}
+
+/// Parses one command, or explains what is wrong.
+pub fn parse(sql: &str) -> Result<Command, String> {
+    let text = sql.trim().trim_end_matches(';').trim();
+    if text.is_empty() {
+        return Ok(Command::Empty);
+    }
+    let words = split(text)?;
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let arg = |i: usize| words.get(i).cloned();
+    let one_name = |what: &str| -> Result<String, String> {
+        match words.len() {
+            2 => Ok(words[1].clone()),
+            _ => Err(format!("{} takes exactly one {what}", upper[0])),
+        }
+    };
+    let optional_name = || -> Result<Option<String>, String> {
+        match words.len() {
+            1 => Ok(None),
+            2 => Ok(arg(1)),
+            _ => Err(format!("{} takes at most one database name", upper[0])),
+        }
+    };
+    match upper[0].as_str() {
+        "SHOW" => {
+            let what = upper.get(1).map(String::as_str).unwrap_or("");
+            let show = match what {
+                "POOLS" => Show::Pools,
+                "CLIENTS" => Show::Clients,
+                "SERVERS" => Show::Servers,
+                "DATABASES" => Show::Databases,
+                "STATS" => Show::Stats,
+                "CONFIG" => Show::Config,
+                "VERSION" => Show::Version,
+                "BACKENDS" => Show::Backends,
+                "FAILOVERS" => Show::Failovers,
+                _ => {
+                    return Err(format!(
+                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, CONFIG, VERSION, BACKENDS or FAILOVERS",
+                        words.get(1).map(String::as_str).unwrap_or("")
+                    ));
+                }
+            };
+            if words.len() > 2 {
+                return Err(format!("SHOW {what} takes no arguments"));
+            }
+            Ok(Command::Show(show))
+        }
+        "PAUSE" => optional_name().map(Command::Pause),
+        "RESUME" => optional_name().map(Command::Resume),
+        "RELOAD" if words.len() == 1 => Ok(Command::Reload),
+        "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown),
+        "KILL" => one_name("database name").map(Command::Kill),
+        "FENCE" => one_name("node name").map(Command::Fence),
+        "UNFENCE" => one_name("node name").map(Command::Unfence),
+        "PROMOTE" => one_name("node name").map(Command::Promote),
+        "SWITCHOVER" => match upper.get(1).map(String::as_str) {
+            None => Ok(Command::Switchover(None)),
+            Some("TO") if words.len() == 3 => Ok(Command::Switchover(arg(2))),
+            _ => Err("usage: SWITCHOVER [TO node]".into()),
+        },
+        "VERIFY" => Ok(Command::Verify(words[1..].to_vec())),
+        "SET" => Ok(Command::Set),
+        "RELOAD" | "SHUTDOWN" => Err(format!("{} takes no arguments", upper[0])),
+        _ => Err(format!(
+            "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
+            words[0]
+        )),
+    }
+}
+
+/// Splits on whitespace, keeping "double quoted" words whole (with `""` inside).
+fn split(text: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut word = String::new();
+        if c == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        word.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => word.push(c),
+                    None => return Err("unterminated quoted name".into()),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                word.push(c);
+                chars.next();
+            }
+        }
+        words.push(word);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_command_in_any_case() {
+        assert_eq!(parse("show pools;"), Ok(Command::Show(Show::Pools)));
+        assert_eq!(parse("  SHOW Backends "), Ok(Command::Show(Show::Backends)));
+        assert_eq!(parse("pause"), Ok(Command::Pause(None)));
+        assert_eq!(
+            parse("PAUSE appdb;"),
+            Ok(Command::Pause(Some("appdb".into())))
+        );
+        assert_eq!(
+            parse("resume \"My Db\""),
+            Ok(Command::Resume(Some("My Db".into())))
+        );
+        assert_eq!(parse("reload"), Ok(Command::Reload));
+        assert_eq!(parse("KILL appdb"), Ok(Command::Kill("appdb".into())));
+        assert_eq!(parse("fence pg1"), Ok(Command::Fence("pg1".into())));
+        assert_eq!(parse("switchover"), Ok(Command::Switchover(None)));
+        assert_eq!(
+            parse("switchover to pg2"),
+            Ok(Command::Switchover(Some("pg2".into())))
+        );
+        assert_eq!(
+            parse("verify appdb.accounts(id)"),
+            Ok(Command::Verify(vec!["appdb.accounts(id)".into()]))
+        );
+        assert_eq!(parse("SET application_name = 'x'"), Ok(Command::Set));
+        assert_eq!(parse(";"), Ok(Command::Empty));
+    }
+
+    #[test]
+    fn explains_what_is_wrong() {
+        assert!(parse("SHOW tables").unwrap_err().contains("unknown SHOW"));
+        assert!(
+            parse("DROP TABLE x")
+                .unwrap_err()
+                .contains("unknown command \"DROP\"")
+        );
+        assert!(parse("KILL").unwrap_err().contains("exactly one"));
+        assert!(parse("KILL a b").is_err());
+        assert!(parse("PAUSE a b").is_err());
+        assert!(parse("SWITCHOVER pg2").unwrap_err().contains("usage"));
+        assert!(parse("RELOAD now").is_err());
+        assert!(parse("FENCE \"pg1").unwrap_err().contains("unterminated"));
+    }
+
+    #[test]
+    fn only_show_is_read_only() {
+        assert!(parse("show stats").unwrap().is_read_only());
+        assert!(!parse("pause").unwrap().is_read_only());
+        assert!(!parse("verify").unwrap().is_read_only());
+    }
+}

@@ -1,0 +1,437 @@
+//! Carrying out admin commands against the running proxy.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::command::{Command, Show};
+use super::table::{Cell, ResultSet};
+use crate::backend::Health;
+use crate::error::sqlstate;
+use crate::health::Request;
+use crate::metrics::ClientState;
+use crate::protocol::ServerNotice;
+use crate::proxy::{Shared, report_reload};
+
+/// What a command answers.
+pub enum Answer {
+    /// a result set
+    Rows(ResultSet),
+    /// a command tag, with a NOTICE to show first
+    Done {
+        /// CommandComplete tag
+        tag: &'static str,
+        /// what happened, in words
+        notice: Option<String>,
+    },
+    /// EmptyQueryResponse
+    Empty,
+}
+
+fn failed(code: &str, message: impl Into<String>) -> ServerNotice {
+    ServerNotice::new("ERROR", code, message)
+}
+
+fn done(tag: &'static str, notice: Option<String>) -> Result<Answer, ServerNotice> {
+    Ok(Answer::Done { tag, notice })
+}
+
+/// Runs one command.
+pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, ServerNotice> {
+    let config = shared.config.load_full();
+    let known = |db: &str| {
+        config.database(db).map(|_| ()).ok_or_else(|| {
+            failed(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{db}\" is not configured"),
+            )
+        })
+    };
+    match command {
+        Command::Show(what) => Ok(Answer::Rows(show(shared, what))),
+        Command::Pause(db) => {
+            if let Some(db) = &db {
+                known(db)?;
+            }
+            shared.gate.pause(db.as_deref());
+            while !shared
+                .gate
+                .drained(db.as_deref(), Duration::from_secs(1))
+                .await
+            {
+                if shared.shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            done("PAUSE", None)
+        }
+        Command::Resume(db) => {
+            shared.gate.resume(db.as_deref());
+            done("RESUME", None)
+        }
+        Command::Reload => match report_reload(shared) {
+            Ok(()) => done("RELOAD", None),
+            Err(e) => Err(failed(
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!("reload failed: {e}"),
+            )),
+        },
+        Command::Shutdown => {
+            shared.shutdown.cancel();
+            done(
+                "SHUTDOWN",
+                Some("pgwarden is shutting down gracefully".into()),
+            )
+        }
+        Command::Kill(db) => {
+            known(&db)?;
+            let mut killed = 0;
+            for client in shared.clients.all() {
+                if client.identity.database == db {
+                    client.kill.cancel();
+                    killed += 1;
+                }
+            }
+            shared.pools.retire_database(&db);
+            done(
+                "KILL",
+                Some(format!(
+                    "{killed} clients of \"{db}\" disconnected, its server connections closed"
+                )),
+            )
+        }
+        Command::Fence(node) => cluster(shared, Request::Fence(node), "FENCE").await,
+        Command::Unfence(node) => cluster(shared, Request::Unfence(node), "UNFENCE").await,
+        Command::Promote(node) => cluster(shared, Request::Promote(node), "PROMOTE").await,
+        Command::Switchover(to) => cluster(shared, Request::Switchover(to), "SWITCHOVER").await,
+        Command::Verify(tables) => crate::verify::console(shared, &tables)
+            .await
+            .map(Answer::Rows)
+            .map_err(|e| failed(sqlstate::NOT_IN_PREREQUISITE_STATE, e)),
+        Command::Set => done("SET", None),
+        Command::Empty => Ok(Answer::Empty),
+    }
+}
+
+async fn cluster(
+    shared: &Shared,
+    request: Request,
+    tag: &'static str,
+) -> Result<Answer, ServerNotice> {
+    match shared.monitor.ask(request).await {
+        Ok(message) => done(tag, Some(message)),
+        Err(message) => Err(failed(sqlstate::NOT_IN_PREREQUISITE_STATE, message)),
+    }
+}
+
+fn time(t: SystemTime) -> Cell {
+    humantime::format_rfc3339_seconds(t).to_string().into()
+}
+
+/// `X/Y`, as PostgreSQL prints WAL positions.
+pub fn lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+fn show(shared: &Shared, what: Show) -> ResultSet {
+    let config = shared.config.load_full();
+    let table = shared.routing.load_full();
+    let clients = shared.clients.all();
+    let paused = shared.gate.paused();
+    let is_paused = |db: &str| {
+        if paused.all || paused.databases.contains(db) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    match what {
+        Show::Pools => {
+            let mut rs = ResultSet::new(&[
+                "database",
+                "user",
+                "cl_active#",
+                "cl_waiting#",
+                "cl_idle#",
+                "sv_active#",
+                "sv_idle#",
+                "sv_max#",
+                "pool_mode",
+                "target",
+                "paused",
+            ]);
+            // (database, user) → [clients by state], [servers active, idle, max]
+            let mut rows: BTreeMap<(String, String), ([usize; 3], [usize; 3])> = BTreeMap::new();
+            for c in &clients {
+                let key = (c.identity.database.clone(), c.identity.user.clone());
+                let slot = match c.state() {
+                    ClientState::Active => 0,
+                    ClientState::Waiting => 1,
+                    ClientState::Idle => 2,
+                };
+                rows.entry(key).or_default().0[slot] += 1;
+            }
+            for (key, pool) in shared.pools.all() {
+                let (active, idle, max) = pool.counts();
+                let entry = rows
+                    .entry((key.database.clone(), key.target.user.clone()))
+                    .or_default();
+                entry.1[0] += active;
+                entry.1[1] += idle;
+                entry.1[2] = entry.1[2].max(max);
+            }
+            for ((db, user), (cl, sv)) in rows {
+                let settings = config.database(&db);
+                rs.row(vec![
+                    db.clone().into(),
+                    user.into(),
+                    cl[0].into(),
+                    cl[1].into(),
+                    cl[2].into(),
+                    sv[0].into(),
+                    sv[1].into(),
+                    sv[2].into(),
+                    settings.as_ref().map(|s| s.pool_mode.to_string()).into(),
+                    settings.map(|s| s.target.name().to_owned()).into(),
+                    is_paused(&db).into(),
+                ]);
+            }
+            rs
+        }
+        Show::Clients => {
+            let mut rs = ResultSet::new(&[
+                "type",
+                "user",
+                "database",
+                "state",
+                "addr",
+                "port#",
+                "connect_time",
+                "pid#",
+                "backend",
+                "server_pid#",
+            ]);
+            let mut clients = clients;
+            clients.sort_by_key(|c| c.pid);
+            for c in clients {
+                let serving = c.serving();
+                let state = match c.state() {
+                    ClientState::Active => "active",
+                    ClientState::Waiting => "waiting",
+                    ClientState::Idle => "idle",
+                };
+                rs.row(vec![
+                    "C".into(),
+                    c.identity.user.clone().into(),
+                    c.identity.database.clone().into(),
+                    state.into(),
+                    c.identity.peer.ip().to_string().into(),
+                    i64::from(c.identity.peer.port()).into(),
+                    time(c.connected_at),
+                    i64::from(c.pid).into(),
+                    serving.as_ref().map(|(_, b)| b.to_string()).into(),
+                    serving.map(|(k, _)| i64::from(k.pid)).into(),
+                ]);
+            }
+            rs
+        }
+        Show::Servers => {
+            let mut rs = ResultSet::new(&[
+                "type",
+                "user",
+                "database",
+                "backend",
+                "state",
+                "addr",
+                "port#",
+                "server_pid#",
+                "client_pid#",
+            ]);
+            for c in &clients {
+                if let Some((key, backend)) = c.serving() {
+                    rs.row(vec![
+                        "S".into(),
+                        c.identity.user.clone().into(),
+                        c.identity.database.clone().into(),
+                        backend.to_string().into(),
+                        "active".into(),
+                        key.addr.ip().to_string().into(),
+                        i64::from(key.addr.port()).into(),
+                        i64::from(key.pid).into(),
+                        i64::from(c.pid).into(),
+                    ]);
+                }
+            }
+            for (key, pool) in shared.pools.all() {
+                for server in pool.idle_servers() {
+                    rs.row(vec![
+                        "S".into(),
+                        key.target.user.clone().into(),
+                        key.database.clone().into(),
+                        key.target.backend.to_string().into(),
+                        "idle".into(),
+                        server.addr.ip().to_string().into(),
+                        i64::from(server.addr.port()).into(),
+                        i64::from(server.pid).into(),
+                        Cell::Null,
+                    ]);
+                }
+            }
+            rs
+        }
+        Show::Databases => {
+            let mut rs = ResultSet::new(&[
+                "name",
+                "dbname",
+                "target",
+                "pool_size#",
+                "reserve_pool#",
+                "pool_mode",
+                "primary",
+                "clients#",
+                "paused",
+            ]);
+            for name in config.databases.keys() {
+                let Some(db) = config.database(name) else {
+                    continue;
+                };
+                let count = clients
+                    .iter()
+                    .filter(|c| &c.identity.database == name)
+                    .count();
+                rs.row(vec![
+                    name.clone().into(),
+                    db.dbname.into(),
+                    db.target.name().into(),
+                    i64::from(db.pool_size).into(),
+                    i64::from(config.pool.reserve_pool_size).into(),
+                    db.pool_mode.to_string().into(),
+                    table.primary().map(|p| p.config.name.clone()).into(),
+                    count.into(),
+                    is_paused(name).into(),
+                ]);
+            }
+            rs
+        }
+        Show::Stats => {
+            let mut rs = ResultSet::new(&[
+                "database",
+                "total_xact_count#",
+                "total_query_count#",
+                "total_received#",
+                "total_sent#",
+                "total_xact_time_us#",
+                "total_wait_time_us#",
+                "avg_xact_time_us#",
+                "pool_wait_timeouts#",
+            ]);
+            let mut seen = std::collections::BTreeSet::new();
+            let mut sessions = shared.metrics.sessions();
+            sessions.sort_by(|a, b| a.0.cmp(&b.0));
+            for ((db, _), m) in sessions {
+                if !seen.insert(db.clone()) {
+                    continue;
+                }
+                let count = m.transactions.get();
+                let xact_us = (m.transaction_seconds.get_sample_sum() * 1e6) as i64;
+                rs.row(vec![
+                    db.into(),
+                    (count as i64).into(),
+                    (m.queries.get() as i64).into(),
+                    (m.received_bytes.get() as i64).into(),
+                    (m.sent_bytes.get() as i64).into(),
+                    xact_us.into(),
+                    ((m.wait_seconds.get_sample_sum() * 1e6) as i64).into(),
+                    (if count > 0 { xact_us / count as i64 } else { 0 }).into(),
+                    (m.wait_timeouts.get() as i64).into(),
+                ]);
+            }
+            rs
+        }
+        Show::Config => {
+            let mut rs = ResultSet::new(&["key", "value"]);
+            for (k, v) in config.flatten() {
+                rs.row(vec![k.into(), v.into()]);
+            }
+            rs
+        }
+        Show::Version => {
+            let mut rs = ResultSet::new(&["version"]);
+            rs.row(vec![concat!("pgwarden ", env!("CARGO_PKG_VERSION")).into()]);
+            rs
+        }
+        Show::Backends => {
+            let mut rs = ResultSet::new(&[
+                "name",
+                "addr",
+                "role",
+                "state",
+                "fenced",
+                "timeline#",
+                "lsn",
+                "lag_bytes#",
+                "lag_seconds",
+                "last_check_ms#",
+                "latency_ms",
+                "priority#",
+            ]);
+            for (i, b) in table.backends.iter().enumerate() {
+                let facts = b.facts.as_ref();
+                let role = match (table.primary == Some(i), b.role()) {
+                    (true, _) => "primary",
+                    (false, Some(crate::backend::Role::Primary)) => "primary (not routed)",
+                    (false, Some(crate::backend::Role::Standby)) => "standby",
+                    (false, None) => "unknown",
+                };
+                let state = match b.health {
+                    Health::Suspect { failures } => format!("suspect ({failures} failed)"),
+                    other => other.name().to_owned(),
+                };
+                rs.row(vec![
+                    b.config.name.clone().into(),
+                    b.addr().into(),
+                    role.into(),
+                    state.into(),
+                    (if b.fenced { "yes" } else { "no" }).into(),
+                    facts.and_then(|f| f.timeline).map(i64::from).into(),
+                    facts.and_then(|f| f.lsn).map(lsn).into(),
+                    b.lag_bytes.map(|l| l as i64).into(),
+                    facts
+                        .and_then(|f| f.replay_delay)
+                        .map(|d| format!("{d:.3}"))
+                        .into(),
+                    b.checked_at
+                        .and_then(|t| t.elapsed().ok())
+                        .map(|d| d.as_millis() as i64)
+                        .into(),
+                    facts
+                        .map(|f| format!("{:.3}", f.latency.as_secs_f64() * 1e3))
+                        .into(),
+                    i64::from(b.config.priority).into(),
+                ]);
+            }
+            rs
+        }
+        Show::Failovers => {
+            let mut rs = ResultSet::new(&[
+                "time",
+                "kind",
+                "old_primary",
+                "new_primary",
+                "timeline#",
+                "window_ms#",
+            ]);
+            for r in shared.history.all() {
+                rs.row(vec![
+                    time(r.at),
+                    r.kind.name().into(),
+                    r.old_primary.into(),
+                    r.new_primary.into(),
+                    i64::from(r.timeline).into(),
+                    (r.window.as_millis() as i64).into(),
+                ]);
+            }
+            rs
+        }
+    }
+}

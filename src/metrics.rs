@@ -1,0 +1,374 @@
+//! Every Prometheus metric pgwarden exports, in one place.
+//!
+//! Names start with `pgwarden_` and carry their unit; labels are bounded
+//! (database, user, backend, state — never a client). Sessions resolve their
+//! label children once per (database, user) through [`Metrics::session`], so the
+//! per-transaction cost is a few atomic increments. Gauges that describe pools
+//! are filled in at scrape time from the pools themselves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::backend::{BackendTable, Health, Role};
+use crate::pool::Pools;
+
+/// Buckets for transaction and wait durations: 100 µs to 30 s.
+const SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// The registry and every metric.
+pub struct Metrics {
+    registry: Registry,
+    clients: IntGaugeVec,
+    server_connections: IntGaugeVec,
+    transactions: IntCounterVec,
+    queries: IntCounterVec,
+    transaction_seconds: HistogramVec,
+    wait_seconds: HistogramVec,
+    received_bytes: IntCounterVec,
+    sent_bytes: IntCounterVec,
+    wait_timeouts: IntCounterVec,
+    /// failed logins by reason (`password`, `database`, `protocol`, …)
+    pub login_failures: IntCounterVec,
+    backend_up: IntGaugeVec,
+    backend_role: IntGaugeVec,
+    backend_fenced: IntGaugeVec,
+    lag_bytes: IntGaugeVec,
+    lag_seconds: prometheus::GaugeVec,
+    /// duration of health probes, by backend
+    pub probe_seconds: HistogramVec,
+    /// failed health probes, by backend
+    pub probe_failures: IntCounterVec,
+    /// automatic promotions
+    pub failovers: IntCounter,
+    /// planned primary changes
+    pub switchovers: IntCounter,
+    /// nodes fenced
+    pub fencings: IntCounter,
+    primary_available: IntGauge,
+    split_brain: IntGauge,
+    /// configuration reloads by result (`ok`, `error`)
+    pub reloads: IntCounterVec,
+    sessions: Mutex<HashMap<(String, String), Arc<SessionMetrics>>>,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The handles one (database, user) updates on its hot path.
+#[derive(Debug)]
+pub struct SessionMetrics {
+    /// clients between transactions
+    pub idle: IntGauge,
+    /// clients waiting for a server connection
+    pub waiting: IntGauge,
+    /// clients holding a server connection
+    pub active: IntGauge,
+    /// finished transactions
+    pub transactions: IntCounter,
+    /// Query and Execute messages
+    pub queries: IntCounter,
+    /// time a server connection served one transaction
+    pub transaction_seconds: Histogram,
+    /// time a client waited for a server connection
+    pub wait_seconds: Histogram,
+    /// bytes from clients
+    pub received_bytes: IntCounter,
+    /// bytes to clients
+    pub sent_bytes: IntCounter,
+    /// `query_wait_timeout` expirations
+    pub wait_timeouts: IntCounter,
+}
+
+/// The state a client is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// between transactions
+    Idle,
+    /// waiting for a server connection
+    Waiting,
+    /// holding a server connection
+    Active,
+}
+
+impl SessionMetrics {
+    /// Moves one client from state `from` to `to`.
+    pub fn transition(&self, from: ClientState, to: ClientState) {
+        self.gauge(from).dec();
+        self.gauge(to).inc();
+    }
+
+    /// The gauge counting clients in `state`.
+    pub fn gauge(&self, state: ClientState) -> &IntGauge {
+        match state {
+            ClientState::Idle => &self.idle,
+            ClientState::Waiting => &self.waiting,
+            ClientState::Active => &self.active,
+        }
+    }
+}
+
+/// A registry that remembers what was registered in it.
+struct Declared {
+    registry: Registry,
+    names: Vec<String>,
+}
+
+impl Declared {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&mut self, collector: C) -> C {
+        for desc in collector.desc() {
+            self.names.push(format!("pgwarden_{}", desc.fq_name));
+        }
+        self.registry
+            .register(Box::new(collector.clone()))
+            .expect("metric names are unique constants");
+        collector
+    }
+
+    fn counter(&mut self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
+        self.add(HistogramVec::new(opts, labels).expect("valid metric"))
+    }
+
+    fn single(&mut self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn single_gauge(&mut self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric. The names are constants, so registration
+    /// cannot fail at run time.
+    pub fn new() -> Metrics {
+        let mut r = Declared {
+            registry: Registry::new_custom(Some("pgwarden".into()), None).expect("valid prefix"),
+            names: Vec::new(),
+        };
+        r.gauge("build_info", "pgwarden version", &["version"])
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let lag_seconds = r.add(
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "replication_lag_seconds",
+                    "Seconds since the last transaction a standby replayed, while it is behind",
+                ),
+                &["backend"],
+            )
+            .expect("valid metric"),
+        );
+        Metrics {
+            clients: r.gauge(
+                "clients",
+                "Client connections by state (active, waiting, idle)",
+                &["database", "user", "state"],
+            ),
+            server_connections: r.gauge(
+                "server_connections",
+                "Server connections by state (active, idle)",
+                &["backend", "database", "state"],
+            ),
+            transactions: r.counter("transactions_total", "Transactions served", &["database"]),
+            queries: r.counter(
+                "queries_total",
+                "Query and Execute messages forwarded",
+                &["database"],
+            ),
+            transaction_seconds: r.histogram(
+                "transaction_duration_seconds",
+                "Time a server connection served one transaction",
+                &["database"],
+            ),
+            wait_seconds: r.histogram(
+                "client_wait_seconds",
+                "Time a client waited for a server connection",
+                &["database"],
+            ),
+            received_bytes: r.counter(
+                "client_received_bytes_total",
+                "Bytes received from clients",
+                &["database"],
+            ),
+            sent_bytes: r.counter(
+                "client_sent_bytes_total",
+                "Bytes sent to clients",
+                &["database"],
+            ),
+            wait_timeouts: r.counter(
+                "pool_wait_timeouts_total",
+                "Requests refused after query_wait_timeout",
+                &["database"],
+            ),
+            login_failures: r.counter(
+                "login_failures_total",
+                "Failed client logins by reason",
+                &["reason"],
+            ),
+            backend_up: r.gauge(
+                "backend_up",
+                "1 while health probes reach the backend",
+                &["backend"],
+            ),
+            backend_role: r.gauge(
+                "backend_role",
+                "1 for the role the backend reports (primary, standby)",
+                &["backend", "role"],
+            ),
+            backend_fenced: r.gauge(
+                "backend_fenced",
+                "1 while the backend is fenced",
+                &["backend"],
+            ),
+            lag_bytes: r.gauge(
+                "replication_lag_bytes",
+                "Bytes of WAL a standby has not replayed yet",
+                &["backend"],
+            ),
+            lag_seconds,
+            probe_seconds: r.histogram(
+                "health_probe_duration_seconds",
+                "Duration of successful health probes",
+                &["backend"],
+            ),
+            probe_failures: r.counter(
+                "health_probe_failures_total",
+                "Failed health probes",
+                &["backend"],
+            ),
+            failovers: r.single(
+                "failovers_total",
+                "Automatic promotions after a primary failure",
+            ),
+            switchovers: r.single("switchovers_total", "Planned primary changes"),
+            fencings: r.single("fencings_total", "Nodes fenced"),
+            primary_available: r.single_gauge("primary_available", "1 while a primary is routable"),
+            split_brain: r
+                .single_gauge("split_brain", "1 while two nodes report themselves primary"),
+            reloads: r.counter(
+                "config_reloads_total",
+                "Configuration reloads by result",
+                &["result"],
+            ),
+            sessions: Mutex::new(HashMap::new()),
+            registry: r.registry,
+            names: r.names,
+        }
+    }
+
+    /// The hot-path handles of `user` on `database`, created on first use.
+    pub fn session(&self, database: &str, user: &str) -> Arc<SessionMetrics> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .entry((database.to_owned(), user.to_owned()))
+            .or_insert_with(|| {
+                let clients = |state| self.clients.with_label_values(&[database, user, state]);
+                Arc::new(SessionMetrics {
+                    idle: clients("idle"),
+                    waiting: clients("waiting"),
+                    active: clients("active"),
+                    transactions: self.transactions.with_label_values(&[database]),
+                    queries: self.queries.with_label_values(&[database]),
+                    transaction_seconds: self.transaction_seconds.with_label_values(&[database]),
+                    wait_seconds: self.wait_seconds.with_label_values(&[database]),
+                    received_bytes: self.received_bytes.with_label_values(&[database]),
+                    sent_bytes: self.sent_bytes.with_label_values(&[database]),
+                    wait_timeouts: self.wait_timeouts.with_label_values(&[database]),
+                })
+            })
+            .clone()
+    }
+
+    /// Every (database, user) that has had a client, with its handles.
+    pub fn sessions(&self) -> Vec<((String, String), Arc<SessionMetrics>)> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Mirrors the routing table into the backend gauges.
+    pub fn observe_table(&self, table: &BackendTable) {
+        self.primary_available
+            .set(i64::from(table.primary().is_some_and(|p| p.routable())));
+        self.split_brain.set(i64::from(table.split_brain));
+        for b in &table.backends {
+            let name = b.config.name.as_str();
+            self.backend_up
+                .with_label_values(&[name])
+                .set(i64::from(matches!(
+                    b.health,
+                    Health::Up | Health::Suspect { .. }
+                )));
+            self.backend_fenced
+                .with_label_values(&[name])
+                .set(i64::from(b.fenced));
+            for (role, label) in [(Role::Primary, "primary"), (Role::Standby, "standby")] {
+                self.backend_role
+                    .with_label_values(&[name, label])
+                    .set(i64::from(b.role() == Some(role)));
+            }
+            match b.lag_bytes {
+                Some(lag) => self.lag_bytes.with_label_values(&[name]).set(lag as i64),
+                None => self.lag_bytes.with_label_values(&[name]).set(0),
+            }
+            let delay = b.facts.as_ref().and_then(|f| f.replay_delay).unwrap_or(0.0);
+            self.lag_seconds
+                .with_label_values(&[name])
+                .set(delay.max(0.0));
+        }
+    }
+
+    /// The Prometheus text exposition, with pool gauges refreshed first.
+    pub fn render(&self, pools: &Pools) -> Vec<u8> {
+        self.server_connections.reset();
+        for (key, pool) in pools.all() {
+            let (active, idle, _) = pool.counts();
+            let labels = |state| [&*key.target.backend, key.database.as_str(), state];
+            self.server_connections
+                .with_label_values(&labels("active"))
+                .add(active as i64);
+            self.server_connections
+                .with_label_values(&labels("idle"))
+                .add(idle as i64);
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "could not encode metrics");
+        }
+        out
+    }
+
+    /// The name of every metric family (for checking alert rules and dashboards).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}

@@ -1,0 +1,398 @@
+//! Operating pgwarden: the admin console (`psql -p 6432 pgwarden`), the HTTP
+//! endpoint (/metrics, /health/*, /status), and the shipped alert rules and
+//! dashboard.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::{Db, Options, Pgwarden, sqlstate};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+const ADMIN: (&str, &str) = ("admin", "admin-pw");
+const STATS: (&str, &str) = ("watcher", "watcher-pw");
+
+fn operated(extra: &str) -> Options {
+    Options {
+        pgwarden: format!(
+            "admin_users = [\"{}\"]\nstats_users = [\"{}\"]\n{extra}",
+            ADMIN.0, STATS.0
+        ),
+        extra_users: format!(
+            "\"{}\" \"{}\"\n\"{}\" \"{}\"\n",
+            ADMIN.0, ADMIN.1, STATS.0, STATS.1
+        ),
+        ..Default::default()
+    }
+}
+
+async fn console(
+    pgw: &Pgwarden,
+    (user, password): (&str, &str),
+) -> Result<Client, tokio_postgres::Error> {
+    common::connect(&format!(
+        "host=127.0.0.1 port={} user={user} password={password} dbname=pgwarden",
+        pgw.port
+    ))
+    .await
+}
+
+/// The rows of a simple query, as (column name → value) maps.
+async fn rows(client: &Client, sql: &str) -> Vec<Vec<(String, Option<String>)>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).map(str::to_owned)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn get<'a>(row: &'a [(String, Option<String>)], column: &str) -> Option<&'a str> {
+    row.iter()
+        .find(|(c, _)| c == column)
+        .unwrap_or_else(|| panic!("no column {column} in {row:?}"))
+        .1
+        .as_deref()
+}
+
+#[tokio::test]
+async fn show_commands_describe_pools_clients_servers_and_stats() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], operated(""));
+    let client = pgw.connect(&db).await;
+    for _ in 0..5 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let admin = console(&pgw, ADMIN).await.unwrap();
+
+    let pools = rows(&admin, "SHOW POOLS").await;
+    let pool = pools
+        .iter()
+        .find(|r| get(r, "database") == Some(db.name.as_str()))
+        .unwrap();
+    assert_eq!(get(pool, "user"), Some(db.user.as_str()));
+    assert_eq!(get(pool, "cl_active"), Some("1"));
+    assert_eq!(get(pool, "cl_idle"), Some("1"));
+    assert_eq!(get(pool, "sv_active"), Some("1"));
+    assert_eq!(get(pool, "pool_mode"), Some("transaction"));
+
+    let clients = rows(&admin, "show clients;").await;
+    assert_eq!(clients.len(), 2);
+    assert!(
+        clients
+            .iter()
+            .any(|c| get(c, "state") == Some("active") && get(c, "backend") == Some("pg1"))
+    );
+
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    assert!(
+        servers
+            .iter()
+            .any(|s| get(s, "state") == Some("active") && get(s, "backend") == Some("pg1"))
+    );
+
+    let stats = rows(&admin, "SHOW STATS").await;
+    let stat = stats
+        .iter()
+        .find(|r| get(r, "database") == Some(db.name.as_str()))
+        .unwrap();
+    let xacts: i64 = get(stat, "total_xact_count").unwrap().parse().unwrap();
+    assert!(xacts >= 5, "{stat:?}");
+    let received: i64 = get(stat, "total_received").unwrap().parse().unwrap();
+    let sent: i64 = get(stat, "total_sent").unwrap().parse().unwrap();
+    assert!(received > 0 && sent > 0, "{stat:?}");
+
+    let dbs = rows(&admin, "SHOW DATABASES").await;
+    assert!(
+        dbs.iter()
+            .any(|r| get(r, "name") == Some(db.name.as_str()) && get(r, "primary") == Some("pg1"))
+    );
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(get(&backends[0], "role"), Some("primary"));
+    assert_eq!(get(&backends[0], "state"), Some("up"));
+    let config = rows(&admin, "SHOW CONFIG").await;
+    assert!(
+        config
+            .iter()
+            .any(|r| get(r, "key") == Some("pool.default_pool_size")
+                && get(r, "value") == Some("20"))
+    );
+    assert!(
+        config
+            .iter()
+            .all(|r| get(r, "value") != Some(db.password.as_str()))
+    );
+    assert!(
+        get(&rows(&admin, "SHOW VERSION").await[0], "version")
+            .unwrap()
+            .starts_with("pgwarden ")
+    );
+    assert!(rows(&admin, "SHOW FAILOVERS").await.is_empty());
+
+    // Mistakes get clear errors and the console stays usable.
+    let err = admin.simple_query("SHOW tables").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42601"));
+    let err = admin.simple_query("DROP DATABASE x").await.unwrap_err();
+    assert!(common::message(&err).contains("unknown command"), "{err}");
+    let err = admin.query("SHOW POOLS", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    rows(&admin, "SHOW VERSION").await;
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn only_admin_users_may_change_things_and_others_may_not_log_in() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], operated(""));
+    let stats = console(&pgw, STATS).await.unwrap();
+    rows(&stats, "SHOW POOLS").await;
+    let err = stats.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    let err = stats.simple_query("SHUTDOWN").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+    // A database user is not an admin.
+    let err = console(&pgw, (&db.user, &db.password)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    // A wrong password is a wrong password.
+    let err = console(&pgw, (ADMIN.0, "nope")).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+}
+
+#[tokio::test]
+async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], operated(""));
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    let busy = pgw.connect(&db).await;
+    busy.batch_execute("BEGIN").await.unwrap();
+    // PAUSE returns once the running transaction is done.
+    let pausing = tokio::spawn({
+        let admin_conn = format!(
+            "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
+            pgw.port, ADMIN.0, ADMIN.1
+        );
+        let name = db.name.clone();
+        async move {
+            let admin = common::connect(&admin_conn).await.unwrap();
+            let started = Instant::now();
+            admin.simple_query(&format!("PAUSE {name}")).await.unwrap();
+            started.elapsed()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pausing.is_finished());
+    busy.batch_execute("COMMIT").await.unwrap();
+    let waited = pausing.await.unwrap();
+    assert!(waited >= Duration::from_millis(150), "{waited:?}");
+    let waiter = pgw.connect(&db).await;
+    let query = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!query.is_finished(), "a transaction ran while paused");
+    rows(&admin, "SHOW DATABASES").await.iter().for_each(|r| {
+        if get(r, "name") == Some(db.name.as_str()) {
+            assert_eq!(get(r, "paused"), Some("yes"));
+        }
+    });
+    admin
+        .simple_query(&format!("RESUME {}", db.name))
+        .await
+        .unwrap();
+    query.await.unwrap().unwrap();
+
+    // KILL disconnects the database's clients at once.
+    let victim = pgw.connect(&db).await;
+    victim.simple_query("SELECT 1").await.unwrap();
+    admin
+        .simple_query(&format!("KILL {}", db.name))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(victim.simple_query("SELECT 1").await.is_err());
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    // Naming a database that does not exist is an error.
+    let err = admin.simple_query("KILL nowhere").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("3D000"));
+}
+
+#[tokio::test]
+async fn fence_and_unfence_steer_routing_and_reload_and_shutdown_work() {
+    let db = Db::create();
+    let mut options = operated("");
+    options.failover = "client_wait_timeout = \"1s\"".into();
+    let mut pgw = Pgwarden::start_with(&[&db], options);
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    let client = pgw.connect(&db).await;
+    admin.simple_query("FENCE pg1").await.unwrap();
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(get(&backends[0], "fenced"), Some("yes"));
+    let err = admin.simple_query("FENCE nosuch").await.unwrap_err();
+    assert!(common::message(&err).contains("no backend named"), "{err}");
+    admin.simple_query("UNFENCE pg1").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+
+    admin.simple_query("RELOAD").await.unwrap();
+    assert!(pgw.log().contains("configuration reloaded"));
+    admin.simple_query("SHUTDOWN").await.unwrap();
+    assert_eq!(pgw.wait_exit(Duration::from_secs(10)), Some(true));
+}
+
+/// One HTTP/1.0 request; returns the status line and the body.
+fn http(port: u16, request: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+fn get_path(port: u16, path: &str) -> (String, String) {
+    http(port, &format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"))
+}
+
+#[tokio::test]
+async fn the_http_endpoint_serves_metrics_health_and_status_and_survives_garbage() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], operated(""));
+    let client = pgw.connect(&db).await;
+    for _ in 0..20 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let (status, body) = get_path(pgw.http_port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let line = |name: &str| {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let xacts: f64 = line(&format!(
+        "pgwarden_transactions_total{{database=\"{}\"}}",
+        db.name
+    ))
+    .rsplit(' ')
+    .next()
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!(xacts >= 20.0);
+    assert!(line("pgwarden_primary_available").ends_with(" 1"));
+    assert!(line("pgwarden_backend_role{backend=\"pg1\",role=\"primary\"}").ends_with(" 1"));
+    assert!(body.contains("pgwarden_client_wait_seconds_bucket"));
+    assert!(body.contains("pgwarden_build_info"));
+    assert!(!body.contains(&db.password));
+
+    let (status, body) = get_path(pgw.http_port, "/health/live");
+    assert!(
+        status.contains("200") && body.contains("live"),
+        "{status} {body}"
+    );
+    let (status, body) = get_path(pgw.http_port, "/health/ready");
+    assert!(
+        status.contains("200") && body.contains("\"primary\":\"pg1\""),
+        "{status} {body}"
+    );
+    let (status, body) = get_path(pgw.http_port, "/status");
+    assert!(status.contains("200"));
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["primary"], "pg1");
+    assert_eq!(json["backends"][0]["role"], "primary");
+
+    assert!(get_path(pgw.http_port, "/nothing").0.contains("404"));
+    assert!(
+        http(
+            pgw.http_port,
+            "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+        )
+        .0
+        .contains("405")
+    );
+    // Garbage, a huge header and a slow client: each is answered or closed, nothing more.
+    let _ = http(pgw.http_port, "\x00\x01\x02 garbage\r\n\r\n");
+    let _ = http(
+        pgw.http_port,
+        &format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(200_000)),
+    );
+    let half = std::net::TcpStream::connect(("127.0.0.1", pgw.http_port)).unwrap();
+    assert!(get_path(pgw.http_port, "/health/live").0.contains("200"));
+    drop(half);
+    client.simple_query("SELECT 1").await.unwrap();
+}
+
+/// The metric names an expression uses (histogram series mapped to their family).
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(found) = text[i..].find("pgwarden_") {
+        let start = i + found;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &text[start..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.push(family.to_owned());
+        i = end;
+    }
+    names
+}
+
+#[test]
+fn alert_rules_and_dashboard_use_only_metrics_pgwarden_exports() {
+    let metrics = pgwarden::metrics::Metrics::new();
+    let known = metrics.names();
+    let alerts = std::fs::read_to_string("conf/alerts.yml").unwrap();
+    let dashboard = std::fs::read_to_string("conf/grafana-dashboard.json").unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("dashboard is valid JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() > 5));
+    for (file, text) in [
+        ("alerts.yml", &alerts),
+        ("grafana-dashboard.json", &dashboard),
+    ] {
+        let used = metric_names(text);
+        assert!(!used.is_empty());
+        for name in used {
+            assert!(
+                known.contains(&name),
+                "{file} uses {name}, which pgwarden does not export"
+            );
+        }
+    }
+    // The rules are valid Prometheus rules (promtool comes with Debian's prometheus package).
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules", "conf/alerts.yml"])
+        .output()
+        .expect("promtool not found: apt-get install -y prometheus (.ci/run does)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
