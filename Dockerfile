@@ -18,8 +18,10 @@ COPY --from=build /src/target/release/pgwarden /usr/local/bin/pgwarden
 COPY --chown=pgwarden:pgwarden conf/pgwarden.toml /etc/pgwarden/pgwarden.toml.example
 USER pgwarden
 EXPOSE 6432
-# Healthy while the listener accepts connections.
+EXPOSE 9930
+# /health/live answers 200 while the process serves (http_listen must be enabled,
+# 127.0.0.1:9930 by default); bash's /dev/tcp spares the image an HTTP client.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/6432"]
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9930 && printf 'GET /health/live HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '200 OK' <&3"]
 ENTRYPOINT ["/usr/local/bin/pgwarden"]
 CMD ["run", "--config", "/etc/pgwarden/pgwarden.toml"]

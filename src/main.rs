@@ -43,6 +43,9 @@ enum Command {
         /// how long to wait for a standby to replay the primary's position
         #[arg(long, default_value = "30s")]
         wait: String,
+        /// the node to compare the others with (default: the one out of recovery on the newest timeline)
+        #[arg(long)]
+        primary: Option<String>,
     },
     /// Rehearse a planned switchover on the running pgwarden and report what clients saw.
     Drill {
@@ -69,7 +72,15 @@ fn main() -> ExitCode {
             keys,
             database,
             wait,
-        } => verify(&cli.config, &tables, &keys, database, &wait),
+            primary,
+        } => verify(
+            &cli.config,
+            &tables,
+            &keys,
+            database,
+            &wait,
+            primary.as_deref(),
+        ),
         Command::Drill { yes, to, back } => drill(&cli.config, yes, to, back),
     }
 }
@@ -87,6 +98,7 @@ fn verify(
     keys: &[String],
     database: Option<String>,
     wait: &str,
+    primary: Option<&str>,
 ) -> ExitCode {
     let result = (|| {
         let (config, users) = load(path)?;
@@ -110,7 +122,9 @@ fn verify(
             }
             specs.push(spec);
         }
-        runtime()?.block_on(pgwarden::verify::command(&config, &users, &specs, wait))
+        runtime()?.block_on(pgwarden::verify::command(
+            &config, &users, &specs, wait, primary,
+        ))
     })();
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -17,8 +17,9 @@ use tokio_postgres::types::PgLsn;
 
 use crate::admin::{Cell, ResultSet, lsn};
 use crate::auth::UserList;
-use crate::backend::Role;
+use crate::backend::{Receiver, Role};
 use crate::config::{BackendConfig, Config};
+use crate::failover::is_sender;
 use crate::health::probe::{Login, connect, describe};
 use crate::proxy::Shared;
 
@@ -204,16 +205,36 @@ async fn current_lsn(client: &Client) -> Result<u64, String> {
     Ok(row.get::<_, Option<PgLsn>>(0).map(u64::from).unwrap_or(0))
 }
 
-/// Waits until `node` has replayed `target`; false if it does not within `wait`
-/// (a node that is not replaying from the primary is then compared as it is).
-async fn wait_for_replay(node: &Client, target: u64, wait: Duration) -> Result<bool, String> {
+/// Waits until `node` has replayed `primary`'s position `target`; false if it does
+/// not within `wait`, or at once when it is not streaming from `primary` at all
+/// (such a node is then compared as it is).
+async fn wait_for_replay(
+    node: &Client,
+    primary: &BackendConfig,
+    target: u64,
+    wait: Duration,
+) -> Result<bool, String> {
     let deadline = Instant::now() + wait;
     loop {
         let row = node
-            .query_one("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", &[])
+            .query_one(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), \
+                 (SELECT status FROM pg_stat_wal_receiver), \
+                 (SELECT sender_host FROM pg_stat_wal_receiver), \
+                 (SELECT sender_port FROM pg_stat_wal_receiver)",
+                &[],
+            )
             .await
             .map_err(|e| describe(&e))?;
-        if !row.get::<_, bool>(0) {
+        let receiver = row.get::<_, Option<String>>(2).map(|status| Receiver {
+            status,
+            sender_host: row.get(3),
+            sender_port: row.get(4),
+        });
+        let streaming = receiver
+            .as_ref()
+            .is_some_and(|r| r.status == "streaming" && is_sender(r, primary));
+        if !row.get::<_, bool>(0) || !streaming {
             return Ok(false);
         }
         if row.get::<_, Option<PgLsn>>(1).map(u64::from) >= Some(target) {
@@ -251,7 +272,7 @@ async fn compare(
         format!("({})::text", key.join(", "))
     };
     let start = current_lsn(&p).await?;
-    let replayed = wait_for_replay(&n, start, wait).await?;
+    let replayed = wait_for_replay(&n, primary, start, wait).await?;
     // Hex of the key's bytes: its byte order is what the merge compares.
     let copy = format!(
         "COPY (SELECT encode(convert_to({key_text}, 'UTF8'), 'hex') COLLATE \"C\", md5(t::text) \
@@ -266,7 +287,7 @@ async fn compare(
         // Writes may have landed on the primary during the scan: look again at the
         // differing keys once the node has caught up with the primary.
         let now = current_lsn(&p).await?;
-        wait_for_replay(&n, now, wait).await?;
+        wait_for_replay(&n, primary, now, wait).await?;
         let again = format!(
             "SELECT md5(t::text) FROM {} t WHERE {key_text} = $1",
             spec.table
@@ -480,18 +501,31 @@ pub async fn console(shared: &Shared, args: &[String]) -> Result<ResultSet, Stri
     Ok(result_set(&findings))
 }
 
-/// `pgwarden verify`: finds the primary itself (the node out of recovery on the
-/// newest timeline), compares, prints a report; returns whether all is consistent.
+/// `pgwarden verify`: finds the primary (the node out of recovery on the newest
+/// timeline, unless named), compares, prints a report; returns whether all is consistent.
 pub async fn command(
     config: &Config,
     users: &UserList,
     specs: &[TableSpec],
     wait: Duration,
+    primary_name: Option<&str>,
 ) -> Result<bool, String> {
     let login = login_from(config, users)?;
     let nodes: Vec<BackendConfig> = config.backends.clone();
-    let mut primary = None;
+    let mut primary = match primary_name {
+        Some(name) => Some((
+            nodes
+                .iter()
+                .position(|n| n.name == name)
+                .ok_or_else(|| format!("--primary: no backend named \"{name}\""))?,
+            i32::MAX,
+        )),
+        None => None,
+    };
     for (i, node) in nodes.iter().enumerate() {
+        if primary_name.is_some() {
+            break;
+        }
         let Ok(client) = connect(node, &login).await else {
             continue;
         };

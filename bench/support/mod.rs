@@ -131,10 +131,16 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
     let programs = Programs::find().unwrap();
     let dir = scratch_dir(&programs, "pgwarden");
     let port = free_port().unwrap();
+    // No HTTP endpoint unless the benchmark asks for one.
+    let http = if extra.contains("http_listen") {
+        ""
+    } else {
+        "http_listen = \"\"\n"
+    };
     std::fs::write(
         dir.join("pgwarden.toml"),
         format!(
-            "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\nlog_level = \"warn\"\n{extra}\n\
+            "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\n{http}log_level = \"warn\"\n{extra}\n\
              [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
              [pool]\nmode = \"transaction\"\ndefault_pool_size = {pool_size}\n\
              {sections}\n{}\
@@ -153,7 +159,10 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
     let (superuser, superpassword) = pgwarden::cluster::SUPERUSER;
     std::fs::write(
         dir.join("userlist.txt"),
-        format!("\"{USER}\" \"{PASSWORD}\"\n\"{superuser}\" \"{superpassword}\"\n"),
+        // "admin" serves benchmarks that set pgwarden.admin_users.
+        format!(
+            "\"{USER}\" \"{PASSWORD}\"\n\"{superuser}\" \"{superpassword}\"\n\"admin\" \"admin\"\n"
+        ),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))

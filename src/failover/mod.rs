@@ -118,17 +118,19 @@ pub fn streams_from(receiver: Option<&Receiver>, from: usize, nodes: &[BackendCo
     let Some(r) = receiver.filter(|r| r.status == "streaming") else {
         return false;
     };
-    let matches = |c: &BackendConfig| {
-        r.sender_port == Some(i32::from(c.port))
-            && r.sender_host
-                .as_deref()
-                .is_none_or(|h| h == c.host || is_loopback(h) && is_loopback(&c.host))
-    };
-    matches(&nodes[from])
+    is_sender(r, &nodes[from])
         || !nodes
             .iter()
             .enumerate()
-            .any(|(i, c)| i != from && matches(c))
+            .any(|(i, c)| i != from && is_sender(r, c))
+}
+
+/// True when the WAL receiver's sender is `node` (hosts compared loosely for loopback).
+pub fn is_sender(r: &Receiver, node: &BackendConfig) -> bool {
+    r.sender_port == Some(i32::from(node.port))
+        && r.sender_host
+            .as_deref()
+            .is_none_or(|h| h == node.host || is_loopback(h) && is_loopback(&node.host))
 }
 
 fn is_loopback(host: &str) -> bool {
