@@ -166,6 +166,8 @@ pub struct PoolConfig {
     /// close server connections this old when they are next idle; 0 keeps them
     #[serde(with = "duration")]
     pub server_lifetime: Duration,
+    /// named prepared statements kept per server connection; 0 passes them through untouched
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -179,6 +181,7 @@ impl Default for PoolConfig {
             server_connect_timeout: Duration::from_secs(5),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
+            max_prepared_statements: 200,
         }
     }
 }

@@ -75,6 +75,19 @@ impl ParamSet {
         }
     }
 
+    /// Sets `name` (any case) to `value`.
+    pub fn insert(&mut self, name: &str, value: &str) {
+        self.set(name, value);
+    }
+
+    /// Removes `name` (any case).
+    pub fn remove(&mut self, name: &str) {
+        let name = name.to_ascii_lowercase();
+        if let Ok(i) = self.position(&name) {
+            self.entries.remove(i);
+        }
+    }
+
     /// The set after the server reported `name = value`, if that changes the client's
     /// settings; `None` when the report is not the client's business or changes nothing.
     pub fn after_report(&self, name: &str, value: &str) -> Option<ParamSet> {

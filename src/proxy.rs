@@ -61,6 +61,8 @@ pub struct Shared {
     pub started_at: std::time::SystemTime,
     /// failovers, switchovers and promotions so far
     pub history: crate::failover::History,
+    /// named prepared statements by database and content, shared by every client
+    pub statements: crate::client::statements::Registries,
     /// fired once on SIGTERM/SIGINT
     pub shutdown: CancellationToken,
     /// client sessions past login
@@ -88,6 +90,7 @@ impl Shared {
             monitor: crate::health::Commands::default(),
             started_at: std::time::SystemTime::now(),
             history: crate::failover::History::default(),
+            statements: crate::client::statements::Registries::default(),
             shutdown: CancellationToken::new(),
             sessions: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),

@@ -6,7 +6,6 @@
 //! borrows is what the next borrower needs: the cancel key, the settings last
 //! applied to the session, its age, and any bytes the server sent while idle.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +21,8 @@ use tokio::net::TcpStream;
 
 use crate::auth::Credential;
 use crate::auth::backend::BackendAuth;
+use crate::client::expect::Expected;
+use crate::client::statements::ServerStatements;
 use crate::error::ServerError;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
@@ -63,8 +64,10 @@ pub struct ServerConn {
     pub stream: TcpStream,
     /// bytes read from the server and not yet passed on; kept between borrows
     pub inbuf: BytesMut,
-    /// kinds ('Q', 'S', 'F') of requests sent and not yet answered by ReadyForQuery
-    pub pending: VecDeque<u8>,
+    /// requests sent and not yet answered, in order
+    pub expected: Expected,
+    /// named statements prepared on this connection
+    pub statements: ServerStatements,
     /// settings last applied to this session (`None`: server defaults)
     pub applied: Option<Arc<ParamSet>>,
     /// for cancel requests
@@ -143,7 +146,8 @@ impl ServerConn {
         Ok(ServerConn {
             stream,
             inbuf,
-            pending: VecDeque::new(),
+            expected: Expected::default(),
+            statements: ServerStatements::default(),
             applied: None,
             cancel_key: CancelKey { addr, pid, secret },
             reported,
@@ -157,10 +161,23 @@ impl ServerConn {
     /// Returns the ParameterStatus reports it caused. A server error is returned after
     /// the connection is back at ReadyForQuery, so the connection stays usable.
     pub async fn execute(&mut self, sql: &str) -> Result<Vec<(String, String)>, ServerError> {
+        self.run(sql).await.map(|(reports, _)| reports)
+    }
+
+    /// Runs one of pgwarden's own queries and returns its rows as text (NULL as "").
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<String>>, ServerError> {
+        self.run(sql).await.map(|(_, rows)| rows)
+    }
+
+    async fn run(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Vec<(String, String)>, Vec<Vec<String>>), ServerError> {
         self.stream
             .write_all(&frontend(&Query::new(sql.to_owned())))
             .await?;
         let mut reports = Vec::new();
+        let mut rows = Vec::new();
         let mut failure = None;
         loop {
             let (tag, body) = read(&mut self.stream, &mut self.inbuf).await?;
@@ -170,6 +187,7 @@ impl ServerConn {
                         reports.push((name.to_owned(), value.to_owned()));
                     }
                 }
+                b'D' => rows.push(data_row(&body)?),
                 b'E' => {
                     let notice = ServerNotice::parse(&body);
                     if notice.is_fatal() {
@@ -190,7 +208,7 @@ impl ServerConn {
         }
         match failure {
             Some(notice) => Err(ServerError::Rejected(notice)),
-            None => Ok(reports),
+            None => Ok((reports, rows)),
         }
     }
 
@@ -256,6 +274,33 @@ async fn read(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(u8, BytesMu
             ReadError::Io(e) => ServerError::Io(e),
             ReadError::Frame(e) => ServerError::Protocol(e.to_string()),
         })
+}
+
+/// The text values of a DataRow (NULL as an empty string).
+fn data_row(mut body: &[u8]) -> Result<Vec<String>, ServerError> {
+    let bad = || ServerError::Protocol("malformed DataRow".into());
+    if body.len() < 2 {
+        return Err(bad());
+    }
+    let count = body.get_i16();
+    let mut values = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        if body.len() < 4 {
+            return Err(bad());
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            values.push(String::new());
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return Err(bad());
+        }
+        values.push(String::from_utf8_lossy(&body[..len]).into_owned());
+        body.advance(len);
+    }
+    Ok(values)
 }
 
 fn decode_auth(mut body: BytesMut) -> Result<Authentication, ServerError> {

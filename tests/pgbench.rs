@@ -1,5 +1,6 @@
 //! pgbench, a real libpq client, through pgwarden: read-only and TPC-B-like
-//! workloads in the simple and extended protocols, with zero failed transactions.
+//! workloads in the simple, extended and prepared protocols, with zero failed
+//! transactions.
 
 mod common;
 
@@ -33,7 +34,7 @@ fn pgbench(pgw: &Pgwarden, db: &Db, args: &[&str]) -> String {
 }
 
 #[test]
-fn pgbench_runs_with_zero_failures_in_both_protocols() {
+fn pgbench_runs_with_zero_failures_in_every_protocol() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(
         &[&db],
@@ -48,6 +49,8 @@ fn pgbench_runs_with_zero_failures_in_both_protocols() {
         ("extended", "-S"),
         ("simple", "-N"),
         ("extended", "-b"),
+        ("prepared", "-S"),
+        ("prepared", "-b"),
     ] {
         let script_args: &[&str] = if script == "-b" {
             &["-b", "tpcb-like"]

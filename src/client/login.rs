@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::Session;
+use super::statements::ClientStatements;
 use crate::admin::{Console, Role};
 use crate::auth;
 use crate::config::ADMIN_DATABASE;
@@ -159,9 +160,12 @@ async fn login_steps(
         target: db.map(|d| d.target).unwrap_or_default(),
         metrics: shared.metrics.session(&request.database, &request.user),
         gate: shared.gate.counter(&request.database),
+        registry: shared.statements.of(&request.database),
         database: request.database,
         user: request.user,
+        startup: Arc::new(request.settings.clone()),
         params: Arc::new(request.settings),
+        statements: ClientStatements::default(),
         client,
         route: None,
     })))

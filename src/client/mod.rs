@@ -14,8 +14,13 @@
 //! failed block until the client rolls it back ([`aborted`]).
 
 mod aborted;
+pub mod expect;
+mod frontend;
 mod login;
+mod responses;
 pub mod splice;
+mod sql;
+pub mod statements;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::metrics::{ClientState, SessionMetrics};
-use crate::params::{ParamSet, sync_statement};
+use crate::params::{ParamSet, literal, sync_statement};
 use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
@@ -39,7 +44,8 @@ use crate::proxy::Shared;
 use crate::registry::ClientHandle;
 use aborted::Aborted;
 pub use login::{Login, LoginError};
-use splice::{ClientSide, Outcome};
+use splice::{ClientSide, Exchange, Outcome, Pooling};
+use statements::{ClientStatements, Registry};
 
 /// Read size for client sockets.
 const READ_CHUNK: usize = 8 * 1024;
@@ -104,6 +110,12 @@ pub struct LoggedIn {
     mode: PoolMode,
     target: Target,
     params: Arc<ParamSet>,
+    /// the settings the client logged in with (RESET ALL returns to them)
+    startup: Arc<ParamSet>,
+    /// its named prepared statements
+    statements: ClientStatements,
+    /// its database's statements by content
+    registry: Arc<Registry>,
     client: ClientHandle,
     metrics: Arc<SessionMetrics>,
     /// this database's in-flight counter at the admission gate
@@ -207,7 +219,7 @@ impl Session {
 
     /// Serves one client request that starts with a frame of type `tag`.
     async fn request(&mut self, tag: u8) -> Result<(), End> {
-        if !splice::is_frontend_message(tag) {
+        if !frontend::is_frontend_message(tag) {
             return Err(End::Fatal(ClientError::Protocol(format!(
                 "invalid frontend message type '{}'",
                 char::from(tag)
@@ -259,6 +271,28 @@ impl Session {
             }
             _ => {}
         }
+        // A message pgwarden reads whole arrives whole before a server is taken for it.
+        if let Some(Ok((tag, len))) = frame::header(&self.inbuf, MAX_MESSAGE_LEN)
+            && frontend::read_whole(tag)
+            && len <= frame::MAX_BUFFERED_LEN
+        {
+            while self.inbuf.len() < len {
+                self.fill().await?;
+            }
+        }
+        if tag == b'P'
+            && self.who.mode == PoolMode::Transaction
+            && self.shared.config.load().pool.max_prepared_statements > 0
+            && let Some((used, out)) = frontend::prepare_without_server(
+                &self.inbuf,
+                &mut self.who.statements,
+                &self.who.registry,
+            )
+        {
+            self.inbuf.advance(used);
+            self.stream.write_all(&out).await?;
+            return Ok(());
+        }
         let metrics = self.who.metrics.clone();
         metrics.transition(ClientState::Idle, ClientState::Waiting);
         self.who.client.set_state(ClientState::Waiting);
@@ -308,22 +342,35 @@ impl Session {
             scanner: &mut self.scanner,
             params: &mut self.who.params,
             status: &mut self.status,
+            statements: &mut self.who.statements,
+        };
+        let pooling = Pooling {
+            registry: &self.who.registry,
+            max_prepared: self.shared.config.load().pool.max_prepared_statements,
+            transaction: !hold,
+            hold,
         };
         let evicted = conn.pool().retired().clone();
-        let (outcome, to_client, traffic) =
-            splice::splice(client, &mut conn, hold, &self.shared.shutdown, &evicted).await;
+        let (outcome, to_client, exchange) =
+            splice::splice(client, &mut conn, pooling, &self.shared.shutdown, &evicted).await;
         self.who.client.serving(None);
         let m = &self.who.metrics;
-        m.queries.inc_by(traffic.queries);
-        m.received_bytes.inc_by(traffic.received);
-        m.sent_bytes.inc_by(traffic.sent);
+        m.queries.inc_by(exchange.traffic.queries);
+        m.received_bytes.inc_by(exchange.traffic.received);
+        m.sent_bytes.inc_by(exchange.traffic.sent);
         let result = match outcome {
             Outcome::Idle if hold => {
                 reset_and_release(conn).await;
                 Err(End::Shutdown)
             }
             Outcome::Idle => {
-                conn.release();
+                match self.settle_settings(&mut conn, &exchange).await {
+                    Ok(()) => conn.release(),
+                    Err(e) => {
+                        debug!(error = %e, "could not read the settings a transaction changed");
+                        conn.discard();
+                    }
+                }
                 Ok(())
             }
             Outcome::ClientLeft { clean: true } if !hold => {
@@ -372,6 +419,66 @@ impl Session {
             self.who.metrics.sent_bytes.inc_by(to_client.len() as u64);
         }
         result
+    }
+
+    /// After a transaction that ran SET, RESET or DISCARD ALL: learns what the session
+    /// settings really are now (a SET in a rolled-back block or SET LOCAL does not
+    /// stick), makes them the client's, and leaves the server connection matching them.
+    async fn settle_settings(
+        &mut self,
+        conn: &mut PooledConn,
+        x: &Exchange,
+    ) -> Result<(), ServerError> {
+        if x.touched.is_empty() && !x.reset_all {
+            return Ok(());
+        }
+        let timeout = conn.pool().connect_timeout();
+        let run = async {
+            if x.reset_all {
+                // The client's session starts over from its startup settings; the server
+                // connection starts over from the server defaults.
+                conn.execute("RESET ALL").await?;
+                conn.applied = None;
+                self.who.params = self.who.startup.clone();
+            }
+            if !x.touched.is_empty() {
+                let names: Vec<String> = x.touched.iter().map(|n| literal(n)).collect();
+                let rows = conn
+                    .query_rows(&format!(
+                        "SELECT lower(name), setting, reset_val FROM pg_catalog.pg_settings \
+                         WHERE lower(name) IN ({})",
+                        names.join(", ")
+                    ))
+                    .await?;
+                let mut client = (*self.who.params).clone();
+                let mut server = conn.applied.as_deref().cloned().unwrap_or_default();
+                for row in rows {
+                    let [name, setting, reset] = row.as_slice() else {
+                        continue;
+                    };
+                    if setting == reset {
+                        server.remove(name);
+                        client.remove(name);
+                        if let Some(startup) = self.who.startup.get(name) {
+                            client.insert(name, startup);
+                        }
+                    } else {
+                        server.insert(name, setting);
+                        client.insert(name, setting);
+                    }
+                }
+                self.who.params = Arc::new(client);
+                conn.applied = Some(Arc::new(server));
+            }
+            if let Some(sql) = sync_statement(conn.applied.as_ref(), &self.who.params) {
+                conn.execute(&sql).await?;
+            }
+            conn.applied = Some(self.who.params.clone());
+            Ok(())
+        };
+        tokio::time::timeout(timeout, run)
+            .await
+            .unwrap_or(Err(ServerError::Timeout(timeout)))
     }
 
     /// Picks the backend, checks out a connection, and applies the client's settings to

@@ -6,20 +6,14 @@
 //! pipelines faster than the server answers cannot deadlock the pair, and a
 //! slow client reading a large result only slows itself.
 //!
-//! Bytes are never copied between user-space buffers: what was read is split
+//! Bytes are rarely copied between user-space buffers: what was read is split
 //! off its buffer (`BytesMut::split_to`, O(1)) and written from there. Each
-//! direction is walked once by a frame [`Scanner`] that sees only what decides
-//! when the server connection is free again:
+//! direction is walked once, frame by frame: [`super::frontend`] records every
+//! request in the server connection's queue of expected answers (and renames
+//! prepared statements), [`super::responses`] pops it as the answers arrive.
 //!
-//! - client → server: Query, Sync and FunctionCall are requests that will each be
-//!   answered by a ReadyForQuery; other extended-protocol messages leave state on
-//!   the server until the next Sync; Terminate is never forwarded.
-//! - server → client: ReadyForQuery (status byte), ParameterStatus (the client's
-//!   settings), ErrorResponse (a FATAL means the connection is going away),
-//!   CopyInResponse (the server ignores Syncs until the copy ends).
-//!
-//! The transaction is over when every request has been answered, the last status
-//! is idle, and the client is between frames with nothing unsynced.
+//! The transaction is over when nothing is owed, the last status is idle, and
+//! the client is between frames with nothing unsynced.
 
 use std::sync::Arc;
 
@@ -28,10 +22,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::expect::Expected;
+use super::statements::{ClientStatements, Registry, ServerStatements};
+use super::{frontend, responses};
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
-use crate::protocol::frame::{HEADER_LEN, Scan, Scanner};
-use crate::protocol::messages::{error_is_fatal, parameter_status};
+use crate::protocol::frame::Scanner;
 use crate::server::ServerConn;
 
 /// Bytes one direction may have read but not yet written before it stops reading.
@@ -78,6 +74,20 @@ pub struct ClientSide<'a> {
     pub params: &'a mut Arc<ParamSet>,
     /// transaction status as the client last saw it
     pub status: &'a mut u8,
+    /// the client's named prepared statements
+    pub statements: &'a mut ClientStatements,
+}
+
+/// What the splice knows of the pool it runs in.
+pub struct Pooling<'a> {
+    /// statements by content, shared by every client
+    pub registry: &'a Registry,
+    /// `pool.max_prepared_statements`; 0 passes named statements through untouched
+    pub max_prepared: usize,
+    /// transaction pooling (warn about what does not survive a transaction)
+    pub transaction: bool,
+    /// session pooling: keep the connection past transaction ends
+    pub hold: bool,
 }
 
 /// What went through one splice, for the metrics.
@@ -91,42 +101,86 @@ pub struct Traffic {
     pub sent: u64,
 }
 
-/// Per-splice bookkeeping of what the server still owes and what the client has started.
-#[derive(Default)]
-struct Exchange {
-    traffic: Traffic,
+/// Per-splice bookkeeping of what the client has started.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// what went through
+    pub traffic: Traffic,
     /// extended-protocol messages sent since the last Sync or Query
-    unsynced: bool,
+    pub unsynced: bool,
     /// the server is in COPY FROM STDIN and ignores Sync until the copy ends
-    copy_in: bool,
-    /// the client sent Terminate: forward nothing more
-    client_done: bool,
+    pub copy_in: bool,
+    /// the client sent Terminate (or left): forward nothing more
+    pub client_done: bool,
+    /// a local error ended the current batch: drop the client's messages up to Sync
+    pub skipping: bool,
     /// a FATAL the server sent; the connection is about to close
-    fatal: Option<ServerNotice>,
+    pub fatal: Option<ServerNotice>,
+    /// settings the client's statements may have changed for its session
+    pub touched: Vec<String>,
+    /// the client ran RESET ALL or DISCARD ALL
+    pub reset_all: bool,
+}
+
+/// Everything both directions read and update.
+pub struct Ctx<'a> {
+    /// what the server connection still owes
+    pub expected: &'a mut Expected,
+    /// statements prepared on the server connection
+    pub server_statements: &'a mut ServerStatements,
+    /// settings applied to the server connection
+    pub applied: &'a mut Option<Arc<ParamSet>>,
+    /// the client's named statements
+    pub client_statements: &'a mut ClientStatements,
+    /// statements by content
+    pub registry: &'a Registry,
+    /// server-side statements kept per connection (0: no translation)
+    pub max_prepared: usize,
+    /// transaction pooling
+    pub transaction_pooling: bool,
+    /// the client's settings
+    pub params: &'a mut Arc<ParamSet>,
+    /// transaction status as the client last saw it
+    pub status: &'a mut u8,
+    /// frame position on the client stream
+    pub scanner: &'a mut Scanner,
+    /// this splice's bookkeeping
+    pub x: &'a mut Exchange,
+}
+
+impl Ctx<'_> {
+    /// Nothing owed, server idle, client between batches: the connection is free.
+    pub fn idle(&self) -> bool {
+        self.expected.is_empty()
+            && *self.status == b'I'
+            && !self.x.unsynced
+            && !self.x.skipping
+            && self.scanner.at_boundary()
+    }
 }
 
 /// Splices `client` onto `server` until the transaction ends (or, with `hold`,
 /// until the client leaves or `stop` fires while the session is idle). `evicted`
 /// fires when the server's backend leaves the routing table: the transaction is
-/// then lost. Returns how it ended, the bytes still to be written to the
-/// client (which the caller flushes after giving the server connection back),
-/// and what went through.
+/// then lost. Returns how it ended, the bytes still to be written to the client
+/// (which the caller flushes after giving the server connection back), and what
+/// the client's statements did to its session.
 pub async fn splice(
     client: ClientSide<'_>,
     server: &mut ServerConn,
-    hold: bool,
+    pooling: Pooling<'_>,
     stop: &CancellationToken,
     evicted: &CancellationToken,
-) -> (Outcome, BytesMut, Traffic) {
+) -> (Outcome, BytesMut, Exchange) {
     let mut x = Exchange::default();
-    let (outcome, rest) = run(client, server, hold, stop, evicted, &mut x).await;
-    (outcome, rest, x.traffic)
+    let (outcome, rest) = run(client, server, pooling, stop, evicted, &mut x).await;
+    (outcome, rest, x)
 }
 
 async fn run(
     client: ClientSide<'_>,
     server: &mut ServerConn,
-    hold: bool,
+    pooling: Pooling<'_>,
     stop: &CancellationToken,
     evicted: &CancellationToken,
     x: &mut Exchange,
@@ -137,16 +191,32 @@ async fn run(
         scanner,
         params,
         status,
+        statements,
     } = client;
     let (mut client_r, mut client_w) = stream.split();
     let ServerConn {
         stream: server_stream,
         inbuf: server_in,
-        pending,
+        expected,
+        statements: server_statements,
         applied,
         ..
     } = server;
     let (mut server_r, mut server_w) = server_stream.split();
+    let hold = pooling.hold;
+    let mut cx = Ctx {
+        expected,
+        server_statements,
+        applied,
+        client_statements: statements,
+        registry: pooling.registry,
+        max_prepared: pooling.max_prepared,
+        transaction_pooling: pooling.transaction,
+        params,
+        status,
+        scanner,
+        x,
+    };
 
     // Created once: a cancellation future registers its waker when first polled.
     let stopped = stop.cancelled();
@@ -161,9 +231,9 @@ async fn run(
             return (
                 Outcome::ServerLost {
                     reason: $reason,
-                    notice: x.fatal.take(),
-                    pending: pending.len(),
-                    mid_batch: x.unsynced || !scanner.at_boundary(),
+                    notice: cx.x.fatal.take(),
+                    pending: cx.expected.answers_owed(),
+                    mid_batch: cx.x.unsynced || !cx.scanner.at_boundary(),
                 },
                 to_client,
             )
@@ -171,16 +241,20 @@ async fn run(
     }
 
     // Whatever the client already sent starts the exchange.
-    if let Err(e) = forward_client(inbuf, scanner, &mut to_server, pending, x) {
+    if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
         return (Outcome::ClientProtocol(e), to_client);
     }
 
     loop {
-        let idle = pending.is_empty() && *status == b'I' && !x.unsynced && scanner.at_boundary();
-        if x.client_done && to_server.is_empty() {
+        let idle = cx.idle();
+        if cx.x.client_done && to_server.is_empty() {
             // The client is gone once what it sent before leaving reached the
             // server; the connection is reusable only if nothing is owed.
             return (Outcome::ClientLeft { clean: idle }, BytesMut::new());
+        }
+        if idle && !hold && to_server.is_empty() && inbuf.is_empty() {
+            // Everything was answered by pgwarden itself (a DEALLOCATE, say).
+            return (Outcome::Idle, to_client);
         }
         if hold && idle && to_server.is_empty() && to_client.is_empty() && stop.is_cancelled() {
             return (Outcome::Idle, to_client);
@@ -192,18 +266,18 @@ async fn run(
                     lost!(format!("write failed: {e}"));
                 }
             }
-            r = client_w.write_buf(&mut to_client), if !to_client.is_empty() && !x.client_done => {
+            r = client_w.write_buf(&mut to_client), if !to_client.is_empty() && !cx.x.client_done => {
                 match r {
-                    Ok(n) => x.traffic.sent += n as u64,
+                    Ok(n) => cx.x.traffic.sent += n as u64,
                     Err(_) => {
-                        x.client_done = true;
+                        cx.x.client_done = true;
                         to_client.clear();
                     }
                 }
             }
             r = read_into(&mut server_r, server_in), if to_client.len() < HIGH_WATER => {
                 match r {
-                    Ok(0) => match &x.fatal {
+                    Ok(0) => match &cx.x.fatal {
                         Some(n) => lost!(n.message.clone()),
                         None => lost!("server closed the connection".to_owned()),
                     },
@@ -213,20 +287,20 @@ async fn run(
                 // A session that holds its server (session mode) keeps reading
                 // past the end of each transaction.
                 loop {
-                    match forward_server(server_in, &mut server_scan, &mut to_client, pending, status, params, applied, x) {
-                        Ok(true) if !hold && scanner.at_boundary() => return (Outcome::Idle, to_client),
+                    match responses::forward(server_in, &mut server_scan, &mut to_client, &mut cx) {
+                        Ok(true) if !hold => return (Outcome::Idle, to_client),
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => lost!(e),
                     }
                 }
             }
-            r = read_into(&mut client_r, inbuf), if !x.client_done && to_server.len() < HIGH_WATER => {
+            r = read_into(&mut client_r, inbuf), if !cx.x.client_done && to_server.len() < HIGH_WATER => {
                 match r {
-                    Ok(0) | Err(_) => x.client_done = true,
+                    Ok(0) | Err(_) => cx.x.client_done = true,
                     Ok(n) => {
-                        x.traffic.received += n as u64;
-                        if let Err(e) = forward_client(inbuf, scanner, &mut to_server, pending, x) {
+                        cx.x.traffic.received += n as u64;
+                        if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
                             return (Outcome::ClientProtocol(e), to_client);
                         }
                     }
@@ -236,6 +310,20 @@ async fn run(
             () = &mut stopped, if hold && idle && !stop.is_cancelled() => {}
         }
     }
+}
+
+/// Forwards new client bytes, then writes the answers pgwarden gives itself that are
+/// next in line (they need no server message to come first).
+fn client_sent(
+    inbuf: &mut BytesMut,
+    to_server: &mut BytesMut,
+    server_in: &mut BytesMut,
+    to_client: &mut BytesMut,
+    cx: &mut Ctx<'_>,
+) -> Result<(), String> {
+    frontend::forward(inbuf, to_server, cx)?;
+    responses::answer_locally(server_in, &mut 0, to_client, cx);
+    Ok(())
 }
 
 async fn read_into<R: AsyncReadExt + Unpin>(
@@ -249,154 +337,16 @@ async fn read_into<R: AsyncReadExt + Unpin>(
 }
 
 /// Moves the first `n` bytes of `from` to the end of `to` without copying when they are adjacent.
-fn pass(from: &mut BytesMut, n: usize, to: &mut BytesMut) {
+pub fn pass(from: &mut BytesMut, n: usize, to: &mut BytesMut) {
     if n > 0 {
         to.unsplit(from.split_to(n));
     }
 }
 
-/// The frontend messages pgwarden understands after login.
-pub fn is_frontend_message(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X'
-    )
-}
-
-/// Scans new client bytes, counts requests, and queues them for the server.
-fn forward_client(
-    inbuf: &mut BytesMut,
-    scanner: &mut Scanner,
-    to_server: &mut BytesMut,
-    pending: &mut std::collections::VecDeque<u8>,
-    x: &mut Exchange,
-) -> Result<(), String> {
-    let mut pos = 0;
-    while !x.client_done {
-        if scanner.at_boundary()
-            && let Some(&tag) = inbuf.get(pos)
-            && !is_frontend_message(tag)
-        {
-            return Err(format!(
-                "invalid frontend message type '{}'",
-                char::from(tag)
-            ));
-        }
-        match scanner.next(&inbuf[pos..], |t| t == b'X') {
-            Scan::Body(n) => pos += n,
-            Scan::Header { tag } => {
-                match tag {
-                    b'Q' | b'F' => {
-                        pending.push_back(tag);
-                        x.unsynced = false;
-                        x.traffic.queries += 1;
-                    }
-                    b'E' => {
-                        x.unsynced = true;
-                        x.traffic.queries += 1;
-                    }
-                    // A Sync sent during COPY FROM STDIN is ignored by the server.
-                    b'S' if !x.copy_in => {
-                        pending.push_back(tag);
-                        x.unsynced = false;
-                    }
-                    b'c' | b'f' => x.copy_in = false,
-                    b'S' | b'H' | b'd' => {}
-                    _ => x.unsynced = true,
-                }
-                pos += HEADER_LEN;
-            }
-            Scan::Whole { len, .. } => {
-                // Terminate: forward what came before it, never the message itself.
-                pass(inbuf, pos, to_server);
-                let _ = inbuf.split_to(len);
-                pos = 0;
-                x.client_done = true;
-            }
-            Scan::NeedMore => break,
-            Scan::Invalid(e) => return Err(e.to_string()),
-        }
-    }
-    pass(inbuf, pos, to_server);
-    Ok(())
-}
-
-/// Scans new server bytes and queues them for the client. Returns true when the
-/// transaction is over; the ReadyForQuery that ends it is the last byte queued,
-/// and anything after it stays in `inbuf`.
-#[allow(clippy::too_many_arguments)]
-fn forward_server(
-    inbuf: &mut BytesMut,
-    scanner: &mut Scanner,
-    to_client: &mut BytesMut,
-    pending: &mut std::collections::VecDeque<u8>,
-    status: &mut u8,
-    params: &mut Arc<ParamSet>,
-    applied: &mut Option<Arc<ParamSet>>,
-    x: &mut Exchange,
-) -> Result<bool, String> {
-    let mut pos = 0;
-    let wanted = |t| matches!(t, b'Z' | b'S' | b'E' | b'G' | b'W');
-    loop {
-        match scanner.next(&inbuf[pos..], wanted) {
-            Scan::Body(n) => pos += n,
-            Scan::Header { .. } => pos += HEADER_LEN,
-            Scan::Whole { tag, len } => {
-                let body = &inbuf[pos + HEADER_LEN..pos + len];
-                match tag {
-                    b'Z' => {
-                        *status = body.first().copied().unwrap_or(b'I');
-                        pending.pop_front();
-                        // A server error ends any COPY.
-                        x.copy_in = false;
-                        pos += len;
-                        if pending.is_empty() && *status == b'I' && !x.unsynced {
-                            pass(inbuf, pos, to_client);
-                            return Ok(true);
-                        }
-                    }
-                    b'S' => {
-                        if let Some((name, value)) = parameter_status(body)
-                            && let Some(next) = params.after_report(name, value)
-                        {
-                            *params = Arc::new(next);
-                            *applied = Some(params.clone());
-                        }
-                        pos += len;
-                    }
-                    b'E' if error_is_fatal(body) => {
-                        // Held back: the client learns of the loss as an error on
-                        // its request, and keeps its connection.
-                        x.fatal = Some(ServerNotice::parse(body));
-                        pass(inbuf, pos, to_client);
-                        let _ = inbuf.split_to(len);
-                        pos = 0;
-                    }
-                    b'G' | b'W' => {
-                        x.copy_in = true;
-                        // COPY started by an Execute: the Sync the client sent right
-                        // after it arrives during the copy and gets no answer.
-                        if pending.front() == Some(&b'S') {
-                            pending.pop_front();
-                        }
-                        pos += len;
-                    }
-                    _ => pos += len,
-                }
-            }
-            Scan::NeedMore => break,
-            Scan::Invalid(e) => return Err(format!("invalid message from server: {e}")),
-        }
-    }
-    pass(inbuf, pos, to_client);
-    Ok(false)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-
     use super::*;
+    use crate::client::expect::Expect;
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
@@ -413,161 +363,388 @@ mod tests {
         b
     }
 
-    #[test]
-    fn counts_requests_and_unsynced_messages() {
-        let mut inbuf = buf(&[
-            frame(b'P', b"\0select 1\0\0\0"),
-            frame(b'B', b"\0\0\0\0\0\0\0\0"),
-            frame(b'E', b"\0\0\0\0\0"),
-        ]);
-        let mut scanner = Scanner::default();
-        let mut out = BytesMut::new();
-        let mut pending = VecDeque::new();
-        let mut x = Exchange::default();
-        forward_client(&mut inbuf, &mut scanner, &mut out, &mut pending, &mut x).unwrap();
-        assert!(x.unsynced);
-        assert!(pending.is_empty());
-        let mut more = buf(&[frame(b'S', b""), frame(b'Q', b"select 2\0")]);
-        forward_client(&mut more, &mut scanner, &mut out, &mut pending, &mut x).unwrap();
-        assert!(!x.unsynced);
-        assert_eq!(pending, VecDeque::from([b'S', b'Q']));
-        assert!(more.is_empty());
-    }
-
-    #[test]
-    fn terminate_is_swallowed_and_stops_forwarding() {
-        let mut inbuf = buf(&[frame(b'Q', b"x\0"), frame(b'X', b""), frame(b'Q', b"y\0")]);
-        let mut scanner = Scanner::default();
-        let mut out = BytesMut::new();
-        let mut pending = VecDeque::new();
-        let mut x = Exchange::default();
-        forward_client(&mut inbuf, &mut scanner, &mut out, &mut pending, &mut x).unwrap();
-        assert!(x.client_done);
-        assert_eq!(&out[..], &frame(b'Q', b"x\0")[..]);
-        assert_eq!(pending.len(), 1);
-    }
-
-    #[test]
-    fn garbage_after_login_is_a_protocol_error() {
-        let mut inbuf = BytesMut::from(&b"GARBAGE!"[..]);
-        let err = forward_client(
-            &mut inbuf,
-            &mut Scanner::default(),
-            &mut BytesMut::new(),
-            &mut VecDeque::new(),
-            &mut Exchange::default(),
-        )
-        .unwrap_err();
-        assert!(err.contains("invalid frontend message type 'G'"), "{err}");
-    }
-
-    #[test]
-    fn partial_client_frames_stream_through() {
-        let whole = frame(b'd', &[7u8; 100]);
-        let mut scanner = Scanner::default();
-        let mut out = BytesMut::new();
-        let mut pending = VecDeque::new();
-        let mut x = Exchange::default();
-        let mut first = BytesMut::from(&whole[..40]);
-        forward_client(&mut first, &mut scanner, &mut out, &mut pending, &mut x).unwrap();
-        assert_eq!(out.len(), 40);
-        assert!(!scanner.at_boundary());
-        let mut rest = BytesMut::from(&whole[40..]);
-        forward_client(&mut rest, &mut scanner, &mut out, &mut pending, &mut x).unwrap();
-        assert_eq!(&out[..], &whole[..]);
-        assert!(scanner.at_boundary());
-    }
-
-    struct ServerSide {
-        scanner: Scanner,
-        out: BytesMut,
-        pending: VecDeque<u8>,
-        status: u8,
-        params: Arc<ParamSet>,
+    /// Both directions of one splice, without sockets.
+    #[derive(Default)]
+    struct Pair {
+        expected: Expected,
+        server_statements: ServerStatements,
         applied: Option<Arc<ParamSet>>,
+        client_statements: ClientStatements,
+        registry: Registry,
+        params: Arc<ParamSet>,
+        status: u8,
+        scanner: Scanner,
+        server_scanner: Scanner,
         x: Exchange,
+        to_server: BytesMut,
+        to_client: BytesMut,
     }
 
-    impl ServerSide {
-        fn new(pending: &[u8]) -> Self {
-            ServerSide {
-                scanner: Scanner::default(),
-                out: BytesMut::new(),
-                pending: pending.iter().copied().collect(),
+    impl Pair {
+        fn new() -> Pair {
+            Pair {
                 status: b'I',
-                params: Arc::new(ParamSet::default()),
-                applied: None,
-                x: Exchange::default(),
+                ..Pair::default()
             }
         }
-        fn feed(&mut self, inbuf: &mut BytesMut) -> Result<bool, String> {
-            forward_server(
-                inbuf,
-                &mut self.scanner,
-                &mut self.out,
-                &mut self.pending,
-                &mut self.status,
-                &mut self.params,
-                &mut self.applied,
-                &mut self.x,
+
+        fn cx(&mut self) -> (Ctx<'_>, &mut BytesMut, &mut BytesMut, &mut Scanner) {
+            (
+                Ctx {
+                    expected: &mut self.expected,
+                    server_statements: &mut self.server_statements,
+                    applied: &mut self.applied,
+                    client_statements: &mut self.client_statements,
+                    registry: &self.registry,
+                    max_prepared: 2,
+                    transaction_pooling: true,
+                    params: &mut self.params,
+                    status: &mut self.status,
+                    scanner: &mut self.scanner,
+                    x: &mut self.x,
+                },
+                &mut self.to_server,
+                &mut self.to_client,
+                &mut self.server_scanner,
             )
+        }
+
+        fn client(&mut self, parts: &[Vec<u8>]) -> Result<(), String> {
+            let mut inbuf = buf(parts);
+            let (mut cx, to_server, to_client, _) = self.cx();
+            client_sent(
+                &mut inbuf,
+                to_server,
+                &mut BytesMut::new(),
+                to_client,
+                &mut cx,
+            )
+        }
+
+        fn server(&mut self, parts: &[Vec<u8>]) -> Result<bool, String> {
+            let mut inbuf = buf(parts);
+            let (mut cx, _, to_client, scanner) = self.cx();
+            responses::forward(&mut inbuf, scanner, to_client, &mut cx)
+        }
+
+        /// The type bytes of the messages queued for the client (and forgets them).
+        fn client_got(&mut self) -> Vec<u8> {
+            tags(&std::mem::take(&mut self.to_client))
+        }
+
+        fn server_got(&mut self) -> Vec<u8> {
+            tags(&std::mem::take(&mut self.to_server))
         }
     }
 
+    fn tags(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while rest.len() >= 5 {
+            let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            out.push(rest[0]);
+            rest = &rest[(len + 1).min(rest.len())..];
+        }
+        out
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        frame(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+    }
+
+    fn bind(stmt: &str) -> Vec<u8> {
+        frame(b'B', format!("\0{stmt}\0\0\0\0\0\0\0").as_bytes())
+    }
+
+    fn sync() -> Vec<u8> {
+        frame(b'S', b"")
+    }
+
+    fn ready(status: u8) -> Vec<u8> {
+        frame(b'Z', &[status])
+    }
+
     #[test]
-    fn idle_after_the_last_ready_for_query_only() {
-        let mut s = ServerSide::new(b"QQ");
-        let mut inbuf = buf(&[frame(b'C', b"SELECT 1\0"), frame(b'Z', b"I")]);
-        assert!(!s.feed(&mut inbuf).unwrap());
-        let mut inbuf = buf(&[
-            frame(b'C', b"SELECT 1\0"),
-            frame(b'Z', b"I"),
-            frame(b'N', b"\0"),
-        ]);
-        assert!(s.feed(&mut inbuf).unwrap());
-        // The asynchronous notice after the final ReadyForQuery stays with the server.
-        assert_eq!(&inbuf[..], &frame(b'N', b"\0")[..]);
+    fn requests_are_queued_in_order_and_answers_pop_them() {
+        let mut p = Pair::new();
+        p.client(&[parse("", "select 1"), bind(""), frame(b'E', b"\0\0\0\0\0")])
+            .unwrap();
+        assert!(p.x.unsynced);
+        assert_eq!(p.expected.len(), 3);
+        p.client(&[sync(), frame(b'Q', b"select 2\0")]).unwrap();
+        assert!(!p.x.unsynced);
+        assert_eq!(p.server_got(), b"PBESQ");
+        assert!(
+            !p.server(&[
+                frame(b'1', b""),
+                frame(b'2', b""),
+                frame(b'D', b"\0\0"),
+                frame(b'C', b"SELECT 1\0"),
+                ready(b'I')
+            ])
+            .unwrap()
+        );
+        assert!(
+            p.server(&[
+                frame(b'T', b"\0\0"),
+                frame(b'D', b"\0\0"),
+                frame(b'C', b"SELECT 1\0"),
+                ready(b'I'),
+                frame(b'N', b"\0")
+            ])
+            .unwrap()
+        );
+        assert!(p.expected.is_empty());
+        assert_eq!(p.client_got(), b"12DCZTDCZ");
     }
 
     #[test]
     fn a_transaction_block_keeps_the_server() {
-        let mut s = ServerSide::new(b"Q");
-        let mut inbuf = buf(&[frame(b'C', b"BEGIN\0"), frame(b'Z', b"T")]);
-        assert!(!s.feed(&mut inbuf).unwrap());
-        assert_eq!(s.status, b'T');
+        let mut p = Pair::new();
+        p.client(&[frame(b'Q', b"BEGIN\0")]).unwrap();
+        assert!(!p.server(&[frame(b'C', b"BEGIN\0"), ready(b'T')]).unwrap());
+        assert_eq!(p.status, b'T');
+    }
+
+    #[test]
+    fn terminate_is_swallowed_and_stops_forwarding() {
+        let mut p = Pair::new();
+        p.client(&[frame(b'Q', b"x\0"), frame(b'X', b""), frame(b'Q', b"y\0")])
+            .unwrap();
+        assert!(p.x.client_done);
+        assert_eq!(p.server_got(), b"Q");
+    }
+
+    #[test]
+    fn garbage_after_login_is_a_protocol_error() {
+        let mut p = Pair::new();
+        let err = p.client(&[b"GARBAGE!".to_vec()]).unwrap_err();
+        assert!(err.contains("invalid frontend message type 'G'"), "{err}");
+    }
+
+    #[test]
+    fn large_frames_stream_through_in_pieces() {
+        let mut p = Pair::new();
+        let whole = frame(b'd', &[7u8; 100]);
+        p.client(&[whole[..40].to_vec()]).unwrap();
+        assert_eq!(p.to_server.len(), 40);
+        assert!(!p.scanner.at_boundary());
+        p.client(&[whole[40..].to_vec()]).unwrap();
+        assert_eq!(&p.to_server[..], &whole[..]);
+        assert!(p.scanner.at_boundary());
+    }
+
+    #[test]
+    fn named_statements_get_server_names_and_are_prepared_where_missing() {
+        let mut p = Pair::new();
+        // The client prepares s1: it reaches the server renamed, after a swallowed Close.
+        p.client(&[parse("s1", "select $1"), sync()]).unwrap();
+        let sent = std::mem::take(&mut p.to_server);
+        assert_eq!(tags(&sent), b"CPS");
+        assert!(!sent.windows(2).any(|w| w == b"s1"));
+        assert!(
+            p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
+                .unwrap()
+        );
+        assert_eq!(p.client_got(), b"1Z");
+
+        // Another server connection (empty cache): the Bind is preceded by a Parse.
+        p.server_statements.clear();
+        p.client(&[bind("s1"), frame(b'E', b"\0\0\0\0\0"), sync()])
+            .unwrap();
+        assert_eq!(p.server_got(), b"CPBES");
+        assert!(
+            p.server(&[
+                frame(b'3', b""),
+                frame(b'1', b""),
+                frame(b'2', b""),
+                frame(b'C', b"SELECT 1\0"),
+                ready(b'I')
+            ])
+            .unwrap()
+        );
+        assert_eq!(p.client_got(), b"2CZ");
+
+        // Preparing the same text again on a connection that has it: answered by pgwarden.
+        p.client_statements.remove(b"s1");
+        p.client(&[parse("s2", "select $1"), sync()]).unwrap();
+        assert_eq!(p.server_got(), b"S");
+        assert_eq!(p.client_got(), b"1");
+        assert!(p.server(&[ready(b'I')]).unwrap());
+        assert_eq!(p.client_got(), b"Z");
+
+        // Close only forgets the client's name, and is answered at its turn.
+        p.client(&[frame(b'C', b"Ss2\0"), sync()]).unwrap();
+        assert_eq!(p.server_got(), b"S");
+        assert!(p.client_statements.is_empty());
+        assert!(p.server(&[ready(b'I')]).unwrap());
+        assert_eq!(p.client_got(), b"3Z");
+    }
+
+    #[test]
+    fn parses_of_accepted_statements_are_answered_without_a_server() {
+        let mut p = Pair::new();
+        let batch = |parts: &[Vec<u8>]| parts.concat();
+        let prepare_s2 = batch(&[parse("s2", "select $1"), sync()]);
+        // Not yet accepted by any server: a server is needed.
+        assert!(
+            frontend::prepare_without_server(&prepare_s2, &mut p.client_statements, &p.registry)
+                .is_none()
+        );
+        p.client(&[parse("s1", "select $1"), sync()]).unwrap();
+        p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
+            .unwrap();
+        // Accepted now: s2 is answered at once, and its Sync with it.
+        let (used, out) =
+            frontend::prepare_without_server(&prepare_s2, &mut p.client_statements, &p.registry)
+                .unwrap();
+        assert_eq!(used, prepare_s2.len());
+        assert_eq!(tags(&out), b"1Z");
+        assert!(p.client_statements.contains(b"s2"));
+        // A name in use, an unknown text, or anything but Parse and Sync needs a server.
+        for other in [
+            batch(&[parse("s2", "select $1"), sync()]),
+            batch(&[parse("s3", "select 2"), sync()]),
+            batch(&[parse("s3", "select $1"), bind("s3"), sync()]),
+            batch(&[parse("s3", "select $1")]),
+        ] {
+            assert!(
+                frontend::prepare_without_server(&other, &mut p.client_statements, &p.registry)
+                    .is_none()
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_parse_forgets_the_names_and_skips_to_sync() {
+        let mut p = Pair::new();
+        p.client(&[
+            parse("bad", "selec oops"),
+            bind("bad"),
+            frame(b'E', b"\0\0\0\0\0"),
+            sync(),
+        ])
+        .unwrap();
+        let error = frame(b'E', b"SERROR\0C42601\0Msyntax error\0\0");
+        assert!(p.server(&[frame(b'3', b""), error, ready(b'I')]).unwrap());
+        assert_eq!(p.client_got(), b"EZ");
+        assert!(p.client_statements.is_empty());
+        assert!(p.server_statements.is_empty());
+    }
+
+    #[test]
+    fn preparing_an_existing_name_fails_like_postgres() {
+        let mut p = Pair::new();
+        p.client(&[parse("s1", "select 1"), sync()]).unwrap();
+        p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
+            .unwrap();
+        p.client_got();
+        p.server_got();
+        p.client(&[parse("s1", "select 2"), bind("s1"), sync()])
+            .unwrap();
+        assert_eq!(p.server_got(), b"S");
+        assert_eq!(p.client_got(), b"E");
+        assert!(p.server(&[ready(b'I')]).unwrap());
+    }
+
+    #[test]
+    fn the_server_cache_closes_what_it_evicts() {
+        let mut p = Pair::new();
+        for (i, sql) in ["select 1", "select 2", "select 3"].iter().enumerate() {
+            p.client(&[parse(&format!("s{i}"), sql), sync()]).unwrap();
+        }
+        // Capacity 2: the third Parse evicts the first statement with a Close.
+        assert_eq!(p.server_got(), b"CPSCPSCCPS");
+        assert_eq!(p.server_statements.len(), 2);
+    }
+
+    #[test]
+    fn deallocate_and_discard_all_are_answered_locally() {
+        let mut p = Pair::new();
+        p.client(&[parse("s1", "select 1"), sync()]).unwrap();
+        p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
+            .unwrap();
+        p.server_got();
+        p.client_got();
+        p.client(&[frame(b'Q', b"DEALLOCATE s1\0")]).unwrap();
+        assert_eq!(p.server_got(), b"");
+        assert_eq!(p.client_got(), b"CZ");
+        assert!(p.client_statements.is_empty());
+        p.client(&[frame(b'Q', b"discard all\0")]).unwrap();
+        assert_eq!(p.client_got(), b"CZ");
+        assert!(p.x.reset_all);
+        // An SQL-level statement the client does not have: the server answers.
+        p.client(&[frame(b'Q', b"DEALLOCATE other\0")]).unwrap();
+        assert_eq!(p.server_got(), b"Q");
+    }
+
+    #[test]
+    fn session_only_sql_gets_a_notice_first_and_settings_are_noted() {
+        let mut p = Pair::new();
+        p.client(&[frame(b'Q', b"LISTEN jobs; SET statement_timeout = 5\0")])
+            .unwrap();
+        assert_eq!(p.client_got(), b"N");
+        assert_eq!(p.server_got(), b"Q");
+        assert_eq!(p.x.touched, ["statement_timeout"]);
     }
 
     #[test]
     fn copy_in_started_by_execute_swallows_the_sync() {
-        let mut s = ServerSide::new(b"S");
-        let mut inbuf = buf(&[frame(b'1', b""), frame(b'2', b""), frame(b'G', b"\0\0\0")]);
-        assert!(!s.feed(&mut inbuf).unwrap());
-        assert!(s.pending.is_empty());
-        assert!(s.x.copy_in);
+        let mut p = Pair::new();
+        p.client(&[
+            parse("", "copy t from stdin"),
+            bind(""),
+            frame(b'E', b"\0\0\0\0\0"),
+            sync(),
+        ])
+        .unwrap();
+        assert!(
+            !p.server(&[frame(b'1', b""), frame(b'2', b""), frame(b'G', b"\0\0\0")])
+                .unwrap()
+        );
+        assert!(p.x.copy_in);
+        p.client(&[frame(b'd', b"1\n"), frame(b'c', b""), sync()])
+            .unwrap();
+        assert!(p.server(&[frame(b'C', b"COPY 1\0"), ready(b'I')]).unwrap());
+        assert!(p.expected.is_empty());
     }
 
     #[test]
     fn fatal_errors_are_held_back_from_the_client() {
-        let mut s = ServerSide::new(b"Q");
+        let mut p = Pair::new();
+        p.client(&[frame(b'Q', b"select 1\0")]).unwrap();
         let fatal = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection\0\0";
-        let mut inbuf = buf(&[frame(b'D', b"\0\0"), frame(b'E', fatal)]);
-        assert!(!s.feed(&mut inbuf).unwrap());
-        assert_eq!(&s.out[..], &frame(b'D', b"\0\0")[..]);
-        assert_eq!(s.x.fatal.as_ref().unwrap().code, "57P01");
+        assert!(
+            !p.server(&[frame(b'D', b"\0\0"), frame(b'E', fatal)])
+                .unwrap()
+        );
+        assert_eq!(p.client_got(), b"D");
+        assert_eq!(p.x.fatal.as_ref().unwrap().code, "57P01");
+        assert_eq!(p.expected.answers_owed(), 1);
     }
 
     #[test]
     fn reported_settings_follow_the_client() {
-        let mut s = ServerSide::new(b"Q");
-        let mut inbuf = buf(&[
-            frame(b'S', b"TimeZone\0Asia/Tokyo\0"),
-            frame(b'C', b"SET\0"),
-            frame(b'Z', b"I"),
-        ]);
-        assert!(s.feed(&mut inbuf).unwrap());
-        assert_eq!(s.params.get("timezone"), Some("Asia/Tokyo"));
-        assert!(Arc::ptr_eq(s.applied.as_ref().unwrap(), &s.params));
-        // ParameterStatus still reaches the client.
-        assert_eq!(s.out[0], b'S');
+        let mut p = Pair::new();
+        p.client(&[frame(b'Q', b"SET TimeZone = 'Asia/Tokyo'\0")])
+            .unwrap();
+        assert!(
+            p.server(&[
+                frame(b'S', b"TimeZone\0Asia/Tokyo\0"),
+                frame(b'C', b"SET\0"),
+                ready(b'I')
+            ])
+            .unwrap()
+        );
+        assert_eq!(p.params.get("timezone"), Some("Asia/Tokyo"));
+        assert!(Arc::ptr_eq(p.applied.as_ref().unwrap(), &p.params));
+        assert_eq!(p.client_got(), b"SCZ");
+    }
+
+    #[test]
+    fn an_answer_nobody_asked_for_is_a_desync() {
+        let mut p = Pair::new();
+        p.expected.push(Expect::Query);
+        assert!(p.server(&[frame(b'1', b"")]).is_err());
     }
 }

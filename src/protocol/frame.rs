@@ -101,6 +101,23 @@ impl Scanner {
         self.body_left == 0
     }
 
+    /// Body bytes of the current frame not seen yet.
+    pub fn body_left(&self) -> usize {
+        self.body_left
+    }
+
+    /// Passes up to `available` body bytes of the current frame; returns how many.
+    pub fn pass(&mut self, available: usize) -> usize {
+        let n = self.body_left.min(available);
+        self.body_left -= n;
+        n
+    }
+
+    /// Starts a frame whose body (`len` bytes after the header) will stream.
+    pub fn begin(&mut self, len: usize) {
+        self.body_left = len;
+    }
+
     /// Examines the bytes at the start of `buf`. `whole(tag)` says which frames the
     /// caller wants complete (bounded by [`MAX_BUFFERED_LEN`]); others stream.
     /// The caller consumes exactly what the step names before calling again.
