@@ -55,6 +55,12 @@ pub struct Config {
     /// `[failover]`: what happens when the primary fails
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// `[tls]`: TLS between clients and pgwarden
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// `[server_tls]`: TLS between pgwarden and the backends
+    #[serde(default)]
+    pub server_tls: ServerTlsConfig,
     /// `[[backends]]`: the PostgreSQL nodes
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
@@ -106,6 +112,58 @@ impl Default for General {
             stats_users: Vec::new(),
         }
     }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// whether clients may or must use TLS
+    pub mode: ClientTlsMode,
+    /// the server certificate chain (PEM) pgwarden presents
+    pub cert_file: PathBuf,
+    /// its private key (PEM)
+    pub key_file: PathBuf,
+}
+
+/// TLS towards clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered `N`
+    #[default]
+    Disable,
+    /// TLS when the client asks for it
+    Allow,
+    /// a client that does not use TLS is refused
+    Require,
+}
+
+/// `[server_tls]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    /// whether and how pgwarden uses TLS to the backends (as libpq's sslmode)
+    pub mode: ServerTlsMode,
+    /// CA certificates (PEM) the backends' certificates must chain to (verify-ca, verify-full)
+    pub ca_file: PathBuf,
+}
+
+/// TLS towards the backends, with libpq's sslmode meanings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// plain TCP
+    #[default]
+    Disable,
+    /// TLS when the backend offers it, unverified
+    Prefer,
+    /// TLS or no connection, unverified
+    Require,
+    /// TLS with a certificate signed by `ca_file`
+    VerifyCa,
+    /// as verify-ca, and the certificate names the backend's host
+    VerifyFull,
 }
 
 /// `[auth]`
@@ -489,6 +547,29 @@ impl Config {
                 return err(format!("backends[{i}].port"), "must be 1-65535".into());
             }
         }
+        if self.tls.mode != ClientTlsMode::Disable {
+            for (key, path) in [
+                ("tls.cert_file", &self.tls.cert_file),
+                ("tls.key_file", &self.tls.key_file),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return err(
+                        key.into(),
+                        "required when tls.mode is allow or require".into(),
+                    );
+                }
+            }
+        }
+        if matches!(
+            self.server_tls.mode,
+            ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull
+        ) && self.server_tls.ca_file.as_os_str().is_empty()
+        {
+            return err(
+                "server_tls.ca_file".into(),
+                "required when server_tls.mode is verify-ca or verify-full".into(),
+            );
+        }
         if self.databases.is_empty() {
             return err(
                 "databases".into(),
@@ -831,6 +912,22 @@ host = "127.0.0.1"
 
         let e = parse("[pgwarden\n").unwrap_err();
         assert_eq!(e.key, "(syntax)");
+    }
+
+    #[test]
+    fn tls_modes_need_their_files() {
+        let e = parse(&format!("[tls]\nmode = \"require\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "tls.cert_file");
+        let e = parse(&format!("[tls]\nmode = \"sometimes\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "tls.mode");
+        let e = parse(&format!("[server_tls]\nmode = \"verify-full\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "server_tls.ca_file");
+        let c = parse(&format!(
+            "[tls]\nmode = \"allow\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[server_tls]\nmode = \"require\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.tls.mode, ClientTlsMode::Allow);
+        assert_eq!(c.server_tls.mode, ServerTlsMode::Require);
     }
 
     #[test]

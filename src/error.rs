@@ -62,6 +62,9 @@ pub enum ServerError {
     /// The user list holds no secret pgwarden can log in to the server with.
     #[error("{0}")]
     Credentials(String),
+    /// TLS to the server was required and failed (refused, handshake, certificate).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Every failure a client can be told about.
@@ -135,6 +138,9 @@ pub enum ClientError {
     /// The user may not use the admin console (or this command).
     #[error("{0}")]
     NotAllowed(String),
+    /// `tls.mode = "require"` and the client did not ask for TLS.
+    #[error("pgwarden requires TLS: connect with sslmode=require (or verify-ca, verify-full)")]
+    TlsRequired,
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -147,7 +153,7 @@ impl ServerError {
         match self {
             ServerError::Io(_) | ServerError::Timeout(_) => true,
             ServerError::Rejected(n) => matches!(n.code.as_str(), "57P01" | "57P02" | "57P03"),
-            ServerError::Protocol(_) | ServerError::Credentials(_) => false,
+            ServerError::Protocol(_) | ServerError::Credentials(_) | ServerError::Tls(_) => false,
         }
     }
 }
@@ -175,6 +181,7 @@ impl ClientError {
             ClientError::BadParameter(_) => INVALID_PARAMETER_VALUE,
             ClientError::Shutdown | ClientError::Killed => ADMIN_SHUTDOWN,
             ClientError::NotAllowed(_) => INSUFFICIENT_PRIVILEGE,
+            ClientError::TlsRequired => INVALID_AUTHORIZATION,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
         }
     }
@@ -186,6 +193,7 @@ impl ClientError {
             ClientError::UnknownDatabase(_) => "database",
             ClientError::TooManyClients(_) => "max_client_conn",
             ClientError::NotAllowed(_) => "not_allowed",
+            ClientError::TlsRequired => "tls",
             ClientError::Protocol(_) | ClientError::Unsupported(_) => "protocol",
             ClientError::BadParameter(_) | ClientError::Server(_) => "parameter",
             _ => "server",

@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod registry;
 pub mod server;
+pub mod tls;
 pub mod verify;
 
 /// One event per line on stderr; `RUST_LOG` overrides the configured level.

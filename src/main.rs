@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pgwarden::auth::UserList;
 use pgwarden::config::Config;
+use pgwarden::tls::Tls;
 use pgwarden::{cluster, proxy};
 
 /// PostgreSQL connection pooler and fault-tolerance proxy.
@@ -101,7 +102,7 @@ fn verify(
     primary: Option<&str>,
 ) -> ExitCode {
     let result = (|| {
-        let (config, users) = load(path)?;
+        let (config, users, _) = load(path)?;
         let wait = pgwarden::config::duration::parse(wait).map_err(|e| format!("--wait: {e}"))?;
         let default_db = database
             .or_else(|| {
@@ -152,7 +153,7 @@ fn drill(path: &Path, yes: bool, to: Option<String>, back: bool) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let result = load(path).and_then(|(config, users)| {
+    let result = load(path).and_then(|(config, users, _)| {
         runtime()?.block_on(pgwarden::drill::run(&config, &users, to.as_deref(), back))
     });
     match result {
@@ -164,16 +165,17 @@ fn drill(path: &Path, yes: bool, to: Option<String>, back: bool) -> ExitCode {
     }
 }
 
-fn load(path: &Path) -> Result<(Config, UserList), String> {
+fn load(path: &Path) -> Result<(Config, UserList, Tls), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let users = UserList::load(&config.auth_file()).map_err(|e| e.to_string())?;
     config.check_users(&users).map_err(|e| e.to_string())?;
-    Ok((config, users))
+    let tls = Tls::load(&config).map_err(|e| e.to_string())?;
+    Ok((config, users, tls))
 }
 
 fn check_config(path: &Path) -> ExitCode {
     match load(path) {
-        Ok((config, users)) => {
+        Ok((config, users, _)) => {
             println!(
                 "{}: OK ({} backends, {} databases, {} users)",
                 path.display(),
@@ -191,7 +193,7 @@ fn check_config(path: &Path) -> ExitCode {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let (config, users) = match load(path) {
+    let (config, users, tls) = match load(path) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
@@ -212,7 +214,7 @@ fn run(path: &Path) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listener = proxy::bind(&config).await?;
-        proxy::serve(listener, proxy::Shared::new(config, users)).await
+        proxy::serve(listener, proxy::Shared::new(config, users, tls)).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,7 @@ use crate::health;
 use crate::metrics::Metrics;
 use crate::pool::{Gate, Pools};
 use crate::registry::ClientRegistry;
+use crate::tls::Tls;
 
 /// State shared by every task of the proxy.
 #[derive(Debug)]
@@ -37,6 +38,8 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     /// the user list
     pub users: Arc<ArcSwap<UserList>>,
+    /// certificates and TLS modes, both sides
+    pub tls: Arc<ArcSwap<Tls>>,
     /// the routing table, written by the health monitor only
     pub routing: Routing,
     /// clients saw a server connection fail: the monitor probes at once
@@ -72,18 +75,20 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Shared state for `config` and `users`.
-    pub fn new(config: Config, users: UserList) -> Arc<Shared> {
+    /// Shared state for `config`, `users` and `tls`.
+    pub fn new(config: Config, users: UserList, tls: Tls) -> Arc<Shared> {
         let users = Arc::new(ArcSwap::from_pointee(users));
+        let tls = Arc::new(ArcSwap::from_pointee(tls));
         Arc::new(Shared {
             routing: Routing::new(BackendTable::initial(&config, 1)),
             alarm: Notify::new(),
             reconfigured: Notify::new(),
             read_turn: AtomicUsize::new(0),
             first_transaction_logged: AtomicU64::new(1),
-            pools: Pools::new(users.clone()),
+            pools: Pools::new(users.clone(), tls.clone()),
             config: ArcSwap::from_pointee(config),
             users,
+            tls,
             clients: Arc::new(ClientRegistry::default()),
             gate: Gate::default(),
             metrics: Metrics::new(),
@@ -104,12 +109,14 @@ impl Shared {
         let config = Config::load(&old.source)?;
         let users = UserList::load(&config.auth_file())?;
         config.check_users(&users)?;
+        let tls = Tls::load(&config)?;
         if config.pgwarden.listen != old.pgwarden.listen
             || config.pgwarden.workers != old.pgwarden.workers
         {
             warn!("pgwarden.listen and pgwarden.workers take effect at the next restart");
         }
         self.users.store(Arc::new(users));
+        self.tls.store(Arc::new(tls));
         self.pools.reconfigure(&config);
         self.config.store(Arc::new(config));
         self.reconfigured.notify_one();
@@ -212,10 +219,10 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     Ok(())
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) {
+async fn refuse(stream: TcpStream, peer: SocketAddr, max: usize) {
     warn!(%peer, max_client_conn = max, "refusing client: max_client_conn reached");
     client::farewell(
-        &mut stream,
+        &mut crate::tls::Stream::Plain(stream),
         &ClientError::TooManyClients(max).to_notice(true),
     )
     .await;

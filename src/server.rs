@@ -19,6 +19,8 @@ use pgwire::messages::{DecodeContext, Message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::tls::{Stream, Tls};
+
 use crate::auth::Credential;
 use crate::auth::backend::BackendAuth;
 use crate::client::expect::Expected;
@@ -60,8 +62,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// An open, logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    /// the socket
-    pub stream: TcpStream,
+    /// the socket, plain or TLS
+    pub stream: Stream,
     /// bytes read from the server and not yet passed on; kept between borrows
     pub inbuf: BytesMut,
     /// requests sent and not yet answered, in order
@@ -85,9 +87,10 @@ impl ServerConn {
     pub async fn connect(
         target: &ServerTarget,
         credential: &Credential,
+        tls: &Tls,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(timeout, Self::login(target, credential))
+        tokio::time::timeout(timeout, Self::login(target, credential, tls))
             .await
             .map_err(|_| ServerError::Timeout(timeout))?
     }
@@ -95,10 +98,12 @@ impl ServerConn {
     async fn login(
         target: &ServerTarget,
         credential: &Credential,
+        tls: &Tls,
     ) -> Result<ServerConn, ServerError> {
-        let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
-        stream.set_nodelay(true)?;
-        let addr = stream.peer_addr()?;
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        tcp.set_nodelay(true)?;
+        let addr = tcp.peer_addr()?;
+        let mut stream = tls.connect(tcp, &target.host).await?;
         let mut startup = Startup::new();
         startup
             .parameters
@@ -263,11 +268,12 @@ impl ServerConn {
 
     /// Sends Terminate when the socket takes it without waiting, then closes.
     pub fn close(self) {
-        let _ = self.stream.try_write(&frontend(&Terminate::new()));
+        let mut stream = self.stream;
+        stream.write_now(&frontend(&Terminate::new()));
     }
 }
 
-async fn read(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(u8, BytesMut), ServerError> {
+async fn read(stream: &mut Stream, buf: &mut BytesMut) -> Result<(u8, BytesMut), ServerError> {
     read_message(stream, buf, MAX_BUFFERED_LEN)
         .await
         .map_err(|e| match e {

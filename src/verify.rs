@@ -8,6 +8,7 @@
 //! caught up again, so that writes in flight during the comparison are not
 //! reported as inconsistencies. Used by `pgwarden verify` and the admin `VERIFY`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -22,6 +23,7 @@ use crate::config::{BackendConfig, Config};
 use crate::failover::is_sender;
 use crate::health::probe::{Login, connect, describe};
 use crate::proxy::Shared;
+use crate::tls::Tls;
 
 /// Differing keys reported per table at most.
 const MAX_REPORTED: usize = 10;
@@ -510,7 +512,8 @@ pub async fn command(
     wait: Duration,
     primary_name: Option<&str>,
 ) -> Result<bool, String> {
-    let login = login_from(config, users)?;
+    let tls = Tls::load(config).map_err(|e| e.to_string())?;
+    let login = login_from(config, users, Arc::new(tls))?;
     let nodes: Vec<BackendConfig> = config.backends.clone();
     let mut primary = match primary_name {
         Some(name) => Some((
@@ -567,7 +570,7 @@ pub async fn command(
     Ok(ok)
 }
 
-fn login_from(config: &Config, users: &UserList) -> Result<Login, String> {
+fn login_from(config: &Config, users: &UserList, tls: Arc<Tls>) -> Result<Login, String> {
     let health = &config.health;
     match users.get(&health.user).map(|c| c.secret.clone()) {
         Some(crate::auth::Secret::Plain(password)) => Ok(Login {
@@ -575,6 +578,7 @@ fn login_from(config: &Config, users: &UserList) -> Result<Login, String> {
             password,
             dbname: health.dbname.clone(),
             timeout: health.timeout.max(Duration::from_secs(5)),
+            tls,
         }),
         _ => Err(format!(
             "health.user \"{}\" has no plain password in the user list",
@@ -585,7 +589,11 @@ fn login_from(config: &Config, users: &UserList) -> Result<Login, String> {
 
 /// The monitor user's login, from the running configuration.
 fn monitor_login(shared: &Shared) -> Result<Login, String> {
-    login_from(&shared.config.load(), &shared.users.load())
+    login_from(
+        &shared.config.load(),
+        &shared.users.load(),
+        shared.tls.load_full(),
+    )
 }
 
 #[cfg(test)]

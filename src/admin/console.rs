@@ -8,9 +8,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::tls::Stream;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::command::{self, Command};
@@ -34,7 +34,7 @@ pub enum Role {
 
 /// A logged-in admin console client.
 pub struct Console {
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     user: String,
@@ -44,12 +44,12 @@ pub struct Console {
 impl Console {
     /// Welcomes the client; on failure the socket is handed back.
     pub async fn start(
-        mut stream: TcpStream,
+        mut stream: Stream,
         peer: SocketAddr,
         shared: Arc<Shared>,
         user: String,
         role: Role,
-    ) -> Result<Console, TcpStream> {
+    ) -> Result<Console, Stream> {
         let mut out = BytesMut::new();
         for (name, value) in [
             (

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Session;
 use super::statements::ClientStatements;
 use crate::admin::{Console, Role};
 use crate::auth;
 use crate::config::ADMIN_DATABASE;
+use crate::config::ClientTlsMode;
 use crate::error::{ClientError, sqlstate};
 use crate::params::{self, ParamSet};
 use crate::protocol::ServerNotice;
@@ -28,6 +29,7 @@ use crate::protocol::messages::{
 use crate::protocol::startup::{StartupError, StartupRequest, read_startup};
 use crate::proxy::Shared;
 use crate::registry::Identity;
+use crate::tls::{Stream, Tls};
 
 /// What a new connection turned out to be.
 pub enum Login {
@@ -64,27 +66,42 @@ impl From<std::io::Error> for LoginError {
     }
 }
 
+/// How a login that did not finish ended.
+pub enum Ended {
+    /// The client left or the socket failed: nobody to tell.
+    Gone,
+    /// The client on `Stream` gets this error (as FATAL) before the connection closes.
+    Refused(Stream, ClientError),
+}
+
+impl LoginError {
+    fn on(self, stream: Stream) -> Ended {
+        match self {
+            LoginError::Gone => Ended::Gone,
+            LoginError::Refused(e) => Ended::Refused(stream, e),
+        }
+    }
+}
+
 /// Reads the startup packet(s), authenticates, and welcomes the client.
-pub async fn login(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Arc<Shared>,
-) -> Result<Login, (TcpStream, LoginError)> {
-    let logged_in = match login_steps(&mut stream, peer, shared).await {
+pub async fn login(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<Login, Ended> {
+    let tls = shared.tls.load_full();
+    let (mut stream, first) = negotiate(tcp, &tls).await?;
+    let logged_in = match login_steps(&mut stream, first, peer, shared).await {
         Ok(Step::Cancel { pid, secret }) => return Ok(Login::Cancel { pid, secret }),
         Ok(Step::Admin { user, role }) => {
             return match Console::start(stream, peer, shared.clone(), user, role).await {
                 Ok(console) => Ok(Login::Admin(Box::new(console))),
-                Err(stream) => Err((stream, LoginError::Gone)),
+                Err(_) => Err(Ended::Gone),
             };
         }
         Ok(Step::Ready(logged_in)) => logged_in,
-        Err(e) => return Err((stream, e)),
+        Err(e) => return Err(e.on(stream)),
     };
     let mut session = Session::new(stream, peer, shared.clone(), *logged_in);
     match session.welcome().await {
         Ok(()) => Ok(Login::Ready(Box::new(session))),
-        Err(e) => Err((session.into_stream(), e)),
+        Err(e) => Err(e.on(session.into_stream())),
     }
 }
 
@@ -95,11 +112,12 @@ enum Step {
 }
 
 async fn login_steps(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
+    first: StartupRequest,
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Result<Step, LoginError> {
-    let (minor, raw) = match read_startup_message(stream).await? {
+    let (minor, raw) = match first {
         StartupRequest::Cancel { pid, secret } => return Ok(Step::Cancel { pid, secret }),
         StartupRequest::Startup { minor, params } => (minor, params),
         StartupRequest::Ssl | StartupRequest::GssEnc => {
@@ -198,19 +216,51 @@ impl Session {
     }
 }
 
-/// Reads startup packets until a StartupMessage or CancelRequest, refusing SSL and GSS
-/// encryption on the way.
-async fn read_startup_message(stream: &mut TcpStream) -> Result<StartupRequest, LoginError> {
+/// Reads startup packets until a StartupMessage or CancelRequest, answering an
+/// SSLRequest with TLS when `[tls]` allows it and refusing GSS encryption. Under
+/// `tls.mode = "require"` a StartupMessage in the clear is refused (a CancelRequest
+/// is not: libpq sends those in the clear).
+async fn negotiate(mut tcp: TcpStream, tls: &Tls) -> Result<(Stream, StartupRequest), Ended> {
     // A client may ask for SSL and then GSS (or the reverse) before starting.
     for _ in 0..3 {
-        match read_startup(stream).await {
-            Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => stream.write_all(b"N").await?,
-            Ok(request) => return Ok(request),
-            Err(StartupError::Io(_)) => return Err(LoginError::Gone),
-            Err(StartupError::Invalid(e)) => return Err(e.into()),
+        match read_startup(&mut tcp).await {
+            Ok(StartupRequest::Ssl) => {
+                let mut stream = match tls.accept(tcp).await {
+                    Ok(Stream::Plain(plain)) => {
+                        tcp = plain;
+                        continue;
+                    }
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        debug!(error = %e, "TLS handshake with a client failed");
+                        return Err(Ended::Gone);
+                    }
+                };
+                return match read_startup(&mut stream).await {
+                    Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => {
+                        let e = ClientError::Protocol("SSL or GSS request inside TLS".into());
+                        Err(Ended::Refused(stream, e))
+                    }
+                    Ok(request) => Ok((stream, request)),
+                    Err(StartupError::Io(_)) => Err(Ended::Gone),
+                    Err(StartupError::Invalid(e)) => Err(Ended::Refused(stream, e)),
+                };
+            }
+            Ok(StartupRequest::GssEnc) => {
+                if tcp.write_all(b"N").await.is_err() {
+                    return Err(Ended::Gone);
+                }
+            }
+            Ok(StartupRequest::Startup { .. }) if tls.client_mode == ClientTlsMode::Require => {
+                return Err(Ended::Refused(Stream::Plain(tcp), ClientError::TlsRequired));
+            }
+            Ok(request) => return Ok((Stream::Plain(tcp), request)),
+            Err(StartupError::Io(_)) => return Err(Ended::Gone),
+            Err(StartupError::Invalid(e)) => return Err(Ended::Refused(Stream::Plain(tcp), e)),
         }
     }
-    Err(ClientError::Protocol("too many SSL/GSS negotiation requests".into()).into())
+    let e = ClientError::Protocol("too many SSL/GSS negotiation requests".into());
+    Err(Ended::Refused(Stream::Plain(tcp), e))
 }
 
 /// The parts of a StartupMessage pgwarden acts on.

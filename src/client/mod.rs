@@ -42,8 +42,9 @@ use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::Shared;
 use crate::registry::ClientHandle;
+use crate::tls::Stream;
 use aborted::Aborted;
-pub use login::{Login, LoginError};
+pub use login::{Ended, Login, LoginError};
 use splice::{ClientSide, Exchange, Outcome, Pooling};
 use statements::{ClientStatements, Registry};
 
@@ -63,7 +64,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .inc();
             info!(%peer, "client did not finish logging in within client_login_timeout");
         }
-        Ok(Err((mut stream, LoginError::Refused(e)))) => {
+        Ok(Err(Ended::Refused(mut stream, e))) => {
             debug!(%peer, error = %e, "login refused");
             shared
                 .metrics
@@ -72,7 +73,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .inc();
             farewell(&mut stream, &e.to_notice(true)).await;
         }
-        Ok(Err((_, LoginError::Gone))) => debug!(%peer, "client left during login"),
+        Ok(Err(Ended::Gone)) => debug!(%peer, "client left during login"),
         Ok(Ok(Login::Cancel { pid, secret })) => {
             let connect = shared.config.load().pool.server_connect_timeout;
             shared.clients.cancel(pid, secret, connect).await;
@@ -84,7 +85,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 
 /// Sends a last error and closes gently: unread input at close would make the
 /// kernel reset the connection, and the client might never read the error.
-pub async fn farewell(stream: &mut TcpStream, notice: &ServerNotice) {
+pub async fn farewell(stream: &mut Stream, notice: &ServerNotice) {
     let mut out = BytesMut::new();
     put_error(&mut out, notice);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -153,7 +154,7 @@ impl From<std::io::Error> for End {
 
 /// An authenticated client.
 pub struct Session {
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     who: LoggedIn,
@@ -165,7 +166,7 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, who: LoggedIn) -> Session {
+    fn new(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, who: LoggedIn) -> Session {
         Session {
             stream,
             peer,
@@ -178,7 +179,7 @@ impl Session {
         }
     }
 
-    fn into_stream(self) -> TcpStream {
+    fn into_stream(self) -> Stream {
         self.stream
     }
 
@@ -696,24 +697,27 @@ impl Session {
         if self.inbuf.is_empty() {
             self.inbuf = BytesMut::new();
         }
+        let idle = self.idle();
+        let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
+        let read = async move {
+            stream.ready_to_read().await?;
+            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
+                inbuf.reserve(READ_CHUNK);
+            }
+            // A poll-based read (rather than try_read) lets tokio note that a short read
+            // drained the socket, which spares the splice a read that would find nothing.
+            stream.read_buf(inbuf).await
+        };
         tokio::select! {
-            r = self.stream.readable() => r?,
-            () = self.shared.shutdown.cancelled(), if self.idle() => return Err(End::Shutdown),
-            () = self.who.client.entry().kill.cancelled() => {
-                return Err(End::Fatal(ClientError::Killed));
-            }
-        }
-        if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
-            self.inbuf.reserve(READ_CHUNK);
-        }
-        // A poll-based read (rather than try_read) lets tokio note that a short read
-        // drained the socket, which spares the splice a read that would find nothing.
-        match self.stream.read_buf(&mut self.inbuf).await {
-            Ok(0) | Err(_) => Err(End::Gone),
-            Ok(n) => {
-                self.who.metrics.received_bytes.inc_by(n as u64);
-                Ok(())
-            }
+            r = read => match r {
+                Ok(0) | Err(_) => Err(End::Gone),
+                Ok(n) => {
+                    self.who.metrics.received_bytes.inc_by(n as u64);
+                    Ok(())
+                }
+            },
+            () = self.shared.shutdown.cancelled(), if idle => Err(End::Shutdown),
+            () = self.who.client.entry().kill.cancelled() => Err(End::Fatal(ClientError::Killed)),
         }
     }
 

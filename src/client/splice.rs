@@ -17,9 +17,9 @@
 
 use std::sync::Arc;
 
+use crate::tls::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::expect::Expected;
@@ -65,7 +65,7 @@ pub enum Outcome {
 /// The client's side of a splice; it outlives any one server connection.
 pub struct ClientSide<'a> {
     /// the client socket
-    pub stream: &'a mut TcpStream,
+    pub stream: &'a mut Stream,
     /// bytes read from the client and not yet forwarded
     pub inbuf: &'a mut BytesMut,
     /// frame position on the client stream

@@ -77,6 +77,7 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(&config_path)?;
     let users = UserList::load(&config.auth_file())?;
     config.check_users(&users)?;
+    let tls = crate::tls::Tls::load(&config)?;
     crate::init_logging(&config.pgwarden.log_level);
 
     let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6432"));
@@ -119,7 +120,7 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async {
         let listener = proxy::bind(&config).await?;
-        proxy::serve(listener, proxy::Shared::new(config, users)).await
+        proxy::serve(listener, proxy::Shared::new(config, users, tls)).await
     })?;
     drop(cluster);
     Ok(())

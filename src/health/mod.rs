@@ -159,6 +159,7 @@ impl Monitor {
                 password,
                 dbname: health.dbname.clone(),
                 timeout: health.timeout,
+                tls: self.shared.tls.load_full(),
             }),
             _ => None,
         }

@@ -18,6 +18,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::backend::{Facts, Receiver, Replica, Role};
 use crate::config::BackendConfig;
+use crate::tls::Tls;
 
 /// How to reach a backend as the monitor user.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct Login {
     pub dbname: String,
     /// bound on connect + login, and on each query
     pub timeout: Duration,
+    /// TLS towards the backends, as `[server_tls]` says
+    pub tls: Arc<Tls>,
 }
 
 /// Opens a monitoring or control connection to `backend`, bounded by `login.timeout`.
@@ -43,23 +46,40 @@ pub async fn connect(backend: &BackendConfig, login: &Login) -> Result<Client, S
         .dbname(&login.dbname)
         .application_name("pgwarden-monitor")
         .connect_timeout(login.timeout);
-    let (client, connection) =
-        tokio::time::timeout(login.timeout, config.connect(tokio_postgres::NoTls))
-            .await
-            .map_err(|_| format!("connect timed out after {:?}", login.timeout))?
-            .map_err(|e| describe(&e))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    let connect = async {
+        match login.tls.postgres() {
+            None => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+            Some((mode, tls)) => {
+                config.ssl_mode(mode);
+                let (client, connection) = config.connect(tls).await?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+        }
+    };
+    tokio::time::timeout(login.timeout, connect)
+        .await
+        .map_err(|_| format!("connect timed out after {:?}", login.timeout))?
+        .map_err(|e: tokio_postgres::Error| describe(&e))
 }
 
-/// A tokio-postgres error in one line, with the server's message when there is one.
+/// A tokio-postgres error in one line, with the server's message when there is one,
+/// else with its causes (a TLS handshake error says which certificate check failed).
 pub fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
     }
+    let mut line = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        line = format!("{line}: {c}");
+        cause = c.source();
+    }
+    line
 }
 
 /// Everything a probe reads, in one round trip.

@@ -25,6 +25,7 @@ pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 use crate::auth::UserList;
 use crate::config::{BackendConfig, Config};
 use crate::server::ServerTarget;
+use crate::tls::Tls;
 
 /// Identifies a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -63,15 +64,18 @@ pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<ServerPool>>>,
     logins: Mutex<HashMap<(String, String), Arc<Logins>>>,
     users: Arc<ArcSwap<UserList>>,
+    tls: Arc<ArcSwap<Tls>>,
 }
 
 impl Pools {
-    /// An empty registry; pools read credentials from `users` when they connect.
-    pub fn new(users: Arc<ArcSwap<UserList>>) -> Pools {
+    /// An empty registry; pools read credentials from `users` and TLS settings from
+    /// `tls` when they connect.
+    pub fn new(users: Arc<ArcSwap<UserList>>, tls: Arc<ArcSwap<Tls>>) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
             logins: Mutex::new(HashMap::new()),
             users,
+            tls,
         }
     }
 
@@ -85,6 +89,7 @@ impl Pools {
             key.target.clone(),
             settings_for(config, &key.database),
             self.users.clone(),
+            self.tls.clone(),
             self.logins(&key.database, &key.target.user),
         ));
         debug!(db = %key.database, backend = %key.target.backend, user = %key.target.user, "pool created");

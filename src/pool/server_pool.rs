@@ -19,6 +19,7 @@ use super::slots::Slots;
 use crate::auth::UserList;
 use crate::error::ServerError;
 use crate::server::{ServerConn, ServerTarget};
+use crate::tls::Tls;
 
 /// The limits and timeouts of one pool; replaced whole on reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,7 @@ pub struct ServerPool {
     reserve: Slots,
     idle: Mutex<Vec<ServerConn>>,
     users: Arc<ArcSwap<UserList>>,
+    tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
     retired: CancellationToken,
 }
@@ -80,6 +82,7 @@ impl ServerPool {
         target: ServerTarget,
         settings: PoolSettings,
         users: Arc<ArcSwap<UserList>>,
+        tls: Arc<ArcSwap<Tls>>,
         logins: Arc<Logins>,
     ) -> Self {
         ServerPool {
@@ -89,6 +92,7 @@ impl ServerPool {
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
             users,
+            tls,
             logins,
             retired: CancellationToken::new(),
         }
@@ -126,7 +130,8 @@ impl ServerPool {
                 self.target.user
             ))
         })?;
-        match ServerConn::connect(&self.target, &credential, settings.connect_timeout).await {
+        let tls = self.tls.load();
+        match ServerConn::connect(&self.target, &credential, &tls, settings.connect_timeout).await {
             Ok(conn) => {
                 debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
                 self.logins.remember_welcome(&conn.reported);

@@ -118,6 +118,8 @@ pub struct Options {
     pub database: String,
     /// user list lines beyond the test databases' users
     pub extra_users: String,
+    /// whole extra sections (`[tls]`, `[server_tls]`, …), verbatim
+    pub sections: String,
 }
 
 /// A pgwarden process.
@@ -274,6 +276,7 @@ fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
         text.push_str(&format!("[databases.{}]\n{}\n", db.name, o.database));
     }
     text.push_str(&o.databases);
+    text.push_str(&o.sections);
     text
 }
 

@@ -1,0 +1,183 @@
+//! A connection that is plain TCP or TLS over TCP, on either side of the proxy.
+//!
+//! The session and splice code is written once against [`Stream`]. A plain
+//! stream keeps what the hot path relies on: a lock-free split into read and
+//! write halves, and waiting for readability without a buffer (so an idle
+//! client costs no read buffer). A TLS stream splits through tokio's generic
+//! split, and is read without waiting for readability first, because rustls
+//! may already hold decrypted bytes that the socket no longer signals.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp;
+use tokio_rustls::TlsStream;
+
+/// Plain TCP or TLS.
+#[derive(Debug)]
+pub enum Stream {
+    /// no encryption
+    Plain(TcpStream),
+    /// TLS, client- or server-side
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// True when the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().peer_addr()
+    }
+
+    /// Waits until a read may find bytes. Plain sockets wait for readability;
+    /// TLS returns at once (see the module docs).
+    pub async fn ready_to_read(&self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.readable().await,
+            Stream::Tls(_) => Ok(()),
+        }
+    }
+
+    /// Reads what has arrived without waiting; `WouldBlock` when nothing has.
+    pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.try_read_buf(buf),
+            Stream::Tls(s) => s
+                .read_buf(buf)
+                .now_or_never()
+                .unwrap_or_else(|| Err(io::ErrorKind::WouldBlock.into())),
+        }
+    }
+
+    /// Writes what the socket takes at once, without waiting (a farewell Terminate).
+    pub fn write_now(&mut self, bytes: &[u8]) {
+        match self {
+            Stream::Plain(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Tls(s) => {
+                let _ = async {
+                    s.write_all(bytes).await?;
+                    s.flush().await
+                }
+                .now_or_never();
+            }
+        }
+    }
+
+    /// Splits into halves that can be used at the same time.
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(&mut **s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+/// The reading half of a [`Stream`].
+#[derive(Debug)]
+pub enum ReadHalf<'a> {
+    /// plain TCP
+    Plain(tcp::ReadHalf<'a>),
+    /// TLS
+    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// The writing half of a [`Stream`].
+#[derive(Debug)]
+pub enum WriteHalf<'a> {
+    /// plain TCP
+    Plain(tcp::WriteHalf<'a>),
+    /// TLS
+    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// Forwards a poll call to whichever variant is inside.
+macro_rules! either {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self.get_mut() {
+            Self::Plain($s) => $call,
+            Self::Tls($s) => $call,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        either!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        either!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        either!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        either!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
