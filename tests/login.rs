@@ -82,34 +82,59 @@ async fn md5_and_trust_methods_and_md5_or_scram_secrets_work() {
         .unwrap();
     drop(pgw);
 
-    // A SCRAM verifier in the user list authenticates clients (the server login then
-    // uses a second user whose plain password is listed).
-    let verifier = db.admin_sql(&format!(
+    // A SCRAM verifier in the user list authenticates clients; the server login then
+    // reuses the key recovered from the client's proof (no plain password needed).
+    let scram_user = Db::create();
+    let own_verifier = scram_user.admin_sql(&format!(
+        "SELECT rolpassword FROM pg_authid WHERE rolname = '{}'",
+        scram_user.user
+    ));
+    assert!(own_verifier.starts_with("SCRAM-SHA-256$"));
+    // Another user listed with `db`'s verifier: the client passes pgwarden (same
+    // password as `db`), but the server holds a different secret for that user.
+    let stranger = Db::create();
+    let borrowed_verifier = db.admin_sql(&format!(
         "SELECT rolpassword FROM pg_authid WHERE rolname = '{}'",
         db.user
     ));
-    assert!(verifier.starts_with("SCRAM-SHA-256$"));
-    let scram_user = Db::create();
     let mut pgw_dbs = Pgwarden::start_with(
         &[&db],
         Options {
-            extra_users: format!("\"{}\" \"{verifier}\"\n", scram_user.user),
+            extra_users: format!(
+                "\"{}\" \"{own_verifier}\"\n\"{}\" \"{borrowed_verifier}\"\n",
+                scram_user.user, stranger.user
+            ),
+            databases: format!(
+                "[databases.{}]\n[databases.{}]\n",
+                scram_user.name, stranger.name
+            ),
             ..Default::default()
         },
     );
-    let as_scram_user = Db {
-        user: scram_user.user.clone(),
+    let client = common::connect(&pgw_dbs.conninfo(&scram_user))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pgw_dbs.log()));
+    let who = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(who.get::<_, String>(0), scram_user.user);
+    // A wrong password still fails at pgwarden.
+    let err = common::connect(&strip_password(&pgw_dbs.conninfo(&scram_user), "bad"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+
+    let as_stranger = Db {
         password: db.password.clone(),
-        ..db.clone()
+        ..stranger.clone()
     };
-    // The client authenticates against the verifier (same password as `db`), but the
-    // server login needs a plain password, which the user list does not have:
-    let err = common::connect(&pgw_dbs.conninfo(&as_scram_user))
+    let err = common::connect(&pgw_dbs.conninfo(&as_stranger))
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
     assert!(
-        common::message(&err).contains("store the plain password"),
+        common::message(&err).contains("differs from the one pgwarden checked"),
         "{err}"
     );
     pgw_dbs.signal(libc::SIGTERM);

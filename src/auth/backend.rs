@@ -3,23 +3,22 @@
 //! A sans-IO responder: the server connection hands it each Authentication
 //! request and sends back whatever it returns. What a secret can do towards the
 //! server: a plain password answers cleartext, md5 and SCRAM; an md5 hash
-//! answers md5 only; a SCRAM verifier answers nothing (it cannot produce a
-//! client proof), which is reported as a credentials error naming the user.
+//! answers md5 only; a SCRAM verifier answers SCRAM once a client has logged in
+//! with it (its key recovered from the client's proof, see [`super::scram`]).
+//! Anything else is a credentials error naming the user.
 
 use bytes::Bytes;
 use pgwire::messages::startup::{Authentication, Password, SASLInitialResponse, SASLResponse};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
+use super::scram::{SCRAM_SHA_256, ScramClient};
 use super::userlist::{Credential, Secret, md5_response, md5_secret};
 use crate::error::ServerError;
 use crate::protocol::messages::frontend;
 
-const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
-
 /// State of one login towards a server.
 pub struct BackendAuth<'a> {
     credential: &'a Credential,
-    scram: Option<ScramSha256>,
+    scram: Option<ScramClient>,
 }
 
 impl<'a> BackendAuth<'a> {
@@ -56,9 +55,15 @@ impl<'a> BackendAuth<'a> {
                         "server offers SASL mechanisms {mechanisms:?}, pgwarden speaks {SCRAM_SHA_256}"
                     )));
                 }
-                let password = self.plain("SCRAM-SHA-256")?;
-                let scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                let first = Bytes::copy_from_slice(scram.message());
+                let key = self.credential.scram_key().ok_or_else(|| match self.credential.secret {
+                    Secret::Scram(_) => ServerError::Credentials(format!(
+                        "the user list holds a SCRAM verifier for user \"{}\", which logs in to the server only after a client has logged in with SCRAM; store the plain password",
+                        self.credential.name
+                    )),
+                    _ => self.unusable("SCRAM-SHA-256"),
+                })?;
+                let scram = ScramClient::new(key);
+                let first = Bytes::from(scram.first());
                 self.scram = Some(scram);
                 Some(frontend(&SASLInitialResponse::new(
                     SCRAM_SHA_256.to_owned(),
@@ -66,18 +71,16 @@ impl<'a> BackendAuth<'a> {
                 )))
             }
             Authentication::SASLContinue(data) => {
-                let scram = self.scram_state()?;
-                scram
-                    .update(&data)
-                    .map_err(|e| ServerError::Protocol(format!("SCRAM: {e}")))?;
-                Some(frontend(&SASLResponse::new(Bytes::copy_from_slice(
-                    scram.message(),
-                ))))
+                let last = self
+                    .scram_state()?
+                    .respond(&data)
+                    .map_err(|e| ServerError::Credentials(format!("SCRAM: {e}")))?;
+                Some(frontend(&SASLResponse::new(Bytes::from(last))))
             }
             Authentication::SASLFinal(data) => {
                 self.scram_state()?
                     .finish(&data)
-                    .map_err(|e| ServerError::Protocol(format!("SCRAM server signature: {e}")))?;
+                    .map_err(|e| ServerError::Protocol(format!("SCRAM: {e}")))?;
                 None
             }
             other => {
@@ -103,7 +106,7 @@ impl<'a> BackendAuth<'a> {
         ))
     }
 
-    fn scram_state(&mut self) -> Result<&mut ScramSha256, ServerError> {
+    fn scram_state(&mut self) -> Result<&mut ScramClient, ServerError> {
         self.scram
             .as_mut()
             .ok_or_else(|| ServerError::Protocol("SCRAM message before SASL start".into()))

@@ -8,6 +8,7 @@
 //! probed. [`backend`] holds the other direction.
 
 pub mod backend;
+pub mod scram;
 pub mod userlist;
 
 use std::sync::Arc;
@@ -21,13 +22,12 @@ use crate::config::AuthMethod;
 use crate::error::ClientError;
 use crate::protocol::frame::read_message;
 use crate::protocol::messages::put_auth;
+use scram::SCRAM_SHA_256;
 pub use userlist::{Credential, Secret, UserList};
 use userlist::{ScramVerifier, md5_response};
 
 /// Bound on any message a client sends during authentication.
 const MAX_AUTH_MESSAGE: usize = 10_000;
-
-const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 
 /// Runs the authentication exchange for `user` with the method from the config.
 /// On success the caller sends AuthenticationOk; on failure the client gets 28P01.
@@ -47,10 +47,10 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         // As PostgreSQL does: md5 falls back to SCRAM for users that only have a SCRAM secret.
         (AuthMethod::Md5, Some(c)) => match c.md5() {
             Some(stored) => exchange.md5(Some(&stored)).await?,
-            None => exchange.scram(c.scram()).await?,
+            None => exchange.scram(Some(c)).await?,
         },
         (AuthMethod::Md5, None) => exchange.md5(None).await?,
-        (AuthMethod::ScramSha256, c) => exchange.scram(c.and_then(Credential::scram)).await?,
+        (AuthMethod::ScramSha256, c) => exchange.scram(c).await?,
     };
     if verified { Ok(()) } else { Err(failed()) }
 }
@@ -99,9 +99,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
         ))
     }
 
-    /// SCRAM-SHA-256 against `verifier`; `None` runs the exchange with a random
-    /// verifier that no password matches.
-    async fn scram(&mut self, verifier: Option<&ScramVerifier>) -> Result<bool, ClientError> {
+    /// SCRAM-SHA-256 against the credential's verifier; without one, the exchange
+    /// runs with a random verifier that no password matches. A client that passes
+    /// leaves its ClientKey with a stored verifier, for logging in to the server.
+    async fn scram(&mut self, credential: Option<&Credential>) -> Result<bool, ClientError> {
+        let verifier = credential.and_then(Credential::scram);
         let secret = match verifier {
             Some(v) => v.to_secret(),
             None => ScramVerifier::from_password(&random_password()).to_secret(),
@@ -120,11 +122,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
         let (server_first, waiting) = ScramServerAuth::new()
             .on_client_first_message_with_secret(client_first, secret)
             .map_err(|e| ClientError::Protocol(format!("SCRAM: {e}")))?;
-        self.send(Authentication::SASLContinue(Bytes::from(server_first)))
-            .await?;
+        self.send(Authentication::SASLContinue(Bytes::from(
+            server_first.clone(),
+        )))
+        .await?;
         let client_final = self.receive().await?;
         match waiting.on_client_final_message(&client_final) {
             Ok(server_final) if verifier.is_some() => {
+                if let Some(c) = credential {
+                    c.learn_client_key(client_first, server_first.as_bytes(), &client_final);
+                }
                 self.send(Authentication::SASLFinal(Bytes::from(server_final)))
                     .await?;
                 Ok(true)

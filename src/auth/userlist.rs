@@ -15,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use pgwire::api::auth::sasl::scram::{SCRAM_ITERATIONS, ScramSecret, gen_salted_password};
 
+use super::scram::{Key, recover_client_key};
 use crate::config::ConfigError;
 
 /// What the user list stores for one user.
@@ -129,6 +130,8 @@ pub struct Credential {
     pub secret: Secret,
     /// SCRAM verifier derived once from a plain password, on first use
     derived_scram: OnceLock<ScramVerifier>,
+    /// for a stored SCRAM verifier: the ClientKey a client proved it has
+    client_key: OnceLock<[u8; 32]>,
 }
 
 impl Credential {
@@ -138,6 +141,30 @@ impl Credential {
             name,
             secret,
             derived_scram: OnceLock::new(),
+            client_key: OnceLock::new(),
+        }
+    }
+
+    /// Keeps the ClientKey of a client that passed SCRAM against the stored
+    /// verifier (see [`super::scram`]); plain passwords need none.
+    pub fn learn_client_key(&self, client_first: &[u8], server_first: &[u8], client_final: &[u8]) {
+        if let Secret::Scram(v) = &self.secret
+            && self.client_key.get().is_none()
+            && let Some(key) = recover_client_key(v, client_first, server_first, client_final)
+        {
+            let _ = self.client_key.set(key);
+        }
+    }
+
+    /// What pgwarden can log in to a server's SCRAM with, if anything.
+    pub fn scram_key(&self) -> Option<Key> {
+        match &self.secret {
+            Secret::Plain(p) => Some(Key::Password(p.clone())),
+            Secret::Scram(v) => self.client_key.get().map(|k| Key::Recovered {
+                verifier: v.clone(),
+                client_key: *k,
+            }),
+            Secret::Md5(_) => None,
         }
     }
 
