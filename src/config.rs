@@ -175,6 +175,16 @@ pub struct AuthConfig {
     pub method: AuthMethod,
     /// user list in PgBouncer's auth_file format
     pub file: PathBuf,
+    /// SQL that returns (name, secret) for `$1` on the primary, for users not in
+    /// the user list (PgBouncer's auth_query); empty: no lookup
+    pub query: String,
+    /// user that runs `query`; its plain password is in the user list
+    pub user: String,
+    /// database `query` runs in; empty: the client's database
+    pub dbname: String,
+    /// how long a looked-up secret is used before the next login looks again
+    #[serde(with = "duration")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -182,6 +192,10 @@ impl Default for AuthConfig {
         AuthConfig {
             method: AuthMethod::ScramSha256,
             file: PathBuf::from("userlist.txt"),
+            query: String::new(),
+            user: String::new(),
+            dbname: String::new(),
+            cache_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -547,6 +561,17 @@ impl Config {
                 return err(format!("backends[{i}].port"), "must be 1-65535".into());
             }
         }
+        if !self.auth.query.is_empty() {
+            if !self.auth.query.contains("$1") {
+                return err(
+                    "auth.query".into(),
+                    "must take the user name as $1, e.g. \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"".into(),
+                );
+            }
+            if self.auth.user.is_empty() {
+                return err("auth.user".into(), "required when auth.query is set".into());
+            }
+        }
         if self.tls.mode != ClientTlsMode::Disable {
             for (key, path) in [
                 ("tls.cert_file", &self.tls.cert_file),
@@ -675,6 +700,9 @@ impl Config {
     /// Checks the keys that name users against the user list.
     pub fn check_users(&self, users: &crate::auth::UserList) -> Result<(), ConfigError> {
         let mut named = vec![("health.user", self.health.user.as_str())];
+        if !self.auth.query.is_empty() {
+            named.push(("auth.user", &self.auth.user));
+        }
         if let Some(user) = &self.failover.replication_user {
             named.push(("failover.replication_user", user));
         }

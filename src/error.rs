@@ -138,6 +138,14 @@ pub enum ClientError {
     /// The user may not use the admin console (or this command).
     #[error("{0}")]
     NotAllowed(String),
+    /// `auth.query` could not run and no secret was found earlier.
+    #[error("cannot look up user \"{user}\" with auth.query: {reason}")]
+    AuthLookup {
+        /// the user logging in
+        user: String,
+        /// why the lookup failed
+        reason: String,
+    },
     /// `tls.mode = "require"` and the client did not ask for TLS.
     #[error("pgwarden requires TLS: connect with sslmode=require (or verify-ca, verify-full)")]
     TlsRequired,
@@ -182,6 +190,7 @@ impl ClientError {
             ClientError::Shutdown | ClientError::Killed => ADMIN_SHUTDOWN,
             ClientError::NotAllowed(_) => INSUFFICIENT_PRIVILEGE,
             ClientError::TlsRequired => INVALID_AUTHORIZATION,
+            ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
         }
     }
@@ -194,6 +203,7 @@ impl ClientError {
             ClientError::TooManyClients(_) => "max_client_conn",
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
+            ClientError::AuthLookup { .. } => "auth_query",
             ClientError::Protocol(_) | ClientError::Unsupported(_) => "protocol",
             ClientError::BadParameter(_) | ClientError::Server(_) => "parameter",
             _ => "server",

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::auth::UserList;
+use crate::auth::query::AuthQuery;
+use crate::auth::{Secrets, UserList};
 use crate::backend::{BackendTable, Routing};
 use crate::client;
 use crate::config::{Config, ConfigError};
@@ -40,6 +41,8 @@ pub struct Shared {
     pub users: Arc<ArcSwap<UserList>>,
     /// certificates and TLS modes, both sides
     pub tls: Arc<ArcSwap<Tls>>,
+    /// secrets found by `auth.query`
+    pub auth_query: Arc<AuthQuery>,
     /// the routing table, written by the health monitor only
     pub routing: Routing,
     /// clients saw a server connection fail: the monitor probes at once
@@ -79,16 +82,22 @@ impl Shared {
     pub fn new(config: Config, users: UserList, tls: Tls) -> Arc<Shared> {
         let users = Arc::new(ArcSwap::from_pointee(users));
         let tls = Arc::new(ArcSwap::from_pointee(tls));
+        let auth_query = Arc::new(AuthQuery::default());
+        let secrets = Secrets {
+            users: users.clone(),
+            queried: auth_query.clone(),
+        };
         Arc::new(Shared {
             routing: Routing::new(BackendTable::initial(&config, 1)),
             alarm: Notify::new(),
             reconfigured: Notify::new(),
             read_turn: AtomicUsize::new(0),
             first_transaction_logged: AtomicU64::new(1),
-            pools: Pools::new(users.clone(), tls.clone()),
+            pools: Pools::new(secrets, tls.clone()),
             config: ArcSwap::from_pointee(config),
             users,
             tls,
+            auth_query,
             clients: Arc::new(ClientRegistry::default()),
             gate: Gate::default(),
             metrics: Metrics::new(),

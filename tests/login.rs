@@ -328,3 +328,100 @@ async fn replication_connections_and_unknown_protocol_options_are_handled() {
     assert!(messages.iter().any(|(t, _)| *t == b'K'));
     assert_eq!(messages.last().unwrap().0, b'Z');
 }
+
+#[tokio::test]
+async fn auth_query_finds_users_that_exist_only_in_postgres() {
+    let listed = Db::create();
+    // This user and database exist in PostgreSQL only; pgwarden's user list lacks them.
+    let unlisted = Db::create();
+    let (superuser, _) = pgwarden::cluster::SUPERUSER;
+    let query = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+    let pgw = Pgwarden::start_with(
+        &[&listed],
+        Options {
+            auth_keys: format!("query = \"{query}\"\nuser = \"{superuser}\"\ncache_ttl = \"0\""),
+            databases: format!("[databases.{}]\n", unlisted.name),
+            pool: "default_pool_size = 2".into(),
+            ..Default::default()
+        },
+    );
+    // The client proves itself against the verifier read from pg_shadow, and pgwarden
+    // logs in to PostgreSQL as that user with the key recovered from the proof.
+    let client = common::connect(&pgw.conninfo(&unlisted))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pgw.log()));
+    for _ in 0..5 {
+        let row = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), unlisted.user);
+    }
+    let err = common::connect(&strip_password(&pgw.conninfo(&unlisted), "wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    let nobody = Db {
+        user: "nobody_at_all".into(),
+        ..unlisted.clone()
+    };
+    let err = common::connect(&pgw.conninfo(&nobody)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+
+    // A new password takes effect at the next login (cache_ttl = 0): the old one
+    // fails, the new one logs in, and new server connections use the new secret.
+    unlisted.admin_sql(&format!("ALTER ROLE {} PASSWORD 'fresh_pw'", unlisted.user));
+    let err = common::connect(&pgw.conninfo(&unlisted)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    let renewed = Db {
+        password: "fresh_pw".into(),
+        ..unlisted.clone()
+    };
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(
+            common::connect(&pgw.conninfo(&renewed))
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", pgw.log())),
+        );
+    }
+    // Three clients at once on a pool of two: transactions spread over both servers.
+    let results = futures_util::future::join_all(clients.iter().map(|c| async move {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = current_user",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+    }))
+    .await;
+    for r in results {
+        assert!(r.unwrap() >= 1);
+    }
+    // Users in the user list are unaffected.
+    pgw.connect(&listed)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_auth_query_is_reported_not_taken_for_a_wrong_password() {
+    let listed = Db::create();
+    let unlisted = Db::create();
+    let (superuser, _) = pgwarden::cluster::SUPERUSER;
+    let pgw = Pgwarden::start_with(
+        &[&listed],
+        Options {
+            auth_keys: format!(
+                "query = \"SELECT usename, passwd FROM no_such_table WHERE usename = $1\"\nuser = \"{superuser}\""
+            ),
+            databases: format!("[databases.{}]\n", unlisted.name),
+            ..Default::default()
+        },
+    );
+    let err = common::connect(&pgw.conninfo(&unlisted)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08001"), "{err}");
+    assert!(common::message(&err).contains("no_such_table"), "{err}");
+}

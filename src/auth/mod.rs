@@ -8,11 +8,13 @@
 //! probed. [`backend`] holds the other direction.
 
 pub mod backend;
+pub mod query;
 pub mod scram;
 pub mod userlist;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use pgwire::api::auth::sasl::scram::ScramServerAuth;
 use pgwire::messages::startup::Authentication;
@@ -28,6 +30,26 @@ use userlist::{ScramVerifier, md5_response};
 
 /// Bound on any message a client sends during authentication.
 const MAX_AUTH_MESSAGE: usize = 10_000;
+
+/// Where server logins find a user's secret: the user list, then what
+/// `auth.query` found.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    /// the user list
+    pub users: Arc<ArcSwap<UserList>>,
+    /// secrets found by `auth.query`
+    pub queried: Arc<query::AuthQuery>,
+}
+
+impl Secrets {
+    /// The credential of `user`, if pgwarden has one.
+    pub fn get(&self, user: &str) -> Option<Arc<Credential>> {
+        self.users
+            .load()
+            .get(user)
+            .or_else(|| self.queried.cached(user))
+    }
+}
 
 /// Runs the authentication exchange for `user` with the method from the config.
 /// On success the caller sends AuthenticationOk; on failure the client gets 28P01.

@@ -41,6 +41,23 @@ impl fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// Reads a secret as PostgreSQL stores it: a SCRAM verifier, an md5 hash, or
+    /// else a plain password.
+    pub fn parse(s: &str) -> Result<Secret, String> {
+        if s.starts_with("SCRAM-SHA-256$") {
+            return ScramVerifier::parse(s)
+                .map(Secret::Scram)
+                .ok_or_else(|| "malformed SCRAM-SHA-256 verifier".to_owned());
+        }
+        let is_md5 =
+            s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit());
+        Ok(if is_md5 {
+            Secret::Md5(s.to_ascii_lowercase())
+        } else {
+            Secret::Plain(s.to_owned())
+        })
+    }
+
     /// The kind of secret, for messages.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -241,7 +258,7 @@ impl UserList {
             if name.is_empty() {
                 return Err(ConfigError::new(path, &key, "empty user name"));
             }
-            let secret = parse_secret(&secret).map_err(|r| ConfigError::new(path, &key, r))?;
+            let secret = Secret::parse(&secret).map_err(|r| ConfigError::new(path, &key, r))?;
             if users
                 .insert(
                     name.clone(),
@@ -273,21 +290,6 @@ impl UserList {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
-}
-
-fn parse_secret(s: &str) -> Result<Secret, String> {
-    if s.starts_with("SCRAM-SHA-256$") {
-        return ScramVerifier::parse(s)
-            .map(Secret::Scram)
-            .ok_or_else(|| "malformed SCRAM-SHA-256 verifier".to_owned());
-    }
-    let is_md5 =
-        s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit());
-    Ok(if is_md5 {
-        Secret::Md5(s.to_ascii_lowercase())
-    } else {
-        Secret::Plain(s.to_owned())
-    })
 }
 
 /// Reads one `"…"` field (with `""` as an escaped quote) and returns it with the rest of the line.

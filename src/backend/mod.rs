@@ -278,6 +278,22 @@ impl Routing {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+
+    /// The primary, waiting up to `wait` for one to be routed (start-up, failover).
+    pub async fn await_primary(&self, wait: Duration) -> Option<BackendConfig> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if let Some(primary) = self.load().primary() {
+                return Some(primary.config.clone());
+            }
+            tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .ok()?
+                .ok()?;
+        }
+    }
 }
 
 #[cfg(test)]

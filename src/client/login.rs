@@ -18,9 +18,12 @@ use super::Session;
 use super::statements::ClientStatements;
 use crate::admin::{Console, Role};
 use crate::auth;
+use crate::auth::query::Lookup;
+use crate::auth::{Credential, Secret};
 use crate::config::ADMIN_DATABASE;
-use crate::config::ClientTlsMode;
+use crate::config::{ClientTlsMode, Config};
 use crate::error::{ClientError, sqlstate};
+use crate::health::probe::Login as ProbeLogin;
 use crate::params::{self, ParamSet};
 use crate::protocol::ServerNotice;
 use crate::protocol::messages::{
@@ -133,7 +136,10 @@ async fn login_steps(
     }
 
     let config = shared.config.load_full();
-    let credential = shared.users.load().get(&request.user);
+    let credential = match shared.users.load().get(&request.user) {
+        Some(c) => Some(c),
+        None => looked_up(shared, &config, &request).await?,
+    };
     if let Err(e) = auth::authenticate(stream, config.auth.method, &request.user, credential).await
     {
         if matches!(e, ClientError::AuthFailed(_)) {
@@ -261,6 +267,73 @@ async fn negotiate(mut tcp: TcpStream, tls: &Tls) -> Result<(Stream, StartupRequ
     }
     let e = ClientError::Protocol("too many SSL/GSS negotiation requests".into());
     Err(Ended::Refused(Stream::Plain(tcp), e))
+}
+
+/// The secret `auth.query` finds for a user missing from the user list, if it is
+/// configured. It runs on the primary as `auth.user`, in `auth.dbname` or else the
+/// client's database.
+async fn looked_up(
+    shared: &Shared,
+    config: &Config,
+    request: &StartupParams,
+) -> Result<Option<Arc<Credential>>, ClientError> {
+    let auth = &config.auth;
+    if auth.query.is_empty() {
+        return Ok(None);
+    }
+    let dbname = match (auth.dbname.as_str(), config.database(&request.database)) {
+        ("", Some(db)) => db.dbname,
+        ("", None) => return Ok(None),
+        (name, _) => name.to_owned(),
+    };
+    let password = match shared
+        .users
+        .load()
+        .get(&auth.user)
+        .map(|c| c.secret.clone())
+    {
+        Some(Secret::Plain(p)) => p,
+        _ => {
+            return Err(ClientError::AuthLookup {
+                user: request.user.clone(),
+                reason: format!(
+                    "auth.user \"{}\" has no plain password in the user list",
+                    auth.user
+                ),
+            });
+        }
+    };
+    // Without a primary, a secret found earlier serves at once; else wait for one.
+    let primary = match shared.routing.load().primary() {
+        Some(p) => Some(p.config.clone()),
+        None if shared.auth_query.cached(&request.user).is_some() => None,
+        None => {
+            let wait = config.failover.client_wait_timeout;
+            shared.routing.await_primary(wait).await
+        }
+    };
+    let lookup = primary.as_ref().map(|backend| Lookup {
+        backend,
+        login: ProbeLogin {
+            user: auth.user.clone(),
+            password,
+            dbname,
+            timeout: config.pool.server_connect_timeout,
+            tls: shared.tls.load_full(),
+        },
+        query: &auth.query,
+    });
+    shared
+        .auth_query
+        .credential(&request.user, auth.cache_ttl, lookup)
+        .await
+        .map_err(|reason| {
+            warn!(user = %request.user, %reason, "auth.query failed");
+            ClientError::AuthLookup {
+                user: request.user.clone(),
+                reason,
+            }
+        })
 }
 
 /// The parts of a StartupMessage pgwarden acts on.

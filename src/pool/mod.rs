@@ -22,7 +22,7 @@ pub use gate::{Admission, Gate, Paused};
 pub use logins::Logins;
 pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 
-use crate::auth::UserList;
+use crate::auth::Secrets;
 use crate::config::{BackendConfig, Config};
 use crate::server::ServerTarget;
 use crate::tls::Tls;
@@ -63,18 +63,18 @@ impl PoolKey {
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<ServerPool>>>,
     logins: Mutex<HashMap<(String, String), Arc<Logins>>>,
-    users: Arc<ArcSwap<UserList>>,
+    secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
 }
 
 impl Pools {
-    /// An empty registry; pools read credentials from `users` and TLS settings from
+    /// An empty registry; pools read credentials from `secrets` and TLS settings from
     /// `tls` when they connect.
-    pub fn new(users: Arc<ArcSwap<UserList>>, tls: Arc<ArcSwap<Tls>>) -> Pools {
+    pub fn new(secrets: Secrets, tls: Arc<ArcSwap<Tls>>) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
             logins: Mutex::new(HashMap::new()),
-            users,
+            secrets,
             tls,
         }
     }
@@ -88,7 +88,7 @@ impl Pools {
         let pool = Arc::new(ServerPool::new(
             key.target.clone(),
             settings_for(config, &key.database),
-            self.users.clone(),
+            self.secrets.clone(),
             self.tls.clone(),
             self.logins(&key.database, &key.target.user),
         ));

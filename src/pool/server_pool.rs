@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::logins::Logins;
 use super::slots::Slots;
-use crate::auth::UserList;
+use crate::auth::Secrets;
 use crate::error::ServerError;
 use crate::server::{ServerConn, ServerTarget};
 use crate::tls::Tls;
@@ -70,7 +70,7 @@ pub struct ServerPool {
     main: Slots,
     reserve: Slots,
     idle: Mutex<Vec<ServerConn>>,
-    users: Arc<ArcSwap<UserList>>,
+    secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
     retired: CancellationToken,
@@ -81,7 +81,7 @@ impl ServerPool {
     pub fn new(
         target: ServerTarget,
         settings: PoolSettings,
-        users: Arc<ArcSwap<UserList>>,
+        secrets: Secrets,
         tls: Arc<ArcSwap<Tls>>,
         logins: Arc<Logins>,
     ) -> Self {
@@ -91,7 +91,7 @@ impl ServerPool {
             reserve: Slots::new(settings.reserve_size),
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
-            users,
+            secrets,
             tls,
             logins,
             retired: CancellationToken::new(),
@@ -124,7 +124,7 @@ impl ServerPool {
                 }
             }
         }
-        let credential = self.users.load().get(&self.target.user).ok_or_else(|| {
+        let credential = self.secrets.get(&self.target.user).ok_or_else(|| {
             ServerError::Credentials(format!(
                 "user \"{}\" is not in the user list",
                 self.target.user

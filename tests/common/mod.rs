@@ -107,6 +107,8 @@ impl Db {
 pub struct Options {
     pub pgwarden: String,
     pub auth: Option<String>,
+    /// more `[auth]` keys (`query`, `user`, …)
+    pub auth_keys: String,
     pub pool: String,
     pub health: String,
     pub failover: String,
@@ -255,9 +257,9 @@ fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
     let mut text = format!(
         "[pgwarden]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n\
          shutdown_timeout = \"10s\"\n{}\n\
-         [auth]\ntype = \"{auth}\"\nfile = \"userlist.txt\"\n\
+         [auth]\ntype = \"{auth}\"\nfile = \"userlist.txt\"\n{}\n\
          [pool]\n{}\n[health]\n{}\n[failover]\n{}\n",
-        o.pgwarden, o.pool, o.health, o.failover
+        o.pgwarden, o.auth_keys, o.pool, o.health, o.failover
     );
     let backends = if o.backends.is_empty() {
         vec![(
