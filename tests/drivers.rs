@@ -139,3 +139,11 @@ fn node_postgres_named_queries_through_a_pool_of_three() {
     let out = run_script(node(), "node_named.js", &pgw, &db);
     assert!(out.contains("node_named: ok"), "{out}");
 }
+
+#[test]
+fn psycopg_settings_made_by_prepared_set_statements_stay_with_their_connection() {
+    let db = Db::create();
+    let pgw = pgwarden(&db, 2);
+    let out = run_script(python(), "psycopg_settings.py", &pgw, &db);
+    assert!(out.contains("psycopg_settings: ok"), "{out}");
+}

@@ -305,3 +305,33 @@ async fn a_new_client_prepares_after_a_schema_change() {
         ("a".into(), 1)
     );
 }
+
+/// A SET sent as a named prepared statement (Parse "s1" / Bind / Execute: what
+/// tokio-postgres does for every statement, even `client.execute("SET …", &[])`,
+/// and psycopg with prepare_threshold=0) is a SET like any other.
+#[tokio::test]
+async fn a_set_through_a_named_prepared_statement_stays_with_its_client() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 2"));
+    let default = simple_value(&db.direct().await, "SHOW statement_timeout")
+        .await
+        .unwrap();
+    let a = pgw.connect(&db).await;
+    let set = a.prepare("SET statement_timeout = '7s'").await.unwrap();
+    a.execute(&set, &[]).await.unwrap();
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        others.push(pgw.connect(&db).await);
+    }
+    for round in 0..5 {
+        for (o, other) in others.iter().enumerate() {
+            let shown = simple_value(other, "SHOW statement_timeout").await.unwrap();
+            assert_eq!(
+                shown, default,
+                "client {o}, round {round}: A's setting leaked"
+            );
+        }
+        let shown = simple_value(&a, "SHOW statement_timeout").await.unwrap();
+        assert_eq!(shown, "7s", "round {round}: A lost its setting");
+    }
+}
