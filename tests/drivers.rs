@@ -53,10 +53,15 @@ fn node() -> Command {
 
 /// pgwarden in transaction pooling with a small pool for `db`.
 fn pgwarden(db: &Db, pool_size: u32) -> Pgwarden {
+    pgwarden_with(db, pool_size, "")
+}
+
+/// The same with more `[pool]` settings.
+fn pgwarden_with(db: &Db, pool_size: u32, pool: &str) -> Pgwarden {
     Pgwarden::start_with(
         &[db],
         Options {
-            pool: format!("mode = \"transaction\"\ndefault_pool_size = {pool_size}"),
+            pool: format!("mode = \"transaction\"\ndefault_pool_size = {pool_size}\n{pool}"),
             ..Default::default()
         },
     )
@@ -136,6 +141,16 @@ fn psycopg_with_every_query_prepared_through_a_pool_of_three() {
 fn node_postgres_named_queries_through_a_pool_of_three() {
     let db = Db::create();
     let pgw = pgwarden(&db, 3);
+    let out = run_script(node(), "node_named.js", &pgw, &db);
+    assert!(out.contains("node_named: ok"), "{out}");
+}
+
+/// Six named statements per client against a server-side cache of two per server
+/// connection: statements are evicted (closed) and prepared again all the time.
+#[test]
+fn node_postgres_named_queries_with_a_server_statement_cache_of_two() {
+    let db = Db::create();
+    let pgw = pgwarden_with(&db, 3, "max_prepared_statements = 2");
     let out = run_script(node(), "node_named.js", &pgw, &db);
     assert!(out.contains("node_named: ok"), "{out}");
 }
