@@ -1,0 +1,164 @@
+//! Real drivers through pgwarden in transaction pooling: asyncpg (named statements
+//! and its statement cache, `conn.prepare()`), psycopg 3 with every query
+//! server-prepared, and node-postgres named queries. Each driver runs a script from
+//! tests/drivers/ against a fresh database behind a pgwarden with a small pool; the
+//! script checks every result and exits non-zero on the first wrong one.
+//!
+//! The drivers live in target/drivers, installed by `.ci/run` (through
+//! `.ci/install-drivers`); without them these tests fail and say so.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Db, Options, Pgwarden};
+
+/// How long one driver script may run before it counts as hung.
+const SCRIPT_LIMIT: Duration = Duration::from_secs(180);
+
+fn drivers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/drivers")
+}
+
+fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// Fails the test when the driver environment is missing: it must never pass silently.
+fn require(path: &Path, what: &str) {
+    assert!(
+        path.exists(),
+        "{what} is not installed ({} is missing): run `.ci/run`, or just `.ci/install-drivers`, \
+         which installs the pinned drivers into target/drivers",
+        path.display()
+    );
+}
+
+fn python() -> Command {
+    let python = drivers_dir().join("venv/bin/python");
+    require(&python, "the Python driver venv (asyncpg, psycopg)");
+    Command::new(python)
+}
+
+fn node() -> Command {
+    let modules = drivers_dir().join("node/node_modules");
+    require(&modules.join("pg/package.json"), "node-postgres (pg)");
+    let mut node = Command::new("node");
+    node.env("NODE_PATH", modules);
+    node
+}
+
+/// pgwarden in transaction pooling with a small pool for `db`.
+fn pgwarden(db: &Db, pool_size: u32) -> Pgwarden {
+    pgwarden_with(db, pool_size, "")
+}
+
+/// The same with more `[pool]` settings.
+fn pgwarden_with(db: &Db, pool_size: u32, pool: &str) -> Pgwarden {
+    Pgwarden::start_with(
+        &[db],
+        Options {
+            pool: format!("mode = \"transaction\"\ndefault_pool_size = {pool_size}\n{pool}"),
+            ..Default::default()
+        },
+    )
+}
+
+/// Runs a driver script with the connection parameters through pgwarden; panics with
+/// its output and pgwarden's log unless it exits successfully within the limit.
+fn run_script(mut program: Command, script: &str, pgw: &Pgwarden, db: &Db) -> String {
+    let started = Instant::now();
+    let mut child = program
+        .arg(scripts_dir().join(script))
+        .args([
+            "127.0.0.1",
+            &pgw.port.to_string(),
+            &db.user,
+            &db.password,
+            &db.name,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {script}: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > SCRIPT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let outcome = match status {
+        Some(s) if s.success() => {
+            eprintln!("{script}: {}", stdout.trim());
+            return stdout;
+        }
+        Some(s) => format!("{script} failed ({s})"),
+        None => format!("{script} hung: killed after {SCRIPT_LIMIT:?}"),
+    };
+    panic!(
+        "{outcome} after {:.1}s\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- pgwarden log ---\n{}",
+        started.elapsed().as_secs_f64(),
+        pgw.log()
+    );
+}
+
+#[test]
+fn asyncpg_pool_and_prepared_statements_through_a_pool_of_five() {
+    let db = Db::create();
+    let pgw = pgwarden(&db, 5);
+    let out = run_script(python(), "asyncpg_pool.py", &pgw, &db);
+    assert!(out.contains("asyncpg_pool: ok"), "{out}");
+}
+
+#[test]
+fn psycopg_with_every_query_prepared_through_a_pool_of_three() {
+    let db = Db::create();
+    let pgw = pgwarden(&db, 3);
+    let out = run_script(python(), "psycopg_prepared.py", &pgw, &db);
+    assert!(out.contains("psycopg_prepared: ok"), "{out}");
+}
+
+#[test]
+fn node_postgres_named_queries_through_a_pool_of_three() {
+    let db = Db::create();
+    let pgw = pgwarden(&db, 3);
+    let out = run_script(node(), "node_named.js", &pgw, &db);
+    assert!(out.contains("node_named: ok"), "{out}");
+}
+
+/// Six named statements per client against a server-side cache of two per server
+/// connection: statements are evicted (closed) and prepared again all the time.
+#[test]
+fn node_postgres_named_queries_with_a_server_statement_cache_of_two() {
+    let db = Db::create();
+    let pgw = pgwarden_with(&db, 3, "max_prepared_statements = 2");
+    let out = run_script(node(), "node_named.js", &pgw, &db);
+    assert!(out.contains("node_named: ok"), "{out}");
+}
+
+#[test]
+fn psycopg_settings_made_by_prepared_set_statements_stay_with_their_connection() {
+    let db = Db::create();
+    let pgw = pgwarden(&db, 2);
+    let out = run_script(python(), "psycopg_settings.py", &pgw, &db);
+    assert!(out.contains("psycopg_settings: ok"), "{out}");
+}
