@@ -166,12 +166,17 @@ impl ServerConn {
     /// Returns the ParameterStatus reports it caused. A server error is returned after
     /// the connection is back at ReadyForQuery, so the connection stays usable.
     pub async fn execute(&mut self, sql: &str) -> Result<Vec<(String, String)>, ServerError> {
-        self.run(sql).await.map(|(reports, _)| reports)
+        self.run(&exempt(sql)).await.map(|(reports, _)| reports)
     }
 
     /// Runs one of pgwarden's own queries and returns its rows as text (NULL as "").
     pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<String>>, ServerError> {
-        self.run(sql).await.map(|(_, rows)| rows)
+        self.run(&exempt(sql)).await.map(|(_, rows)| rows)
+    }
+
+    /// Runs DISCARD ALL, which cannot share a query string with anything.
+    pub async fn discard_all(&mut self) -> Result<(), ServerError> {
+        self.run("DISCARD ALL").await.map(drop)
     }
 
     async fn run(
@@ -272,6 +277,21 @@ impl ServerConn {
         stream.write_now(&frontend(&Terminate::new()));
     }
 }
+
+/// pgwarden's own statements run in the session a client configured: a client's
+/// `statement_timeout = '1ms'` must not cancel them. The exemption is local to the
+/// implicit transaction of the query string; the session's own value stays
+/// readable as `current_setting('pgwarden.statement_timeout')` (see
+/// [`SESSION_TIMEOUT`]). The first statement returns one single-column row.
+fn exempt(sql: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('pgwarden.statement_timeout', pg_catalog.current_setting('statement_timeout'), true); \
+         SET LOCAL statement_timeout = 0; {sql}"
+    )
+}
+
+/// The session's statement_timeout inside an exempted query string.
+pub const SESSION_TIMEOUT: &str = "pg_catalog.current_setting('pgwarden.statement_timeout')";
 
 async fn read(stream: &mut Stream, buf: &mut BytesMut) -> Result<(u8, BytesMut), ServerError> {
     read_message(stream, buf, MAX_BUFFERED_LEN)

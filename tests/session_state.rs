@@ -306,6 +306,37 @@ async fn a_new_client_prepares_after_a_schema_change() {
     );
 }
 
+/// A client still holding a statement prepared before a schema change gets
+/// PostgreSQL's own error when it uses it, as on a direct connection; that error
+/// retires the shared statement, so preparing the text again (what drivers do on
+/// this error) and new clients get the new row type.
+#[tokio::test]
+async fn a_stale_shared_statement_is_retired_by_its_error() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
+    let setup = pgw.connect(&db).await;
+    setup
+        .batch_execute("CREATE TABLE t (v text); INSERT INTO t VALUES ('a')")
+        .await
+        .unwrap();
+    let holder = pgw.connect(&db).await;
+    let old = holder.prepare("SELECT * FROM t").await.unwrap();
+    assert_eq!(holder.query_one(&old, &[]).await.unwrap().len(), 1);
+    setup
+        .batch_execute("ALTER TABLE t ADD COLUMN w int DEFAULT 1")
+        .await
+        .unwrap();
+    let e = holder.query_one(&old, &[]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    for client in [&holder, &pgw.connect(&db).await] {
+        let fresh = client
+            .prepare("SELECT * FROM t")
+            .await
+            .unwrap_or_else(|e| panic!("{}\n{}", common::message(&e), pgw.log()));
+        assert_eq!(client.query_one(&fresh, &[]).await.unwrap().len(), 2);
+    }
+}
+
 /// A SET sent as a named prepared statement (Parse "s1" / Bind / Execute: what
 /// tokio-postgres does for every statement, even `client.execute("SET …", &[])`,
 /// and psycopg with prepare_threshold=0) is a SET like any other.

@@ -34,10 +34,11 @@ pub enum Expect {
         /// the client's name for it, forgotten if it fails
         client_name: Option<Bytes>,
     },
-    /// Bind: BindComplete
-    Bind,
-    /// Describe: (ParameterDescription,) RowDescription or NoData
-    Describe,
+    /// Bind: BindComplete; the named statement it binds, if any
+    Bind(Option<Arc<Statement>>),
+    /// Describe: (ParameterDescription,) RowDescription or NoData; the named
+    /// statement it describes, if any
+    Describe(Option<Arc<Statement>>),
     /// Execute: rows, then CommandComplete, EmptyQueryResponse or PortalSuspended
     Execute,
     /// Close: CloseComplete (swallowed when pgwarden injected it)
@@ -137,11 +138,11 @@ mod tests {
     fn an_error_skips_to_the_next_sync() {
         let mut q = Expected::default();
         for e in [
-            Expect::Bind,
+            Expect::Bind(None),
             Expect::Execute,
             Expect::Reply(Reply::Done("X")),
             Expect::Sync,
-            Expect::Bind,
+            Expect::Bind(None),
         ] {
             q.push(e);
         }

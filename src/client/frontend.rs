@@ -189,11 +189,11 @@ fn account(tag: u8, cx: &mut Ctx<'_>) {
             cx.x.unsynced = true;
         }
         b'B' => {
-            cx.expected.push(Expect::Bind);
+            cx.expected.push(Expect::Bind(None));
             cx.x.unsynced = true;
         }
         b'D' => {
-            cx.expected.push(Expect::Describe);
+            cx.expected.push(Expect::Describe(None));
             cx.x.unsynced = true;
         }
         b'E' => {
@@ -233,6 +233,7 @@ pub fn prepare_without_server(
     inbuf: &[u8],
     statements: &mut ClientStatements,
     registry: &Registry,
+    search_path: &str,
 ) -> Option<(usize, BytesMut)> {
     let mut pos = 0;
     let mut found = Vec::new();
@@ -249,7 +250,7 @@ pub fn prepare_without_server(
                 if !fresh {
                     return None;
                 }
-                found.push((name, registry.confirmed(rest)?));
+                found.push((name, registry.confirmed(search_path, rest)?));
             }
             b'S' => break,
             _ => return None,
@@ -264,7 +265,8 @@ pub fn prepare_without_server(
     Some((pos, out))
 }
 
-fn cstring(bytes: &[u8]) -> (&[u8], &[u8]) {
+/// Splits at the first NUL: the C string and what follows it.
+pub(super) fn cstring(bytes: &[u8]) -> (&[u8], &[u8]) {
     match bytes.iter().position(|&b| b == 0) {
         Some(end) => (&bytes[..end], &bytes[end + 1..]),
         None => (bytes, &[]),
@@ -301,7 +303,8 @@ fn translate(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Translation {
             match statement {
                 Some(statement) => {
                     let mut out = ensure_prepared(&statement, cx);
-                    account(tag, cx);
+                    cx.expected.push(Expect::Describe(Some(statement.clone())));
+                    cx.x.unsynced = true;
                     let server_name = statement.server_name.as_bytes();
                     out.put_u8(b'D');
                     out.put_i32((4 + 1 + server_name.len() + 1) as i32);
@@ -411,17 +414,22 @@ fn parse(body: &[u8], cx: &mut Ctx<'_>) -> Translation {
         cx.x.unsynced = true;
         return Translation::Drop;
     }
-    let statement = cx.registry.statement(rest);
+    let search_path = cx.params.get("search_path").unwrap_or_default();
+    let statement = cx.registry.statement(search_path, rest);
+    let shared = statement.in_use();
     cx.client_statements.insert(name, statement.clone());
     cx.x.unsynced = true;
-    if cx.server_statements.touch(&statement.server_name) {
+    let prepared_here = cx.server_statements.touch(&statement.server_name);
+    if prepared_here && shared {
         let mut out = BytesMut::new();
         put_complete(&mut out, b'1');
         cx.expected.push(Expect::Reply(Reply::Bytes(out.freeze())));
         return Translation::Drop;
     }
     let mut out = BytesMut::new();
-    make_room(&statement, cx, &mut out);
+    if !prepared_here {
+        make_room(&statement, cx, &mut out);
+    }
     // A Close first, in case the server has the name after all (after a DISCARD ALL
     // that failed, say): closing a name that does not exist is not an error.
     out.extend_from_slice(&close_message(&statement.server_name));
@@ -519,7 +527,10 @@ fn rename_bind_with(
     };
     // Injected messages first, then the Bind: the queue follows the bytes.
     out.extend_from_slice(&ensure_prepared(&statement, cx));
-    account(b'B', cx);
+    // A prepared SET changes the session each time it runs.
+    cx.x.touched.extend(statement.settings.iter().cloned());
+    cx.expected.push(Expect::Bind(Some(statement.clone())));
+    cx.x.unsynced = true;
     let server_name = statement.server_name.as_bytes();
     let new_length = length - prefix + portal.len() + 1 + server_name.len() + 1;
     out.put_u8(b'B');

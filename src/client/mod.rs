@@ -42,6 +42,7 @@ use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::Shared;
 use crate::registry::ClientHandle;
+use crate::server::SESSION_TIMEOUT;
 use crate::tls::Stream;
 use aborted::Aborted;
 pub use login::{Ended, Login, LoginError};
@@ -288,6 +289,7 @@ impl Session {
                 &self.inbuf,
                 &mut self.who.statements,
                 &self.who.registry,
+                self.who.params.get("search_path").unwrap_or_default(),
             )
         {
             self.inbuf.advance(used);
@@ -446,8 +448,10 @@ impl Session {
                 let names: Vec<String> = x.touched.iter().map(|n| literal(n)).collect();
                 let rows = conn
                     .query_rows(&format!(
-                        "SELECT lower(name), setting, reset_val FROM pg_catalog.pg_settings \
-                         WHERE lower(name) IN ({})",
+                        "SELECT lower(name), \
+                                CASE lower(name) WHEN 'statement_timeout' THEN {SESSION_TIMEOUT} ELSE setting END, \
+                                reset_val \
+                         FROM pg_catalog.pg_settings WHERE lower(name) IN ({})",
                         names.join(", ")
                     ))
                     .await?;
@@ -760,7 +764,7 @@ async fn apply_settings(
 /// Session pooling: the next client must find a fresh session.
 async fn reset_and_release(mut conn: PooledConn) {
     let timeout = conn.pool().connect_timeout();
-    match tokio::time::timeout(timeout, conn.execute("DISCARD ALL")).await {
+    match tokio::time::timeout(timeout, conn.discard_all()).await {
         Ok(Ok(_)) => {
             conn.applied = None;
             conn.release();

@@ -14,6 +14,7 @@ use bytes::BytesMut;
 
 use super::expect::{Expect, Reply};
 use super::splice::{Ctx, pass};
+use crate::error::sqlstate;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{HEADER_LEN, Scan};
 use crate::protocol::messages::{
@@ -104,10 +105,10 @@ fn settle_streamed(tag: u8, cx: &mut Ctx<'_>) -> Result<(), String> {
     let done = match tag {
         // Rows, notices, notifications, copy data: never the end of a request.
         b'D' | b'N' | b'A' | b'd' | b'c' | b'H' | b'V' | b't' => false,
-        b'T' | b'n' => matches!(head, Some(Expect::Describe)),
+        b'T' | b'n' => matches!(head, Some(Expect::Describe(_))),
         b'C' | b'I' | b's' => matches!(head, Some(Expect::Execute)),
         b'2' => {
-            if !matches!(head, Some(Expect::Bind)) {
+            if !matches!(head, Some(Expect::Bind(_))) {
                 return Err(desync(tag, cx));
             }
             true
@@ -151,7 +152,14 @@ fn settle_whole(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Result<bool, String> 
         b'E' => {
             match cx.expected.head() {
                 Some(Expect::Query | Expect::Function) | None => {}
-                _ => {
+                head => {
+                    // A shared statement whose result type changed under it (DDL):
+                    // the next Parse of its text prepares a fresh one.
+                    if let Some(Expect::Bind(Some(s)) | Expect::Describe(Some(s))) = head
+                        && ServerNotice::parse(body).code == sqlstate::FEATURE_NOT_SUPPORTED
+                    {
+                        cx.registry.retire(s);
+                    }
                     // The server skips the rest of the batch up to its Sync: so do we,
                     // undoing what the skipped (or failed) Parses promised.
                     for skipped in cx.expected.skip_to_sync() {

@@ -565,8 +565,8 @@ mod tests {
         );
         assert_eq!(p.client_got(), b"2CZ");
 
-        // Preparing the same text again on a connection that has it: answered by pgwarden.
-        p.client_statements.remove(b"s1");
+        // Preparing the same text again on a connection that has it, while a client
+        // holds it: answered by pgwarden.
         p.client(&[parse("s2", "select $1"), sync()]).unwrap();
         assert_eq!(p.server_got(), b"S");
         assert_eq!(p.client_got(), b"1");
@@ -574,11 +574,22 @@ mod tests {
         assert_eq!(p.client_got(), b"Z");
 
         // Close only forgets the client's name, and is answered at its turn.
-        p.client(&[frame(b'C', b"Ss2\0"), sync()]).unwrap();
+        p.client(&[frame(b'C', b"Ss2\0"), frame(b'C', b"Ss1\0"), sync()])
+            .unwrap();
         assert_eq!(p.server_got(), b"S");
         assert!(p.client_statements.is_empty());
         assert!(p.server(&[ready(b'I')]).unwrap());
-        assert_eq!(p.client_got(), b"3Z");
+        assert_eq!(p.client_got(), b"33Z");
+
+        // Held by no client any more, it may predate a schema change: a new Parse of
+        // its text prepares it again on the server.
+        p.client(&[parse("s3", "select $1"), sync()]).unwrap();
+        assert_eq!(p.server_got(), b"CPS");
+        assert!(
+            p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
+                .unwrap()
+        );
+        assert_eq!(p.client_got(), b"1Z");
     }
 
     #[test]
@@ -588,16 +599,25 @@ mod tests {
         let prepare_s2 = batch(&[parse("s2", "select $1"), sync()]);
         // Not yet accepted by any server: a server is needed.
         assert!(
-            frontend::prepare_without_server(&prepare_s2, &mut p.client_statements, &p.registry)
-                .is_none()
+            frontend::prepare_without_server(
+                &prepare_s2,
+                &mut p.client_statements,
+                &p.registry,
+                ""
+            )
+            .is_none()
         );
         p.client(&[parse("s1", "select $1"), sync()]).unwrap();
         p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
             .unwrap();
         // Accepted now: s2 is answered at once, and its Sync with it.
-        let (used, out) =
-            frontend::prepare_without_server(&prepare_s2, &mut p.client_statements, &p.registry)
-                .unwrap();
+        let (used, out) = frontend::prepare_without_server(
+            &prepare_s2,
+            &mut p.client_statements,
+            &p.registry,
+            "",
+        )
+        .unwrap();
         assert_eq!(used, prepare_s2.len());
         assert_eq!(tags(&out), b"1Z");
         assert!(p.client_statements.contains(b"s2"));
@@ -609,7 +629,7 @@ mod tests {
             batch(&[parse("s3", "select $1")]),
         ] {
             assert!(
-                frontend::prepare_without_server(&other, &mut p.client_statements, &p.registry)
+                frontend::prepare_without_server(&other, &mut p.client_statements, &p.registry, "")
                     .is_none()
             );
         }

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,8 +30,14 @@ pub struct Statement {
     pub server_name: Arc<str>,
     /// the Parse body after the statement name: query, NUL, parameter types
     pub body: Bytes,
+    /// session settings its SQL changes (a prepared `SET`), re-read after it runs
+    pub settings: Box<[String]>,
+    /// the registry's key: the search_path it was prepared under, NUL, the body
+    key: Bytes,
     /// a server of this database has accepted it
     parsed: AtomicBool,
+    /// how many client names stand for it
+    clients: AtomicUsize,
 }
 
 /// Statements are the same when their server-side names are.
@@ -53,6 +59,13 @@ impl Statement {
     /// answered without a server.
     pub fn confirmed(&self) -> bool {
         self.parsed.load(Ordering::Relaxed)
+    }
+
+    /// True while some client holds it by name. A statement only server connections
+    /// hold may predate a schema change, so a client preparing its text has it
+    /// prepared again rather than answered from what the server holds.
+    pub fn in_use(&self) -> bool {
+        self.clients.load(Ordering::Relaxed) > 0
     }
 
     /// A Parse message preparing this statement under its server-side name.
@@ -87,8 +100,9 @@ impl Registries {
     }
 }
 
-/// Every statement a database's clients have prepared, by content; entries die with
-/// their last client.
+/// Every statement a database's clients have prepared, by content and the
+/// search_path it was prepared under (the same text can mean different tables);
+/// entries die when no client and no server connection holds them.
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<Known>,
@@ -104,12 +118,13 @@ struct Known {
 const PRUNE_AT: usize = 10_000;
 
 impl Registry {
-    /// The statement for a Parse body (query and parameter types), created on first use.
-    /// Identical bodies share one statement; the name is a hash of the body, made
-    /// unique within the process if two bodies ever hash alike.
-    pub fn statement(&self, body: &[u8]) -> Arc<Statement> {
+    /// The statement for a Parse body (query and parameter types) under `search_path`,
+    /// created on first use. Identical ones share one statement; the name is a hash,
+    /// made unique within the process if two ever hash alike (or a retired one lives on).
+    pub fn statement(&self, search_path: &str, body: &[u8]) -> Arc<Statement> {
+        let key = registry_key(search_path, body);
         let mut known = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = known.by_body.get(body).and_then(Weak::upgrade) {
+        if let Some(s) = known.by_body.get(&key).and_then(Weak::upgrade) {
             return s;
         }
         if known.by_body.len() >= PRUNE_AT {
@@ -117,7 +132,7 @@ impl Registry {
             known.by_name.retain(|_, w| w.strong_count() > 0);
         }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        body.hash(&mut hasher);
+        key.hash(&mut hasher);
         let hash = hasher.finish();
         let taken = |known: &Known, name: &str| {
             known
@@ -131,26 +146,56 @@ impl Registry {
             n += 1;
             name = format!("pgw_{hash:016x}_{n}");
         }
+        let glance = super::sql::glance(super::frontend::cstring(body).0);
         let statement = Arc::new(Statement {
             server_name: name.into(),
-            body: Bytes::copy_from_slice(body),
+            body: key.slice(search_path.len() + 1..),
+            settings: glance.settings.into(),
+            key: key.clone(),
             parsed: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&statement);
-        known.by_body.insert(statement.body.clone(), weak.clone());
+        known.by_body.insert(key, weak.clone());
         known.by_name.insert(statement.server_name.clone(), weak);
         statement
     }
 
-    /// The statement for a Parse body, if it exists and a server has accepted it.
-    pub fn confirmed(&self, body: &[u8]) -> Option<Arc<Statement>> {
+    /// Stops handing out `statement` for new Parses: a server said its result type
+    /// changed (the schema changed under it), so the next Parse prepares it afresh
+    /// under a new name. Clients holding it keep it, and its errors, as they would
+    /// keep a stale statement on a direct connection.
+    pub fn retire(&self, statement: &Statement) {
+        let mut known = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let current = known
+            .by_body
+            .get(&statement.key)
+            .and_then(Weak::upgrade)
+            .is_some_and(|s| s.server_name == statement.server_name);
+        if current {
+            known.by_body.remove(&statement.key);
+        }
+    }
+
+    /// The statement for a Parse body under `search_path`, if it exists and a server
+    /// has accepted it.
+    pub fn confirmed(&self, search_path: &str, body: &[u8]) -> Option<Arc<Statement>> {
+        let key = registry_key(search_path, body);
         let known = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         known
             .by_body
-            .get(body)
+            .get(&key)
             .and_then(Weak::upgrade)
-            .filter(|s| s.confirmed())
+            .filter(|s| s.confirmed() && s.in_use())
     }
+}
+
+fn registry_key(search_path: &str, body: &[u8]) -> Bytes {
+    let mut key = BytesMut::with_capacity(search_path.len() + 1 + body.len());
+    key.put_slice(search_path.as_bytes());
+    key.put_u8(0);
+    key.put_slice(body);
+    key.freeze()
 }
 
 /// A client's named statements.
@@ -174,8 +219,11 @@ impl ClientStatements {
 
     /// Records a client name.
     pub fn insert(&mut self, name: &[u8], statement: Arc<Statement>) {
-        self.names
+        statement.clients.fetch_add(1, Ordering::Relaxed);
+        let old = self
+            .names
             .insert(String::from_utf8_lossy(name).into_owned(), statement);
+        old.inspect(released);
     }
 
     /// Forgets a client name (Close, DEALLOCATE, a failed Parse).
@@ -183,12 +231,13 @@ impl ClientStatements {
         std::str::from_utf8(name)
             .ok()
             .and_then(|n| self.names.remove(n))
+            .inspect(released)
             .is_some()
     }
 
     /// Forgets every name (DEALLOCATE ALL, DISCARD ALL).
     pub fn clear(&mut self) {
-        self.names.clear();
+        self.names.drain().for_each(|(_, s)| released(&s));
     }
 
     /// How many names the client holds.
@@ -200,6 +249,16 @@ impl ClientStatements {
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
+}
+
+impl Drop for ClientStatements {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+fn released(statement: &Arc<Statement>) {
+    statement.clients.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// The statements one server connection has prepared, least recently used first out.
@@ -283,9 +342,9 @@ mod tests {
     #[test]
     fn identical_statements_share_one_server_name() {
         let registry = Registry::default();
-        let a = registry.statement(b"SELECT $1\0\0\x01\0\0\0\x17");
-        let b = registry.statement(b"SELECT $1\0\0\x01\0\0\0\x17");
-        let c = registry.statement(b"SELECT $1\0\0\x01\0\0\0\x19");
+        let a = registry.statement("", b"SELECT $1\0\0\x01\0\0\0\x17");
+        let b = registry.statement("", b"SELECT $1\0\0\x01\0\0\0\x17");
+        let c = registry.statement("", b"SELECT $1\0\0\x01\0\0\0\x19");
         assert!(Arc::ptr_eq(&a, &b));
         assert_ne!(a.server_name, c.server_name);
         assert!(a.server_name.starts_with("pgw_"));
@@ -302,8 +361,11 @@ mod tests {
     #[test]
     fn dead_statements_are_recreated() {
         let registry = Registry::default();
-        let name = registry.statement(b"SELECT 1\0\0\0").server_name.clone();
-        let again = registry.statement(b"SELECT 1\0\0\0");
+        let name = registry
+            .statement("", b"SELECT 1\0\0\0")
+            .server_name
+            .clone();
+        let again = registry.statement("", b"SELECT 1\0\0\0");
         assert_eq!(again.server_name, name);
     }
 
@@ -311,7 +373,8 @@ mod tests {
     fn the_server_cache_evicts_the_least_recently_used() {
         let registry = Registry::default();
         let mut cache = ServerStatements::default();
-        let [a, b, c] = [b"a\0\0\0", b"b\0\0\0", b"c\0\0\0"].map(|body| registry.statement(body));
+        let [a, b, c] =
+            [b"a\0\0\0", b"b\0\0\0", b"c\0\0\0"].map(|body| registry.statement("", body));
         assert_eq!(cache.insert(a.clone(), 2), None);
         assert_eq!(cache.insert(b.clone(), 2), None);
         assert!(cache.touch(&a.server_name));
@@ -320,20 +383,32 @@ mod tests {
         assert!(cache.touch(&a.server_name) && cache.touch(&c.server_name));
         cache.remove(&a.server_name);
         assert_eq!(cache.len(), 1);
-        // What a server connection holds stays known after its clients are gone.
+        // A statement is answered without a server only once a server accepted it
+        // and while a client holds it.
         let body = c.body.clone();
+        let mut client = ClientStatements::default();
+        client.insert(b"s", c.clone());
+        assert!(registry.confirmed("", &body).is_none(), "never accepted");
+        c.confirm();
+        assert!(registry.confirmed("", &body).is_some());
+        drop(client);
+        assert!(
+            registry.confirmed("", &body).is_none(),
+            "no client holds it"
+        );
+        // What a server connection holds stays in the registry after its clients are gone.
         drop(c);
-        registry.statement(b"d\0\0\0").confirm();
-        assert!(registry.confirmed(&body).is_none(), "never accepted");
-        cache.used.values().for_each(|(_, s)| s.confirm());
-        assert!(registry.confirmed(&body).is_some());
+        assert!(Arc::ptr_eq(
+            &registry.statement("", &body),
+            &cache.used.values().next().unwrap().1
+        ));
     }
 
     #[test]
     fn client_names_map_to_statements() {
         let registry = Registry::default();
         let mut client = ClientStatements::default();
-        client.insert(b"s1", registry.statement(b"SELECT 1\0\0\0"));
+        client.insert(b"s1", registry.statement("", b"SELECT 1\0\0\0"));
         assert!(client.contains(b"s1"));
         assert!(!client.contains(b"s2"));
         assert!(client.remove(b"s1"));
