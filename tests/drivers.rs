@@ -4,8 +4,10 @@
 //! tests/drivers/ against a fresh database behind a pgwarden with a small pool; the
 //! script checks every result and exits non-zero on the first wrong one.
 //!
-//! The drivers live in target/drivers, installed by `.ci/run` (through
-//! `.ci/install-drivers`); without them these tests fail and say so.
+//! The drivers live in target/drivers, installed by `.ci/install-drivers` (pinned,
+//! into a venv and a node folder; `.ci/run` calls it, and so does the first of
+//! these tests when they are missing). When they cannot be installed, the tests
+//! fail and say so: they never pass without running.
 
 mod common;
 
@@ -27,8 +29,17 @@ fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
 }
 
-/// Fails the test when the driver environment is missing: it must never pass silently.
+/// Installs the drivers if they are missing, once per test process; then fails the
+/// test if they are still missing: it must never pass without running.
 fn require(path: &Path, what: &str) {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/install-drivers");
+        match Command::new("bash").arg(&script).status() {
+            Ok(s) if s.success() => {}
+            other => eprintln!("{} failed: {other:?}", script.display()),
+        }
+    });
     assert!(
         path.exists(),
         "{what} is not installed ({} is missing): run `.ci/run`, or just `.ci/install-drivers`, \
