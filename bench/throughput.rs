@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo bench --bench throughput` (needs `apt-get install -y pgbouncer`).
 //! Knobs (environment): BENCH_ROUNDS=3, BENCH_SECONDS=10, BENCH_SCALE=10,
-//! BENCH_CLIENTS=10,50,200, BENCH_MODES=simple,extended, BENCH_SCRIPT=-S, BENCH_POOL=20,
+//! BENCH_CLIENTS=10,50,200, BENCH_MODES=simple,extended,prepared, BENCH_SCRIPT=-S, BENCH_POOL=20,
 //! BENCH_PGWARDEN (extra `[pgwarden]` lines, e.g. "workers = 1").
 
 #[path = "support/mod.rs"]
@@ -21,7 +21,7 @@ fn main() {
     let scale: u32 = env_or("BENCH_SCALE", 10);
     let pool: u32 = env_or("BENCH_POOL", 20);
     let clients = env_list("BENCH_CLIENTS", "10,50,200");
-    let modes = env_list("BENCH_MODES", "simple,extended");
+    let modes = env_list("BENCH_MODES", "simple,extended,prepared");
     let script = std::env::var("BENCH_SCRIPT").unwrap_or_else(|_| "-S".into());
 
     eprintln!("preparing PostgreSQL with a pgbench database at scale {scale} …");
@@ -42,6 +42,12 @@ fn main() {
         }
     }
     let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
+    let prepared_ok = support::pgbouncer_supports_prepared();
+    if modes.iter().any(|m| m == "prepared") && !prepared_ok {
+        eprintln!(
+            "this PgBouncer predates 1.21 (no prepared statements in transaction mode): -M prepared runs without it"
+        );
+    }
 
     let mut results: HashMap<(String, String, &str), Vec<Run>> = HashMap::new();
     for mode in &modes {
@@ -50,6 +56,9 @@ fn main() {
                 // Rotate the order every round: A B C, then B C A, then C A B.
                 for i in 0..targets.len() {
                     let target = &targets[(i + round) % targets.len()];
+                    if mode == "prepared" && target.name == "pgbouncer" && !prepared_ok {
+                        continue;
+                    }
                     let args = [
                         script.as_str(),
                         "-M",

@@ -185,9 +185,13 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
 
 /// PgBouncer from the distribution, configured like pgwarden.
 pub fn pgbouncer(cluster: &Cluster, pool_size: u32) -> Option<Target> {
-    let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())?;
+    let binary = pgbouncer_binary()?;
+    // Named prepared statements in transaction mode exist from PgBouncer 1.21 on.
+    let prepared = if pgbouncer_supports_prepared() {
+        "max_prepared_statements = 200\n"
+    } else {
+        ""
+    };
     let programs = Programs::find().unwrap();
     let dir = scratch_dir(&programs, "pgbouncer");
     let port = free_port().unwrap();
@@ -200,7 +204,7 @@ pub fn pgbouncer(cluster: &Cluster, pool_size: u32) -> Option<Target> {
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
                  default_pool_size = {pool_size}\nmax_client_conn = 20000\n\
-                 logfile = {}\npidfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
+                 logfile = {}\npidfile = {}\nlog_connections = 0\nlog_disconnections = 0\n{prepared}",
                 cluster.primary().port,
                 dir.join("userlist.txt").display(),
                 dir.join("pgbouncer.log").display(),
@@ -330,6 +334,31 @@ pub fn pgbench(cluster: &Cluster, target: &Target, args: &[&str]) -> Run {
 }
 
 /// Median of a sample (0 for an empty one).
+fn pgbouncer_binary() -> Option<&'static str> {
+    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+}
+
+/// True when the installed PgBouncer (1.21 or later) supports named prepared
+/// statements in transaction mode.
+pub fn pgbouncer_supports_prepared() -> bool {
+    let Some(binary) = pgbouncer_binary() else {
+        return false;
+    };
+    let out = Command::new(binary).arg("--version").output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    // "PgBouncer 1.18.0"
+    let version: Vec<u32> = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .split('.')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    matches!(version.as_slice(), [1, minor, ..] if *minor >= 21) || version.first() > Some(&1)
+}
+
 pub fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return 0.0;
