@@ -174,15 +174,23 @@ async fn idle_clients(counts: &[usize]) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let used = support::rss_kib(pid);
         drop(clients);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = support::rss_kib(pid);
+        // The allocator gives memory back over a second or so: wait until RSS is
+        // within 10 % of the start, up to 15 s, and report how long that took.
+        let leaving = Instant::now();
+        let mut after = support::rss_kib(pid);
+        while after as f64 > start as f64 * 1.1 && leaving.elapsed() < Duration::from_secs(15) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            after = support::rss_kib(pid);
+        }
+        let settled = leaving.elapsed();
         let per = |kib: u64| (kib.saturating_sub(start)) as f64 * 1024.0 / n as f64;
         let line = format!(
-            "| {n} | {:.1} s | {:.0} B | {:.0} B | {start} → {after} KiB ({:+.1} %) | {:.2} ms ({size} B) |",
+            "| {n} | {:.1} s | {:.0} B | {:.0} B | {start} → {after} KiB ({:+.1} %) after {:.1} s | {:.2} ms ({size} B) |",
             opened.as_secs_f64(),
             per(idle),
             per(used),
             (after as f64 - start as f64) * 100.0 / start as f64,
+            settled.as_secs_f64(),
             median(&mut scrapes),
         );
         eprintln!("{line}");

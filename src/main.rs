@@ -9,6 +9,18 @@ use pgwarden::config::Config;
 use pgwarden::tls::Tls;
 use pgwarden::{cluster, proxy};
 
+/// jemalloc rather than glibc's allocator: with thousands of sessions allocating
+/// and freeing on every worker thread, glibc's per-thread arenas cost more per
+/// client and keep freed memory long after the clients have gone.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options: a background thread returns memory freed by departed
+/// clients to the system within about a second.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// PostgreSQL connection pooler and fault-tolerance proxy.
 #[derive(Parser)]
 #[command(version, about)]

@@ -9,8 +9,9 @@
 //! case) and, only when they differ, one statement sets what is missing and
 //! resets what is extra.
 
+use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Reported parameters (ParameterStatus) a client can change with SET; when the server
 /// reports a new value for one of these, it becomes part of the client's set.
@@ -27,6 +28,36 @@ const SETTABLE_REPORTED: &[&str] = &[
 
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+/// One shared copy of each distinct set clients log in with. Most clients of an
+/// application send the same startup settings, so they share one set: less memory
+/// per client, and a server connection last used by any of them already matches
+/// (the pointer check at checkout).
+#[derive(Debug, Default)]
+pub struct Interner {
+    sets: Mutex<HashMap<ParamSet, Weak<ParamSet>>>,
+}
+
+/// Above this many sets, the ones no client holds any more are dropped.
+const PRUNE_AT: usize = 1024;
+
+impl Interner {
+    /// The shared copy of `set`.
+    pub fn intern(&self, set: ParamSet) -> Arc<ParamSet> {
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = sets.get(&set).and_then(Weak::upgrade) {
+            return shared;
+        }
+        if sets.len() >= PRUNE_AT {
+            sets.retain(|_, w| w.strong_count() > 0);
+        }
+        // One copy as the key (per distinct set, not per client); the value dies with
+        // the last client that holds the set.
+        let shared = Arc::new(set.clone());
+        sets.insert(set, Arc::downgrade(&shared));
+        shared
+    }
+}
 
 /// A client's session settings: lower-cased names with values, sorted by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -221,6 +252,22 @@ pub fn literal(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identical_sets_are_shared_and_forgotten_with_their_last_holder() {
+        let interner = Interner::default();
+        let a = interner.intern(ParamSet::from_pairs([("timezone", "UTC")]));
+        let b = interner.intern(ParamSet::from_pairs([("timezone", "UTC")]));
+        let c = interner.intern(ParamSet::from_pairs([("timezone", "CET")]));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
+        let weak = Arc::downgrade(&a);
+        drop((a, b));
+        assert!(
+            weak.upgrade().is_none(),
+            "the interner holds no client's set"
+        );
+    }
 
     fn set(pairs: &[(&str, &str)]) -> Arc<ParamSet> {
         Arc::new(ParamSet::from_pairs(pairs.iter().copied()))

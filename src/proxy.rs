@@ -67,6 +67,8 @@ pub struct Shared {
     pub started_at: std::time::SystemTime,
     /// failovers, switchovers and promotions so far
     pub history: crate::failover::History,
+    /// one shared copy of each distinct set of client settings
+    pub param_sets: crate::params::Interner,
     /// named prepared statements by database and content, shared by every client
     pub statements: crate::client::statements::Registries,
     /// fired once on SIGTERM/SIGINT
@@ -104,6 +106,7 @@ impl Shared {
             monitor: crate::health::Commands::default(),
             started_at: std::time::SystemTime::now(),
             history: crate::failover::History::default(),
+            param_sets: crate::params::Interner::default(),
             statements: crate::client::statements::Registries::default(),
             shutdown: CancellationToken::new(),
             sessions: AtomicUsize::new(0),
@@ -130,6 +133,25 @@ impl Shared {
         self.config.store(Arc::new(config));
         self.reconfigured.notify_one();
         Ok(())
+    }
+}
+
+/// One accepted connection, counted against `max_client_conn` until dropped. The
+/// session's task holds it, so no wrapper future is needed to give it back.
+#[derive(Debug)]
+pub struct Slot(Arc<Shared>);
+
+impl std::ops::Deref for Slot {
+    type Target = Arc<Shared>;
+
+    fn deref(&self) -> &Arc<Shared> {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -200,13 +222,10 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
             sessions.spawn(refuse(stream, peer, max));
             continue;
         }
-        let shared = shared.clone();
-        sessions.spawn(async move {
-            client::serve(stream, peer, shared.clone()).await;
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-        });
+        sessions.spawn(client::serve(stream, peer, Slot(shared.clone())));
     }
     drop(listener);
+    shared.clients.shut_down_all();
     sessions.close();
     let grace = shared.config.load().pgwarden.shutdown_timeout;
     info!(

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use crate::metrics::ClientState;
@@ -49,8 +49,64 @@ pub struct Entry {
     pub connected_at: SystemTime,
     state: AtomicU8,
     serving: Mutex<Option<(CancelKey, Arc<str>)>>,
-    /// fired by the admin console's KILL: the session ends at once
-    pub kill: CancellationToken,
+    /// the admin console's KILL and the process's shutdown, for this session
+    pub ending: Ending,
+}
+
+/// Why a waiting session must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// the admin console's KILL: at once
+    Killed,
+    /// pgwarden is shutting down: as soon as the session is idle
+    ShutDown,
+}
+
+/// What ends a session from outside, in one waiter: each idle session waits on
+/// this and on its socket, nothing else. Inline in the entry, where cancellation
+/// tokens would cost every connected client an allocation and a waiter each.
+#[derive(Debug, Default)]
+pub struct Ending {
+    state: AtomicU8,
+    notify: Notify,
+}
+
+const KILLED: u8 = 1;
+const SHUT_DOWN: u8 = 2;
+
+impl Ending {
+    /// Ends the session (KILL).
+    pub fn kill(&self) {
+        self.set(KILLED);
+    }
+
+    /// Ends the session at its next idle moment (shutdown).
+    pub fn shut_down(&self) {
+        self.set(SHUT_DOWN);
+    }
+
+    fn set(&self, bit: u8) {
+        self.state.fetch_or(bit, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Returns when the session is killed, or shut down while `idle`.
+    pub async fn wait(&self, idle: bool) -> Stop {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a signal in between is not missed.
+            notified.as_mut().enable();
+            let state = self.state.load(Ordering::SeqCst);
+            if state & KILLED != 0 {
+                return Stop::Killed;
+            }
+            if idle && state & SHUT_DOWN != 0 {
+                return Stop::ShutDown;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl Entry {
@@ -101,7 +157,7 @@ impl ClientRegistry {
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(0),
                     serving: Mutex::new(None),
-                    kill: CancellationToken::new(),
+                    ending: Ending::default(),
                 });
                 v.insert(entry.clone());
                 return ClientHandle {
@@ -112,7 +168,16 @@ impl ClientRegistry {
         }
     }
 
-    /// Every connected client.
+    /// Tells every connected session that pgwarden is shutting down.
+    pub fn shut_down_all(&self) {
+        for shard in &self.shards {
+            for entry in lock(shard).values() {
+                entry.ending.shut_down();
+            }
+        }
+    }
+
+    /// Every entry, in no particular order.
     pub fn all(&self) -> Vec<Arc<Entry>> {
         self.shards
             .iter()
@@ -196,7 +261,13 @@ impl ClientHandle {
 
 impl Drop for ClientHandle {
     fn drop(&mut self) {
-        self.registry.shard(self.entry.pid).remove(&self.entry.pid);
+        let mut shard = self.registry.shard(self.entry.pid);
+        shard.remove(&self.entry.pid);
+        // A map keeps its capacity: after a connection storm has left, give it back.
+        if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
+            let len = shard.len();
+            shard.shrink_to(len * 2);
+        }
     }
 }
 

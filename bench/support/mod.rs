@@ -347,7 +347,9 @@ pub fn pgbouncer_supports_prepared() -> bool {
         return false;
     };
     let out = Command::new(binary).arg("--version").output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     // "PgBouncer 1.18.0"
     let version: Vec<u32> = text
         .split_whitespace()

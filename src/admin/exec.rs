@@ -88,7 +88,7 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
             let mut killed = 0;
             for client in shared.clients.all() {
                 if client.identity.database == db {
-                    client.kill.cancel();
+                    client.ending.kill();
                     killed += 1;
                 }
             }

@@ -101,9 +101,10 @@ pub async fn login(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Re
         Ok(Step::Ready(logged_in)) => logged_in,
         Err(e) => return Err(e.on(stream)),
     };
-    let mut session = Session::new(stream, peer, shared.clone(), *logged_in);
+    // On the heap from the start: the session's task then holds a pointer, not a copy.
+    let mut session = Box::new(Session::new(stream, shared.clone(), *logged_in));
     match session.welcome().await {
-        Ok(()) => Ok(Login::Ready(Box::new(session))),
+        Ok(()) => Ok(Login::Ready(session)),
         Err(e) => Err(e.on(session.into_stream())),
     }
 }
@@ -174,6 +175,8 @@ async fn login_steps(
     put_auth(&mut out, pgwire::messages::startup::Authentication::Ok);
     stream.write_all(&out).await?;
     let db = config.database(&request.database);
+    // The client's settings start as its startup settings: one set, shared.
+    let startup = shared.param_sets.intern(request.settings);
     let client = shared.clients.register(Identity {
         peer,
         database: request.database.clone(),
@@ -185,10 +188,8 @@ async fn login_steps(
         metrics: shared.metrics.session(&request.database, &request.user),
         gate: shared.gate.counter(&request.database),
         registry: shared.statements.of(&request.database),
-        database: request.database,
-        user: request.user,
-        startup: Arc::new(request.settings.clone()),
-        params: Arc::new(request.settings),
+        startup: startup.clone(),
+        params: startup,
         statements: ClientStatements::default(),
         client,
         route: None,
@@ -200,7 +201,10 @@ impl Session {
     /// first client with settings a server has not seen yet has them checked by one
     /// (routed like a transaction); later logins need no server at all.
     async fn welcome(&mut self) -> Result<(), LoginError> {
-        let logins = self.shared.pools.logins(&self.who.database, &self.who.user);
+        let logins = self
+            .shared
+            .pools
+            .logins(self.who.database(), self.who.user());
         let welcome = match logins.welcome_for(&self.who.params) {
             Some(welcome) => welcome,
             None => {
@@ -217,7 +221,7 @@ impl Session {
         put_backend_key(&mut out, self.who.client.pid(), self.who.client.secret());
         put_ready(&mut out, b'I');
         self.stream.write_all(&out).await?;
-        info!(peer = %self.peer, pid = self.who.client.pid(), db = %self.who.database, user = %self.who.user, mode = %self.who.mode, "client logged in");
+        info!(peer = %self.who.peer(), pid = self.who.client.pid(), db = %self.who.database(), user = %self.who.user(), mode = %self.who.mode, "client logged in");
         Ok(())
     }
 }

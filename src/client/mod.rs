@@ -40,8 +40,8 @@ use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
-use crate::proxy::Shared;
-use crate::registry::ClientHandle;
+use crate::proxy::{Shared, Slot};
+use crate::registry::{ClientHandle, Stop};
 use crate::server::SESSION_TIMEOUT;
 use crate::tls::Stream;
 use aborted::Aborted;
@@ -52,11 +52,23 @@ use statements::{ClientStatements, Registry};
 /// Read size for client sockets.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// Runs a freshly accepted connection to its end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Runs a freshly accepted connection to its end; `slot` counts it until then.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, slot: Slot) {
     let _ = stream.set_nodelay(true);
+    // Boxed: the login's state is large and short-lived, and an idle session's task
+    // should not carry its size for hours.
+    match Box::pin(admit(stream, peer, &slot)).await {
+        Some(Login::Ready(session)) => session.run().await,
+        Some(Login::Admin(console)) => Box::pin(console.run()).await,
+        Some(Login::Cancel { .. }) | None => {}
+    }
+}
+
+/// Logs the client in within `client_login_timeout`, or answers what it asked
+/// instead (a CancelRequest) or why it is refused; `None` when nothing follows.
+async fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Login> {
     let timeout = shared.config.load().pgwarden.client_login_timeout;
-    match tokio::time::timeout(timeout, login::login(stream, peer, &shared)).await {
+    match tokio::time::timeout(timeout, login::login(stream, peer, shared)).await {
         Err(_) => {
             shared
                 .metrics
@@ -64,6 +76,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .with_label_values(&["timeout"])
                 .inc();
             info!(%peer, "client did not finish logging in within client_login_timeout");
+            None
         }
         Ok(Err(Ended::Refused(mut stream, e))) => {
             debug!(%peer, error = %e, "login refused");
@@ -73,26 +86,31 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .with_label_values(&[e.reason()])
                 .inc();
             farewell(&mut stream, &e.to_notice(true)).await;
+            None
         }
-        Ok(Err(Ended::Gone)) => debug!(%peer, "client left during login"),
+        Ok(Err(Ended::Gone)) => {
+            debug!(%peer, "client left during login");
+            None
+        }
         Ok(Ok(Login::Cancel { pid, secret })) => {
             let connect = shared.config.load().pool.server_connect_timeout;
             shared.clients.cancel(pid, secret, connect).await;
+            None
         }
-        Ok(Ok(Login::Ready(session))) => session.run().await,
-        Ok(Ok(Login::Admin(console))) => console.run().await,
+        Ok(Ok(login)) => Some(login),
     }
 }
 
 /// Sends a last error and closes gently: unread input at close would make the
 /// kernel reset the connection, and the client might never read the error.
+/// Boxed, so that every session's task does not carry the size of its last words.
 pub async fn farewell(stream: &mut Stream, notice: &ServerNotice) {
     let mut out = BytesMut::new();
     put_error(&mut out, notice);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let goodbye = async {
         stream.write_all(&out).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 4096];
         let mut budget: usize = 64 * 1024;
         while budget > 0 {
             match stream.read(&mut sink).await? {
@@ -101,14 +119,12 @@ pub async fn farewell(stream: &mut Stream, notice: &ServerNotice) {
             }
         }
         Ok::<_, std::io::Error>(())
-    })
-    .await;
+    };
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), goodbye)).await;
 }
 
 /// What login established about a client.
 pub struct LoggedIn {
-    database: String,
-    user: String,
     mode: PoolMode,
     target: Target,
     params: Arc<ParamSet>,
@@ -126,13 +142,30 @@ pub struct LoggedIn {
     route: Option<(u64, Arc<ServerPool>)>,
 }
 
+impl LoggedIn {
+    /// The client-facing database (kept once, in the client registry).
+    fn database(&self) -> &str {
+        &self.client.entry().identity.database
+    }
+
+    /// The user name.
+    fn user(&self) -> &str {
+        &self.client.entry().identity.user
+    }
+
+    /// The client's address.
+    fn peer(&self) -> SocketAddr {
+        self.client.entry().identity.peer
+    }
+}
+
 /// How the session answers the client while it holds no server connection.
 enum Between {
     /// Requests go to a server.
     Ready,
     /// A request failed before it was complete: drop what follows up to its Sync,
     /// then report this error (if not reported yet) and ReadyForQuery.
-    Skipping(Option<ServerNotice>),
+    Skipping(Option<Box<ServerNotice>>),
     /// The transaction block died with its server connection.
     Aborted(Box<Aborted>),
 }
@@ -156,7 +189,6 @@ impl From<std::io::Error> for End {
 /// An authenticated client.
 pub struct Session {
     stream: Stream,
-    peer: SocketAddr,
     shared: Arc<Shared>,
     who: LoggedIn,
     inbuf: BytesMut,
@@ -167,10 +199,9 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, who: LoggedIn) -> Session {
+    fn new(stream: Stream, shared: Arc<Shared>, who: LoggedIn) -> Session {
         Session {
             stream,
-            peer,
             shared,
             who,
             inbuf: BytesMut::new(),
@@ -184,7 +215,7 @@ impl Session {
         self.stream
     }
 
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         self.who.metrics.idle.inc();
         let end = self.serve_requests().await;
@@ -192,13 +223,13 @@ impl Session {
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
         let pid = self.who.client.pid();
         match end {
-            End::Gone => info!(peer = %self.peer, pid, "client disconnected"),
+            End::Gone => info!(peer = %self.who.peer(), pid, "client disconnected"),
             End::Shutdown => {
-                info!(peer = %self.peer, pid, "client disconnected by shutdown");
+                info!(peer = %self.who.peer(), pid, "client disconnected by shutdown");
                 farewell(&mut self.stream, &ClientError::Shutdown.to_notice(true)).await;
             }
             End::Fatal(e) => {
-                warn!(peer = %self.peer, pid, error = %e, "client disconnected after an error");
+                warn!(peer = %self.who.peer(), pid, error = %e, "client disconnected after an error");
                 farewell(&mut self.stream, &e.to_notice(true)).await;
             }
         }
@@ -213,7 +244,9 @@ impl Session {
             if tag == b'X' {
                 return End::Gone;
             }
-            if let Err(end) = self.request(tag).await {
+            // Boxed for the same reason: a request (checkout, splice) needs far more
+            // state than waiting for the next one, which is what most sessions do.
+            if let Err(end) = Box::pin(self.request(tag)).await {
                 return end;
             }
         }
@@ -303,7 +336,7 @@ impl Session {
         let admission = self
             .shared
             .gate
-            .enter(&self.who.database, &self.who.gate)
+            .enter(self.who.database(), &self.who.gate)
             .await;
         let attached = self.attach().await;
         metrics
@@ -402,7 +435,7 @@ impl Session {
                     Some(n) => format!("{reason} ({})", n.code),
                     None => reason,
                 };
-                warn!(peer = %self.peer, pid = self.who.client.pid(), %backend, %reason, "server connection lost during a transaction");
+                warn!(peer = %self.who.peer(), pid = self.who.client.pid(), %backend, %reason, "server connection lost during a transaction");
                 let error = ClientError::ServerLost { backend, reason };
                 if hold {
                     // A session-mode client's session state is gone with its server.
@@ -512,9 +545,9 @@ impl Session {
                         continue;
                     }
                     Err(CheckoutError::Timeout(timeout)) => {
-                        warn!(peer = %self.peer, db = %self.who.database, user = %self.who.user, ?timeout, "query_wait_timeout: no server connection");
+                        warn!(peer = %self.who.peer(), db = %self.who.database(), user = %self.who.user(), ?timeout, "query_wait_timeout: no server connection");
                         return Err(ClientError::PoolTimeout {
-                            database: self.who.database.clone(),
+                            database: self.who.database().to_owned(),
                             timeout,
                         });
                     }
@@ -539,7 +572,7 @@ impl Session {
                 .is_err()
             {
                 return Err(last_error.unwrap_or(ClientError::Unavailable {
-                    database: self.who.database.clone(),
+                    database: self.who.database().to_owned(),
                     what: self.who.target.name(),
                     waited,
                 }));
@@ -568,8 +601,13 @@ impl Session {
         else {
             return Ok(None);
         };
-        let key = PoolKey::new(&config, &self.who.database, &self.who.user, &backend.config)
-            .ok_or_else(|| ClientError::UnknownDatabase(self.who.database.clone()))?;
+        let key = PoolKey::new(
+            &config,
+            self.who.database(),
+            self.who.user(),
+            &backend.config,
+        )
+        .ok_or_else(|| ClientError::UnknownDatabase(self.who.database().to_owned()))?;
         let pool = self.shared.pools.get(&key, &config);
         if primary {
             self.who.route = Some((table.generation, pool.clone()));
@@ -598,7 +636,7 @@ impl Session {
             self.stream.write_all(&out).await?;
         } else {
             // Part of an extended-protocol batch: the error comes at its Sync.
-            self.between = Between::Skipping(Some(notice));
+            self.between = Between::Skipping(Some(Box::new(notice)));
         }
         Ok(())
     }
@@ -629,7 +667,7 @@ impl Session {
             put_ready(&mut out, self.status);
         }
         self.between = if mid_batch {
-            Between::Skipping(Some(next_error(&mut first)))
+            Between::Skipping(Some(Box::new(next_error(&mut first))))
         } else if in_block {
             Between::Aborted(Box::new(Aborted::new(first)))
         } else {
@@ -702,6 +740,10 @@ impl Session {
             self.inbuf = BytesMut::new();
         }
         let idle = self.idle();
+        // A session that logged in after the shutdown began was not told of it.
+        if idle && self.shared.shutdown.is_cancelled() {
+            return Err(End::Shutdown);
+        }
         let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
         let read = async move {
             stream.ready_to_read().await?;
@@ -720,8 +762,10 @@ impl Session {
                     Ok(())
                 }
             },
-            () = self.shared.shutdown.cancelled(), if idle => Err(End::Shutdown),
-            () = self.who.client.entry().kill.cancelled() => Err(End::Fatal(ClientError::Killed)),
+            ended = self.who.client.entry().ending.wait(idle) => match ended {
+                Stop::Killed => Err(End::Fatal(ClientError::Killed)),
+                Stop::ShutDown => Err(End::Shutdown),
+            },
         }
     }
 

@@ -51,7 +51,9 @@ impl Stream {
     /// TLS returns at once (see the module docs).
     pub async fn ready_to_read(&self) -> io::Result<()> {
         match self {
-            Stream::Plain(s) => s.readable().await,
+            // Polled readiness parks the waker in the socket's own slot, where
+            // `readable()` would keep a waiter of its own in every idle session.
+            Stream::Plain(s) => std::future::poll_fn(|cx| s.poll_read_ready(cx)).await,
             Stream::Tls(_) => Ok(()),
         }
     }
