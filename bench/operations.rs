@@ -1,43 +1,32 @@
-//! Operations costs: the pause a SWITCHOVER imposes on a loaded cluster (and the
-//! failed transactions, which must be 0), and what many idle clients cost —
-//! resident memory per client and the time to scrape /metrics among them.
+//! Operations costs: the pause a SWITCHOVER imposes on a loaded cluster, and the
+//! failed transactions, which must be 0. (What many idle clients cost, and the
+//! time to scrape /metrics among them, is bench/connections.rs.)
 //!
 //! Run: `cargo bench --bench operations`.
-//! Knobs: BENCH_RUNS=5 (switchovers, each on a fresh cluster), BENCH_IDLE=1000,10000
-//! (idle client counts), BENCH_SKIP=switchover|idle (measure only the other).
+//! Knobs: BENCH_RUNS=5 (switchovers, each on a fresh cluster).
 
 #[path = "support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgwarden::cluster::ClusterSpec;
-use support::{env_list, env_or, median};
+use support::{env_or, median};
 use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN: (&str, &str) = ("admin", "admin");
 
 fn main() {
-    let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    if skip != "switchover" {
-        switchovers(&runtime, env_or("BENCH_RUNS", 5));
-    }
-    if skip != "idle" {
-        let counts: Vec<usize> = env_list("BENCH_IDLE", "1000,10000")
-            .iter()
-            .filter_map(|c| c.parse().ok())
-            .collect();
-        runtime.block_on(idle_clients(&counts));
-    }
+    switchovers(&runtime, env_or("BENCH_RUNS", 5));
 }
 
 fn admin_extra() -> String {
     format!(
-        "admin_users = [\"{}\"]\nmax_client_conn = 20000\nhttp_listen = \"127.0.0.1:{}\"",
+        "admin_users = [\"{}\"]\nhttp_listen = \"127.0.0.1:{}\"",
         ADMIN.0,
         pgwarden::cluster::free_port().unwrap()
     )
@@ -131,103 +120,4 @@ async fn connect_admin(port: u16) -> tokio_postgres::Client {
         .unwrap();
     tokio::spawn(connection);
     client
-}
-
-async fn idle_clients(counts: &[usize]) {
-    let mut lines = Vec::new();
-    for &n in counts {
-        let cluster = support::cluster(1);
-        let extra = admin_extra();
-        let http_port: u16 = extra
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .trim_end_matches('"')
-            .parse()
-            .unwrap();
-        let target = support::pgwarden(&cluster, 20, &extra, "");
-        let pid = target.pid.unwrap();
-        // One client first, so that pools and logins exist before the baseline.
-        let first = client(target.port).await;
-        first.simple_query("SELECT 1").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let start = support::rss_kib(pid);
-        let opening = Instant::now();
-        let mut clients = Vec::with_capacity(n);
-        for chunk in 0..n.div_ceil(250) {
-            let batch = (chunk * 250..((chunk + 1) * 250).min(n)).map(|_| client(target.port));
-            clients.extend(futures_util::future::join_all(batch).await);
-        }
-        let opened = opening.elapsed();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle = support::rss_kib(pid);
-        let mut scrapes = Vec::new();
-        let mut size = 0;
-        for _ in 0..20 {
-            let t = Instant::now();
-            size = scrape(http_port).await;
-            scrapes.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        for batch in clients.chunks(250) {
-            futures_util::future::join_all(batch.iter().map(|c| c.simple_query("SELECT 1"))).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let used = support::rss_kib(pid);
-        drop(clients);
-        // The allocator gives memory back over a second or so: wait until RSS is
-        // within 10 % of the start, up to 15 s, and report how long that took.
-        let leaving = Instant::now();
-        let mut after = support::rss_kib(pid);
-        while after as f64 > start as f64 * 1.1 && leaving.elapsed() < Duration::from_secs(15) {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            after = support::rss_kib(pid);
-        }
-        let settled = leaving.elapsed();
-        let per = |kib: u64| (kib.saturating_sub(start)) as f64 * 1024.0 / n as f64;
-        let line = format!(
-            "| {n} | {:.1} s | {:.0} B | {:.0} B | {start} → {after} KiB ({:+.1} %) after {:.1} s | {:.2} ms ({size} B) |",
-            opened.as_secs_f64(),
-            per(idle),
-            per(used),
-            (after as f64 - start as f64) * 100.0 / start as f64,
-            settled.as_secs_f64(),
-            median(&mut scrapes),
-        );
-        eprintln!("{line}");
-        lines.push(line);
-    }
-    println!("\n## Idle clients (SCRAM login, then idle; pgwarden RSS from /proc)");
-    println!("Machine: {}\n", support::machine());
-    println!(
-        "| clients | time to open all | RSS per idle client | RSS per client after one SELECT 1 each | RSS start → after all left | /metrics scrape (median of 20) |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for l in &lines {
-        println!("{l}");
-    }
-}
-
-async fn client(port: u16) -> tokio_postgres::Client {
-    let conninfo = format!(
-        "host=127.0.0.1 port={port} user={} password={} dbname={}",
-        support::USER,
-        support::PASSWORD,
-        support::DATABASE
-    );
-    let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-}
-
-async fn scrape(port: u16) -> usize {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    out.len()
 }

@@ -178,17 +178,14 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
     let admin = console(&pgw, ADMIN).await.unwrap();
     let busy = pgw.connect(&db).await;
     busy.batch_execute("BEGIN").await.unwrap();
-    // PAUSE returns once the running transaction is done.
+    // PAUSE returns once the running transaction is done. Logged in beforehand, so
+    // that the time measured is PAUSE's alone.
+    let pauser = console(&pgw, ADMIN).await.unwrap();
     let pausing = tokio::spawn({
-        let admin_conn = format!(
-            "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
-            pgw.port, ADMIN.0, ADMIN.1
-        );
         let name = db.name.clone();
         async move {
-            let admin = common::connect(&admin_conn).await.unwrap();
             let started = Instant::now();
-            admin.simple_query(&format!("PAUSE {name}")).await.unwrap();
+            pauser.simple_query(&format!("PAUSE {name}")).await.unwrap();
             started.elapsed()
         }
     });

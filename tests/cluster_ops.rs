@@ -179,6 +179,12 @@ async fn readiness_and_metrics_follow_a_failover() {
         &[&db],
         options(&cluster, "mode = \"follow\"\nclient_wait_timeout = \"1s\""),
     );
+    // The first probes log in to every node; on a loaded machine that can take
+    // longer than the 1 s a login waits for a primary.
+    eventually(Duration::from_secs(10), "/health/ready says 200", || {
+        ready(&pgw) == 200
+    })
+    .await;
     let client = pgw.connect(&db).await;
     for _ in 0..10 {
         client.simple_query("SELECT 1").await.unwrap();

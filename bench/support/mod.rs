@@ -334,6 +334,11 @@ pub fn pgbench(cluster: &Cluster, target: &Target, args: &[&str]) -> Run {
 }
 
 /// Median of a sample (0 for an empty one).
+/// True when PgBouncer is installed.
+pub fn pgbouncer_available() -> bool {
+    pgbouncer_binary().is_some()
+}
+
 fn pgbouncer_binary() -> Option<&'static str> {
     ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()

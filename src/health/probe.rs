@@ -4,8 +4,9 @@
 //! Every step is bounded by `health.timeout`, because a hung or partitioned
 //! server answers nothing: TCP connects may even succeed while the startup never
 //! completes. A probe that times out or fails drops its connection; the next one
-//! connects again. After a failure the prober speeds up (a quarter of the
-//! interval) so that a node that is really gone reaches the failure threshold
+//! connects again. After a failure the prober speeds up (the next probe starts a
+//! quarter of the interval after the failed one started, at once if that has
+//! passed) so that a node that is really gone reaches the failure threshold
 //! quickly, and the monitor can wake it at once when clients see errors.
 
 use std::sync::Arc;
@@ -233,6 +234,7 @@ async fn run(
     let mut session: Option<Session> = None;
     loop {
         let started = SystemTime::now();
+        let clock = Instant::now();
         let result = tokio::time::timeout(login.timeout, async {
             if session.is_none() {
                 session = Some(Session::open(&backend, &login).await?);
@@ -258,10 +260,16 @@ async fn run(
         if reports.send(report).is_err() {
             return;
         }
+        // After a failure the next probe is due a quarter interval after this one
+        // *started*: a refused connection is retried soon, and a probe that timed
+        // out is followed at once, so a silent hang reaches the failure threshold
+        // after `failure_threshold × timeout`, not that plus the pauses.
         let pause = if ok {
             interval
         } else {
-            (interval / 4).max(Duration::from_millis(50))
+            (interval / 4)
+                .max(Duration::from_millis(50))
+                .saturating_sub(clock.elapsed())
         };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
