@@ -14,6 +14,8 @@ use crate::protocol::ServerNotice;
 pub mod sqlstate {
     /// invalid_password
     pub const INVALID_PASSWORD: &str = "28P01";
+    /// query_canceled (a cancel request or statement_timeout)
+    pub const QUERY_CANCELED: &str = "57014";
     /// invalid_authorization_specification
     pub const INVALID_AUTHORIZATION: &str = "28000";
     /// invalid_catalog_name (unknown database)

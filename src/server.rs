@@ -25,7 +25,7 @@ use crate::auth::Credential;
 use crate::auth::backend::BackendAuth;
 use crate::client::expect::Expected;
 use crate::client::statements::ServerStatements;
-use crate::error::ServerError;
+use crate::error::{ServerError, sqlstate};
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, MAX_BUFFERED_LEN, ReadError, read_message};
@@ -166,12 +166,33 @@ impl ServerConn {
     /// Returns the ParameterStatus reports it caused. A server error is returned after
     /// the connection is back at ReadyForQuery, so the connection stays usable.
     pub async fn execute(&mut self, sql: &str) -> Result<Vec<(String, String)>, ServerError> {
-        self.run(&exempt(sql)).await.map(|(reports, _)| reports)
+        self.run_exempt(sql).await.map(|(reports, _)| reports)
     }
 
     /// Runs one of pgwarden's own queries and returns its rows as text (NULL as "").
     pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<String>>, ServerError> {
-        self.run(&exempt(sql)).await.map(|(_, rows)| rows)
+        self.run_exempt(sql).await.map(|(_, rows)| rows)
+    }
+
+    /// Runs `sql` exempted from the session's statement_timeout. The exemption's own
+    /// first statement still runs under it, and a client's `1ms` can cancel even that
+    /// on a busy server: it changes nothing, so it is simply run again.
+    async fn run_exempt(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Vec<(String, String)>, Vec<Vec<String>>), ServerError> {
+        let sql = exempt(sql);
+        let mut tries = 1;
+        loop {
+            match self.run(&sql).await {
+                Err(ServerError::Rejected(n))
+                    if n.code == sqlstate::QUERY_CANCELED && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Runs DISCARD ALL, which cannot share a query string with anything.

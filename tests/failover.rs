@@ -492,6 +492,18 @@ async fn without_a_primary_writes_get_57p03_and_standby_reads_go_on() {
         .batch_execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
+    // Asynchronous replication: the standbys have the database and the row soon, not at once.
+    eventually(
+        Duration::from_secs(10),
+        "the standbys replayed the row",
+        || {
+            cluster.nodes[1..].iter().all(|n| {
+                n.sql_in(&db_name.name, "SELECT count(*) FROM t")
+                    .is_ok_and(|c| c == "1")
+            })
+        },
+    )
+    .await;
     let reads = Db {
         name: "reads".into(),
         ..db_name.clone()
