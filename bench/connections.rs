@@ -119,8 +119,7 @@ async fn idle_clients(target: &Target, n: usize, scrape_port: Option<u16>) -> St
         }
     }
     let opened = opening.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = support::rss_kib(pid);
+    let idle = settled_rss(pid).await;
     let scrape = match scrape_port {
         Some(port) => {
             let mut times = Vec::new();
@@ -137,8 +136,7 @@ async fn idle_clients(target: &Target, n: usize, scrape_port: Option<u16>) -> St
     for batch in clients.chunks(BATCH) {
         join_all(batch.iter().map(|c| c.simple_query("SELECT 1"))).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let used = support::rss_kib(pid);
+    let used = settled_rss(pid).await;
     drop(clients);
     // Allocators give memory back over a second or so: wait until RSS is within
     // 10 % of the start, up to 15 s, and report how long that took.
@@ -158,6 +156,21 @@ async fn idle_clients(target: &Target, n: usize, scrape_port: Option<u16>) -> St
         (after as f64 - start as f64) * 100.0 / start as f64,
         leaving.elapsed().as_secs_f64(),
     )
+}
+
+/// RSS once it holds still: what logins and queries allocated and freed is given
+/// back by the allocator over a second or so, and only what the clients keep counts.
+async fn settled_rss(pid: i32) -> u64 {
+    let mut last = support::rss_kib(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = support::rss_kib(pid);
+        if now.abs_diff(last) * 200 <= last {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 /// `n` clients connect at once and each runs `SELECT 1`: the time until the last
