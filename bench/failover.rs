@@ -106,6 +106,10 @@ async fn one_run(fault: &str, health: &str) -> Outcome {
     let mut acked: Vec<(i32, Instant)> = Vec::new();
     let mut failed = 0;
     let mut fault_at = None;
+    // A real fault comes at any moment of the probe cycle, and where it falls decides
+    // how long the first failed probe takes to start: a fixed moment would measure one
+    // point of that cycle every run. So the fault comes 2 s in, plus up to a second.
+    let fault_after = Duration::from_millis(2000 + rand::random_range(0..1000));
     let started = Instant::now();
     let mut id = 0;
     loop {
@@ -117,7 +121,7 @@ async fn one_run(fault: &str, health: &str) -> Outcome {
             Ok(_) => acked.push((id, Instant::now())),
             Err(_) => failed += 1,
         }
-        if fault_at.is_none() && started.elapsed() > Duration::from_secs(2) {
+        if fault_at.is_none() && started.elapsed() > fault_after {
             let primary = &cluster.nodes[0];
             match fault {
                 "stop" => primary.signal_all(libc::SIGSTOP).unwrap(),
