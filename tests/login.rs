@@ -80,6 +80,11 @@ async fn md5_and_trust_methods_and_md5_or_scram_secrets_work() {
         .simple_query("SELECT 1")
         .await
         .unwrap();
+    assert!(
+        pgw.log().contains("unsafe setting") && pgw.log().contains("auth.type"),
+        "trust is warned about at start-up:\n{}",
+        pgw.log()
+    );
     drop(pgw);
 
     // A SCRAM verifier in the user list authenticates clients; the server login then
