@@ -80,6 +80,10 @@ pub struct General {
     pub listen: String,
     /// most client connections held at once
     pub max_client_conn: usize,
+    /// most client connections of one user; 0: no limit
+    pub max_user_client_conn: usize,
+    /// most client connections to one database; 0: no limit
+    pub max_db_client_conn: usize,
     /// how long a client may take from connect to finished authentication
     #[serde(with = "duration")]
     pub client_login_timeout: Duration,
@@ -103,6 +107,8 @@ impl Default for General {
         General {
             listen: "127.0.0.1:6432".into(),
             max_client_conn: 10_000,
+            max_user_client_conn: 0,
+            max_db_client_conn: 0,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),

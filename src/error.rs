@@ -138,6 +138,16 @@ pub enum ClientError {
     /// The user may not use the admin console (or this command).
     #[error("{0}")]
     NotAllowed(String),
+    /// `max_user_client_conn` or `max_db_client_conn` reached.
+    #[error("too many connections for {what} (pgwarden.{key} = {max})")]
+    LimitReached {
+        /// the configuration key of the limit
+        key: &'static str,
+        /// `user "…"` or `database "…"`
+        what: String,
+        /// the limit
+        max: usize,
+    },
     /// `auth.query` could not run and no secret was found earlier.
     #[error("cannot look up user \"{user}\" with auth.query: {reason}")]
     AuthLookup {
@@ -173,9 +183,9 @@ impl ClientError {
         match self {
             ClientError::AuthFailed(_) => INVALID_PASSWORD,
             ClientError::UnknownDatabase(_) => INVALID_CATALOG_NAME,
-            ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {
-                TOO_MANY_CONNECTIONS
-            }
+            ClientError::TooManyClients(_)
+            | ClientError::LimitReached { .. }
+            | ClientError::PoolTimeout { .. } => TOO_MANY_CONNECTIONS,
             ClientError::ServerConnect { source, .. } => match source {
                 ServerError::Rejected(notice) => &notice.code,
                 ServerError::Credentials(_) => INVALID_AUTHORIZATION,
@@ -201,6 +211,7 @@ impl ClientError {
             ClientError::AuthFailed(_) => "password",
             ClientError::UnknownDatabase(_) => "database",
             ClientError::TooManyClients(_) => "max_client_conn",
+            ClientError::LimitReached { key, .. } => key,
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
             ClientError::AuthLookup { .. } => "auth_query",

@@ -140,6 +140,8 @@ pub struct LoggedIn {
     gate: Arc<AtomicUsize>,
     /// the primary's pool and the routing generation it was chosen in
     route: Option<(u64, Arc<ServerPool>)>,
+    /// its slots under the per-user and per-database limits, held for the session
+    _admitted: Option<crate::limits::Admitted>,
 }
 
 impl LoggedIn {
