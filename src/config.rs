@@ -246,6 +246,9 @@ pub struct PoolConfig {
     pub server_lifetime: Duration,
     /// named prepared statements kept per server connection; 0 passes them through untouched
     pub max_prepared_statements: usize,
+    /// disconnect a client that keeps a transaction open this long without sending anything; 0: never
+    #[serde(with = "duration")]
+    pub idle_transaction_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -260,6 +263,7 @@ impl Default for PoolConfig {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
+            idle_transaction_timeout: Duration::ZERO,
         }
     }
 }

@@ -42,6 +42,8 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     /// object_not_in_prerequisite_state
     pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// idle_in_transaction_session_timeout
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 }
 
 /// Why a server connection could not be used.
@@ -159,6 +161,11 @@ pub enum ClientError {
     /// `tls.mode = "require"` and the client did not ask for TLS.
     #[error("pgwarden requires TLS: connect with sslmode=require (or verify-ca, verify-full)")]
     TlsRequired,
+    /// The client kept a transaction open and sent nothing for `idle_transaction_timeout`.
+    #[error(
+        "terminating connection due to idle-in-transaction timeout (pool.idle_transaction_timeout = {0:?})"
+    )]
+    IdleInTransaction(std::time::Duration),
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -202,6 +209,7 @@ impl ClientError {
             ClientError::TlsRequired => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
+            ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
         }
     }
 
@@ -212,6 +220,7 @@ impl ClientError {
             ClientError::UnknownDatabase(_) => "database",
             ClientError::TooManyClients(_) => "max_client_conn",
             ClientError::LimitReached { key, .. } => key,
+            ClientError::IdleInTransaction(_) => "idle_transaction_timeout",
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
             ClientError::AuthLookup { .. } => "auth_query",

@@ -387,6 +387,7 @@ impl Session {
             max_prepared: self.shared.config.load().pool.max_prepared_statements,
             transaction: !hold,
             hold,
+            idle_transaction_timeout: self.shared.config.load().pool.idle_transaction_timeout,
         };
         let evicted = conn.pool().retired().clone();
         let (outcome, to_client, exchange) =
@@ -450,6 +451,12 @@ impl Session {
             Outcome::ClientProtocol(e) => {
                 conn.discard();
                 Err(End::Fatal(ClientError::Protocol(e)))
+            }
+            // Closing the server connection rolls the transaction back; it is never reused.
+            Outcome::IdleInTransaction => {
+                conn.discard();
+                let limit = self.shared.config.load().pool.idle_transaction_timeout;
+                Err(End::Fatal(ClientError::IdleInTransaction(limit)))
             }
         };
         if !to_client.is_empty() {
