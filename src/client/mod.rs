@@ -13,11 +13,11 @@
 //! client carries on; a transaction block lost with its server is answered as a
 //! failed block until the client rolls it back ([`aborted`]).
 
-mod aborted;
+pub mod aborted;
 pub mod expect;
-mod frontend;
+pub mod frontend;
 mod login;
-mod responses;
+pub mod responses;
 pub mod splice;
 mod sql;
 pub mod statements;
