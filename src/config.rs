@@ -80,6 +80,10 @@ pub struct General {
     pub listen: String,
     /// most client connections held at once
     pub max_client_conn: usize,
+    /// most client connections of one user; 0: no limit
+    pub max_user_client_conn: usize,
+    /// most client connections to one database; 0: no limit
+    pub max_db_client_conn: usize,
     /// how long a client may take from connect to finished authentication
     #[serde(with = "duration")]
     pub client_login_timeout: Duration,
@@ -103,6 +107,8 @@ impl Default for General {
         General {
             listen: "127.0.0.1:6432".into(),
             max_client_conn: 10_000,
+            max_user_client_conn: 0,
+            max_db_client_conn: 0,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
             log_level: "info".into(),
@@ -240,6 +246,9 @@ pub struct PoolConfig {
     pub server_lifetime: Duration,
     /// named prepared statements kept per server connection; 0 passes them through untouched
     pub max_prepared_statements: usize,
+    /// disconnect a client that keeps a transaction open this long without sending anything; 0: never
+    #[serde(with = "duration")]
+    pub idle_transaction_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -254,6 +263,7 @@ impl Default for PoolConfig {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
+            idle_transaction_timeout: Duration::ZERO,
         }
     }
 }
@@ -630,6 +640,54 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that are valid but unsafe, as `(key, why)`: `check-config` prints
+    /// them and `run` logs them at start-up.
+    pub fn warnings(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.auth.method == AuthMethod::Trust {
+            out.push((
+                "auth.type",
+                "trust: anyone who can connect logs in as any user without a password".into(),
+            ));
+        }
+        let exposed = |addr: &str| {
+            addr.parse::<SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        };
+        if exposed(&self.pgwarden.http_listen) {
+            out.push((
+                "pgwarden.http_listen",
+                format!(
+                    "`{}` is not a loopback address: metrics and cluster status are open to the network without authentication",
+                    self.pgwarden.http_listen
+                ),
+            ));
+        }
+        if exposed(&self.pgwarden.listen) && self.tls.mode != ClientTlsMode::Require {
+            out.push((
+                "tls.mode",
+                format!(
+                    "pgwarden listens on `{}` but does not require TLS: queries and results cross the network in clear",
+                    self.pgwarden.listen
+                ),
+            ));
+        }
+        if self.pgwarden.client_login_timeout > Duration::from_secs(60) {
+            out.push((
+                "pgwarden.client_login_timeout",
+                "over 1m: clients that never finish logging in hold a connection slot that long"
+                    .into(),
+            ));
+        }
+        if self.failover.mode == FailoverMode::Auto && !self.failover.require_witness {
+            out.push((
+                "failover.require_witness",
+                "false: a pgwarden cut off from a healthy primary promotes a standby (two primaries)".into(),
+            ));
+        }
+        out
+    }
+
     /// The address to listen on (validated at load).
     pub fn listen_addr(&self) -> SocketAddr {
         self.pgwarden
@@ -877,6 +935,28 @@ host = "127.0.0.1"
         assert_eq!(db.dbname, "appdb");
         assert_eq!(db.pool_size, 20);
         assert!(c.database("other").is_none());
+    }
+
+    #[test]
+    fn unsafe_settings_are_flagged_and_defaults_are_safe() {
+        assert_eq!(parse(MINIMAL).unwrap().warnings(), vec![]);
+        let c = parse(&format!(
+            "[pgwarden]\nlisten = \"0.0.0.0:6432\"\nhttp_listen = \"0.0.0.0:9930\"\n\
+             client_login_timeout = \"10m\"\n[auth]\ntype = \"trust\"\n\
+             [failover]\nrequire_witness = false\n{MINIMAL}"
+        ))
+        .unwrap();
+        let keys: Vec<_> = c.warnings().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "auth.type",
+                "pgwarden.http_listen",
+                "tls.mode",
+                "pgwarden.client_login_timeout",
+                "failover.require_witness"
+            ]
+        );
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     /// object_not_in_prerequisite_state
     pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// idle_in_transaction_session_timeout
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 }
 
 /// Why a server connection could not be used.
@@ -140,6 +142,16 @@ pub enum ClientError {
     /// The user may not use the admin console (or this command).
     #[error("{0}")]
     NotAllowed(String),
+    /// `max_user_client_conn` or `max_db_client_conn` reached.
+    #[error("too many connections for {what} (pgwarden.{key} = {max})")]
+    LimitReached {
+        /// the configuration key of the limit
+        key: &'static str,
+        /// `user "…"` or `database "…"`
+        what: String,
+        /// the limit
+        max: usize,
+    },
     /// `auth.query` could not run and no secret was found earlier.
     #[error("cannot look up user \"{user}\" with auth.query: {reason}")]
     AuthLookup {
@@ -151,6 +163,11 @@ pub enum ClientError {
     /// `tls.mode = "require"` and the client did not ask for TLS.
     #[error("pgwarden requires TLS: connect with sslmode=require (or verify-ca, verify-full)")]
     TlsRequired,
+    /// The client kept a transaction open and sent nothing for `idle_transaction_timeout`.
+    #[error(
+        "terminating connection due to idle-in-transaction timeout (pool.idle_transaction_timeout = {0:?})"
+    )]
+    IdleInTransaction(std::time::Duration),
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -175,9 +192,9 @@ impl ClientError {
         match self {
             ClientError::AuthFailed(_) => INVALID_PASSWORD,
             ClientError::UnknownDatabase(_) => INVALID_CATALOG_NAME,
-            ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {
-                TOO_MANY_CONNECTIONS
-            }
+            ClientError::TooManyClients(_)
+            | ClientError::LimitReached { .. }
+            | ClientError::PoolTimeout { .. } => TOO_MANY_CONNECTIONS,
             ClientError::ServerConnect { source, .. } => match source {
                 ServerError::Rejected(notice) => &notice.code,
                 ServerError::Credentials(_) => INVALID_AUTHORIZATION,
@@ -194,6 +211,7 @@ impl ClientError {
             ClientError::TlsRequired => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
+            ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
         }
     }
 
@@ -203,6 +221,8 @@ impl ClientError {
             ClientError::AuthFailed(_) => "password",
             ClientError::UnknownDatabase(_) => "database",
             ClientError::TooManyClients(_) => "max_client_conn",
+            ClientError::LimitReached { key, .. } => key,
+            ClientError::IdleInTransaction(_) => "idle_transaction_timeout",
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
             ClientError::AuthLookup { .. } => "auth_query",

@@ -16,6 +16,7 @@ pub mod drill;
 pub mod error;
 pub mod failover;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod params;
 pub mod pool;

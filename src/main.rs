@@ -185,6 +185,24 @@ fn load(path: &Path) -> Result<(Config, UserList, Tls), String> {
     Ok((config, users, tls))
 }
 
+/// Every valid but unsafe setting, as (file, key, why), for check-config and start-up.
+fn unsafe_settings(config: &Config) -> Vec<(PathBuf, String, String)> {
+    let mut out: Vec<_> = config
+        .warnings()
+        .into_iter()
+        .map(|(key, why)| (config.source.clone(), key.to_owned(), why))
+        .collect();
+    let user_list = config.auth_file();
+    if let Some(mode) = pgwarden::auth::userlist::open_to_others(&user_list) {
+        out.push((
+            user_list,
+            "(file)".into(),
+            format!("mode {mode:o}: readable by other users; chmod 600 it"),
+        ));
+    }
+    out
+}
+
 fn check_config(path: &Path) -> ExitCode {
     match load(path) {
         Ok((config, users, _)) => {
@@ -195,6 +213,9 @@ fn check_config(path: &Path) -> ExitCode {
                 config.databases.len(),
                 users.len()
             );
+            for (file, key, why) in unsafe_settings(&config) {
+                println!("warning: {}: {key}: {why}", file.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -213,6 +234,10 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     pgwarden::init_logging(&config.pgwarden.log_level);
+    // Logged here: loading ran before logging was set up.
+    for (file, key, why) in unsafe_settings(&config) {
+        tracing::warn!(file = %file.display(), key, "unsafe setting: {why}");
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.pgwarden.workers > 0 {
         runtime.worker_threads(config.pgwarden.workers);

@@ -57,6 +57,8 @@ pub struct Shared {
     pub pools: Pools,
     /// every connected client (cancel keys, admin listings)
     pub clients: Arc<ClientRegistry>,
+    /// client counts for the per-user and per-database limits
+    pub admissions: Arc<crate::limits::Admissions>,
     /// admission of transactions: PAUSE, RESUME, switchover
     pub gate: Gate,
     /// every metric
@@ -101,6 +103,7 @@ impl Shared {
             tls,
             auth_query,
             clients: Arc::new(ClientRegistry::default()),
+            admissions: Arc::default(),
             gate: Gate::default(),
             metrics: Metrics::new(),
             monitor: crate::health::Commands::default(),

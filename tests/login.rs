@@ -80,6 +80,11 @@ async fn md5_and_trust_methods_and_md5_or_scram_secrets_work() {
         .simple_query("SELECT 1")
         .await
         .unwrap();
+    assert!(
+        pgw.log().contains("unsafe setting") && pgw.log().contains("auth.type"),
+        "trust is warned about at start-up:\n{}",
+        pgw.log()
+    );
     drop(pgw);
 
     // A SCRAM verifier in the user list authenticates clients; the server login then
@@ -291,6 +296,55 @@ async fn clients_over_max_client_conn_get_53300() {
         .simple_query("SELECT 1")
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn clients_over_the_per_user_or_per_database_limit_get_53300() {
+    let db = Db::create();
+    let other = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db, &other],
+        Options {
+            pgwarden: "max_user_client_conn = 2\nmax_db_client_conn = 3".into(),
+            ..Default::default()
+        },
+    );
+    // The other user, in the first user's database.
+    let visitor = Db {
+        user: other.user.clone(),
+        password: other.password.clone(),
+        ..db.clone()
+    };
+    let mut held = vec![pgw.connect(&db).await, pgw.connect(&db).await];
+    let err = common::connect(&pgw.conninfo(&db)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert!(
+        common::message(&err).contains("max_user_client_conn = 2"),
+        "{err}"
+    );
+    held.push(pgw.connect(&visitor).await);
+    let err = common::connect(&pgw.conninfo(&visitor)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert!(
+        common::message(&err).contains("max_db_client_conn = 3"),
+        "{err}"
+    );
+    // Other databases are not affected, and a slot comes back when its client leaves.
+    pgw.connect(&other)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    held.remove(0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pgw.connect(&visitor)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    for client in &held {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
 }
 
 #[tokio::test]

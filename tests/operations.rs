@@ -69,6 +69,46 @@ fn check_config_names_file_key_and_reason() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn check_config_lists_unsafe_settings_as_warnings() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pgwarden-unsafe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = dir.join("users.txt");
+    std::fs::write(&users, "\"postgres\" \"secret-pw\"\n").unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.join("open.toml");
+    std::fs::write(
+        &config,
+        "[pgwarden]\nhttp_listen = \"0.0.0.0:9930\"\n[auth]\ntype = \"trust\"\nfile = \"users.txt\"\n\
+         [[backends]]\nname = \"a\"\nhost = \"h\"\n[databases.d]\n",
+    )
+    .unwrap();
+    let (ok, out) = check_config(&config);
+    assert!(ok, "warnings do not fail the check: {out}");
+    for expected in [
+        "auth.type: trust",
+        "pgwarden.http_listen",
+        "users.txt: (file): mode 644",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in {out}");
+    }
+    assert!(
+        !out.contains("secret-pw"),
+        "a password reached the output: {out}"
+    );
+
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        &config,
+        "[auth]\nfile = \"users.txt\"\n[[backends]]\nname = \"a\"\nhost = \"h\"\n[databases.d]\n",
+    )
+    .unwrap();
+    let (ok, out) = check_config(&config);
+    assert!(ok && !out.contains("warning"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn sighup_reloads_users_and_pool_sizes_without_dropping_clients() {
     let db = Db::create();

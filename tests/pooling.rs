@@ -321,3 +321,49 @@ async fn a_client_that_leaves_mid_transaction_does_not_leak_its_transaction() {
         .get(0);
     assert!(fresh);
 }
+
+#[tokio::test]
+async fn a_client_idle_in_a_transaction_is_disconnected_and_its_transaction_rolled_back() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        pool("default_pool_size = 1\nidle_transaction_timeout = \"500ms\""),
+    );
+    let idler = pgw.connect(&db).await;
+    idler
+        .batch_execute("CREATE TABLE t_idle(x int)")
+        .await
+        .unwrap();
+    idler
+        .batch_execute("BEGIN; INSERT INTO t_idle VALUES (1)")
+        .await
+        .unwrap();
+    // A client that keeps talking inside its transaction is left alone.
+    let busy = pgw.connect(&db).await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let err = idler.simple_query("COMMIT").await.unwrap_err();
+    assert!(
+        err.to_string().contains("idle-in-transaction") || idler.is_closed(),
+        "{err:?}"
+    );
+    // The one server connection came back clean: the insert was rolled back.
+    let rows = busy
+        .query_one("SELECT count(*) FROM t_idle", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(rows, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    busy.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.simple_query("SELECT 1").await.unwrap();
+    }
+    busy.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        pgw.log().contains("idle_transaction_timeout"),
+        "{}",
+        pgw.log()
+    );
+}

@@ -311,14 +311,18 @@ fn quoted(s: &str) -> Option<(String, &str)> {
     None
 }
 
-fn warn_if_readable_by_others(path: &Path) {
+/// The file's permission bits when group or others may access it: a user list holds secrets.
+pub fn open_to_others(path: &Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    if let Some(mode) = open_to_others(path) {
         tracing::warn!(
             file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            mode = format!("{mode:o}"),
             "user list is readable by other users; chmod 600 it"
         );
     }

@@ -172,6 +172,12 @@ async fn login_steps(
     if config.database(&request.database).is_none() {
         return Err(ClientError::UnknownDatabase(request.database).into());
     }
+    let admitted = shared
+        .admissions
+        .admit(&config.pgwarden, &request.user, &request.database)
+        .inspect_err(
+            |e| warn!(%peer, user = %request.user, db = %request.database, "refusing client: {e}"),
+        )?;
     put_auth(&mut out, pgwire::messages::startup::Authentication::Ok);
     stream.write_all(&out).await?;
     let db = config.database(&request.database);
@@ -193,6 +199,7 @@ async fn login_steps(
         statements: ClientStatements::default(),
         client,
         route: None,
+        _admitted: admitted,
     })))
 }
 

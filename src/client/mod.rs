@@ -13,11 +13,11 @@
 //! client carries on; a transaction block lost with its server is answered as a
 //! failed block until the client rolls it back ([`aborted`]).
 
-mod aborted;
+pub mod aborted;
 pub mod expect;
-mod frontend;
+pub mod frontend;
 mod login;
-mod responses;
+pub mod responses;
 pub mod splice;
 mod sql;
 pub mod statements;
@@ -140,6 +140,8 @@ pub struct LoggedIn {
     gate: Arc<AtomicUsize>,
     /// the primary's pool and the routing generation it was chosen in
     route: Option<(u64, Arc<ServerPool>)>,
+    /// its slots under the per-user and per-database limits, held for the session
+    _admitted: Option<crate::limits::Admitted>,
 }
 
 impl LoggedIn {
@@ -385,6 +387,7 @@ impl Session {
             max_prepared: self.shared.config.load().pool.max_prepared_statements,
             transaction: !hold,
             hold,
+            idle_transaction_timeout: self.shared.config.load().pool.idle_transaction_timeout,
         };
         let evicted = conn.pool().retired().clone();
         let (outcome, to_client, exchange) =
@@ -448,6 +451,12 @@ impl Session {
             Outcome::ClientProtocol(e) => {
                 conn.discard();
                 Err(End::Fatal(ClientError::Protocol(e)))
+            }
+            // Closing the server connection rolls the transaction back; it is never reused.
+            Outcome::IdleInTransaction => {
+                conn.discard();
+                let limit = self.shared.config.load().pool.idle_transaction_timeout;
+                Err(End::Fatal(ClientError::IdleInTransaction(limit)))
             }
         };
         if !to_client.is_empty() {

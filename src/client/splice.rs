@@ -16,6 +16,7 @@
 //! the client is between frames with nothing unsynced.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::tls::Stream;
 use bytes::BytesMut;
@@ -60,6 +61,9 @@ pub enum Outcome {
     },
     /// The client sent bytes that are not PostgreSQL framing.
     ClientProtocol(String),
+    /// The client kept its transaction open without a word for `idle_transaction_timeout`;
+    /// the server connection is inside that transaction.
+    IdleInTransaction,
 }
 
 /// The client's side of a splice; it outlives any one server connection.
@@ -88,6 +92,8 @@ pub struct Pooling<'a> {
     pub transaction: bool,
     /// session pooling: keep the connection past transaction ends
     pub hold: bool,
+    /// `pool.idle_transaction_timeout`; zero: none
+    pub idle_transaction_timeout: Duration,
 }
 
 /// What went through one splice, for the metrics.
@@ -157,6 +163,15 @@ impl Ctx<'_> {
             && !self.x.skipping
             && self.scanner.at_boundary()
     }
+
+    /// Nothing owed and the client between batches, inside a transaction block:
+    /// the server waits for the client's next statement.
+    pub fn waits_in_transaction(&self) -> bool {
+        self.expected.is_empty()
+            && matches!(*self.status, b'T' | b'E')
+            && !self.x.unsynced
+            && self.scanner.at_boundary()
+    }
 }
 
 /// Splices `client` onto `server` until the transaction ends (or, with `hold`,
@@ -204,6 +219,7 @@ async fn run(
     } = server;
     let (mut server_r, mut server_w) = server_stream.split();
     let hold = pooling.hold;
+    let idle_limit = pooling.idle_transaction_timeout;
     let mut cx = Ctx {
         expected,
         server_statements,
@@ -225,6 +241,11 @@ async fn run(
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::new();
     let mut server_scan = Scanner::default();
+    // Armed only while the server waits inside a transaction for the client: reset
+    // once per such wait, not per read.
+    let idle_in_transaction = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(idle_in_transaction);
+    let mut armed = false;
 
     macro_rules! lost {
         ($reason:expr) => {
@@ -258,6 +279,15 @@ async fn run(
         }
         if hold && idle && to_server.is_empty() && to_client.is_empty() && stop.is_cancelled() {
             return (Outcome::Idle, to_client);
+        }
+        let waiting = !idle_limit.is_zero() && to_server.is_empty() && cx.waits_in_transaction();
+        if waiting != armed {
+            armed = waiting;
+            if waiting {
+                idle_in_transaction
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + idle_limit);
+            }
         }
         tokio::select! {
             biased;
@@ -308,6 +338,7 @@ async fn run(
             }
             () = &mut evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
             () = &mut stopped, if hold && idle && !stop.is_cancelled() => {}
+            () = &mut idle_in_transaction, if armed => return (Outcome::IdleInTransaction, to_client),
         }
     }
 }

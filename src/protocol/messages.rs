@@ -47,7 +47,9 @@ impl ServerNotice {
         for (kind, value) in fields(body) {
             let value = String::from_utf8_lossy(value).into_owned();
             match kind {
-                b'V' => notice.severity = value,
+                // The first non-empty one counts, as in error_is_fatal.
+                b'V' if notice.severity.is_empty() => notice.severity = value,
+                b'V' => {}
                 b'S' => localized_severity = value,
                 b'C' => notice.code = value,
                 b'M' => notice.message = value,
@@ -95,7 +97,7 @@ pub fn error_is_fatal(body: &[u8]) -> bool {
     let mut severity = None;
     for (kind, value) in fields(body) {
         match kind {
-            b'V' => return matches!(value, b"FATAL" | b"PANIC"),
+            b'V' if !value.is_empty() => return matches!(value, b"FATAL" | b"PANIC"),
             b'S' => severity = Some(value),
             _ => {}
         }
@@ -245,6 +247,18 @@ mod tests {
         // Truncated bodies parse as far as they go and never panic.
         assert!(!error_is_fatal(b"Sxx"));
         assert_eq!(ServerNotice::parse(b"Mabc").message, "");
+    }
+
+    #[test]
+    fn fatal_check_and_full_parse_agree_on_odd_severities() {
+        // Found by fuzzing: an empty 'V' must not hide the 'S' from one of them.
+        let crash =
+            b"A\xfe\x00\x01\x00SPANIC\x00\xfe\x14\xff\xff\xff\xff\xff\xff\x7f\x00V\x00V\x01";
+        assert_eq!(error_is_fatal(crash), ServerNotice::parse(crash).is_fatal());
+        assert!(error_is_fatal(crash));
+        // Repeated 'V': both take the first.
+        let body = error_body(&[(b'V', "FATAL"), (b'V', "ERROR")]);
+        assert!(error_is_fatal(&body) && ServerNotice::parse(&body).is_fatal());
     }
 
     #[test]

@@ -75,9 +75,12 @@ pub enum StartupError {
 
 /// Decodes a complete startup packet (length prefix included).
 pub fn parse_startup(mut packet: BytesMut) -> Result<StartupRequest, ClientError> {
-    let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-    let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
     let invalid = |what: &str| ClientError::Protocol(format!("invalid {what} packet"));
+    let Some(&[a, b, c, d]) = packet.get(4..8) else {
+        return Err(invalid("startup"));
+    };
+    let code = u32::from_be_bytes([a, b, c, d]);
+    let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
     match code {
         SSL_REQUEST if packet.len() == 8 => Ok(StartupRequest::Ssl),
         GSSENC_REQUEST if packet.len() == 8 => Ok(StartupRequest::GssEnc),
@@ -160,6 +163,9 @@ mod tests {
         assert!(parse_startup(packet(CANCEL_REQUEST, b"1234")).is_err());
         assert!(parse_startup(packet(CANCEL_REQUEST, b"123456789")).is_err());
         assert!(parse_startup(packet(196_608, b"user\0app")).is_err());
+        // Found by fuzzing: shorter than length + code.
+        assert!(parse_startup(BytesMut::new()).is_err());
+        assert!(parse_startup(BytesMut::from(&[0u8, 0, 0, 8, 0][..])).is_err());
         assert!(matches!(
             parse_startup(packet(131_072, b"\0")),
             Err(ClientError::Unsupported(_))

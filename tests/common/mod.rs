@@ -207,6 +207,11 @@ impl Pgwarden {
             .unwrap_or_else(|e| panic!("connect through pgwarden: {e:?}\n{}", self.log()))
     }
 
+    /// The process id, for /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What pgwarden logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
