@@ -75,6 +75,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// client sessions past login
     pub sessions: AtomicUsize,
+    /// the failover election among proxies, with `[coordination]`
+    pub coordination: Option<Arc<crate::coordination::Coordinator>>,
     /// accepted connections, logging in or logged in
     connections: AtomicUsize,
 }
@@ -89,7 +91,12 @@ impl Shared {
             users: users.clone(),
             queried: auth_query.clone(),
         };
+        let coordination = config
+            .coordination
+            .clone()
+            .map(|c| Arc::new(crate::coordination::Coordinator::new(c)));
         Arc::new(Shared {
+            coordination,
             routing: Routing::new(BackendTable::initial(&config, 1)),
             alarm: Notify::new(),
             reconfigured: Notify::new(),
@@ -198,6 +205,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     }
     let signals = tokio::spawn(handle_signals(shared.clone()));
     let monitor = tokio::spawn(health::run(shared.clone()));
+    let coordination = tokio::spawn(crate::coordination::run(shared.clone()));
     let reaper = {
         let shared = shared.clone();
         tokio::spawn(async move { shared.pools.reap_until(shared.shutdown.clone()).await })
@@ -243,6 +251,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     signals.abort();
     let _ = reaper.await;
     let _ = monitor.await;
+    let _ = coordination.await;
     info!("pgwarden stopped");
     Ok(())
 }
