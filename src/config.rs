@@ -1023,6 +1023,33 @@ host = "127.0.0.1"
     }
 
     #[test]
+    #[cfg(feature = "etcd")]
+    fn coordination_is_optional_and_checked() {
+        assert!(parse(MINIMAL).unwrap().coordination.is_none());
+        let c = parse(&format!(
+            "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nprefix = \"/pgwarden/main\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        let c = c.coordination.unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+        assert_eq!(c.name, None);
+        for (section, key) in [
+            ("etcd = []\nprefix = \"/p\"", "coordination.etcd"),
+            (
+                "etcd = [\"http://e:2379\"]\nprefix = \"p/\"",
+                "coordination.prefix",
+            ),
+            (
+                "etcd = [\"http://e:2379\"]\nprefix = \"/p\"\nlease_ttl = \"1s\"",
+                "coordination.lease_ttl",
+            ),
+        ] {
+            let e = parse(&format!("[coordination]\n{section}\n{MINIMAL}")).unwrap_err();
+            assert_eq!(e.key, key);
+        }
+    }
+
+    #[test]
     fn durations_need_units() {
         assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(duration::parse("10m"), Ok(Duration::from_secs(600)));

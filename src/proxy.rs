@@ -134,6 +134,10 @@ impl Shared {
         {
             warn!("pgwarden.listen and pgwarden.workers take effect at the next restart");
         }
+        if config.coordination != old.coordination {
+            // Joining or leaving an election mid-flight could leave a failover half done.
+            warn!("[coordination] takes effect at the next restart");
+        }
         self.users.store(Arc::new(users));
         self.tls.store(Arc::new(tls));
         self.pools.reconfigure(&config);

@@ -4,6 +4,8 @@
 //! leader's decision, a leader killed midway is replaced by one that finishes the
 //! failover, and without etcd nobody promotes until it is back.
 
+#![cfg(feature = "etcd")]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -324,7 +326,7 @@ async fn without_etcd_nobody_promotes_until_it_is_back() {
         assert!(metrics.contains("pgwarden_coordination_up 0"), "{metrics}");
     }
     assert!(
-        env.logs().contains("waiting for the coordination leader"),
+        env.logs().contains("waiting for the leader's decision"),
         "{}",
         env.logs()
     );

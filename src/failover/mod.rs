@@ -39,7 +39,7 @@ pub enum Refusal {
         lag: u64,
     },
     /// With `[coordination]`: this proxy may not decide, or could not record its decision.
-    #[error("{0}; waiting for the coordination leader")]
+    #[error("{0}; waiting for the leader's decision")]
     Coordination(crate::coordination::Error),
     /// Promotion failed.
     #[error("promoting {candidate} failed: {reason}")]
