@@ -474,7 +474,10 @@ impl Monitor {
         }
         self.primary = Some(new);
         // A probe of the new primary that started before the promotion would say "standby".
-        self.not_before[new] = SystemTime::now();
+        // (Without a monitor login there are no probers: adopting a published primary still works.)
+        if let Some(since) = self.not_before.get_mut(new) {
+            *since = SystemTime::now();
+        }
         if let Some(prober) = self.probers.get(new) {
             prober.wake();
         }
