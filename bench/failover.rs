@@ -8,10 +8,16 @@
 //! Run: `cargo bench --bench failover`.
 //! Knobs: BENCH_RUNS=5; BENCH_FAULT=kill (SIGKILL of the postmaster) or stop
 //! (SIGSTOP of every server process: a silent hang only timeouts reveal);
-//! BENCH_SETTINGS="defaults;250ms" (which `[health]` settings to measure).
+//! BENCH_SETTINGS="defaults;250ms" (which `[health]` settings to measure);
+//! BENCH_PROXIES=1 or 3: with 3, three pgwarden processes coordinate through a
+//! real etcd (`[coordination]`, lease_ttl 5s) and the writer goes through one
+//! that is not the leader, so the window includes following the leader's decision.
 
 #[path = "support/mod.rs"]
 mod support;
+
+#[path = "../tests/common/etcd.rs"]
+mod etcd;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -31,6 +37,7 @@ fn main() {
     let runs: usize = env_or("BENCH_RUNS", 5);
     let fault = std::env::var("BENCH_FAULT").unwrap_or_else(|_| "kill".into());
     let settings = std::env::var("BENCH_SETTINGS").unwrap_or_else(|_| "defaults;250ms".into());
+    let proxies: usize = env_or("BENCH_PROXIES", 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,7 +50,7 @@ fn main() {
         };
         let mut outcomes = Vec::new();
         for run in 0..runs {
-            let o = runtime.block_on(one_run(&fault, &health));
+            let o = runtime.block_on(one_run(&fault, &health, proxies));
             eprintln!(
                 "{name} run {run}: window {:.0} ms, {} acknowledged, {} failed, {} lost",
                 o.window.as_secs_f64() * 1e3,
@@ -55,7 +62,9 @@ fn main() {
         }
         table.push((name.to_owned(), outcomes));
     }
-    println!("\n## failover: {fault} the primary, {runs} runs per setting, sync replication ANY 1");
+    println!(
+        "\n## failover: {fault} the primary, {runs} runs per setting, sync replication ANY 1, {proxies} proxies"
+    );
     println!("Machine: {}\n", support::machine());
     println!(
         "| health settings | window min | median | max | failed writes (total) | lost acknowledged commits |"
@@ -77,7 +86,7 @@ fn main() {
     }
 }
 
-async fn one_run(fault: &str, health: &str) -> Outcome {
+async fn one_run(fault: &str, health: &str, proxies: usize) -> Outcome {
     let cluster = support::cluster_with(
         1,
         &ClusterSpec {
@@ -86,7 +95,21 @@ async fn one_run(fault: &str, health: &str) -> Outcome {
             settings: vec![("wal_receiver_timeout".into(), "2s".into())],
         },
     );
-    let target = support::pgwarden(&cluster, 5, "", health);
+    let etcd = (proxies > 1).then(etcd::Etcd::start);
+    let sections = match &etcd {
+        Some(etcd) => format!(
+            "{health}[coordination]\netcd = [\"{}\"]\nprefix = \"/pgwarden/bench\"\n",
+            etcd.endpoint()
+        ),
+        None => health.to_owned(),
+    };
+    // The first proxy takes the leader key; the writer uses the last one, a follower.
+    let mut started = Vec::new();
+    for _ in 0..proxies {
+        started.push(support::pgwarden(&cluster, 5, "", &sections));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let target = started.last().expect("at least one proxy");
     let conninfo = format!(
         "host=127.0.0.1 port={} user={} password={} dbname={}",
         target.port,

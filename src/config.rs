@@ -55,6 +55,9 @@ pub struct Config {
     /// `[failover]`: what happens when the primary fails
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// `[coordination]`: one failover decision among several proxies (absent: this proxy decides alone)
+    #[serde(default)]
+    pub coordination: Option<CoordinationConfig>,
     /// `[tls]`: TLS between clients and pgwarden
     #[serde(default)]
     pub tls: TlsConfig,
@@ -376,6 +379,27 @@ impl FailoverConfig {
     }
 }
 
+/// `[coordination]`: proxies that share one cluster elect a leader in etcd, and
+/// only the leader promotes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    /// etcd endpoints (`http://host:port`)
+    pub etcd: Vec<String>,
+    /// key prefix shared by every proxy of one cluster
+    pub prefix: String,
+    /// the leader lease: how long a dead leader blocks a takeover
+    #[serde(with = "duration", default = "default_lease_ttl")]
+    pub lease_ttl: Duration,
+    /// this proxy's name in etcd and SHOW COORDINATION (default: host name and process id)
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+
 /// Who decides which node is the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -541,6 +565,32 @@ impl Config {
                 "failover.client_wait_timeout".into(),
                 "must be above 0".into(),
             );
+        }
+        if let Some(c) = &self.coordination {
+            if cfg!(not(feature = "etcd")) {
+                return err(
+                    "coordination".into(),
+                    "this pgwarden was built without the `etcd` feature".into(),
+                );
+            }
+            if c.etcd.is_empty() {
+                return err(
+                    "coordination.etcd".into(),
+                    "at least one endpoint is required".into(),
+                );
+            }
+            if !c.prefix.starts_with('/') || c.prefix.ends_with('/') {
+                return err(
+                    "coordination.prefix".into(),
+                    "must start with '/' and not end with one (e.g. \"/pgwarden/main\")".into(),
+                );
+            }
+            if c.lease_ttl < Duration::from_secs(2) {
+                return err(
+                    "coordination.lease_ttl".into(),
+                    "must be at least 2s (etcd leases have whole seconds)".into(),
+                );
+            }
         }
         if self.backends.is_empty() {
             return err(
@@ -1050,6 +1100,33 @@ host = "127.0.0.1"
         assert_eq!(c.failover.maximum_lag_on_failover, 1 << 20);
         let e = parse(&format!("[failover]\nmode = \"sometimes\"\n{MINIMAL}")).unwrap_err();
         assert_eq!(e.key, "failover.mode");
+    }
+
+    #[test]
+    #[cfg(feature = "etcd")]
+    fn coordination_is_optional_and_checked() {
+        assert!(parse(MINIMAL).unwrap().coordination.is_none());
+        let c = parse(&format!(
+            "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nprefix = \"/pgwarden/main\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        let c = c.coordination.unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+        assert_eq!(c.name, None);
+        for (section, key) in [
+            ("etcd = []\nprefix = \"/p\"", "coordination.etcd"),
+            (
+                "etcd = [\"http://e:2379\"]\nprefix = \"p/\"",
+                "coordination.prefix",
+            ),
+            (
+                "etcd = [\"http://e:2379\"]\nprefix = \"/p\"\nlease_ttl = \"1s\"",
+                "coordination.lease_ttl",
+            ),
+        ] {
+            let e = parse(&format!("[coordination]\n{section}\n{MINIMAL}")).unwrap_err();
+            assert_eq!(e.key, key);
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod coordination;
 pub mod drill;
 pub mod error;
 pub mod failover;

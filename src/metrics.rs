@@ -54,6 +54,12 @@ pub struct Metrics {
     pub fencings: IntCounter,
     primary_available: IntGauge,
     split_brain: IntGauge,
+    /// 1 while etcd answers (always 0 without `[coordination]`)
+    pub coordination_up: IntGauge,
+    /// 1 while this proxy holds the failover leadership in etcd
+    pub coordination_leader: IntGauge,
+    /// etcd revision of the last cluster state seen
+    pub coordination_revision: IntGauge,
     /// configuration reloads by result (`ok`, `error`)
     pub reloads: IntCounterVec,
     sessions: Mutex<HashMap<(String, String), Arc<SessionMetrics>>>,
@@ -272,6 +278,18 @@ impl Metrics {
             primary_available: r.single_gauge("primary_available", "1 while a primary is routable"),
             split_brain: r
                 .single_gauge("split_brain", "1 while two nodes report themselves primary"),
+            coordination_up: r.single_gauge(
+                "coordination_up",
+                "1 while etcd answers ([coordination] configured)",
+            ),
+            coordination_leader: r.single_gauge(
+                "coordination_leader",
+                "1 while this proxy is the failover leader",
+            ),
+            coordination_revision: r.single_gauge(
+                "coordination_state_revision",
+                "etcd revision of the last cluster state seen",
+            ),
             reloads: r.counter(
                 "config_reloads_total",
                 "Configuration reloads by result",

@@ -77,6 +77,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// client sessions past login
     pub sessions: AtomicUsize,
+    /// the failover election among proxies, with `[coordination]`
+    pub coordination: Option<Arc<crate::coordination::Coordinator>>,
     /// accepted connections, logging in or logged in
     connections: AtomicUsize,
 }
@@ -91,7 +93,12 @@ impl Shared {
             users: users.clone(),
             queried: auth_query.clone(),
         };
+        let coordination = config
+            .coordination
+            .clone()
+            .map(|c| Arc::new(crate::coordination::Coordinator::new(c)));
         Arc::new(Shared {
+            coordination,
             routing: Routing::new(BackendTable::initial(&config, 1)),
             alarm: Notify::new(),
             reconfigured: Notify::new(),
@@ -129,6 +136,10 @@ impl Shared {
             || config.pgwarden.workers != old.pgwarden.workers
         {
             warn!("pgwarden.listen and pgwarden.workers take effect at the next restart");
+        }
+        if config.coordination != old.coordination {
+            // Joining or leaving an election mid-flight could leave a failover half done.
+            warn!("[coordination] takes effect at the next restart");
         }
         self.users.store(Arc::new(users));
         self.tls.store(Arc::new(tls));
@@ -201,6 +212,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     }
     let signals = tokio::spawn(handle_signals(shared.clone()));
     let monitor = tokio::spawn(health::run(shared.clone()));
+    let coordination = tokio::spawn(crate::coordination::run(shared.clone()));
     let reaper = {
         let shared = shared.clone();
         tokio::spawn(async move { shared.pools.reap_until(shared.shutdown.clone()).await })
@@ -246,6 +258,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     signals.abort();
     let _ = reaper.await;
     let _ = monitor.await;
+    let _ = coordination.await;
     info!("pgwarden stopped");
     Ok(())
 }

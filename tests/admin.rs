@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{Db, Options, Pgwarden, sqlstate};
+use common::{Db, Options, Pgwarden, http, sqlstate};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const ADMIN: (&str, &str) = ("admin", "admin-pw");
@@ -250,20 +249,6 @@ async fn fence_and_unfence_steer_routing_and_reload_and_shutdown_work() {
     assert!(pgw.log().contains("configuration reloaded"));
     admin.simple_query("SHUTDOWN").await.unwrap();
     assert_eq!(pgw.wait_exit(Duration::from_secs(10)), Some(true));
-}
-
-/// One HTTP/1.0 request; returns the status line and the body.
-fn http(port: u16, request: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
 }
 
 fn get_path(port: u16, path: &str) -> (String, String) {

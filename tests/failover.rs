@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Db, Options, Pgwarden, eventually, sqlstate};
+use common::{Db, Options, Pgwarden, eventually, sqlstate, writer};
 use pgwarden::cluster::{Cluster, ClusterSpec};
 use tokio_postgres::types::Type;
 
@@ -83,36 +83,6 @@ impl Env {
             .filter(|&i| self.cluster.nodes[i].in_recovery().ok() == Some(false))
             .collect()
     }
-}
-
-/// What a writer saw: acknowledged ids with when, and the SQLSTATEs of failures.
-type Ledger = (Vec<(i32, Instant)>, Vec<String>);
-
-/// Inserts ids through pgwarden every 20 ms until stopped.
-fn writer(conninfo: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Ledger> {
-    tokio::spawn(async move {
-        let client = common::connect(&conninfo).await.unwrap();
-        let (mut acked, mut failures) = (Vec::new(), Vec::new());
-        let mut id = 0;
-        while !stop.load(Ordering::Relaxed) {
-            id += 1;
-            match client
-                .execute_typed("INSERT INTO ledger VALUES ($1)", &[(&id, Type::INT4)])
-                .await
-            {
-                Ok(_) => acked.push((id, Instant::now())),
-                Err(e) => {
-                    assert!(
-                        !e.is_closed(),
-                        "pgwarden closed the writer's connection: {e}"
-                    );
-                    failures.push(sqlstate(&e).unwrap_or_else(|| e.to_string()));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (acked, failures)
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

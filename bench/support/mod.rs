@@ -104,7 +104,11 @@ pub fn direct(cluster: &Cluster) -> Target {
 }
 
 fn scratch_dir(programs: &Programs, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pgwarden-bench-{name}-{}", std::process::id()));
+    // Numbered: a benchmark may run several poolers at once (BENCH_PROXIES).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("pgwarden-bench-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     programs.make_dir(&dir).unwrap();
     dir

@@ -23,6 +23,8 @@ pub enum Show {
     Backends,
     /// the history of failovers and switchovers
     Failovers,
+    /// the etcd election and the published cluster state
+    Coordination,
 }
 
 /// One admin command.
@@ -98,9 +100,10 @@ pub fn parse(sql: &str) -> Result<Command, String> {
                 "VERSION" => Show::Version,
                 "BACKENDS" => Show::Backends,
                 "FAILOVERS" => Show::Failovers,
+                "COORDINATION" => Show::Coordination,
                 _ => {
                     return Err(format!(
-                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, CONFIG, VERSION, BACKENDS or FAILOVERS",
+                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, CONFIG, VERSION, BACKENDS, FAILOVERS or COORDINATION",
                         words.get(1).map(String::as_str).unwrap_or("")
                     ));
                 }
@@ -178,6 +181,10 @@ mod tests {
     fn parses_every_command_in_any_case() {
         assert_eq!(parse("show pools;"), Ok(Command::Show(Show::Pools)));
         assert_eq!(parse("  SHOW Backends "), Ok(Command::Show(Show::Backends)));
+        assert_eq!(
+            parse("show coordination"),
+            Ok(Command::Show(Show::Coordination))
+        );
         assert_eq!(parse("pause"), Ok(Command::Pause(None)));
         assert_eq!(
             parse("PAUSE appdb;"),

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use super::command::{Command, Show};
 use super::table::{Cell, ResultSet};
 use crate::backend::Health;
+use crate::coordination::Role;
 use crate::error::sqlstate;
 use crate::health::Request;
 use crate::metrics::ClientState;
@@ -431,6 +432,71 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     (r.window.as_millis() as i64).into(),
                 ]);
             }
+            rs
+        }
+        Show::Coordination => {
+            let mut rs = ResultSet::new(&[
+                "name",
+                "role",
+                "since",
+                "etcd",
+                "leader",
+                "lease",
+                "lease_ttl_s#",
+                "revision#",
+                "primary",
+                "timeline#",
+                "fenced",
+                "failover_step",
+            ]);
+            let Some(c) = &shared.coordination else {
+                rs.row(vec![
+                    Cell::Null,
+                    "off".into(),
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                ]);
+                return rs;
+            };
+            let s = c.snapshot();
+            let state = s.state.as_ref();
+            rs.row(vec![
+                c.name.clone().into(),
+                s.role.name().into(),
+                time(s.since),
+                (if s.role == Role::Disconnected {
+                    "unreachable"
+                } else {
+                    "reachable"
+                })
+                .into(),
+                s.leader.clone().into(),
+                s.lease.map(|l| format!("{l:x}")).into(),
+                (c.config.lease_ttl.as_secs() as i64).into(),
+                s.revision.into(),
+                state.and_then(|s| s.primary.clone()).into(),
+                state.and_then(|s| s.timeline).map(i64::from).into(),
+                state.map(|s| s.fenced.join(",")).into(),
+                state
+                    .and_then(|s| s.failover.as_ref())
+                    .map(|f| {
+                        format!(
+                            "{} {} ({})",
+                            f.step.name(),
+                            f.new,
+                            f.old.as_deref().unwrap_or("-")
+                        )
+                    })
+                    .into(),
+            ]);
             rs
         }
     }

@@ -105,20 +105,25 @@ pub fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> 
         "/health/live" => json_line(StatusCode::OK, json!({"status": "live"})),
         "/health/ready" => {
             let table = shared.routing.load();
-            match table.primary().filter(|p| p.routable()) {
-                _ if shared.shutdown.is_cancelled() => json_line(
+            let (code, mut body) = match table.primary().filter(|p| p.routable()) {
+                _ if shared.shutdown.is_cancelled() => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"status": "not ready", "reason": "shutting down"}),
                 ),
-                Some(primary) => json_line(
+                Some(primary) => (
                     StatusCode::OK,
                     json!({"status": "ready", "primary": primary.config.name}),
                 ),
-                None => json_line(
+                None => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"status": "not ready", "reason": "no primary available"}),
                 ),
+            };
+            // Routing goes on without etcd, so readiness does not depend on it; it is reported.
+            if let Some(c) = &shared.coordination {
+                body["coordination"] = c.snapshot().to_json();
             }
+            json_line(code, body)
         }
         _ => json_line(StatusCode::OK, status(shared)),
     }
@@ -178,5 +183,6 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "paused": {"all": paused.all, "databases": paused.databases},
         "backends": backends,
         "last_failover": last,
+        "coordination": shared.coordination.as_ref().map(|c| c.snapshot().to_json()),
     })
 }

@@ -38,6 +38,9 @@ pub enum Refusal {
         /// bytes behind the old primary's last known position
         lag: u64,
     },
+    /// With `[coordination]`: this proxy may not decide, or could not record its decision.
+    #[error("{0}; waiting for the leader's decision")]
+    Coordination(crate::coordination::Error),
     /// Promotion failed.
     #[error("promoting {candidate} failed: {reason}")]
     PromoteFailed {
@@ -173,7 +176,7 @@ pub fn choose(
     Ok(best.index)
 }
 
-/// Promotes `node` and returns its new timeline.
+/// Promotes `node` (unless it already is a primary) and returns its timeline.
 pub async fn promote(
     node: &BackendConfig,
     login: &Login,
@@ -185,11 +188,19 @@ pub async fn promote(
     };
     let client = connect(node, login).await.map_err(failed)?;
     let wait = i32::try_from(wait_seconds.max(1)).unwrap_or(i32::MAX);
-    let promoted: bool = client
-        .query_one("SELECT pg_promote(true, $1)", &[&wait])
+    // Idempotent: a new coordination leader repeats an interrupted promotion, and
+    // pg_promote fails on a node that is no longer in recovery.
+    let recovering: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
         .await
         .map_err(|e| failed(describe(&e)))?
         .get(0);
+    let promoted = !recovering
+        || client
+            .query_one("SELECT pg_promote(true, $1)", &[&wait])
+            .await
+            .map_err(|e| failed(describe(&e)))?
+            .get::<_, bool>(0);
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN \

@@ -14,6 +14,7 @@
 //! whichever node reports itself primary, newest timeline first; `off` routes to
 //! the first backend whatever happens.
 
+mod coordinated;
 pub mod probe;
 
 use std::collections::HashSet;
@@ -25,6 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::{Backend, BackendTable, Health, Role};
 use crate::config::{Config, FailoverMode};
+use crate::coordination::Step;
 use crate::failover::hooks::{self, Event, EventKind};
 use crate::failover::{self, Kind, Record, Refusal};
 use crate::proxy::Shared;
@@ -88,11 +90,13 @@ pub async fn run(shared: Arc<Shared>) {
         error!("the health monitor is already running");
         return;
     };
+    let mut published = shared.coordination.as_ref().map(|c| c.subscribe());
     let mut monitor = Monitor::new(shared);
     monitor.start_probers();
     monitor.publish();
     loop {
         tokio::select! {
+            snapshot = crate::coordination::changed(&mut published) => monitor.adopt(snapshot).await,
             Some(report) = monitor.reports.recv() => monitor.on_report(report).await,
             () = monitor.shared.alarm.notified() => monitor.probers.iter().for_each(Prober::wake),
             () = monitor.shared.reconfigured.notified() => monitor.reconfigure(),
@@ -124,6 +128,10 @@ struct Monitor {
     read_only: HashSet<usize>,
     /// per node: reports of probes started before this are stale (the node was just promoted)
     not_before: Vec<SystemTime>,
+    /// the cluster state last read from (or written to) etcd, with `[coordination]`
+    published: Option<crate::coordination::ClusterState>,
+    /// when an unfinished failover found in etcd may next be retried
+    resume_at: Instant,
 }
 
 impl Monitor {
@@ -144,6 +152,8 @@ impl Monitor {
             next_attempt: Instant::now(),
             read_only: HashSet::new(),
             not_before: Vec::new(),
+            published: None,
+            resume_at: Instant::now(),
             config,
             shared,
         }
@@ -262,6 +272,7 @@ impl Monitor {
         }
         self.watch_fenced().await;
         self.publish();
+        self.share_decision().await;
     }
 
     /// `off` and `follow`: no promotions, only the choice of where to route.
@@ -385,6 +396,13 @@ impl Monitor {
             }
         };
         let ms = || detected.elapsed().as_millis() as u64;
+        if let Err(refusal) = self.may_promote() {
+            self.refuse(&old_name, detected, refusal);
+            return;
+        }
+        if self.resume().await {
+            return;
+        }
         let Some(login) = self.login() else { return };
         let f = self.config.failover.clone();
         let witnesses = failover::poll_standbys(&self.nodes, old, &login).await;
@@ -398,13 +416,14 @@ impl Monitor {
         ) {
             Ok(c) => c,
             Err(refusal) => {
-                if self.pending.as_ref().and_then(|p| p.1.as_ref()) != Some(&refusal) {
-                    warn!(step = "refused", backend = %old_name, reason = %refusal, elapsed_ms = ms(), "failover: not promoting");
-                    self.pending = Some((detected, Some(refusal)));
-                }
+                self.refuse(&old_name, detected, refusal);
                 return;
             }
         };
+        if let Err(refusal) = self.intend(old, candidate).await {
+            self.refuse(&old_name, detected, refusal);
+            return;
+        }
         let new_name = self.nodes[candidate].config.name.clone();
         info!(step = "confirmed", backend = %old_name, witnesses = witnesses.len(), require_witness = f.require_witness, elapsed_ms = ms(), "failover: primary loss confirmed");
         info!(step = "selected", candidate = %new_name, received_lsn = ?witnesses.iter().find(|w| w.index == candidate).and_then(|w| w.received), elapsed_ms = ms(), "failover: candidate selected");
@@ -438,16 +457,35 @@ impl Monitor {
         .await;
     }
 
-    /// Routes writes to a freshly promoted node and fences the old primary.
-    fn publish_promotion(&mut self, old: Option<usize>, new: usize, timeline: u32, login: &Login) {
+    /// Logs why a failover does not happen (once per reason) and keeps it pending.
+    fn refuse(&mut self, old_name: &str, detected: Instant, refusal: Refusal) {
+        if self.pending.as_ref().and_then(|p| p.1.as_ref()) != Some(&refusal) {
+            let elapsed_ms = detected.elapsed().as_millis() as u64;
+            warn!(step = "refused", backend = %old_name, reason = %refusal, elapsed_ms, "failover: not promoting");
+            self.pending = Some((detected, Some(refusal)));
+        }
+    }
+
+    /// Takes `new` as the primary on `timeline` before any probe says so.
+    fn assume_primary(&mut self, new: usize, timeline: Option<u32>) {
         if let Some(facts) = self.nodes[new].facts.as_mut() {
             facts.role = Role::Primary;
-            facts.timeline = Some(timeline);
+            facts.timeline = timeline.or(facts.timeline);
         }
         self.primary = Some(new);
         // A probe of the new primary that started before the promotion would say "standby".
-        self.not_before[new] = SystemTime::now();
-        self.probers[new].wake();
+        // (Without a monitor login there are no probers: adopting a published primary still works.)
+        if let Some(since) = self.not_before.get_mut(new) {
+            *since = SystemTime::now();
+        }
+        if let Some(prober) = self.probers.get(new) {
+            prober.wake();
+        }
+    }
+
+    /// Routes writes to a freshly promoted node and fences the old primary.
+    fn publish_promotion(&mut self, old: Option<usize>, new: usize, timeline: u32, login: &Login) {
+        self.assume_primary(new, Some(timeline));
         if let Some(old) = old.filter(|&o| o != new) {
             self.fence(old);
         }
@@ -455,18 +493,17 @@ impl Monitor {
         failover::checkpoint_soon(self.nodes[new].config.clone(), login.clone());
     }
 
-    /// What follows a promotion once writes flow again: re-point the other standbys,
-    /// run the hook, and record the event.
-    async fn after_promotion(
+    /// Points every healthy standby at the new primary, publishing before and after
+    /// which ones are left (a new leader retries those).
+    async fn repoint_standbys(
         &mut self,
         old: Option<usize>,
         new: usize,
         timeline: u32,
         login: &Login,
         kind: Kind,
-        window: std::time::Duration,
     ) {
-        let f = self.config.failover.clone();
+        let f = &self.config.failover;
         let new_name = self.nodes[new].config.name.clone();
         let replication_user = f.replication_user(&self.config.health).to_owned();
         let password = match self
@@ -480,11 +517,18 @@ impl Monitor {
             _ => String::new(),
         };
         let new_config = self.nodes[new].config.clone();
-        for i in 0..self.nodes.len() {
+        let standbys: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                i != new && Some(i) != old && n.routable() && n.role() == Some(Role::Standby)
+            })
+            .collect();
+        self.record_step(old, new, timeline, Step::Repointing, &standbys)
+            .await;
+        coordinated::pause_before_repoint().await;
+        let mut failed = Vec::new();
+        for i in standbys {
             let n = &self.nodes[i];
-            if i == new || Some(i) == old || !n.routable() || n.role() != Some(Role::Standby) {
-                continue;
-            }
             match failover::repoint(
                 &n.config,
                 &new_config,
@@ -498,10 +542,33 @@ impl Monitor {
                     self.hook(EventKind::Repoint, i, Some(new), Some(timeline));
                 }
                 Err(e) => {
-                    error!(step = "repoint_failed", standby = %n.config.name, error = %e, "{}: could not re-point standby", kind.name())
+                    error!(step = "repoint_failed", standby = %n.config.name, error = %e, "{}: could not re-point standby", kind.name());
+                    failed.push(i);
                 }
             }
         }
+        let step = if failed.is_empty() {
+            Step::Done
+        } else {
+            Step::Repointing
+        };
+        self.record_step(old, new, timeline, step, &failed).await;
+    }
+
+    /// What follows a promotion once writes flow again: re-point the other standbys,
+    /// run the hook, and record the event.
+    async fn after_promotion(
+        &mut self,
+        old: Option<usize>,
+        new: usize,
+        timeline: u32,
+        login: &Login,
+        kind: Kind,
+        window: std::time::Duration,
+    ) {
+        self.repoint_standbys(old, new, timeline, login, kind).await;
+        let f = self.config.failover.clone();
+        let new_name = self.nodes[new].config.name.clone();
         let old_name = old.map(|o| self.nodes[o].config.name.clone());
         if let Some(name) = &old_name {
             info!(step = "fenced", backend = %name, "{}: old primary fenced", kind.name());
@@ -572,6 +639,7 @@ impl Monitor {
             }
             Request::Promote(name) => {
                 let i = index(&name)?;
+                self.may_promote().map_err(|e| e.to_string())?;
                 let node = &self.nodes[i];
                 if self.primary == Some(i) && node.role() == Some(Role::Primary) {
                     return Ok(format!("{name} is already the primary"));
@@ -598,7 +666,10 @@ impl Monitor {
                     .await;
                 Ok(format!("{name} promoted (timeline {timeline})"))
             }
-            Request::Switchover(target) => self.switchover(target).await,
+            Request::Switchover(target) => {
+                self.may_promote().map_err(|e| e.to_string())?;
+                self.switchover(target).await
+            }
         }
     }
 
@@ -754,7 +825,7 @@ impl Monitor {
                     let follows = self
                         .primary
                         .is_some_and(|p| failover::streams_from(receiver, p, &configs));
-                    if follows {
+                    if follows && self.may_unfence(i) {
                         info!(backend = %n.config.name, "unfenced: rejoined as a standby of the primary");
                         self.nodes[i].fenced = false;
                         if self.read_only.remove(&i)

@@ -4,15 +4,19 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pgwarden::cluster::{Cluster, ClusterSpec, free_port};
+use tokio_postgres::types::Type;
 
 static CLUSTER: OnceLock<Mutex<Option<Cluster>>> = OnceLock::new();
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -122,6 +126,8 @@ pub struct Options {
     pub extra_users: String,
     /// whole extra sections (`[tls]`, `[server_tls]`, …), verbatim
     pub sections: String,
+    /// extra environment variables for the process
+    pub env: Vec<(String, String)>,
 }
 
 /// A pgwarden process.
@@ -159,6 +165,7 @@ impl Pgwarden {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "pgwarden=debug,info")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -210,6 +217,14 @@ impl Pgwarden {
     /// The process id, for /proc.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `GET path` on the HTTP endpoint: the status line and the body.
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        http(
+            self.http_port,
+            &format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"),
+        )
     }
 
     /// What pgwarden logged so far.
@@ -313,6 +328,20 @@ pub fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
+/// One HTTP/1.0 request; returns the status line and the body.
+pub fn http(port: u16, request: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
 /// Connects with tokio-postgres and drives the connection in the background.
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
@@ -410,4 +439,34 @@ pub fn error_code(body: &[u8]) -> String {
         .find(|f| f.first() == Some(&b'C'))
         .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
         .unwrap_or_default()
+}
+
+/// What a writer saw: acknowledged ids with when, and the SQLSTATEs of failures.
+pub type Ledger = (Vec<(i32, Instant)>, Vec<String>);
+
+/// Inserts ids through pgwarden every 20 ms until stopped.
+pub fn writer(conninfo: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Ledger> {
+    tokio::spawn(async move {
+        let client = connect(&conninfo).await.unwrap();
+        let (mut acked, mut failures) = (Vec::new(), Vec::new());
+        let mut id = 0;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            match client
+                .execute_typed("INSERT INTO ledger VALUES ($1)", &[(&id, Type::INT4)])
+                .await
+            {
+                Ok(_) => acked.push((id, Instant::now())),
+                Err(e) => {
+                    assert!(
+                        !e.is_closed(),
+                        "pgwarden closed the writer's connection: {e}"
+                    );
+                    failures.push(sqlstate(&e).unwrap_or_else(|| e.to_string()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (acked, failures)
+    })
 }

@@ -1,0 +1,284 @@
+//! The monitor's side of `[coordination]`: when it may promote, recording each
+//! failover step in etcd, adopting what the leader published, and finishing a
+//! failover that a previous leader left midway.
+//!
+//! It lives here rather than in `crate::coordination` because it works on the
+//! monitor's own state (nodes, primary, fences), which only the monitor writes;
+//! `crate::coordination` owns the etcd session and knows nothing of backends.
+//! Without `[coordination]` every function here is a no-op that says "go ahead".
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::Monitor;
+use crate::backend::Health;
+use crate::coordination::{ClusterState, Failover, Role, Snapshot, Step};
+use crate::failover::{self, Kind, Refusal};
+
+/// Fault drill: `PGWARDEN_PAUSE_BEFORE_REPOINT=3s` makes the failover controller
+/// wait between promoting and re-pointing, so an operator (or a test) can kill the
+/// leader there and watch another proxy finish. Read once; unset means no pause.
+pub(super) async fn pause_before_repoint() {
+    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        let value = std::env::var("PGWARDEN_PAUSE_BEFORE_REPOINT").ok()?;
+        humantime::parse_duration(&value)
+            .inspect_err(|e| warn!(%value, error = %e, "ignoring PGWARDEN_PAUSE_BEFORE_REPOINT"))
+            .ok()
+    });
+    if let Some(pause) = *pause {
+        warn!(
+            ?pause,
+            "failover: pausing before re-pointing (PGWARDEN_PAUSE_BEFORE_REPOINT)"
+        );
+        tokio::time::sleep(pause).await;
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Monitor {
+    /// Ok when this proxy may promote: no coordination, or it is the leader.
+    pub(super) fn may_promote(&self) -> Result<(), Refusal> {
+        match &self.shared.coordination {
+            Some(c) if !c.is_leader() => Err(Refusal::Coordination(match c.snapshot().role {
+                Role::Disconnected => crate::coordination::Error::Etcd("unreachable".into()),
+                _ => crate::coordination::Error::NotLeader,
+            })),
+            _ => Ok(()),
+        }
+    }
+
+    /// A follower leaves fenced what the leader fenced; only the leader lifts it.
+    pub(super) fn may_unfence(&self, index: usize) -> bool {
+        let name = &self.nodes[index].config.name;
+        self.may_promote().is_ok()
+            || !self
+                .published
+                .as_ref()
+                .is_some_and(|s| s.fenced.contains(name))
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.config.name == name)
+    }
+
+    /// The cluster as this monitor sees it, with `failover` as the last failover.
+    fn cluster_state(&self, failover: Option<Failover>) -> ClusterState {
+        ClusterState {
+            primary: self.primary.map(|p| self.nodes[p].config.name.clone()),
+            timeline: self
+                .primary
+                .and_then(|p| self.nodes[p].facts.as_ref())
+                .and_then(|f| f.timeline),
+            fenced: self
+                .nodes
+                .iter()
+                .filter(|n| n.fenced)
+                .map(|n| n.config.name.clone())
+                .collect(),
+            failover,
+        }
+    }
+
+    /// Writes the cluster state with `failover` to etcd (nothing without coordination).
+    async fn record(
+        &mut self,
+        failover: Option<Failover>,
+    ) -> Result<(), crate::coordination::Error> {
+        let Some(coordinator) = self.shared.coordination.clone() else {
+            return Ok(());
+        };
+        let state = self.cluster_state(failover);
+        let revision = coordinator.write(&state).await?;
+        info!(
+            revision,
+            primary = state.primary.as_deref().unwrap_or("none"),
+            fenced = ?state.fenced,
+            step = state.failover.as_ref().map_or("none", |f| f.step.name()),
+            "coordination: cluster state published"
+        );
+        self.published = Some(state);
+        Ok(())
+    }
+
+    /// Before promoting `candidate`: the intent, so that a new leader promotes the
+    /// same node rather than another one.
+    pub(super) async fn intend(&mut self, old: usize, candidate: usize) -> Result<(), Refusal> {
+        let intent = Failover {
+            old: Some(self.nodes[old].config.name.clone()),
+            new: self.nodes[candidate].config.name.clone(),
+            step: Step::Promoting,
+            timeline: None,
+            repoint: Vec::new(),
+            at: unix_now(),
+        };
+        self.record(Some(intent))
+            .await
+            .map_err(Refusal::Coordination)
+    }
+
+    /// After promoting: `step` with the standbys still to re-point. A failed write
+    /// is logged only: the promotion happened, and the next leader repeats the
+    /// idempotent steps it finds unfinished.
+    pub(super) async fn record_step(
+        &mut self,
+        old: Option<usize>,
+        new: usize,
+        timeline: u32,
+        step: Step,
+        repoint: &[usize],
+    ) {
+        if self.shared.coordination.is_none() {
+            return;
+        }
+        let at = self
+            .published
+            .as_ref()
+            .and_then(|s| s.failover.as_ref())
+            .filter(|f| f.new == self.nodes[new].config.name)
+            .map_or_else(unix_now, |f| f.at);
+        let failover = Failover {
+            old: old.map(|o| self.nodes[o].config.name.clone()),
+            new: self.nodes[new].config.name.clone(),
+            step,
+            timeline: Some(timeline),
+            repoint: repoint
+                .iter()
+                .map(|&i| self.nodes[i].config.name.clone())
+                .collect(),
+            at,
+        };
+        if let Err(e) = self.record(Some(failover)).await {
+            warn!(step = step.name(), error = %e, "coordination: could not publish the failover step");
+        }
+    }
+
+    /// The leader: publishes routing decisions taken outside a failover (split
+    /// brain, fences lifted, the primary found at start-up).
+    pub(super) async fn share_decision(&mut self) {
+        if self.shared.coordination.is_none() || self.may_promote().is_err() || self.resume().await
+        {
+            return;
+        }
+        let last = self.published.as_ref().and_then(|s| s.failover.clone());
+        let now = self.cluster_state(last);
+        let differs = self
+            .published
+            .as_ref()
+            .is_none_or(|s| s.primary != now.primary || s.fenced != now.fenced);
+        if differs
+            && now.primary.is_some()
+            && let Err(e) = self.record(now.failover).await
+        {
+            warn!(error = %e, "coordination: could not publish the cluster state");
+        }
+    }
+
+    /// A new coordination snapshot: adopt the published primary and fences, and
+    /// as the leader finish what a previous leader left undone.
+    pub(super) async fn adopt(&mut self, snapshot: Snapshot) {
+        let leader = snapshot.role == Role::Leader;
+        if let Some(state) = snapshot.state
+            && self.published.as_ref() != Some(&state)
+        {
+            for name in &state.fenced {
+                if let Some(i) = self.index(name)
+                    && !self.nodes[i].fenced
+                {
+                    info!(backend = %name, "fenced: published by the coordination leader");
+                    self.nodes[i].fenced = true;
+                }
+            }
+            // The leader trusts its own decisions; a follower (or a leader that has
+            // none yet, just restarted) takes the published primary unless its own
+            // probes show it down.
+            if let Some(p) = state.primary.as_deref().and_then(|n| self.index(n))
+                && self.primary != Some(p)
+                && (!leader || self.primary.is_none())
+                && self.nodes[p].health != Health::Down
+            {
+                self.assume_primary(p, state.timeline);
+                self.set_primary(p, "published by the coordination leader");
+                self.pending = None;
+            }
+            self.published = Some(state);
+            self.publish();
+        }
+        if leader {
+            self.resume().await;
+        }
+    }
+
+    /// The leader finishes an interrupted failover with the same candidate; true
+    /// when there was one to finish (or it is being finished).
+    pub(super) async fn resume(&mut self) -> bool {
+        let Some(f) = self
+            .published
+            .as_ref()
+            .and_then(ClusterState::unfinished)
+            .cloned()
+        else {
+            return false;
+        };
+        if self.may_promote().is_err() {
+            return false;
+        }
+        if Instant::now() < self.resume_at {
+            return true;
+        }
+        self.resume_at = Instant::now() + self.config.health.interval;
+        let Some(new) = self.index(&f.new) else {
+            warn!(candidate = %f.new, "coordination: the interrupted failover names an unknown backend");
+            return false;
+        };
+        let Some(login) = self.login() else {
+            return true;
+        };
+        let old = f.old.as_deref().and_then(|n| self.index(n));
+        let since = Duration::from_secs(unix_now().saturating_sub(f.at));
+        info!(step = f.step.name(), candidate = %f.new, "coordination: finishing the failover a previous leader started");
+        let timeline = match f.step {
+            Step::Promoting if self.nodes[new].health == Health::Down => {
+                warn!(candidate = %f.new, "coordination: the interrupted failover's candidate is down; choosing again");
+                self.published.as_mut().and_then(|s| s.failover.take());
+                return false;
+            }
+            Step::Promoting => {
+                if !self.nodes[new].routable() {
+                    return true;
+                }
+                match failover::promote(
+                    &self.nodes[new].config,
+                    &login,
+                    self.config.failover.promote_timeout.as_secs(),
+                )
+                .await
+                {
+                    Ok(timeline) => timeline,
+                    Err(e) => {
+                        warn!(candidate = %f.new, error = %e, "coordination: could not finish the promotion");
+                        return true;
+                    }
+                }
+            }
+            Step::Repointing | Step::Done => {
+                let timeline = f.timeline.unwrap_or(0);
+                self.repoint_standbys(old, new, timeline, &login, Kind::Failover)
+                    .await;
+                return true;
+            }
+        };
+        self.pending = None;
+        self.publish_promotion(old, new, timeline, &login);
+        self.after_promotion(old, new, timeline, &login, Kind::Failover, since)
+            .await;
+        true
+    }
+}

@@ -1,0 +1,338 @@
+//! Several proxies, one decision: three pgwarden processes in front of one
+//! three-node cluster (synchronous replication), coordinated through a real etcd.
+//! A primary crash is handled by exactly one promotion, every proxy follows the
+//! leader's decision, a leader killed midway is replaced by one that finishes the
+//! failover, and without etcd nobody promotes until it is back.
+
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::{Db, Options, Pgwarden, eventually, writer};
+use pgwarden::cluster::{Cluster, ClusterSpec};
+
+/// Nine PostgreSQL servers and nine proxies at once overload a two-core machine
+/// (probes time out and nodes flap), so these tests run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// etcd, a three-node cluster, and three coordinated proxies.
+struct Env {
+    etcd: Etcd,
+    cluster: Cluster,
+    db: Db,
+    proxies: Vec<Pgwarden>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+fn options(etcd: &Etcd, env: &[(&str, &str)]) -> Options {
+    Options {
+        health: "interval = \"200ms\"\ntimeout = \"500ms\"".into(),
+        failover: "client_wait_timeout = \"20s\"".into(),
+        sections: format!(
+            "[coordination]\netcd = [\"{}\"]\nprefix = \"/pgwarden/test\"\nlease_ttl = \"3s\"\n",
+            etcd.endpoint()
+        ),
+        env: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+impl Env {
+    /// Starts everything; `first_env` goes to the first proxy only, which is
+    /// started alone and made the leader before the others start.
+    async fn start(first_env: &[(&str, &str)]) -> Env {
+        let serial = SERIAL.lock().await;
+        let etcd = Etcd::start();
+        let cluster = Cluster::start(&ClusterSpec {
+            standbys: 2,
+            synchronous: true,
+            settings: vec![("wal_receiver_timeout".into(), "2s".into())],
+        })
+        .expect("start a three-node cluster");
+        let db = Db::create_on(&cluster);
+        let backends: Vec<_> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.port))
+            .collect();
+        let start = |env: &[(&str, &str)]| {
+            Pgwarden::start_with(
+                &[&db],
+                Options {
+                    backends: backends.clone(),
+                    ..options(&etcd, env)
+                },
+            )
+        };
+        let first = start(first_env);
+        eventually(Duration::from_secs(15), "the first proxy leads", || {
+            coordination(&first)["role"] == "leader"
+        })
+        .await;
+        let proxies = vec![first, start(&[]), start(&[])];
+        let env = Env {
+            etcd,
+            cluster,
+            db,
+            proxies,
+            _serial: serial,
+        };
+        for p in &env.proxies {
+            eventually(Duration::from_secs(15), "every proxy routes to pg1", || {
+                ready(p)["primary"] == "pg1"
+            })
+            .await;
+        }
+        env
+    }
+
+    fn primaries(&self) -> Vec<usize> {
+        (0..self.cluster.nodes.len())
+            .filter(|&i| self.cluster.nodes[i].postmaster_pid().is_some())
+            .filter(|&i| self.cluster.nodes[i].in_recovery().ok() == Some(false))
+            .collect()
+    }
+
+    /// Promotions PostgreSQL logged, over every node.
+    fn promotions(&self) -> usize {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                n.log_tail(100_000)
+                    .matches("received promote request")
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Waits for a standby to become the only primary.
+    async fn new_primary(&self, within: Duration) -> usize {
+        let started = Instant::now();
+        loop {
+            let primaries = self.primaries();
+            if primaries.len() == 1 && primaries[0] != 0 {
+                return primaries[0];
+            }
+            assert!(started.elapsed() < within, "no promotion:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// From the leader routing to its promoted node to the last follower doing
+    /// the same, read from the logs' timestamps.
+    fn follow_lag(&self) -> Duration {
+        let at = |log: &str, what: &str| {
+            let line = log.lines().rfind(|l| l.contains(what))?;
+            humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
+        };
+        let logs: Vec<String> = self.proxies.iter().map(|p| p.log()).collect();
+        let decided = logs
+            .iter()
+            .find_map(|l| at(l, "step=\"published\""))
+            .expect("the leader published a new primary");
+        logs.iter()
+            .filter_map(|l| at(l, "published by the coordination leader"))
+            .filter_map(|t| t.duration_since(decided).ok())
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        self.proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("--- proxy {i} ---\n{}", p.log()))
+            .collect()
+    }
+
+    /// Waits until every proxy (but `skip`) routes writes to `node`; returns how long it took.
+    async fn all_route_to(&self, node: usize, skip: Option<usize>) -> Duration {
+        let started = Instant::now();
+        let name = self.cluster.nodes[node].name.clone();
+        for (i, p) in self.proxies.iter().enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            eventually(
+                Duration::from_secs(20),
+                "every proxy routes to the new primary",
+                || ready(p)["primary"] == name.as_str(),
+            )
+            .await;
+            let client = p.connect(&self.db).await;
+            let port: i32 = client
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(port, i32::from(self.cluster.nodes[node].port), "proxy {i}");
+        }
+        started.elapsed()
+    }
+
+    /// The other standby streams from the new primary.
+    async fn standby_follows(&self, new: usize) {
+        let other = self.cluster.nodes[3 - new].name.clone();
+        eventually(
+            Duration::from_secs(20),
+            "the other standby streams from the new primary",
+            || {
+                self.cluster.nodes[new]
+                    .sql("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l == other)
+            },
+        )
+        .await;
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null)
+}
+
+fn ready(p: &Pgwarden) -> serde_json::Value {
+    json(&p.http_get("/health/ready").1)
+}
+
+fn coordination(p: &Pgwarden) -> serde_json::Value {
+    ready(p)["coordination"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_promote_once_and_all_follow_the_new_primary() {
+    let env = Env::start(&[]).await;
+    let leaders = env
+        .proxies
+        .iter()
+        .filter(|p| coordination(p)["role"] == "leader")
+        .count();
+    assert_eq!(leaders, 1);
+    let admin = env.proxies[1].connect(&env.db).await;
+    admin
+        .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(env.proxies[2].conninfo(&env.db), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    let new = env.new_primary(Duration::from_secs(20)).await;
+    env.all_route_to(new, None).await;
+    eprintln!(
+        "followers routed to the new primary {:?} after the leader did",
+        env.follow_lag()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failures) = writes.await.unwrap();
+    assert!(
+        failures.len() <= 1 && failures.iter().all(|c| c == "08006"),
+        "{failures:?}"
+    );
+    let stored: BTreeSet<i32> = env.cluster.nodes[new]
+        .sql_in(&env.db.name, "SELECT id FROM ledger")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let lost: Vec<i32> = acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !stored.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "lost acknowledged commits {lost:?}");
+    env.standby_follows(new).await;
+
+    assert_eq!(env.promotions(), 1, "{}", env.logs());
+    let timeline = env.cluster.nodes[new]
+        .sql("SELECT timeline_id FROM pg_control_checkpoint()")
+        .unwrap();
+    assert_eq!(timeline.trim(), "2");
+    let published = coordination(&env.proxies[0]);
+    assert_eq!(
+        published["published_primary"],
+        env.cluster.nodes[new].name.as_str()
+    );
+    assert_eq!(published["failover_step"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_failover_a_killed_leader_left_midway() {
+    let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_REPOINT", "60s")]).await;
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    let new = env.new_primary(Duration::from_secs(20)).await;
+    let leader = &env.proxies[0];
+    eventually(
+        Duration::from_secs(10),
+        "the leader pauses before re-pointing",
+        || leader.log().contains("pausing before re-pointing"),
+    )
+    .await;
+    env.proxies[0].signal(libc::SIGKILL);
+    let _ = env.proxies[0].wait_exit(Duration::from_secs(5));
+
+    // Another proxy takes the lease and re-points the other standby.
+    env.standby_follows(new).await;
+    env.all_route_to(new, Some(0)).await;
+    assert_eq!(env.promotions(), 1, "{}", env.logs());
+    let leaders: Vec<_> = env.proxies[1..]
+        .iter()
+        .map(|p| coordination(p)["role"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(leaders.iter().any(|r| r == "leader"), "{leaders:?}");
+    let logs = env.logs();
+    assert!(
+        logs.contains("finishing the failover a previous leader started"),
+        "{logs}"
+    );
+    env.proxies.remove(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_nobody_promotes_until_it_is_back() {
+    let mut env = Env::start(&[]).await;
+    env.etcd.stop();
+    for p in &env.proxies {
+        eventually(
+            Duration::from_secs(10),
+            "every proxy sees etcd gone",
+            || coordination(p)["etcd_reachable"] == false,
+        )
+        .await;
+    }
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        env.primaries().is_empty(),
+        "a standby was promoted without etcd"
+    );
+    for p in &env.proxies {
+        let c = coordination(p);
+        assert_eq!(c["role"], "disconnected", "{c}");
+        let metrics = p.http_get("/metrics").1;
+        assert!(metrics.contains("pgwarden_coordination_up 0"), "{metrics}");
+    }
+    assert!(
+        env.logs().contains("waiting for the leader's decision"),
+        "{}",
+        env.logs()
+    );
+
+    env.etcd.resume();
+    let new = env.new_primary(Duration::from_secs(30)).await;
+    env.all_route_to(new, None).await;
+    assert_eq!(env.promotions(), 1, "{}", env.logs());
+}
