@@ -288,8 +288,8 @@ impl ServerConn {
     }
 
     /// Marks the moment it goes back to the pool.
-    pub fn mark_idle(&mut self) {
-        self.idle_since = Instant::now();
+    pub fn mark_idle(&mut self, now: Instant) {
+        self.idle_since = now;
     }
 
     /// Sends Terminate when the socket takes it without waiting, then closes.

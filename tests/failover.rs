@@ -328,18 +328,61 @@ struct Relay {
 
 impl Relay {
     async fn start(target: u16, port: u16) -> Relay {
+        Relay::start_slowing(target, port, Arc::new(AtomicBool::new(false))).await
+    }
+
+    /// A relay that, while `slow` is set, holds back every answer to pgwarden's
+    /// health monitor (its connections announce `application_name=pgwarden-monitor`)
+    /// by a second, and leaves client traffic alone: a busy server, as probes see it.
+    async fn start_slowing(target: u16, port: u16, slow: Arc<AtomicBool>) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let slow = slow.clone();
                 conns.spawn(async move {
-                    if let Ok(mut outbound) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_r, mut client_w) = inbound.into_split();
+                    let (mut server_r, mut server_w) = outbound.into_split();
+                    let monitor = Arc::new(AtomicBool::new(false));
+                    let seen = monitor.clone();
+                    let up = async move {
+                        let mut buf = vec![0u8; 8192];
+                        let mut head = Vec::new();
+                        while let Ok(n) = client_r.read(&mut buf).await {
+                            if n == 0 || server_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            if head.len() < 2048 {
+                                head.extend_from_slice(&buf[..n]);
+                                let name: &[u8] = b"pgwarden-monitor";
+                                if head.windows(name.len()).any(|w| w == name) {
+                                    seen.store(true, Ordering::SeqCst);
+                                }
+                            }
+                        }
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 8192];
+                        while let Ok(n) = server_r.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if monitor.load(Ordering::SeqCst) && slow.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            if client_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::join!(up, down);
                 });
             }
         });
@@ -514,4 +557,57 @@ async fn without_a_primary_writes_get_57p03_and_standby_reads_go_on() {
             .get(0);
         assert!(standby);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_probes_of_a_primary_that_keeps_answering_clients_do_not_take_it_down() {
+    let cluster = cluster(false);
+    let relay_port = pgwarden::cluster::free_port().unwrap();
+    let slow = Arc::new(AtomicBool::new(false));
+    let _relay = Relay::start_slowing(cluster.nodes[0].port, relay_port, slow.clone()).await;
+    let mut options = fast("");
+    options.backends = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                if n.name == "pg1" { relay_port } else { n.port },
+            )
+        })
+        .collect();
+    let env = start(cluster, options);
+    let client = env.pgw.connect(&env.db).await;
+    client
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .unwrap();
+
+    // Every probe of pg1 now takes a second (timeout 500 ms) while clients keep
+    // writing: pg1 must stay the primary and no client transaction may be cut.
+    slow.store(true, Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut writes = 0;
+    while Instant::now() < until {
+        client
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .await
+            .unwrap_or_else(|e| panic!("write {writes} failed: {e:?}\n{}", env.pgw.log()));
+        writes += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = env.pgw.log();
+    assert!(
+        log.contains("kept answering clients"),
+        "the probes were not slowed:\n{log}"
+    );
+    assert!(!log.contains("to=\"down\""), "pg1 was taken down:\n{log}");
+    assert_eq!(env.primaries(), vec![0]);
+
+    // With no client traffic, the same slow probes do count: silence is what a hang looks like.
+    eventually(Duration::from_secs(10), "pg1 marked down", || {
+        env.pgw.log().contains("to=\"down\"")
+    })
+    .await;
+    slow.store(false, Ordering::SeqCst);
 }

@@ -228,6 +228,18 @@ impl Monitor {
         }
         let threshold = self.config.health.failure_threshold;
         let node = &mut self.nodes[report.index];
+        // A probe that only ran out of time while the node went on completing clients'
+        // transactions met a busy server, not a dead one: counting it would cut every
+        // transaction on a primary that is merely loaded. A hung node completes none.
+        if report.timed_out
+            && self
+                .shared
+                .pools
+                .backend_answered_within(&node.config.name, self.config.health.timeout)
+        {
+            info!(backend = %node.config.name, "probe timed out while the backend kept answering clients; not counted as a failure");
+            return;
+        }
         let before = (node.health, node.role());
         node.health = node.health.after(report.result.is_ok(), threshold);
         node.checked_at = Some(report.started);

@@ -178,6 +178,9 @@ pub struct Report {
     pub result: Result<Facts, String>,
     /// when the probe started: what it saw is at least this recent
     pub started: SystemTime,
+    /// the probe failed because it waited the whole `health.timeout`, not because
+    /// the server refused or reset it
+    pub timed_out: bool,
 }
 
 /// A running prober; stops when dropped.
@@ -254,6 +257,7 @@ async fn run(
         let report = Report {
             index,
             epoch,
+            timed_out: !ok && clock.elapsed() >= login.timeout,
             result,
             started,
         };

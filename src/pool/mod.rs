@@ -185,6 +185,13 @@ impl Pools {
         }
     }
 
+    /// True when some pool of `backend` completed a transaction within the last `window`.
+    pub fn backend_answered_within(&self, backend: &str, window: Duration) -> bool {
+        self.lock()
+            .iter()
+            .any(|(key, pool)| &*key.target.backend == backend && pool.answered_within(window))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<ServerPool>>> {
         self.pools.lock().unwrap_or_else(|e| e.into_inner())
     }

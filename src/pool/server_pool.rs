@@ -7,8 +7,9 @@
 //! connection to the next client.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +75,14 @@ pub struct ServerPool {
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
     retired: CancellationToken,
+    /// when a transaction last completed here, as nanoseconds since [`clock_start`]
+    answered: AtomicU64,
+}
+
+/// The origin of the pools' timestamps (atomics cannot hold an `Instant`).
+fn clock_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
 }
 
 impl ServerPool {
@@ -95,7 +104,15 @@ impl ServerPool {
             tls,
             logins,
             retired: CancellationToken::new(),
+            answered: AtomicU64::new(0),
         }
+    }
+
+    /// True when a transaction completed on this pool within the last `window`: the
+    /// server is answering clients, whatever a slow health probe says.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        let at = self.answered.load(Ordering::Relaxed);
+        at != 0 && clock_start().elapsed().as_nanos() as u64 - at <= window.as_nanos() as u64
     }
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
@@ -182,11 +199,16 @@ impl ServerPool {
     }
 
     fn give_back(&self, mut conn: ServerConn, slot: Slot) {
+        let now = Instant::now();
+        self.answered.store(
+            now.duration_since(clock_start()).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         let settings = self.settings.load();
         if self.retired.is_cancelled() || expired(&conn, &settings) {
             conn.close();
         } else {
-            conn.mark_idle();
+            conn.mark_idle(now);
             lock(&self.idle).push(conn);
         }
         self.release_slot(slot);
