@@ -59,17 +59,12 @@ fn main() {
                     if mode == "prepared" && target.name == "pgbouncer" && !prepared_ok {
                         continue;
                     }
-                    let args = [
-                        script.as_str(),
-                        "-M",
-                        mode,
-                        "-c",
-                        c,
-                        "-j",
-                        "2",
-                        "-T",
-                        &seconds.to_string(),
-                    ];
+                    // BENCH_SCRIPT may hold several words ("-b tpcb-like").
+                    let seconds = seconds.to_string();
+                    let args: Vec<&str> = script
+                        .split_whitespace()
+                        .chain(["-M", mode, "-c", c, "-j", "2", "-T", &seconds])
+                        .collect();
                     let run = support::pgbench(&cluster, target, &args);
                     eprintln!(
                         "{mode:>8} -c {c:>3} round {round} {:>9}: {:>9.0} tps, {} failed{}",
