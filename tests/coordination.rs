@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -242,17 +241,12 @@ async fn three_proxies_promote_once_and_all_follow_the_new_primary() {
         failures.len() <= 1 && failures.iter().all(|c| c == "08006"),
         "{failures:?}"
     );
-    let stored: BTreeSet<i32> = env.cluster.nodes[new]
-        .sql_in(&env.db.name, "SELECT id FROM ledger")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect();
-    let lost: Vec<i32> = acked
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !stored.contains(id))
-        .collect();
+    let lost = common::lost_commits(
+        &acked,
+        &env.cluster.nodes[new]
+            .sql_in(&env.db.name, "SELECT id FROM ledger")
+            .unwrap(),
+    );
     assert!(lost.is_empty(), "lost acknowledged commits {lost:?}");
     env.standby_follows(new).await;
 

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -145,16 +144,7 @@ async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit
     );
 
     // Every acknowledged commit is on the new primary.
-    let stored: BTreeSet<i32> = env
-        .sql(new, "SELECT id FROM ledger")
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect();
-    let lost: Vec<i32> = acked
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !stored.contains(id))
-        .collect();
+    let lost = common::lost_commits(&acked, &env.sql(new, "SELECT id FROM ledger"));
     assert!(lost.is_empty(), "lost acknowledged commits {lost:?}");
 
     // The other standby follows the new primary.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Db, Options, Pgwarden, Raw, error_code, frame};
+use common::{Db, Options, Pgwarden, Raw, error_code, frame, startup_packet};
 use md5::{Digest, Md5};
 
 /// Half-open connections held at once. The test process and pgwarden each need
@@ -103,23 +103,9 @@ fn send_and_leave(port: u16, bytes: &[u8]) {
     }
 }
 
-fn startup_packet(db: &Db) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", db.user.as_str()), ("database", db.name.as_str())] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
 /// Every malformed shape, before and after authentication.
 fn malformed_traffic(port: u16, db: &Db) {
-    let startup = startup_packet(db);
+    let startup = startup_packet(196_608, &[("user", &db.user), ("database", &db.name)]);
     // Before authentication.
     for _ in 0..100 {
         // Truncated startup packet: announces 100 bytes, sends 10, leaves.

@@ -362,21 +362,14 @@ async fn replication_connections_and_unknown_protocol_options_are_handled() {
 
     // Protocol 3.2 with a _pq_ option: NegotiateProtocolVersion, then a normal login.
     let mut raw = Raw::connect(pgw.port);
-    let mut body = 196_610u32.to_be_bytes().to_vec();
-    for (k, v) in [
-        ("user", db.user.as_str()),
-        ("database", db.name.as_str()),
-        ("_pq_.test", "1"),
-    ] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    raw.send(&packet);
+    raw.send(&common::startup_packet(
+        196_610,
+        &[
+            ("user", &db.user),
+            ("database", &db.name),
+            ("_pq_.test", "1"),
+        ],
+    ));
     let messages = raw.read_until(b'Z');
     assert_eq!(messages[0].0, b'v');
     assert!(messages.iter().any(|(t, _)| *t == b'K'));

@@ -383,17 +383,7 @@ impl Raw {
 
     /// A StartupMessage for protocol 3.0.
     pub fn startup(&mut self, params: &[(&str, &str)]) {
-        let mut body = 196_608u32.to_be_bytes().to_vec();
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend_from_slice(&body);
-        self.send(&packet);
+        self.send(&startup_packet(196_608, params));
     }
 
     /// Sends one typed message.
@@ -443,6 +433,32 @@ pub fn error_code(body: &[u8]) -> String {
 
 /// What a writer saw: acknowledged ids with when, and the SQLSTATEs of failures.
 pub type Ledger = (Vec<(i32, Instant)>, Vec<String>);
+
+/// The acknowledged ids missing from `stored` (one id a line, as `sql_in` returns them).
+pub fn lost_commits(acked: &[(i32, Instant)], stored: &str) -> Vec<i32> {
+    let stored: std::collections::BTreeSet<i32> =
+        stored.lines().filter_map(|l| l.parse().ok()).collect();
+    acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !stored.contains(id))
+        .collect()
+}
+
+/// A StartupMessage: the protocol `version` and `params`.
+pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
 
 /// Inserts ids through pgwarden every 20 ms until stopped.
 pub fn writer(conninfo: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Ledger> {
