@@ -311,6 +311,18 @@ async fn the_standby_with_the_most_wal_is_promoted() {
 }
 
 /// A TCP relay the test can cut: it stands between pgwarden and the primary only.
+/// The cluster's backends for pgwarden, with pg1 reached through a relay on `relay_port`.
+fn pg1_through(cluster: &Cluster, relay_port: u16) -> Vec<(String, u16)> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let port = if n.name == "pg1" { relay_port } else { n.port };
+            (n.name.clone(), port)
+        })
+        .collect()
+}
+
 struct Relay {
     port: u16,
     task: tokio::task::JoinHandle<()>,
@@ -392,16 +404,7 @@ async fn a_proxy_cut_off_from_a_healthy_primary_does_not_promote() {
     let relay_port = pgwarden::cluster::free_port().unwrap();
     let relay = Relay::start(cluster.nodes[0].port, relay_port).await;
     let mut options = fast("client_wait_timeout = \"2s\"");
-    options.backends = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            (
-                n.name.clone(),
-                if n.name == "pg1" { relay.port } else { n.port },
-            )
-        })
-        .collect();
+    options.backends = pg1_through(&cluster, relay.port);
     let env = start(cluster, options);
     let client = env.pgw.connect(&env.db).await;
     client
@@ -556,16 +559,7 @@ async fn slow_probes_of_a_primary_that_keeps_answering_clients_do_not_take_it_do
     let slow = Arc::new(AtomicBool::new(false));
     let _relay = Relay::start_slowing(cluster.nodes[0].port, relay_port, slow.clone()).await;
     let mut options = fast("");
-    options.backends = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            (
-                n.name.clone(),
-                if n.name == "pg1" { relay_port } else { n.port },
-            )
-        })
-        .collect();
+    options.backends = pg1_through(&cluster, relay_port);
     let env = start(cluster, options);
     let client = env.pgw.connect(&env.db).await;
     client
