@@ -15,11 +15,13 @@ RUN cargo build --release --locked --bin pgwarden
 
 FROM debian:bookworm-20251117-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgwarden \
-    && mkdir -p /etc/pgwarden \
-    && chown pgwarden:pgwarden /etc/pgwarden
+    && mkdir -p /etc/pgwarden /var/lib/pgwarden \
+    && chown pgwarden:pgwarden /etc/pgwarden /var/lib/pgwarden
 COPY --from=build /src/target/release/pgwarden /usr/local/bin/pgwarden
 COPY --chown=pgwarden:pgwarden conf/pgwarden.toml /etc/pgwarden/pgwarden.toml.example
 USER pgwarden
+# failover.state_file = "/var/lib/pgwarden/state.json" survives restarts with a volume here.
+VOLUME /var/lib/pgwarden
 EXPOSE 6432
 EXPOSE 9930
 # /health/live answers 200 while the process serves (http_listen must be enabled,

@@ -353,6 +353,9 @@ pub struct FailoverConfig {
     /// how long a switchover waits for running transactions and for the target to catch up
     #[serde(with = "duration")]
     pub switchover_timeout: Duration,
+    /// where a proxy without `[coordination]` keeps the primary, the fenced nodes and
+    /// the failover step, so that a restart resumes them
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for FailoverConfig {
@@ -368,6 +371,7 @@ impl Default for FailoverConfig {
             on_event: None,
             hook_timeout: Duration::from_secs(30),
             switchover_timeout: Duration::from_secs(10),
+            state_file: None,
         }
     }
 }
@@ -453,6 +457,23 @@ pub struct BackendConfig {
     /// higher wins when two failover candidates have received the same WAL
     #[serde(default)]
     pub priority: i32,
+    /// the host standbys stream from when this node is primary, if not `host`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_host: Option<String>,
+    /// the port standbys stream from when this node is primary, if not `port`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_port: Option<u16>,
+}
+
+impl BackendConfig {
+    /// Where standbys reach this node for WAL: pgwarden may reach it another way
+    /// (a different network, a load balancer) than its peers do.
+    pub fn replication_addr(&self) -> (&str, u16) {
+        (
+            self.replication_host.as_deref().unwrap_or(&self.host),
+            self.replication_port.unwrap_or(self.port),
+        )
+    }
 }
 
 fn default_pg_port() -> u16 {
@@ -567,6 +588,13 @@ impl Config {
             );
         }
         if let Some(c) = &self.coordination {
+            if self.failover.state_file.is_some() {
+                return err(
+                    "failover.state_file".into(),
+                    "not used with [coordination], where etcd keeps the cluster state: remove one"
+                        .into(),
+                );
+            }
             if cfg!(not(feature = "etcd")) {
                 return err(
                     "coordination".into(),

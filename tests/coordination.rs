@@ -288,10 +288,7 @@ async fn a_new_leader_finishes_the_failover_a_killed_leader_left_midway() {
         .collect();
     assert!(leaders.iter().any(|r| r == "leader"), "{leaders:?}");
     let logs = env.logs();
-    assert!(
-        logs.contains("finishing the failover a previous leader started"),
-        "{logs}"
-    );
+    assert!(logs.contains("finishing an interrupted failover"), "{logs}");
     env.proxies.remove(0);
 }
 

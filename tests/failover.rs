@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::relay::{Mode, Relay};
 use common::{Db, Options, Pgwarden, eventually, sqlstate, writer};
 use pgwarden::cluster::{Cluster, ClusterSpec};
 use tokio_postgres::types::Type;
@@ -310,7 +311,6 @@ async fn the_standby_with_the_most_wal_is_promoted() {
     .await;
 }
 
-/// A TCP relay the test can cut: it stands between pgwarden and the primary only.
 /// The cluster's backends for pgwarden, with pg1 reached through a relay on `relay_port`.
 fn pg1_through(cluster: &Cluster, relay_port: u16) -> Vec<(String, u16)> {
     cluster
@@ -321,81 +321,6 @@ fn pg1_through(cluster: &Cluster, relay_port: u16) -> Vec<(String, u16)> {
             (n.name.clone(), port)
         })
         .collect()
-}
-
-struct Relay {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(target: u16, port: u16) -> Relay {
-        Relay::start_slowing(target, port, Arc::new(AtomicBool::new(false))).await
-    }
-
-    /// A relay that, while `slow` is set, holds back every answer to pgwarden's
-    /// health monitor (its connections announce `application_name=pgwarden-monitor`)
-    /// by a second, and leaves client traffic alone: a busy server, as probes see it.
-    async fn start_slowing(target: u16, port: u16, slow: Arc<AtomicBool>) -> Relay {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((inbound, _)) = listener.accept().await {
-                let slow = slow.clone();
-                conns.spawn(async move {
-                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                    else {
-                        return;
-                    };
-                    let (mut client_r, mut client_w) = inbound.into_split();
-                    let (mut server_r, mut server_w) = outbound.into_split();
-                    let monitor = Arc::new(AtomicBool::new(false));
-                    let seen = monitor.clone();
-                    let up = async move {
-                        let mut buf = vec![0u8; 8192];
-                        let mut head = Vec::new();
-                        while let Ok(n) = client_r.read(&mut buf).await {
-                            if n == 0 || server_w.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            if head.len() < 2048 {
-                                head.extend_from_slice(&buf[..n]);
-                                let name: &[u8] = b"pgwarden-monitor";
-                                if head.windows(name.len()).any(|w| w == name) {
-                                    seen.store(true, Ordering::SeqCst);
-                                }
-                            }
-                        }
-                    };
-                    let down = async move {
-                        let mut buf = vec![0u8; 8192];
-                        while let Ok(n) = server_r.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                            if monitor.load(Ordering::SeqCst) && slow.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                            }
-                            if client_w.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    tokio::join!(up, down);
-                });
-            }
-        });
-        Relay { port, task }
-    }
-
-    /// Cuts every relayed connection and stops listening; with the JoinSet dropped,
-    /// the sockets close, as a network partition would look to pgwarden.
-    fn cut(self) {
-        self.task.abort();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,7 +337,7 @@ async fn a_proxy_cut_off_from_a_healthy_primary_does_not_promote() {
         .await
         .unwrap();
 
-    relay.cut();
+    relay.set(Mode::Reset);
     eventually(Duration::from_secs(10), "pg1 marked down", || {
         env.pgw.log().contains("to=\"down\"") || env.pgw.log().contains("to=down")
     })
@@ -441,7 +366,7 @@ async fn a_proxy_cut_off_from_a_healthy_primary_does_not_promote() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
 
     // The link comes back: pg1 is the primary again, no failover happened.
-    let _relay = Relay::start(env.cluster.nodes[0].port, relay_port).await;
+    relay.set(Mode::Pass);
     eventually(Duration::from_secs(10), "pg1 routable again", || {
         env.pgw.log().contains("primary is reachable again")
     })
@@ -556,8 +481,7 @@ async fn without_a_primary_writes_get_57p03_and_standby_reads_go_on() {
 async fn slow_probes_of_a_primary_that_keeps_answering_clients_do_not_take_it_down() {
     let cluster = cluster(false);
     let relay_port = pgwarden::cluster::free_port().unwrap();
-    let slow = Arc::new(AtomicBool::new(false));
-    let _relay = Relay::start_slowing(cluster.nodes[0].port, relay_port, slow.clone()).await;
+    let relay = Relay::start(cluster.nodes[0].port, relay_port).await;
     let mut options = fast("");
     options.backends = pg1_through(&cluster, relay_port);
     let env = start(cluster, options);
@@ -569,7 +493,7 @@ async fn slow_probes_of_a_primary_that_keeps_answering_clients_do_not_take_it_do
 
     // Every probe of pg1 now takes a second (timeout 500 ms) while clients keep
     // writing: pg1 must stay the primary and no client transaction may be cut.
-    slow.store(true, Ordering::SeqCst);
+    relay.set(Mode::SlowMonitor);
     let until = Instant::now() + Duration::from_secs(4);
     let mut writes = 0;
     while Instant::now() < until {
@@ -593,5 +517,4 @@ async fn slow_probes_of_a_primary_that_keeps_answering_clients_do_not_take_it_do
         env.pgw.log().contains("to=\"down\"")
     })
     .await;
-    slow.store(false, Ordering::SeqCst);
 }

@@ -318,6 +318,8 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port: 5432,
                 priority: 0,
+                replication_host: None,
+                replication_port: None,
             })
         }
     }

@@ -61,7 +61,7 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
         format!(
             "[pgwarden]\nlisten = \"{listen}\"\nhttp_listen = \"{http}\"\nadmin_users = [\"admin\"]\n\
              [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\n\
-             [failover]\nmode = \"auto\"\n\
+             [failover]\nmode = \"auto\"\nstate_file = \"state.json\"\n\
              {backends}\
              [databases.{database}]\n\
              [databases.{database}_ro]\ndbname = \"{database}\"\ntarget = \"prefer-standby\"\n"

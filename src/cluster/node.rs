@@ -200,6 +200,8 @@ impl Node {
         let psql = self.programs.bin.join("psql");
         let out = run(
             Command::new(if psql.is_file() { psql } else { "psql".into() })
+                // A stopped (SIGSTOP) server accepts the socket and never answers.
+                .env("PGCONNECT_TIMEOUT", "10")
                 .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
                 .arg("-h")
                 .arg(&self.socket_dir)

@@ -21,6 +21,7 @@
 
 #[cfg(feature = "etcd")]
 mod etcd;
+pub mod file;
 pub mod state;
 
 use std::sync::Arc;

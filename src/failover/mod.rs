@@ -130,10 +130,11 @@ pub fn streams_from(receiver: Option<&Receiver>, from: usize, nodes: &[BackendCo
 
 /// True when the WAL receiver's sender is `node` (hosts compared loosely for loopback).
 pub fn is_sender(r: &Receiver, node: &BackendConfig) -> bool {
-    r.sender_port == Some(i32::from(node.port))
+    let (host, port) = node.replication_addr();
+    r.sender_port == Some(i32::from(port))
         && r.sender_host
             .as_deref()
-            .is_none_or(|h| h == node.host || is_loopback(h) && is_loopback(&node.host))
+            .is_none_or(|h| h == host || is_loopback(h) && is_loopback(host))
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -316,10 +317,11 @@ pub async fn repoint(
     login: &Login,
     replication: (&str, &str),
 ) -> Result<(), String> {
+    let (host, port) = primary.replication_addr();
     let conninfo = format!(
         "host={} port={} user={} password={} application_name={}",
-        conninfo_value(&primary.host),
-        primary.port,
+        conninfo_value(host),
+        port,
         conninfo_value(replication.0),
         conninfo_value(replication.1),
         conninfo_value(&standby.name)
@@ -378,6 +380,8 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port,
                 priority,
+                replication_host: None,
+                replication_port: None,
             })
         }
     }

@@ -1,12 +1,14 @@
-//! The monitor's side of `[coordination]`: when it may promote, recording each
-//! failover step in etcd, adopting what the leader published, and finishing a
-//! failover that a previous leader left midway.
+//! The monitor's side of the kept cluster state: when it may promote, recording
+//! each failover step (in etcd with `[coordination]`, else in
+//! `failover.state_file`), adopting what was recorded (by the leader, or by this
+//! proxy before a restart), and finishing a failover left midway.
 //!
 //! It lives here rather than in `crate::coordination` because it works on the
 //! monitor's own state (nodes, primary, fences), which only the monitor writes;
-//! `crate::coordination` owns the etcd session and knows nothing of backends.
-//! Without `[coordination]` every function here is a no-op that says "go ahead".
+//! `crate::coordination` owns the etcd session and the file, and knows nothing of
+//! backends. With neither, every function here is a no-op that says "go ahead".
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -87,23 +89,43 @@ impl Monitor {
         }
     }
 
-    /// Writes the cluster state with `failover` to etcd (nothing without coordination).
+    /// `failover.state_file`, resolved, when this proxy keeps its state on disk.
+    fn state_file(&self) -> Option<PathBuf> {
+        let path = self.config.failover.state_file.as_deref()?;
+        self.shared
+            .coordination
+            .is_none()
+            .then(|| self.config.resolve(path))
+    }
+
+    /// True when decisions are kept somewhere a restarted or new leader reads them.
+    fn keeps_state(&self) -> bool {
+        self.shared.coordination.is_some() || self.state_file().is_some()
+    }
+
+    /// Writes the cluster state with `failover` to etcd, or to the state file. A
+    /// state file that cannot be written is logged, not fatal: failing over matters
+    /// more than remembering it.
     async fn record(
         &mut self,
         failover: Option<Failover>,
     ) -> Result<(), crate::coordination::Error> {
-        let Some(coordinator) = self.shared.coordination.clone() else {
-            return Ok(());
-        };
         let state = self.cluster_state(failover);
-        let revision = coordinator.write(&state).await?;
-        info!(
-            revision,
-            primary = state.primary.as_deref().unwrap_or("none"),
-            fenced = ?state.fenced,
-            step = state.failover.as_ref().map_or("none", |f| f.step.name()),
-            "coordination: cluster state published"
-        );
+        let primary = state.primary.as_deref().unwrap_or("none");
+        let step = state.failover.as_ref().map_or("none", |f| f.step.name());
+        if let Some(coordinator) = self.shared.coordination.clone() {
+            let revision = coordinator.write(&state).await?;
+            info!(revision, primary, fenced = ?state.fenced, step, "coordination: cluster state published");
+        } else if let Some(path) = self.state_file() {
+            match crate::coordination::file::save(path, &state).await {
+                Ok(()) => info!(primary, fenced = ?state.fenced, step, "cluster state saved"),
+                Err(e) => {
+                    warn!(error = %e, "could not save the cluster state (failover.state_file)")
+                }
+            }
+        } else {
+            return Ok(());
+        }
         self.published = Some(state);
         Ok(())
     }
@@ -135,7 +157,7 @@ impl Monitor {
         step: Step,
         repoint: &[usize],
     ) {
-        if self.shared.coordination.is_none() {
+        if !self.keeps_state() {
             return;
         }
         let at = self
@@ -160,11 +182,10 @@ impl Monitor {
         }
     }
 
-    /// The leader: publishes routing decisions taken outside a failover (split
+    /// The leader: records routing decisions taken outside a failover (split
     /// brain, fences lifted, the primary found at start-up).
     pub(super) async fn share_decision(&mut self) {
-        if self.shared.coordination.is_none() || self.may_promote().is_err() || self.resume().await
-        {
+        if !self.keeps_state() || self.may_promote().is_err() || self.resume().await {
             return;
         }
         let last = self.published.as_ref().and_then(|s| s.failover.clone());
@@ -185,14 +206,43 @@ impl Monitor {
     /// as the leader finish what a previous leader left undone.
     pub(super) async fn adopt(&mut self, snapshot: Snapshot) {
         let leader = snapshot.role == Role::Leader;
-        if let Some(state) = snapshot.state
-            && self.published.as_ref() != Some(&state)
-        {
+        if let Some(state) = snapshot.state {
+            self.take_state(state, leader);
+        }
+        if leader {
+            self.resume().await;
+        }
+    }
+
+    /// At start-up: the state this proxy saved before it stopped, taken as a
+    /// leader takes its own (an unfinished failover is resumed at the first report).
+    pub(super) fn restore(&mut self) {
+        let Some(path) = self.state_file() else {
+            return;
+        };
+        match crate::coordination::file::load(&path) {
+            Ok(Some(state)) => {
+                info!(path = %path.display(), primary = state.primary.as_deref().unwrap_or("none"), fenced = ?state.fenced, step = state.failover.as_ref().map_or("none", |f| f.step.name()), "cluster state restored");
+                self.take_state(state, true);
+            }
+            Ok(None) => info!(path = %path.display(), "no saved cluster state yet"),
+            Err(e) => warn!(error = %e, "ignoring the saved cluster state"),
+        }
+    }
+
+    /// Takes a recorded state's fences and primary.
+    fn take_state(&mut self, state: ClusterState, leader: bool) {
+        let recorder = if self.shared.coordination.is_some() {
+            "recorded by the coordination leader"
+        } else {
+            "recorded before a restart"
+        };
+        if self.published.as_ref() != Some(&state) {
             for name in &state.fenced {
                 if let Some(i) = self.index(name)
                     && !self.nodes[i].fenced
                 {
-                    info!(backend = %name, "fenced: published by the coordination leader");
+                    info!(backend = %name, by = recorder, "fenced: as recorded");
                     self.nodes[i].fenced = true;
                 }
             }
@@ -205,14 +255,11 @@ impl Monitor {
                 && self.nodes[p].health != Health::Down
             {
                 self.assume_primary(p, state.timeline);
-                self.set_primary(p, "published by the coordination leader");
+                self.set_primary(p, recorder);
                 self.pending = None;
             }
             self.published = Some(state);
             self.publish();
-        }
-        if leader {
-            self.resume().await;
         }
     }
 
@@ -235,7 +282,7 @@ impl Monitor {
         }
         self.resume_at = Instant::now() + self.config.health.interval;
         let Some(new) = self.index(&f.new) else {
-            warn!(candidate = %f.new, "coordination: the interrupted failover names an unknown backend");
+            warn!(candidate = %f.new, "failover: the interrupted failover names an unknown backend");
             return false;
         };
         let Some(login) = self.login() else {
@@ -243,10 +290,10 @@ impl Monitor {
         };
         let old = f.old.as_deref().and_then(|n| self.index(n));
         let since = Duration::from_secs(unix_now().saturating_sub(f.at));
-        info!(step = f.step.name(), candidate = %f.new, "coordination: finishing the failover a previous leader started");
+        info!(step = f.step.name(), candidate = %f.new, "failover: finishing an interrupted failover");
         let timeline = match f.step {
             Step::Promoting if self.nodes[new].health == Health::Down => {
-                warn!(candidate = %f.new, "coordination: the interrupted failover's candidate is down; choosing again");
+                warn!(candidate = %f.new, "failover: the interrupted failover's candidate is down; choosing again");
                 self.published.as_mut().and_then(|s| s.failover.take());
                 return false;
             }
@@ -263,7 +310,7 @@ impl Monitor {
                 {
                     Ok(timeline) => timeline,
                     Err(e) => {
-                        warn!(candidate = %f.new, error = %e, "coordination: could not finish the promotion");
+                        warn!(candidate = %f.new, error = %e, "failover: could not finish the interrupted promotion");
                         return true;
                     }
                 }
@@ -277,6 +324,7 @@ impl Monitor {
         };
         self.pending = None;
         self.publish_promotion(old, new, timeline, &login);
+        self.shared.metrics.failovers.inc();
         self.after_promotion(old, new, timeline, &login, Kind::Failover, since)
             .await;
         true

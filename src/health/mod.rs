@@ -93,6 +93,7 @@ pub async fn run(shared: Arc<Shared>) {
     let mut published = shared.coordination.as_ref().map(|c| c.subscribe());
     let mut monitor = Monitor::new(shared);
     monitor.start_probers();
+    monitor.restore();
     monitor.publish();
     loop {
         tokio::select! {
@@ -128,9 +129,9 @@ struct Monitor {
     read_only: HashSet<usize>,
     /// per node: reports of probes started before this are stale (the node was just promoted)
     not_before: Vec<SystemTime>,
-    /// the cluster state last read from (or written to) etcd, with `[coordination]`
+    /// the cluster state last read from (or written to) etcd or the state file
     published: Option<crate::coordination::ClusterState>,
-    /// when an unfinished failover found in etcd may next be retried
+    /// when an unfinished failover found recorded may next be retried
     resume_at: Instant,
 }
 

@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod relay;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -118,6 +119,8 @@ pub struct Options {
     pub failover: String,
     /// (name, port) of each backend; empty: the shared cluster's server as "pg1"
     pub backends: Vec<(String, u16)>,
+    /// more keys for the backend of the same index (`replication_port = …`)
+    pub backend_keys: Vec<String>,
     /// extra `[databases.X]` entries, verbatim
     pub databases: String,
     /// extra keys for every `[databases.X]` entry
@@ -139,6 +142,7 @@ pub struct Pgwarden {
     pub dir: PathBuf,
     pub config: PathBuf,
     log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Pgwarden {
@@ -161,15 +165,8 @@ impl Pgwarden {
         std::fs::write(&config, config_text(port, http_port, dbs, &options)).unwrap();
         std::fs::write(dir.join("userlist.txt"), userlist(dbs, &options)).unwrap();
         let log = dir.join("pgwarden.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "pgwarden=debug,info")
-            .envs(options.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let env = options.env.clone();
+        let child = spawn(&config, &log, &env);
         let mut p = Pgwarden {
             child,
             port,
@@ -177,9 +174,24 @@ impl Pgwarden {
             dir,
             config,
             log,
+            env,
         };
         p.wait_ready();
         p
+    }
+
+    /// Kills pgwarden with SIGKILL (a crash: no shutdown) and starts it again with
+    /// the same configuration and ports; its log goes on in the same file.
+    pub fn restart(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+        self.child = spawn(&self.config, &self.log, &self.env);
+        self.wait_ready();
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn wait_ready(&mut self) {
@@ -227,6 +239,11 @@ impl Pgwarden {
         )
     }
 
+    /// The log file (it outlives restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// What pgwarden logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -272,6 +289,23 @@ impl Drop for Pgwarden {
     }
 }
 
+fn spawn(config: &Path, log: &Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "pgwarden=debug,info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
     let auth = o.auth.as_deref().unwrap_or("scram-sha-256");
     let mut text = format!(
@@ -289,9 +323,10 @@ fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
     } else {
         o.backends.clone()
     };
-    for (name, backend_port) in backends {
+    for (i, (name, backend_port)) in backends.into_iter().enumerate() {
         text.push_str(&format!(
-            "[[backends]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {backend_port}\n"
+            "[[backends]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {backend_port}\n{}\n",
+            o.backend_keys.get(i).map_or("", String::as_str)
         ));
     }
     for db in dbs {
