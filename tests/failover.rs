@@ -243,6 +243,41 @@ async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgwarden_restarted_while_the_primary_is_down_fails_over_from_its_state_file() {
+    let mut env = start(cluster(true), fast("state_file = \"state.json\""));
+    let client = env.pgw.connect(&env.db).await;
+    client
+        .batch_execute("CREATE TABLE ledger (id int)")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the primary recorded", || {
+        std::fs::read_to_string(env.pgw.dir.join("state.json"))
+            .is_ok_and(|s| s.contains("\"primary\":\"pg1\""))
+    })
+    .await;
+    drop(client);
+
+    // pgwarden is down when the primary dies, and comes back after: it has never
+    // seen this cluster's primary alive, only its own record of it.
+    env.pgw.signal(libc::SIGKILL);
+    env.cluster.nodes[0].signal_all(libc::SIGKILL).unwrap();
+    env.pgw.restart();
+    let client = env.pgw.connect(&env.db).await;
+    client
+        .batch_execute("INSERT INTO ledger VALUES (1)")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", env.pgw.log()));
+    let new = env.serving(&client).await;
+    assert_ne!(new, 0);
+    assert_eq!(env.primaries(), vec![new]);
+    let log = env.pgw.log();
+    assert!(log.contains("cluster state restored"), "{log}");
+    assert!(log.contains("step=\"promoted\""), "{log}");
+    let status: serde_json::Value = serde_json::from_str(&env.pgw.http_get("/status").1).unwrap();
+    assert_eq!(status["backends"][0]["fenced"], true, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_off_never_moves_the_primary() {
     let env = start(
         cluster(false),

@@ -416,6 +416,20 @@ impl Monitor {
         if self.resume().await {
             return;
         }
+        // Right after a start-up some nodes have not answered a probe yet: choosing
+        // without them could promote a standby with less WAL than another, and leave
+        // that other one out of the re-pointing (stranded on the dead primary).
+        if let Some(n) = self
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|&(i, n)| i != old && !n.fenced && n.health == Health::Unknown)
+            .map(|(_, n)| n)
+        {
+            info!(step = "waiting", backend = %n.config.name, "failover: waiting for the first probe of every standby");
+            self.next_attempt = Instant::now();
+            return;
+        }
         let Some(login) = self.login() else { return };
         let f = self.config.failover.clone();
         let witnesses = failover::poll_standbys(&self.nodes, old, &login).await;
