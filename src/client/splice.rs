@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::expect::Expected;
 use super::statements::{ClientStatements, Registry, ServerStatements};
 use super::{frontend, responses};
+use crate::error::ClientError;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::Scanner;
@@ -59,8 +60,9 @@ pub enum Outcome {
         /// the client had sent part of a batch (no Sync yet) or part of a frame
         mid_batch: bool,
     },
-    /// The client sent bytes that are not PostgreSQL framing.
-    ClientProtocol(String),
+    /// The client sent what pgwarden cannot pass on: bytes that are not PostgreSQL
+    /// framing, or a message over `pool.max_message_size`.
+    Refused(ClientError),
     /// The client kept its transaction open without a word for `idle_transaction_timeout`;
     /// the server connection is inside that transaction.
     IdleInTransaction,
@@ -263,7 +265,7 @@ async fn run(
 
     // Whatever the client already sent starts the exchange.
     if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
-        return (Outcome::ClientProtocol(e), to_client);
+        return (Outcome::Refused(e), to_client);
     }
 
     loop {
@@ -331,7 +333,7 @@ async fn run(
                     Ok(n) => {
                         cx.x.traffic.received += n as u64;
                         if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
-                            return (Outcome::ClientProtocol(e), to_client);
+                            return (Outcome::Refused(e), to_client);
                         }
                     }
                 }
@@ -351,7 +353,7 @@ fn client_sent(
     server_in: &mut BytesMut,
     to_client: &mut BytesMut,
     cx: &mut Ctx<'_>,
-) -> Result<(), String> {
+) -> Result<(), ClientError> {
     frontend::forward(inbuf, to_server, cx)?;
     responses::answer_locally(server_in, &mut 0, to_client, cx);
     Ok(())
@@ -440,7 +442,7 @@ mod tests {
             )
         }
 
-        fn client(&mut self, parts: &[Vec<u8>]) -> Result<(), String> {
+        fn client(&mut self, parts: &[Vec<u8>]) -> Result<(), ClientError> {
             let mut inbuf = buf(parts);
             let (mut cx, to_server, to_client, _) = self.cx();
             client_sent(
@@ -549,7 +551,7 @@ mod tests {
     #[test]
     fn garbage_after_login_is_a_protocol_error() {
         let mut p = Pair::new();
-        let err = p.client(&[b"GARBAGE!".to_vec()]).unwrap_err();
+        let err = p.client(&[b"GARBAGE!".to_vec()]).unwrap_err().to_string();
         assert!(err.contains("invalid frontend message type 'G'"), "{err}");
     }
 
