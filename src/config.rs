@@ -252,6 +252,9 @@ pub struct PoolConfig {
     /// disconnect a client that keeps a transaction open this long without sending anything; 0: never
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// cancel a request the server has not answered within this long; 0: never
+    #[serde(with = "duration")]
+    pub query_timeout: Duration,
     /// largest message a client may send after login; larger ones close the connection
     #[serde(with = "size")]
     pub max_message_size: u64,
@@ -274,6 +277,7 @@ impl Default for PoolConfig {
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
             idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
             max_message_size: 256 << 20,
         }
     }

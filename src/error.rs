@@ -185,6 +185,10 @@ pub enum ClientError {
         "terminating connection due to idle-in-transaction timeout (pool.idle_transaction_timeout = {0:?})"
     )]
     IdleInTransaction(std::time::Duration),
+    /// pgwarden cancelled a request the server had not answered within `query_timeout`;
+    /// the server confirmed the cancel, so the client and the server connection stay.
+    #[error("canceling statement due to query_timeout (pool.query_timeout = {0:?})")]
+    QueryTimeout(std::time::Duration),
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -242,6 +246,7 @@ impl ClientError {
             ClientError::TlsRequired => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
+            ClientError::QueryTimeout(_) => QUERY_CANCELED,
             ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
         }
     }

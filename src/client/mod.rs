@@ -384,13 +384,18 @@ impl Session {
             status: &mut self.status,
             statements: &mut self.who.statements,
         };
+        let config = self.shared.config.load();
         let pooling = Pooling {
             registry: &self.who.registry,
-            max_prepared: self.shared.config.load().pool.max_prepared_statements,
+            max_prepared: config.pool.max_prepared_statements,
             transaction: !hold,
             hold,
-            idle_transaction_timeout: self.shared.config.load().pool.idle_transaction_timeout,
+            idle_transaction_timeout: config.pool.idle_transaction_timeout,
+            query_timeout: config.pool.query_timeout,
+            // A server that answers new connections within this answers a cancel within it.
+            cancel_grace: config.pool.server_connect_timeout,
         };
+        drop(config);
         let evicted = conn.pool().retired().clone();
         let (outcome, to_client, exchange) =
             splice::splice(client, &mut conn, pooling, &self.shared.shutdown, &evicted).await;
