@@ -252,7 +252,17 @@ pub struct PoolConfig {
     /// disconnect a client that keeps a transaction open this long without sending anything; 0: never
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// cancel a request the server has not answered within this long; 0: never
+    #[serde(with = "duration")]
+    pub query_timeout: Duration,
+    /// largest message a client may send after login; larger ones close the connection
+    #[serde(with = "size")]
+    pub max_message_size: u64,
 }
+
+/// Bounds of `pool.max_message_size`: below 64 kB ordinary statements would not
+/// fit; above 1 GB is more than PostgreSQL itself accepts.
+pub const MESSAGE_SIZE_BOUNDS: (u64, u64) = (64 << 10, 1 << 30);
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -267,6 +277,8 @@ impl Default for PoolConfig {
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
             idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            max_message_size: 256 << 20,
         }
     }
 }
@@ -566,6 +578,16 @@ impl Config {
             return err(
                 "pool.server_connect_timeout".into(),
                 "must be above 0".into(),
+            );
+        }
+        let (min, max) = MESSAGE_SIZE_BOUNDS;
+        if !(min..=max).contains(&self.pool.max_message_size) {
+            return err(
+                "pool.max_message_size".into(),
+                format!(
+                    "{} bytes is out of bounds: write 64kB to 1GB, e.g. \"256MB\"",
+                    self.pool.max_message_size
+                ),
             );
         }
         let h = &self.health;
@@ -1126,6 +1148,22 @@ host = "127.0.0.1"
         let c = parse(&format!("[health]\nmax_standby_lag = 1024\n[failover]\nmaximum_lag_on_failover = \"1MB\"\n{MINIMAL}")).unwrap();
         assert_eq!(c.health.max_standby_lag, 1024);
         assert_eq!(c.failover.maximum_lag_on_failover, 1 << 20);
+        assert_eq!(parse(MINIMAL).unwrap().pool.max_message_size, 256 << 20);
+        for (size, ok) in [
+            ("\"64kB\"", true),
+            ("\"1GB\"", true),
+            ("\"63kB\"", false),
+            ("\"2GB\"", false),
+        ] {
+            let r = parse(&format!("[pool]\nmax_message_size = {size}\n{MINIMAL}"));
+            match r {
+                Ok(_) => assert!(ok, "{size} was accepted"),
+                Err(e) => {
+                    assert!(!ok, "{size}: {e}");
+                    assert_eq!(e.key, "pool.max_message_size");
+                }
+            }
+        }
         let e = parse(&format!("[failover]\nmode = \"sometimes\"\n{MINIMAL}")).unwrap_err();
         assert_eq!(e.key, "failover.mode");
     }

@@ -9,6 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::protocol::ServerNotice;
+use crate::protocol::frame::FrameError;
 
 /// SQLSTATE codes pgwarden itself emits.
 pub mod sqlstate {
@@ -46,6 +47,8 @@ pub mod sqlstate {
     pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// idle_in_transaction_session_timeout
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    /// program_limit_exceeded
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }
 
 /// Why a server connection could not be used.
@@ -127,6 +130,20 @@ pub enum ClientError {
     /// The client broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The client sent a message longer than `pool.max_message_size`. The connection
+    /// is closed: the rest of the stream cannot be read without reading past it.
+    #[error(
+        "message of type '{tag}' is {len} bytes, over pool.max_message_size ({max} bytes); closing the connection",
+        tag = char::from(*.tag)
+    )]
+    MessageTooLarge {
+        /// type byte
+        tag: u8,
+        /// its length field
+        len: usize,
+        /// the limit
+        max: usize,
+    },
     /// The client asked for something pgwarden does not do.
     #[error("{0}")]
     Unsupported(String),
@@ -168,9 +185,24 @@ pub enum ClientError {
         "terminating connection due to idle-in-transaction timeout (pool.idle_transaction_timeout = {0:?})"
     )]
     IdleInTransaction(std::time::Duration),
+    /// pgwarden cancelled a request the server had not answered within `query_timeout`;
+    /// the server confirmed the cancel, so the client and the server connection stay.
+    #[error("canceling statement due to query_timeout (pool.query_timeout = {0:?})")]
+    QueryTimeout(std::time::Duration),
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
+}
+
+/// A client's frame header that cannot be accepted. Only the client's direction is
+/// bounded by `pool.max_message_size`, so an over-long frame from a client is that limit.
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLong { tag, len, max } => ClientError::MessageTooLarge { tag, len, max },
+            FrameError::BadLength { .. } => ClientError::Protocol(e.to_string()),
+        }
+    }
 }
 
 impl ServerError {
@@ -204,6 +236,9 @@ impl ClientError {
             ClientError::Unavailable { .. } => CANNOT_CONNECT_NOW,
             ClientError::Server(notice) => &notice.code,
             ClientError::Protocol(_) => PROTOCOL_VIOLATION,
+            // A configured limit, not malformed input: 54000 as PostgreSQL uses for its
+            // own size limits, and the message names the key to raise.
+            ClientError::MessageTooLarge { .. } => PROGRAM_LIMIT_EXCEEDED,
             ClientError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             ClientError::BadParameter(_) => INVALID_PARAMETER_VALUE,
             ClientError::Shutdown | ClientError::Killed => ADMIN_SHUTDOWN,
@@ -211,6 +246,7 @@ impl ClientError {
             ClientError::TlsRequired => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
+            ClientError::QueryTimeout(_) => QUERY_CANCELED,
             ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
         }
     }
@@ -226,7 +262,9 @@ impl ClientError {
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
             ClientError::AuthLookup { .. } => "auth_query",
-            ClientError::Protocol(_) | ClientError::Unsupported(_) => "protocol",
+            ClientError::Protocol(_)
+            | ClientError::MessageTooLarge { .. }
+            | ClientError::Unsupported(_) => "protocol",
             ClientError::BadParameter(_) | ClientError::Server(_) => "parameter",
             _ => "server",
         }

@@ -14,14 +14,10 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use crate::metrics::ClientState;
-
-use crate::protocol::messages::cancel_request;
 use crate::server::CancelKey;
 
 const SHARDS: usize = 16;
@@ -196,14 +192,7 @@ impl ClientRegistry {
             debug!(pid, "cancel request matches no running query");
             return;
         };
-        let sent = tokio::time::timeout(connect_timeout, async {
-            let mut stream = TcpStream::connect(key.addr).await?;
-            stream
-                .write_all(&cancel_request(key.pid, key.secret))
-                .await?;
-            stream.shutdown().await
-        })
-        .await;
+        let sent = tokio::time::timeout(connect_timeout, key.send()).await;
         match sent {
             Ok(Ok(())) => {
                 info!(pid, server = %key.addr, server_pid = key.pid, "cancel request forwarded")

@@ -16,7 +16,7 @@ use pgwire::messages::simplequery::Query;
 use pgwire::messages::startup::{Authentication, Startup};
 use pgwire::messages::terminate::Terminate;
 use pgwire::messages::{DecodeContext, Message};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::tls::{Stream, Tls};
@@ -29,7 +29,7 @@ use crate::error::{ServerError, sqlstate};
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, MAX_BUFFERED_LEN, ReadError, read_message};
-use crate::protocol::messages::{frontend, parameter_status};
+use crate::protocol::messages::{cancel_request, frontend, parameter_status};
 
 /// Where a server connection goes and as whom.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -55,6 +55,21 @@ pub struct CancelKey {
     pub pid: i32,
     /// backend secret
     pub secret: i32,
+}
+
+impl CancelKey {
+    /// Sends a CancelRequest for this connection and waits until PostgreSQL has acted
+    /// on it. The server closes a cancel connection only after signalling the backend,
+    /// so once this returns `Ok` the cancel can no longer land on a later query.
+    pub async fn send(self) -> std::io::Result<()> {
+        let mut stream = TcpStream::connect(self.addr).await?;
+        stream
+            .write_all(&cancel_request(self.pid, self.secret))
+            .await?;
+        let mut rest = [0u8; 64];
+        while stream.read(&mut rest).await? > 0 {}
+        Ok(())
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);

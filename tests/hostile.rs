@@ -82,14 +82,19 @@ fn logged_in(port: u16, db: &Db) -> Raw {
 }
 
 /// Sends `bytes` and expects an 08P01 ErrorResponse, then the close.
-fn expect_protocol_error(mut raw: Raw, bytes: &[u8], what: &str) {
+fn expect_protocol_error(raw: Raw, bytes: &[u8], what: &str) {
+    expect_error(raw, bytes, "08P01", what);
+}
+
+/// Sends `bytes` and expects an ErrorResponse with SQLSTATE `code`, then the close.
+fn expect_error(mut raw: Raw, bytes: &[u8], code: &str, what: &str) {
     raw.send(bytes);
     let (tag, body) = raw
         .read()
         .unwrap_or_else(|| panic!("{what}: closed without an error"));
     assert_eq!(
         (tag, error_code(&body).as_str()),
-        (b'E', "08P01"),
+        (b'E', code),
         "{what}: {}",
         String::from_utf8_lossy(&body)
     );
@@ -149,10 +154,11 @@ fn malformed_traffic(port: u16, db: &Db) {
         "unknown message type",
     );
     expect_protocol_error(logged_in(port, db), &[b'Q', 0, 0, 0, 3], "length below 4");
-    expect_protocol_error(
+    expect_error(
         logged_in(port, db),
         &[b'Q', 0x7f, 0xff, 0xff, 0xff, b'S'],
-        "message over the 1 GiB limit",
+        "54000",
+        "message over pool.max_message_size",
     );
     expect_protocol_error(
         logged_in(port, db),

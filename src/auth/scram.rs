@@ -55,11 +55,105 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     std::array::from_fn(|i| a[i] ^ b[i])
 }
 
-/// The attribute `name=` of a comma-separated SCRAM message.
-fn attribute(message: &str, name: char) -> Option<&str> {
-    message
-        .split(',')
-        .find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
+/// Most PBKDF2 iterations pgwarden runs for a server. PostgreSQL's default
+/// (`scram_iterations`) is 4096; each iteration is two HMACs computed on a runtime
+/// thread, so a server asking for billions could stall pgwarden for hours.
+pub const MAX_ITERATIONS: u32 = 1_000_000;
+
+/// A server-first message, checked: `r=nonce,s=salt,i=iterations`, in that order
+/// and nothing else (as libpq reads it: an extension, a mandatory `m=` included,
+/// is refused).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerFirst<'a> {
+    /// the combined nonce: the client's, then the server's part
+    pub nonce: &'a str,
+    /// the decoded salt
+    pub salt: Vec<u8>,
+    /// the PBKDF2 iteration count, 1 to [`MAX_ITERATIONS`]
+    pub iterations: u32,
+}
+
+impl<'a> ServerFirst<'a> {
+    /// Parses and bounds a server-first message; `client_nonce` is the nonce the
+    /// client sent, which the server's must extend.
+    pub fn parse(message: &'a [u8], client_nonce: &str) -> Result<ServerFirst<'a>, ScramError> {
+        let message =
+            std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let mut parts = message.split(',');
+        let mut next = |name: &'static str, missing: &'static str| {
+            parts
+                .next()
+                .and_then(|p| p.strip_prefix(name))
+                .ok_or(ScramError::Malformed(missing))
+        };
+        let nonce = next("r=", "server-first does not start with a nonce (r=)")?;
+        let salt = next("s=", "no salt (s=) after the nonce")?;
+        let iterations = next("i=", "no iteration count (i=) after the salt")?;
+        if parts.next().is_some() {
+            return Err(ScramError::Malformed(
+                "unexpected attributes after the iteration count",
+            ));
+        }
+        // RFC 5802: printable ASCII but ','. It must start with ours and add to it.
+        if !nonce.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ScramError::Malformed("nonce is not printable ASCII"));
+        }
+        if !nonce.starts_with(client_nonce) || nonce.len() == client_nonce.len() {
+            return Err(ScramError::Malformed("nonce does not extend ours"));
+        }
+        let salt = STANDARD
+            .decode(salt)
+            .map_err(|_| ScramError::Malformed("salt is not base64"))?;
+        if salt.is_empty() {
+            return Err(ScramError::Malformed("empty salt"));
+        }
+        if iterations.is_empty() || !iterations.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ScramError::Malformed("iteration count is not a number"));
+        }
+        let iterations = match iterations.parse::<u32>() {
+            Ok(0) => return Err(ScramError::Malformed("iteration count is 0")),
+            Ok(i) if i <= MAX_ITERATIONS => i,
+            _ => {
+                let shown: String = iterations.chars().take(30).collect();
+                return Err(ScramError::TooManyIterations(shown));
+            }
+        };
+        Ok(ServerFirst {
+            nonce,
+            salt,
+            iterations,
+        })
+    }
+}
+
+/// The server signature of a server-final message (`v=signature`), or the error the
+/// server reports in it (`e=reason`).
+pub fn parse_server_final(message: &[u8]) -> Result<[u8; 32], ScramError> {
+    let message = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+    if let Some(reason) = message.strip_prefix("e=") {
+        // Shown in errors and logs: bounded, and only what prints.
+        let reason: String = reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(100)
+            .collect();
+        return Err(ScramError::ServerRefused(reason));
+    }
+    let signature = message
+        .strip_prefix("v=")
+        .ok_or(ScramError::Malformed("server-final has no signature (v=)"))?;
+    if signature.contains(',') {
+        return Err(ScramError::Malformed(
+            "unexpected attributes after the server signature",
+        ));
+    }
+    STANDARD
+        .decode(signature)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or(ScramError::Malformed(
+            "server signature is not 32 bytes of base64",
+        ))
 }
 
 /// Recovers ClientKey from a successful client exchange: `client_first` as the
@@ -101,6 +195,14 @@ pub enum ScramError {
     /// the server could not prove it knows the secret
     #[error("the server's SCRAM signature is wrong")]
     BadServerSignature,
+    /// the server asks for more PBKDF2 iterations than pgwarden runs
+    #[error(
+        "the server asks for {0} SCRAM iterations, over pgwarden's limit of {MAX_ITERATIONS} (PostgreSQL's default is 4096)"
+    )]
+    TooManyIterations(String),
+    /// the server ended the exchange with an error attribute
+    #[error("the server refused the SCRAM exchange: {0}")]
+    ServerRefused(String),
 }
 
 /// One SCRAM login to a server, sans I/O: [`ScramClient::first`], then
@@ -136,19 +238,15 @@ impl ScramClient {
 
     /// Answers the server-first message with the client-final message.
     pub fn respond(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
-        let server_first =
-            std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let nonce = attribute(server_first, 'r').ok_or(ScramError::Malformed("no nonce"))?;
-        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
-            return Err(ScramError::Malformed("nonce does not extend ours"));
+        if self.pending.is_some() {
+            return Err(ScramError::Malformed("a second server-first message"));
         }
-        let salt = attribute(server_first, 's')
-            .and_then(|s| STANDARD.decode(s).ok())
-            .ok_or(ScramError::Malformed("no salt"))?;
-        let iterations: usize = attribute(server_first, 'i')
-            .and_then(|i| i.parse().ok())
-            .filter(|&i| i > 0)
-            .ok_or(ScramError::Malformed("no iteration count"))?;
+        let ServerFirst {
+            nonce,
+            salt,
+            iterations,
+        } = ServerFirst::parse(server_first, &self.nonce)?;
+        let iterations = iterations as usize;
         let (client_key, server_key) = match &self.key {
             Key::Password(password) => {
                 let salted = gen_salted_password(password, &salt, iterations);
@@ -174,6 +272,8 @@ impl ScramClient {
         };
         // "biws" is base64("n,,"): no channel binding, no authzid.
         let without_proof = format!("c=biws,r={nonce}");
+        // UTF-8, as the parse above checked.
+        let server_first = String::from_utf8_lossy(server_first);
         let auth_message = format!("{},{server_first},{without_proof}", self.bare);
         let signature = hmac_sha256(&sha256(&client_key), &[auth_message.as_bytes()]);
         let proof = STANDARD.encode(xor(&client_key, &signature));
@@ -187,11 +287,7 @@ impl ScramClient {
             .pending
             .as_ref()
             .ok_or(ScramError::Malformed("server-final before server-first"))?;
-        let server_final =
-            std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let verifier = attribute(server_final, 'v')
-            .and_then(|v| STANDARD.decode(v).ok())
-            .ok_or(ScramError::Malformed("no server signature"))?;
+        let verifier = parse_server_final(server_final)?;
         let expected = hmac_sha256(server_key, &[auth_message.as_bytes()]);
         if super::constant_time_eq(&verifier, &expected) {
             Ok(())
@@ -205,6 +301,96 @@ impl ScramClient {
 mod tests {
     use super::*;
     use pgwire::api::auth::sasl::scram::ScramServerAuth;
+
+    fn client() -> ScramClient {
+        ScramClient::new(Key::Password("pw".into()))
+    }
+
+    /// A server-first message extending `client`'s nonce, with `rest` after it.
+    fn server_first(client: &ScramClient, rest: &str) -> Vec<u8> {
+        format!("r={}srv{rest}", client.nonce).into_bytes()
+    }
+
+    fn refused(first: &[u8], client: &mut ScramClient) -> String {
+        client.respond(first).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hostile_server_first_messages_are_refused_before_any_hashing() {
+        let mut c = client();
+        let cases: &[(&str, &str)] = &[
+            (",s=c2FsdA==,i=4096000000", "4096000000 SCRAM iterations"),
+            (",s=c2FsdA==,i=1000001", "over pgwarden's limit of 1000000"),
+            (
+                ",s=c2FsdA==,i=99999999999999999999999",
+                "99999999999999999999999 SCRAM",
+            ),
+            (",s=c2FsdA==,i=0", "iteration count is 0"),
+            (",s=c2FsdA==,i=-1", "not a number"),
+            (",s=c2FsdA==,i=+5", "not a number"),
+            (",s=c2FsdA==,i=", "not a number"),
+            (",s=c2FsdA==", "no iteration count"),
+            (",s=not base64!,i=4096", "salt is not base64"),
+            (",s=,i=4096", "empty salt"),
+            (",i=4096,s=c2FsdA==", "no salt"),
+            (",s=c2FsdA==,i=4096,m=ext", "unexpected attributes"),
+        ];
+        for (rest, expected) in cases {
+            let first = server_first(&c, rest);
+            let e = refused(&first, &mut c);
+            assert!(e.contains(expected), "{rest}: {e}");
+        }
+        // Nonces: another client's, ours unextended, unprintable, or missing.
+        for (first, expected) in [
+            (
+                b"r=someone-else,s=c2FsdA==,i=4096".to_vec(),
+                "does not extend",
+            ),
+            (
+                format!("r={},s=c2FsdA==,i=4096", c.nonce).into_bytes(),
+                "does not extend",
+            ),
+            (server_first(&c, "\u{7f},s=c2FsdA==,i=4096"), "printable"),
+            (b"s=c2FsdA==,i=4096".to_vec(), "does not start with a nonce"),
+            (b"\xff".to_vec(), "UTF-8"),
+        ] {
+            let e = refused(&first, &mut c);
+            assert!(e.contains(expected), "{first:?}: {e}");
+        }
+        // The bound itself is accepted.
+        assert_eq!(
+            ServerFirst::parse(&server_first(&c, ",s=c2FsdA==,i=1000000"), &c.nonce)
+                .unwrap()
+                .iterations,
+            MAX_ITERATIONS
+        );
+    }
+
+    #[test]
+    fn hostile_server_final_messages_are_refused() {
+        let mut c = client();
+        let e = c.finish(b"v=AAAA").unwrap_err().to_string();
+        assert!(e.contains("before server-first"), "{e}");
+        c.respond(&server_first(&c, ",s=c2FsdA==,i=1")).unwrap();
+        // A second server-first is not a way to start over with other parameters.
+        assert!(refused(&server_first(&c, ",s=c2FsdA==,i=1"), &mut c).contains("second"));
+        let good_length = STANDARD.encode([0u8; 32]);
+        for (last, expected) in [
+            (
+                "e=invalid-proof".to_owned(),
+                "refused the SCRAM exchange: invalid-proof",
+            ),
+            ("e=a\nb".to_owned(), "exchange: ab"),
+            ("v=AAAA".to_owned(), "not 32 bytes"),
+            ("v=!!".to_owned(), "not 32 bytes"),
+            ("x=1".to_owned(), "no signature"),
+            (format!("v={good_length},x=1"), "unexpected attributes"),
+            (format!("v={good_length}"), "signature is wrong"),
+        ] {
+            let e = c.finish(last.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(expected), "{last}: {e}");
+        }
+    }
 
     /// A full exchange: pgwire's SCRAM server checks our client; the key recovered
     /// from that exchange then logs in again without the password.

@@ -17,7 +17,7 @@ use super::expect::{Expect, Reply};
 use super::splice::{Ctx, pass};
 use super::sql;
 use super::statements::{ClientStatements, Registry, Statement, close_message};
-use crate::error::sqlstate;
+use crate::error::{ClientError, sqlstate};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, MAX_BUFFERED_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages::{put_complete, put_error, put_notice, put_ready};
@@ -44,7 +44,7 @@ pub fn forward(
     inbuf: &mut BytesMut,
     to_server: &mut BytesMut,
     cx: &mut Ctx<'_>,
-) -> Result<(), String> {
+) -> Result<(), ClientError> {
     let mut pos = 0;
     while !cx.x.client_done {
         if !cx.scanner.at_boundary() {
@@ -63,18 +63,18 @@ pub fn forward(
         if let Some(&tag) = inbuf.get(pos)
             && !is_frontend_message(tag)
         {
-            return Err(format!(
+            return Err(ClientError::Protocol(format!(
                 "invalid frontend message type '{}'",
                 char::from(tag)
-            ));
+            )));
         }
         let Some(header) = inbuf
             .get(pos..)
-            .and_then(|b| frame::header(b, MAX_MESSAGE_LEN))
+            .and_then(|b| frame::header(b, cx.scanner.max()))
         else {
             break;
         };
-        let (tag, len) = header.map_err(|e| e.to_string())?;
+        let (tag, len) = header?;
         let available = inbuf.len() - pos;
         let whole = read_whole(tag) && len <= MAX_BUFFERED_LEN;
         if whole && available < len {
@@ -104,7 +104,11 @@ pub fn forward(
                     }
                     Some(_) => {}
                     None if available < MAX_BIND_PREFIX => break,
-                    None => return Err("Bind message without a statement name".into()),
+                    None => {
+                        return Err(ClientError::Protocol(
+                            "Bind message without a statement name".into(),
+                        ));
+                    }
                 }
             }
             if tag == b'P'

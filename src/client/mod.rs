@@ -38,7 +38,7 @@ use crate::metrics::{ClientState, SessionMetrics};
 use crate::params::{ParamSet, literal, sync_statement};
 use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
 use crate::protocol::ServerNotice;
-use crate::protocol::frame::{self, HEADER_LEN, MAX_MESSAGE_LEN, Scan, Scanner};
+use crate::protocol::frame::{self, HEADER_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::{Shared, Slot};
 use crate::registry::{ClientHandle, Stop};
@@ -202,12 +202,14 @@ pub struct Session {
 
 impl Session {
     fn new(stream: Stream, shared: Arc<Shared>, who: LoggedIn) -> Session {
+        // Read at login: a reload applies to clients that log in after it.
+        let max_message = shared.config.load().pool.max_message_size as usize;
         Session {
             stream,
             shared,
             who,
             inbuf: BytesMut::new(),
-            scanner: Scanner::default(),
+            scanner: Scanner::new(max_message),
             status: b'I',
             between: Between::Ready,
         }
@@ -309,7 +311,7 @@ impl Session {
             _ => {}
         }
         // A message pgwarden reads whole arrives whole before a server is taken for it.
-        if let Some(Ok((tag, len))) = frame::header(&self.inbuf, MAX_MESSAGE_LEN)
+        if let Some(Ok((tag, len))) = frame::header(&self.inbuf, self.scanner.max())
             && frontend::read_whole(tag)
             && len <= frame::MAX_BUFFERED_LEN
         {
@@ -382,13 +384,18 @@ impl Session {
             status: &mut self.status,
             statements: &mut self.who.statements,
         };
+        let config = self.shared.config.load();
         let pooling = Pooling {
             registry: &self.who.registry,
-            max_prepared: self.shared.config.load().pool.max_prepared_statements,
+            max_prepared: config.pool.max_prepared_statements,
             transaction: !hold,
             hold,
-            idle_transaction_timeout: self.shared.config.load().pool.idle_transaction_timeout,
+            idle_transaction_timeout: config.pool.idle_transaction_timeout,
+            query_timeout: config.pool.query_timeout,
+            // A server that answers new connections within this answers a cancel within it.
+            cancel_grace: config.pool.server_connect_timeout,
         };
+        drop(config);
         let evicted = conn.pool().retired().clone();
         let (outcome, to_client, exchange) =
             splice::splice(client, &mut conn, pooling, &self.shared.shutdown, &evicted).await;
@@ -448,9 +455,9 @@ impl Session {
                     .await?;
                 return Ok(());
             }
-            Outcome::ClientProtocol(e) => {
+            Outcome::Refused(e) => {
                 conn.discard();
-                Err(End::Fatal(ClientError::Protocol(e)))
+                Err(End::Fatal(e))
             }
             // Closing the server connection rolls the transaction back; it is never reused.
             Outcome::IdleInTransaction => {
@@ -695,10 +702,8 @@ impl Session {
                     self.inbuf.advance(n);
                     continue;
                 }
-            } else if let Some(header) = frame::header(&self.inbuf, MAX_MESSAGE_LEN) {
-                return header
-                    .map(|(tag, _)| tag)
-                    .map_err(|e| End::Fatal(ClientError::Protocol(e.to_string())));
+            } else if let Some(header) = frame::header(&self.inbuf, self.scanner.max()) {
+                return header.map(|(tag, _)| tag).map_err(|e| End::Fatal(e.into()));
             }
             self.fill().await?;
         }

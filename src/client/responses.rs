@@ -14,11 +14,11 @@ use bytes::BytesMut;
 
 use super::expect::{Expect, Reply};
 use super::splice::{Ctx, pass};
-use crate::error::sqlstate;
+use crate::error::{ClientError, sqlstate};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{HEADER_LEN, Scan};
 use crate::protocol::messages::{
-    error_is_fatal, parameter_status, put_command_complete, put_ready,
+    error_is_fatal, parameter_status, put_command_complete, put_error, put_ready,
 };
 
 /// Server messages read whole.
@@ -49,12 +49,20 @@ pub fn forward(
             Scan::Whole { tag, len } => {
                 let body = &inbuf[pos + HEADER_LEN..pos + len];
                 let keep = settle_whole(tag, body, cx)?;
-                if keep {
+                let ours = if tag == b'E' && keep {
+                    timeout_error(body, cx)
+                } else {
+                    None
+                };
+                if keep && ours.is_none() {
                     pos += len;
                 } else {
                     pass(inbuf, pos, to_client);
                     let _ = inbuf.split_to(len);
                     pos = 0;
+                    if let Some(ours) = ours {
+                        to_client.extend_from_slice(&ours);
+                    }
                 }
                 if tag == b'Z' && cx.idle() {
                     pass(inbuf, pos, to_client);
@@ -91,6 +99,20 @@ pub fn answer_locally(
     }
 }
 
+/// The error a client sees in place of the server's "canceling statement due to user
+/// request" when pgwarden sent that cancel for `query_timeout`: the same SQLSTATE
+/// (57014), and a message that names the limit rather than a request nobody made.
+fn timeout_error(body: &[u8], cx: &mut Ctx<'_>) -> Option<BytesMut> {
+    let limit = cx.x.timed_out?;
+    if ServerNotice::parse(body).code != sqlstate::QUERY_CANCELED {
+        return None;
+    }
+    cx.x.timed_out = None;
+    let mut out = BytesMut::new();
+    put_error(&mut out, &ClientError::QueryTimeout(limit).to_notice(false));
+    Some(out)
+}
+
 fn desync(tag: u8, cx: &Ctx<'_>) -> String {
     format!(
         "server sent '{}' while pgwarden expected an answer to {:?}",
@@ -125,6 +147,7 @@ fn settle_streamed(tag: u8, cx: &mut Ctx<'_>) -> Result<(), String> {
 fn settle_whole(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Result<bool, String> {
     match tag {
         b'Z' => {
+            cx.x.answered += 1;
             *cx.status = body.first().copied().unwrap_or(b'I');
             cx.x.copy_in = false;
             match cx.expected.pop() {

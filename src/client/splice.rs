@@ -14,7 +14,16 @@
 //!
 //! The transaction is over when nothing is owed, the last status is idle, and
 //! the client is between frames with nothing unsynced.
+//!
+//! One timer serves both time limits, since they never apply at once:
+//! `idle_transaction_timeout` while the server waits for the client inside a
+//! transaction (nothing owed), `query_timeout` while the server owes answers. A
+//! query over its limit is cancelled through PostgreSQL's own CancelRequest; the
+//! server connection is kept when the server confirms the cancel and answers, and
+//! closed when it does not within a grace period.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::expect::Expected;
 use super::statements::{ClientStatements, Registry, ServerStatements};
 use super::{frontend, responses};
+use crate::error::ClientError;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::Scanner;
@@ -59,8 +69,9 @@ pub enum Outcome {
         /// the client had sent part of a batch (no Sync yet) or part of a frame
         mid_batch: bool,
     },
-    /// The client sent bytes that are not PostgreSQL framing.
-    ClientProtocol(String),
+    /// The client sent what pgwarden cannot pass on: bytes that are not PostgreSQL
+    /// framing, or a message over `pool.max_message_size`.
+    Refused(ClientError),
     /// The client kept its transaction open without a word for `idle_transaction_timeout`;
     /// the server connection is inside that transaction.
     IdleInTransaction,
@@ -94,6 +105,10 @@ pub struct Pooling<'a> {
     pub hold: bool,
     /// `pool.idle_transaction_timeout`; zero: none
     pub idle_transaction_timeout: Duration,
+    /// `pool.query_timeout`; zero: none
+    pub query_timeout: Duration,
+    /// how long the server has to act on a cancel sent for `query_timeout` and answer
+    pub cancel_grace: Duration,
 }
 
 /// What went through one splice, for the metrics.
@@ -126,6 +141,11 @@ pub struct Exchange {
     pub touched: Vec<String>,
     /// the client ran RESET ALL or DISCARD ALL
     pub reset_all: bool,
+    /// ReadyForQuery messages received: each one completes a request
+    pub answered: u64,
+    /// set while a cancel sent for `query_timeout` (the limit held) is in effect: the
+    /// server's "canceling statement" error is then pgwarden's, and says so
+    pub timed_out: Option<Duration>,
 }
 
 /// Everything both directions read and update.
@@ -174,6 +194,23 @@ impl Ctx<'_> {
     }
 }
 
+/// What the splice's one timer is armed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// nothing
+    Off,
+    /// the server waits for the client inside a transaction
+    IdleInTransaction,
+    /// the server owes answers; armed again at each completed request (the count of them)
+    Query(u64),
+    /// a cancel was sent for `query_timeout`: the server has until then to act on it
+    /// and answer the request it was sent for (the count of completed requests then)
+    Grace(u64),
+}
+
+/// A CancelRequest on its way (boxed: only a query over its limit pays for it).
+type Cancel = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+
 /// Splices `client` onto `server` until the transaction ends (or, with `hold`,
 /// until the client leaves or `stop` fires while the session is idle). `evicted`
 /// fires when the server's backend leaves the routing table: the transaction is
@@ -215,11 +252,13 @@ async fn run(
         expected,
         statements: server_statements,
         applied,
+        cancel_key,
         ..
     } = server;
     let (mut server_r, mut server_w) = server_stream.split();
     let hold = pooling.hold;
     let idle_limit = pooling.idle_transaction_timeout;
+    let query_limit = pooling.query_timeout;
     let mut cx = Ctx {
         expected,
         server_statements,
@@ -241,11 +280,11 @@ async fn run(
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::new();
     let mut server_scan = Scanner::default();
-    // Armed only while the server waits inside a transaction for the client: reset
-    // once per such wait, not per read.
-    let idle_in_transaction = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(idle_in_transaction);
-    let mut armed = false;
+    // Reset when what it is armed for changes (once per wait or per request), not per read.
+    let deadline = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(deadline);
+    let mut timer = Timer::Off;
+    let mut cancel: Option<Cancel> = None;
 
     macro_rules! lost {
         ($reason:expr) => {
@@ -263,11 +302,14 @@ async fn run(
 
     // Whatever the client already sent starts the exchange.
     if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
-        return (Outcome::ClientProtocol(e), to_client);
+        return (Outcome::Refused(e), to_client);
     }
 
     loop {
-        let idle = cx.idle();
+        // A cancel still on its way could land on the next query this connection
+        // runs, for this client or another: until it is confirmed the connection
+        // is not given back, and nothing more is sent to it.
+        let idle = cx.idle() && cancel.is_none();
         if cx.x.client_done && to_server.is_empty() {
             // The client is gone once what it sent before leaving reached the
             // server; the connection is reusable only if nothing is owed.
@@ -280,18 +322,38 @@ async fn run(
         if hold && idle && to_server.is_empty() && to_client.is_empty() && stop.is_cancelled() {
             return (Outcome::Idle, to_client);
         }
-        let waiting = !idle_limit.is_zero() && to_server.is_empty() && cx.waits_in_transaction();
-        if waiting != armed {
-            armed = waiting;
-            if waiting {
-                idle_in_transaction
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + idle_limit);
+        let want = match timer {
+            // The grace lasts until the cancel is confirmed and its request answered.
+            Timer::Grace(at)
+                if cancel.is_some() || (cx.x.answered == at && !cx.expected.is_empty()) =>
+            {
+                timer
+            }
+            _ if !idle_limit.is_zero() && to_server.is_empty() && cx.waits_in_transaction() => {
+                Timer::IdleInTransaction
+            }
+            _ if !query_limit.is_zero() && !cx.expected.is_empty() => Timer::Query(cx.x.answered),
+            _ => Timer::Off,
+        };
+        if want != timer {
+            if matches!(timer, Timer::Grace(_)) {
+                // Answered without the cancel's error (it came too late): no later
+                // "canceling statement" is pgwarden's.
+                cx.x.timed_out = None;
+            }
+            timer = want;
+            let limit = match want {
+                Timer::IdleInTransaction => idle_limit,
+                Timer::Query(_) => query_limit,
+                Timer::Off | Timer::Grace(_) => Duration::ZERO,
+            };
+            if !limit.is_zero() {
+                deadline.as_mut().reset(tokio::time::Instant::now() + limit);
             }
         }
         tokio::select! {
             biased;
-            r = server_w.write_buf(&mut to_server), if !to_server.is_empty() => {
+            r = server_w.write_buf(&mut to_server), if !to_server.is_empty() && cancel.is_none() => {
                 if let Err(e) = r {
                     lost!(format!("write failed: {e}"));
                 }
@@ -318,7 +380,8 @@ async fn run(
                 // past the end of each transaction.
                 loop {
                     match responses::forward(server_in, &mut server_scan, &mut to_client, &mut cx) {
-                        Ok(true) if !hold => return (Outcome::Idle, to_client),
+                        // With a cancel unconfirmed the loop's top returns once it is.
+                        Ok(true) if !hold && cancel.is_none() => return (Outcome::Idle, to_client),
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => lost!(e),
@@ -331,14 +394,42 @@ async fn run(
                     Ok(n) => {
                         cx.x.traffic.received += n as u64;
                         if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
-                            return (Outcome::ClientProtocol(e), to_client);
+                            return (Outcome::Refused(e), to_client);
                         }
                     }
                 }
             }
             () = &mut evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
             () = &mut stopped, if hold && idle && !stop.is_cancelled() => {}
-            () = &mut idle_in_transaction, if armed => return (Outcome::IdleInTransaction, to_client),
+            r = async { cancel.as_mut().expect("guarded").await }, if cancel.is_some() => {
+                cancel = None;
+                if let Err(e) = r {
+                    // Not delivered: nothing is on its way to a later query either.
+                    tracing::info!(server = %cancel_key.addr, error = %e, "query_timeout: cancel request could not be sent");
+                }
+            }
+            () = &mut deadline, if timer != Timer::Off => match timer {
+                Timer::IdleInTransaction => return (Outcome::IdleInTransaction, to_client),
+                Timer::Query(_) => {
+                    let key = *cancel_key;
+                    tracing::info!(server = %key.addr, server_pid = key.pid, limit = ?query_limit, "query_timeout: cancelling the request");
+                    cancel = Some(Box::pin(key.send()));
+                    cx.x.timed_out = Some(query_limit);
+                    timer = Timer::Grace(cx.x.answered);
+                    deadline.as_mut().reset(tokio::time::Instant::now() + pooling.cancel_grace);
+                }
+                // The server neither acted on the cancel nor answered: it is stuck or
+                // gone, and only closing its connection frees the client. The client
+                // gets 08006 (connection failure), not 57014: with no answer pgwarden
+                // cannot tell whether the statement took effect (a COMMIT may have
+                // committed), and 08006 is what makes drivers treat the outcome as
+                // unknown. Its transaction block, if any, is reported lost (25P02).
+                Timer::Grace(_) => lost!(format!(
+                    "no answer within {:?} of the cancel sent for pool.query_timeout = {query_limit:?}",
+                    pooling.cancel_grace
+                )),
+                Timer::Off => {}
+            },
         }
     }
 }
@@ -351,7 +442,7 @@ fn client_sent(
     server_in: &mut BytesMut,
     to_client: &mut BytesMut,
     cx: &mut Ctx<'_>,
-) -> Result<(), String> {
+) -> Result<(), ClientError> {
     frontend::forward(inbuf, to_server, cx)?;
     responses::answer_locally(server_in, &mut 0, to_client, cx);
     Ok(())
@@ -440,7 +531,7 @@ mod tests {
             )
         }
 
-        fn client(&mut self, parts: &[Vec<u8>]) -> Result<(), String> {
+        fn client(&mut self, parts: &[Vec<u8>]) -> Result<(), ClientError> {
             let mut inbuf = buf(parts);
             let (mut cx, to_server, to_client, _) = self.cx();
             client_sent(
@@ -549,7 +640,7 @@ mod tests {
     #[test]
     fn garbage_after_login_is_a_protocol_error() {
         let mut p = Pair::new();
-        let err = p.client(&[b"GARBAGE!".to_vec()]).unwrap_err();
+        let err = p.client(&[b"GARBAGE!".to_vec()]).unwrap_err().to_string();
         assert!(err.contains("invalid frontend message type 'G'"), "{err}");
     }
 

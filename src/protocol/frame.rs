@@ -12,7 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Type byte plus Int32 length.
 pub const HEADER_LEN: usize = 5;
 
-/// Largest message pgwarden forwards, the same bound PostgreSQL puts on its largest messages.
+/// Largest message pgwarden accepts from a server, the bound PostgreSQL puts on its
+/// largest messages; also the ceiling of `pool.max_message_size`, which bounds what
+/// clients send.
 pub const MAX_MESSAGE_LEN: usize = 1 << 30;
 
 /// Largest message pgwarden buffers whole to read it (errors, parameter status, auth).
@@ -90,12 +92,32 @@ pub enum Scan {
 }
 
 /// Frame-boundary state for one direction of a connection.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Scanner {
     body_left: usize,
+    /// longest frame accepted, streamed or not
+    max: usize,
+}
+
+/// A server's direction: frames up to [`MAX_MESSAGE_LEN`].
+impl Default for Scanner {
+    fn default() -> Self {
+        Scanner::new(MAX_MESSAGE_LEN)
+    }
 }
 
 impl Scanner {
+    /// A scanner that refuses frames longer than `max` bytes (`pool.max_message_size`
+    /// for a client's direction).
+    pub fn new(max: usize) -> Scanner {
+        Scanner { body_left: 0, max }
+    }
+
+    /// The longest frame this scanner accepts.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// True between frames: no announced body is still on its way.
     pub fn at_boundary(&self) -> bool {
         self.body_left == 0
@@ -134,7 +156,7 @@ impl Scanner {
         let max = if wants_whole {
             MAX_BUFFERED_LEN
         } else {
-            MAX_MESSAGE_LEN
+            self.max
         };
         match header(buf, max) {
             None => Scan::NeedMore,
@@ -247,6 +269,24 @@ mod tests {
             s.next(&big, |_| true),
             Scan::Invalid(FrameError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn streamed_frames_are_bounded_by_the_scanners_limit() {
+        let mut s = Scanner::new(100);
+        assert_eq!(
+            s.next(&frame(b'd', &[0; 96]), |_| false),
+            Scan::Header { tag: b'd' }
+        );
+        let mut s = Scanner::new(100);
+        assert_eq!(
+            s.next(&frame(b'd', &[0; 97]), |_| false),
+            Scan::Invalid(FrameError::TooLong {
+                tag: b'd',
+                len: 101,
+                max: 100
+            })
+        );
     }
 
     #[tokio::test]
