@@ -30,8 +30,10 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::backend::BackendTable;
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::metrics::{ClientState, SessionMetrics};
@@ -331,9 +333,7 @@ impl Session {
             self.stream.write_all(&out).await?;
             return Ok(());
         }
-        let metrics = self.who.metrics.clone();
-        metrics.transition(ClientState::Idle, ClientState::Waiting);
-        self.who.client.set_state(ClientState::Waiting);
+        self.set_state(ClientState::Idle, ClientState::Waiting);
         let waiting = Instant::now();
         let admission = self
             .shared
@@ -341,33 +341,36 @@ impl Session {
             .enter(self.who.database(), &self.who.gate)
             .await;
         let attached = self.attach().await;
-        metrics
-            .wait_seconds
-            .observe(waiting.elapsed().as_secs_f64());
+        // One clock reading ends the wait and starts the transaction.
+        let started = Instant::now();
+        let waited = started.duration_since(waiting);
+        self.who.metrics.wait_seconds.observe(waited.as_secs_f64());
         let conn = match attached {
             Ok((conn, _)) => conn,
             Err(e) => {
                 drop(admission);
-                metrics.transition(ClientState::Waiting, ClientState::Idle);
-                self.who.client.set_state(ClientState::Idle);
+                self.set_state(ClientState::Waiting, ClientState::Idle);
                 if matches!(e, ClientError::PoolTimeout { .. }) {
-                    metrics.wait_timeouts.inc();
+                    self.who.metrics.wait_timeouts.inc();
                 }
                 return self.refuse(tag, e).await;
             }
         };
-        metrics.transition(ClientState::Waiting, ClientState::Active);
-        self.who.client.set_state(ClientState::Active);
-        let started = Instant::now();
+        self.set_state(ClientState::Waiting, ClientState::Active);
         let result = self.transaction(conn).await;
         drop(admission);
-        metrics.transactions.inc();
-        metrics
-            .transaction_seconds
+        let m = &self.who.metrics;
+        m.transactions.inc();
+        m.transaction_seconds
             .observe(started.elapsed().as_secs_f64());
-        metrics.transition(ClientState::Active, ClientState::Idle);
-        self.who.client.set_state(ClientState::Idle);
+        self.set_state(ClientState::Active, ClientState::Idle);
         result
+    }
+
+    /// Moves the client from one state to another, in the metrics and in the registry.
+    fn set_state(&self, from: ClientState, to: ClientState) {
+        self.who.metrics.transition(from, to);
+        self.who.client.set_state(to);
     }
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
@@ -382,13 +385,16 @@ impl Session {
             status: &mut self.status,
             statements: &mut self.who.statements,
         };
+        let config = self.shared.config.load();
         let pooling = Pooling {
             registry: &self.who.registry,
-            max_prepared: self.shared.config.load().pool.max_prepared_statements,
+            max_prepared: config.pool.max_prepared_statements,
             transaction: !hold,
             hold,
-            idle_transaction_timeout: self.shared.config.load().pool.idle_transaction_timeout,
+            idle_transaction_timeout: config.pool.idle_transaction_timeout,
         };
+        // A snapshot guard is not held across the splice's awaits.
+        drop(config);
         let evicted = conn.pool().retired().clone();
         let (outcome, to_client, exchange) =
             splice::splice(client, &mut conn, pooling, &self.shared.shutdown, &evicted).await;
@@ -533,13 +539,19 @@ impl Session {
     /// serve the request (no primary during a failover, the primary unreachable) it
     /// waits for the routing to change, up to `failover.client_wait_timeout`.
     async fn attach(&mut self) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
-        let waited = self.shared.config.load().failover.client_wait_timeout;
-        let deadline = tokio::time::Instant::now() + waited;
-        let mut changes = self.shared.routing.subscribe();
+        let start = tokio::time::Instant::now();
+        // Routing changes are watched from the first wait on: most transactions never wait.
+        let mut wait: Option<(watch::Receiver<u64>, tokio::time::Instant, Duration)> = None;
         let mut last_error = None;
         loop {
-            changes.borrow_and_update();
-            if let Some(pool) = self.route()? {
+            if let Some((changes, ..)) = &mut wait {
+                changes.borrow_and_update();
+            }
+            let (routed, pool) = {
+                let table = self.shared.routing.load();
+                (table.generation, self.route(&table)?)
+            };
+            if let Some(pool) = pool {
                 match pool.checkout().await {
                     Ok(conn) => {
                         let (conn, reports) = apply_settings(conn, &self.who.params).await?;
@@ -576,14 +588,25 @@ impl Session {
                     }
                 }
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
+            if wait.is_none() {
+                let waited = self.shared.config.load().failover.client_wait_timeout;
+                let changes = self.shared.routing.subscribe();
+                // A table published since the one routed above is not waited for.
+                let newer = *changes.borrow() != routed;
+                wait = Some((changes, start + waited, waited));
+                if newer {
+                    continue;
+                }
+            }
+            let (changes, deadline, waited) = wait.as_mut().expect("subscribed above");
+            if tokio::time::timeout_at(*deadline, changes.changed())
                 .await
                 .is_err()
             {
                 return Err(last_error.unwrap_or(ClientError::Unavailable {
                     database: self.who.database().to_owned(),
                     what: self.who.target.name(),
-                    waited,
+                    waited: *waited,
                 }));
             }
         }
@@ -591,8 +614,7 @@ impl Session {
 
     /// The pool of the backend this client's next transaction goes to, or `None` when
     /// no node can serve it right now.
-    fn route(&mut self) -> Result<Option<Arc<ServerPool>>, ClientError> {
-        let table = self.shared.routing.load();
+    fn route(&mut self, table: &BackendTable) -> Result<Option<Arc<ServerPool>>, ClientError> {
         let primary = self.who.target == Target::Primary;
         if primary
             && let Some((generation, pool)) = &self.who.route

@@ -15,12 +15,14 @@
 //! The transaction is over when nothing is owed, the last status is idle, and
 //! the client is between frames with nothing unsynced.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::tls::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::expect::Expected;
@@ -241,11 +243,9 @@ async fn run(
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::new();
     let mut server_scan = Scanner::default();
-    // Armed only while the server waits inside a transaction for the client: reset
-    // once per such wait, not per read.
-    let idle_in_transaction = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(idle_in_transaction);
-    let mut armed = false;
+    // Armed only while the server waits inside a transaction for the client: set
+    // once per such wait, not per read, and never when the timeout is off.
+    let mut idle_in_transaction: Option<Pin<Box<Sleep>>> = None;
 
     macro_rules! lost {
         ($reason:expr) => {
@@ -281,13 +281,8 @@ async fn run(
             return (Outcome::Idle, to_client);
         }
         let waiting = !idle_limit.is_zero() && to_server.is_empty() && cx.waits_in_transaction();
-        if waiting != armed {
-            armed = waiting;
-            if waiting {
-                idle_in_transaction
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + idle_limit);
-            }
+        if waiting != idle_in_transaction.is_some() {
+            idle_in_transaction = waiting.then(|| Box::pin(tokio::time::sleep(idle_limit)));
         }
         tokio::select! {
             biased;
@@ -338,7 +333,7 @@ async fn run(
             }
             () = &mut evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
             () = &mut stopped, if hold && idle && !stop.is_cancelled() => {}
-            () = &mut idle_in_transaction, if armed => return (Outcome::IdleInTransaction, to_client),
+            () = expiry(&mut idle_in_transaction) => return (Outcome::IdleInTransaction, to_client),
         }
     }
 }
@@ -355,6 +350,14 @@ fn client_sent(
     frontend::forward(inbuf, to_server, cx)?;
     responses::answer_locally(server_in, &mut 0, to_client, cx);
     Ok(())
+}
+
+/// Completes when `timer` fires; never while it is not set.
+async fn expiry(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn read_into<R: AsyncReadExt + Unpin>(

@@ -117,15 +117,19 @@ impl ServerPool {
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
-        let settings = self.settings.load_full();
-        let slot = self.acquire(&settings).await?;
+        // A free slot is taken without arming the wait's timers: most checkouts.
+        let slot = if self.main.try_acquire() {
+            Slot::Main
+        } else {
+            self.acquire(&self.settings.load_full()).await?
+        };
         let mut pooled = PooledConn {
             pool: self.clone(),
             conn: None,
             slot: Some(slot),
         };
         while let Some(mut conn) = self.pop_idle() {
-            if expired(&conn, &settings) {
+            if expired(&conn, &self.settings.load()) {
                 debug!(server = conn.id, "closing expired server connection");
                 conn.close();
                 continue;
@@ -148,7 +152,8 @@ impl ServerPool {
             ))
         })?;
         let tls = self.tls.load();
-        match ServerConn::connect(&self.target, &credential, &tls, settings.connect_timeout).await {
+        let timeout = self.connect_timeout();
+        match ServerConn::connect(&self.target, &credential, &tls, timeout).await {
             Ok(conn) => {
                 debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
                 self.logins.remember_welcome(&conn.reported);
