@@ -53,6 +53,10 @@ use statements::{ClientStatements, Registry};
 
 /// Read size for client sockets.
 const READ_CHUNK: usize = 8 * 1024;
+/// Room for the first read of a request. Most requests fit, and an allocation this
+/// small is served from the allocator's per-thread cache; a larger request grows the
+/// buffer by `READ_CHUNK`.
+const FIRST_READ: usize = 1024;
 
 /// Runs a freshly accepted connection to its end; `slot` counts it until then.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, slot: Slot) {
@@ -778,8 +782,12 @@ impl Session {
         let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
         let read = async move {
             stream.ready_to_read().await?;
-            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
-                inbuf.reserve(READ_CHUNK);
+            if inbuf.capacity() - inbuf.len() < splice::MIN_READ_ROOM {
+                inbuf.reserve(if inbuf.is_empty() {
+                    FIRST_READ
+                } else {
+                    READ_CHUNK
+                });
             }
             // A poll-based read (rather than try_read) lets tokio note that a short read
             // drained the socket, which spares the splice a read that would find nothing.
