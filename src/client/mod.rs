@@ -30,8 +30,10 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::backend::BackendTable;
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::metrics::{ClientState, SessionMetrics};
@@ -51,6 +53,10 @@ use statements::{ClientStatements, Registry};
 
 /// Read size for client sockets.
 const READ_CHUNK: usize = 8 * 1024;
+/// Room for the first read of a request. Most requests fit, and an allocation this
+/// small is served from the allocator's per-thread cache; a larger request grows the
+/// buffer by `READ_CHUNK`.
+const FIRST_READ: usize = 1024;
 
 /// Runs a freshly accepted connection to its end; `slot` counts it until then.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, slot: Slot) {
@@ -333,9 +339,7 @@ impl Session {
             self.stream.write_all(&out).await?;
             return Ok(());
         }
-        let metrics = self.who.metrics.clone();
-        metrics.transition(ClientState::Idle, ClientState::Waiting);
-        self.who.client.set_state(ClientState::Waiting);
+        self.set_state(ClientState::Idle, ClientState::Waiting);
         let waiting = Instant::now();
         let admission = self
             .shared
@@ -343,33 +347,36 @@ impl Session {
             .enter(self.who.database(), &self.who.gate)
             .await;
         let attached = self.attach().await;
-        metrics
-            .wait_seconds
-            .observe(waiting.elapsed().as_secs_f64());
+        // One clock reading ends the wait and starts the transaction.
+        let started = Instant::now();
+        let waited = started.duration_since(waiting);
+        self.who.metrics.wait_seconds.observe(waited.as_secs_f64());
         let conn = match attached {
             Ok((conn, _)) => conn,
             Err(e) => {
                 drop(admission);
-                metrics.transition(ClientState::Waiting, ClientState::Idle);
-                self.who.client.set_state(ClientState::Idle);
+                self.set_state(ClientState::Waiting, ClientState::Idle);
                 if matches!(e, ClientError::PoolTimeout { .. }) {
-                    metrics.wait_timeouts.inc();
+                    self.who.metrics.wait_timeouts.inc();
                 }
                 return self.refuse(tag, e).await;
             }
         };
-        metrics.transition(ClientState::Waiting, ClientState::Active);
-        self.who.client.set_state(ClientState::Active);
-        let started = Instant::now();
+        self.set_state(ClientState::Waiting, ClientState::Active);
         let result = self.transaction(conn).await;
         drop(admission);
-        metrics.transactions.inc();
-        metrics
-            .transaction_seconds
+        let m = &self.who.metrics;
+        m.transactions.inc();
+        m.transaction_seconds
             .observe(started.elapsed().as_secs_f64());
-        metrics.transition(ClientState::Active, ClientState::Idle);
-        self.who.client.set_state(ClientState::Idle);
+        self.set_state(ClientState::Active, ClientState::Idle);
         result
+    }
+
+    /// Moves the client from one state to another, in the metrics and in the registry.
+    fn set_state(&self, from: ClientState, to: ClientState) {
+        self.who.metrics.transition(from, to);
+        self.who.client.set_state(to);
     }
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
@@ -540,13 +547,19 @@ impl Session {
     /// serve the request (no primary during a failover, the primary unreachable) it
     /// waits for the routing to change, up to `failover.client_wait_timeout`.
     async fn attach(&mut self) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
-        let waited = self.shared.config.load().failover.client_wait_timeout;
-        let deadline = tokio::time::Instant::now() + waited;
-        let mut changes = self.shared.routing.subscribe();
+        let start = tokio::time::Instant::now();
+        // Routing changes are watched from the first wait on: most transactions never wait.
+        let mut wait: Option<(watch::Receiver<u64>, tokio::time::Instant, Duration)> = None;
         let mut last_error = None;
         loop {
-            changes.borrow_and_update();
-            if let Some(pool) = self.route()? {
+            if let Some((changes, ..)) = &mut wait {
+                changes.borrow_and_update();
+            }
+            let (routed, pool) = {
+                let table = self.shared.routing.load();
+                (table.generation, self.route(&table)?)
+            };
+            if let Some(pool) = pool {
                 match pool.checkout().await {
                     Ok(conn) => {
                         let (conn, reports) = apply_settings(conn, &self.who.params).await?;
@@ -583,14 +596,25 @@ impl Session {
                     }
                 }
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
+            if wait.is_none() {
+                let waited = self.shared.config.load().failover.client_wait_timeout;
+                let changes = self.shared.routing.subscribe();
+                // A table published since the one routed above is not waited for.
+                let newer = *changes.borrow() != routed;
+                wait = Some((changes, start + waited, waited));
+                if newer {
+                    continue;
+                }
+            }
+            let (changes, deadline, waited) = wait.as_mut().expect("subscribed above");
+            if tokio::time::timeout_at(*deadline, changes.changed())
                 .await
                 .is_err()
             {
                 return Err(last_error.unwrap_or(ClientError::Unavailable {
                     database: self.who.database().to_owned(),
                     what: self.who.target.name(),
-                    waited,
+                    waited: *waited,
                 }));
             }
         }
@@ -598,8 +622,7 @@ impl Session {
 
     /// The pool of the backend this client's next transaction goes to, or `None` when
     /// no node can serve it right now.
-    fn route(&mut self) -> Result<Option<Arc<ServerPool>>, ClientError> {
-        let table = self.shared.routing.load();
+    fn route(&mut self, table: &BackendTable) -> Result<Option<Arc<ServerPool>>, ClientError> {
         let primary = self.who.target == Target::Primary;
         if primary
             && let Some((generation, pool)) = &self.who.route
@@ -761,8 +784,12 @@ impl Session {
         let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
         let read = async move {
             stream.ready_to_read().await?;
-            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
-                inbuf.reserve(READ_CHUNK);
+            if inbuf.capacity() - inbuf.len() < splice::MIN_READ_ROOM {
+                inbuf.reserve(if inbuf.is_empty() {
+                    FIRST_READ
+                } else {
+                    READ_CHUNK
+                });
             }
             // A poll-based read (rather than try_read) lets tokio note that a short read
             // drained the socket, which spares the splice a read that would find nothing.

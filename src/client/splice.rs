@@ -45,6 +45,10 @@ use crate::server::ServerConn;
 const HIGH_WATER: usize = 256 * 1024;
 /// Read size.
 const READ_CHUNK: usize = 8 * 1024;
+/// Least room a read is given; below it `READ_CHUNK` more is reserved. Small, so that
+/// a client's small first buffer still has room for the read that waits for its next
+/// message instead of being replaced by a chunk that read may never use.
+pub const MIN_READ_ROOM: usize = 512;
 
 /// How a splice ended.
 #[derive(Debug)]
@@ -452,7 +456,7 @@ async fn read_into<R: AsyncReadExt + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
 ) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+    if buf.capacity() - buf.len() < MIN_READ_ROOM {
         buf.reserve(READ_CHUNK);
     }
     r.read_buf(buf).await

@@ -38,7 +38,7 @@ pub fn glance(sql: &[u8]) -> Glance {
     let first = first_word(sql);
     let interesting = WORTH_READING.iter().any(|w| first.eq_ignore_ascii_case(w))
         || has_second_statement(sql)
-        || contains_ignore_case(sql, b"advisory");
+        || mentions_advisory(sql);
     if !interesting {
         return Glance::default();
     }
@@ -65,7 +65,7 @@ fn first_word(sql: &[u8]) -> &[u8] {
 }
 
 fn has_second_statement(sql: &[u8]) -> bool {
-    match sql.iter().position(|&b| b == b';') {
+    match memchr::memchr(b';', sql) {
         Some(i) => sql[i + 1..]
             .iter()
             .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0),
@@ -73,10 +73,17 @@ fn has_second_statement(sql: &[u8]) -> bool {
     }
 }
 
-fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+/// True when the text names an advisory lock function. Every query text is
+/// searched: the scan is for the word's rarest letter, its `v`, which memchr finds
+/// many bytes per instruction, and only where one occurs is the word compared.
+fn mentions_advisory(sql: &[u8]) -> bool {
+    const WORD: &[u8] = b"advisory";
+    memchr::memchr2_iter(b'v', b'V', sql).any(|v| {
+        v >= 2
+            && sql
+                .get(v - 2..v - 2 + WORD.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(WORD))
+    })
 }
 
 fn read(sql: &[u8]) -> Glance {
@@ -305,6 +312,9 @@ mod tests {
         assert!(glance(b"CREATE TEMP TABLE t (x int)").notice.is_some());
         assert!(glance(b"SELECT pg_advisory_lock(1)").notice.is_some());
         assert!(glance(b"SELECT pg_advisory_xact_lock(1)").notice.is_none());
+        assert!(glance(b"select PG_ADVISORY_LOCK(1)").notice.is_some());
+        assert!(mentions_advisory(b"an Advisory"));
+        assert!(!mentions_advisory(b"v ad visory advisor"));
         assert!(glance(b"DECLARE c CURSOR FOR SELECT 1").notice.is_none());
         assert!(
             glance(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1")

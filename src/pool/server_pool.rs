@@ -70,7 +70,10 @@ pub struct ServerPool {
     settings: ArcSwap<PoolSettings>,
     main: Slots,
     reserve: Slots,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed, here and in [`PooledConn`]: a connection changes hands several times per
+    /// transaction, and a pointer moves for less than the whole connection.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
@@ -117,15 +120,19 @@ impl ServerPool {
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
-        let settings = self.settings.load_full();
-        let slot = self.acquire(&settings).await?;
+        // A free slot is taken without arming the wait's timers: most checkouts.
+        let slot = if self.main.try_acquire() {
+            Slot::Main
+        } else {
+            self.acquire(&self.settings.load_full()).await?
+        };
         let mut pooled = PooledConn {
             pool: self.clone(),
             conn: None,
             slot: Some(slot),
         };
         while let Some(mut conn) = self.pop_idle() {
-            if expired(&conn, &settings) {
+            if expired(&conn, &self.settings.load()) {
                 debug!(server = conn.id, "closing expired server connection");
                 conn.close();
                 continue;
@@ -148,11 +155,12 @@ impl ServerPool {
             ))
         })?;
         let tls = self.tls.load();
-        match ServerConn::connect(&self.target, &credential, &tls, settings.connect_timeout).await {
+        let timeout = self.connect_timeout();
+        match ServerConn::connect(&self.target, &credential, &tls, timeout).await {
             Ok(conn) => {
                 debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
                 self.logins.remember_welcome(&conn.reported);
-                pooled.conn = Some(conn);
+                pooled.conn = Some(Box::new(conn));
                 Ok(pooled)
             }
             Err(e) => {
@@ -194,11 +202,11 @@ impl ServerPool {
         slot.map_err(|_| CheckoutError::Retired)
     }
 
-    fn pop_idle(&self) -> Option<ServerConn> {
+    fn pop_idle(&self) -> Option<Box<ServerConn>> {
         lock(&self.idle).pop()
     }
 
-    fn give_back(&self, mut conn: ServerConn, slot: Slot) {
+    fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot) {
         let now = Instant::now();
         self.answered.store(
             now.duration_since(clock_start()).as_nanos() as u64,
@@ -239,7 +247,7 @@ impl ServerPool {
     /// Closes idle connections past their idle timeout or lifetime; returns how many.
     pub fn reap(&self) -> usize {
         let settings = self.settings.load();
-        let expired_conns: Vec<ServerConn> = {
+        let expired_conns: Vec<Box<ServerConn>> = {
             let mut idle = lock(&self.idle);
             let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
                 expired(c, &settings)
@@ -249,7 +257,7 @@ impl ServerPool {
             old
         };
         let n = expired_conns.len();
-        expired_conns.into_iter().for_each(ServerConn::close);
+        expired_conns.into_iter().for_each(|c| c.close());
         n
     }
 
@@ -259,7 +267,7 @@ impl ServerPool {
         self.main.close();
         self.reserve.close();
         let idle = std::mem::take(&mut *lock(&self.idle));
-        idle.into_iter().for_each(ServerConn::close);
+        idle.into_iter().for_each(|c| c.close());
     }
 
     /// The idle connections' keys (server pid and address), for SHOW SERVERS.
@@ -299,7 +307,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct PooledConn {
     pool: Arc<ServerPool>,
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     /// taken when the slot goes back, so that it goes back exactly once
     slot: Option<Slot>,
 }

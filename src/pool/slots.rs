@@ -35,6 +35,15 @@ impl Slots {
         }
     }
 
+    /// Takes a free slot if there is one. Never jumps the queue: tokio's semaphore
+    /// hands returned permits to waiters first, so free permits mean nobody waits.
+    pub fn try_acquire(&self) -> bool {
+        self.semaphore
+            .try_acquire()
+            .map(|permit| permit.forget())
+            .is_ok()
+    }
+
     /// Waits for a free slot. Cancel-safe: dropping the future leaves the queue.
     pub async fn acquire(&self) -> Result<(), Closed> {
         self.semaphore
