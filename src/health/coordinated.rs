@@ -289,6 +289,9 @@ impl Monitor {
             return true;
         };
         let old = f.old.as_deref().and_then(|n| self.index(n));
+        if self.unprobed(old) {
+            return true;
+        }
         let since = Duration::from_secs(unix_now().saturating_sub(f.at));
         info!(step = f.step.name(), candidate = %f.new, "failover: finishing an interrupted failover");
         let timeline = match f.step {

@@ -416,17 +416,7 @@ impl Monitor {
         if self.resume().await {
             return;
         }
-        // Right after a start-up some nodes have not answered a probe yet: choosing
-        // without them could promote a standby with less WAL than another, and leave
-        // that other one out of the re-pointing (stranded on the dead primary).
-        if let Some(n) = self
-            .nodes
-            .iter()
-            .enumerate()
-            .find(|&(i, n)| i != old && !n.fenced && n.health == Health::Unknown)
-            .map(|(_, n)| n)
-        {
-            info!(step = "waiting", backend = %n.config.name, "failover: waiting for the first probe of every standby");
+        if self.unprobed(Some(old)) {
             self.next_attempt = Instant::now();
             return;
         }
@@ -482,6 +472,22 @@ impl Monitor {
             detected.elapsed(),
         )
         .await;
+    }
+
+    /// True (and logged) while a node other than `old` has not answered a first
+    /// probe: right after a start-up, choosing without it could promote a standby
+    /// with less WAL than it has, and re-pointing would skip it (stranded on the
+    /// dead primary, where synchronous commits wait for it forever).
+    fn unprobed(&self, old: Option<usize>) -> bool {
+        let Some(n) = (0..self.nodes.len())
+            .filter(|&i| Some(i) != old)
+            .map(|i| &self.nodes[i])
+            .find(|n| !n.fenced && n.health == Health::Unknown)
+        else {
+            return false;
+        };
+        info!(step = "waiting", backend = %n.config.name, "failover: waiting for the first probe of every standby");
+        true
     }
 
     /// Logs why a failover does not happen (once per reason) and keeps it pending.
