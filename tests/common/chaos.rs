@@ -587,14 +587,15 @@ impl Chaos {
                 };
                 tokio::task::block_in_place(|| self.pgw.restart());
                 let new = self.promoted(old).await;
-                // The restarted pgwarden counts the failover only if it did the promotion.
+                self.rejoin(old, new).await;
+                // The restarted pgwarden counts the failover only if it did (or finished)
+                // the promotion; read once the rejoin gave it seconds to get there.
                 self.failovers = self.metric("pgwarden_failovers_total").unwrap_or(0.0) as u64;
                 assert!(
                     self.failovers <= 1,
                     "{}",
                     self.context("more than one failover counted")
                 );
-                self.rejoin(old, new).await;
                 (format!("{}, pgwarden restarted {when}", self.name(old)), 0)
             }
         };
