@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{Db, Options, Pgwarden, eventually, writer};
-use pgwarden::cluster::{Cluster, ClusterSpec};
+use common::{Db, Options, Pgwarden, eventually, three_nodes, writer};
+use pgwarden::cluster::Cluster;
 
 /// Nine PostgreSQL servers and nine proxies at once overload a two-core machine
 /// (probes time out and nodes flap), so these tests run one at a time.
@@ -51,12 +51,7 @@ impl Env {
     async fn start(first_env: &[(&str, &str)]) -> Env {
         let serial = SERIAL.lock().await;
         let etcd = Etcd::start();
-        let cluster = Cluster::start(&ClusterSpec {
-            standbys: 2,
-            synchronous: true,
-            settings: vec![("wal_receiver_timeout".into(), "2s".into())],
-        })
-        .expect("start a three-node cluster");
+        let cluster = three_nodes(true);
         let db = Db::create_on(&cluster);
         let backends: Vec<_> = cluster
             .nodes

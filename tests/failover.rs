@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::relay::{Mode, Relay};
-use common::{Db, Options, Pgwarden, eventually, sqlstate, writer};
-use pgwarden::cluster::{Cluster, ClusterSpec};
+use common::{Db, Options, Pgwarden, eventually, sqlstate, three_nodes, writer};
+use pgwarden::cluster::Cluster;
 use tokio_postgres::types::Type;
 
 /// A three-node cluster and a pgwarden in front of it.
@@ -19,15 +19,6 @@ struct Env {
     cluster: Cluster,
     db: Db,
     pgw: Pgwarden,
-}
-
-fn cluster(synchronous: bool) -> Cluster {
-    Cluster::start(&ClusterSpec {
-        standbys: 2,
-        synchronous,
-        settings: vec![("wal_receiver_timeout".into(), "2s".into())],
-    })
-    .expect("start a three-node cluster")
 }
 
 /// Fast probes keep the tests short; the defaults are measured by bench/failover.
@@ -93,7 +84,7 @@ async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit
         "on_event = \"echo $PGWARDEN_EVENT $PGWARDEN_BACKEND old=$PGWARDEN_OLD_PRIMARY new=$PGWARDEN_NEW_PRIMARY tl=$PGWARDEN_TIMELINE >> {}\"",
         events.display()
     );
-    let env = start(cluster(true), fast(&hook));
+    let env = start(three_nodes(true), fast(&hook));
     let admin = env.pgw.connect(&env.db).await;
     admin
         .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
@@ -244,7 +235,7 @@ async fn killing_the_primary_promotes_a_standby_and_loses_no_acknowledged_commit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pgwarden_restarted_while_the_primary_is_down_fails_over_from_its_state_file() {
-    let mut env = start(cluster(true), fast("state_file = \"state.json\""));
+    let mut env = start(three_nodes(true), fast("state_file = \"state.json\""));
     let client = env.pgw.connect(&env.db).await;
     client
         .batch_execute("CREATE TABLE ledger (id int)")
@@ -280,7 +271,7 @@ async fn a_pgwarden_restarted_while_the_primary_is_down_fails_over_from_its_stat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_off_never_moves_the_primary() {
     let env = start(
-        cluster(false),
+        three_nodes(false),
         fast("mode = \"off\"\nclient_wait_timeout = \"1s\""),
     );
     let client = env.pgw.connect(&env.db).await;
@@ -300,7 +291,7 @@ async fn failover_off_never_moves_the_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_with_the_most_wal_is_promoted() {
-    let env = start(cluster(false), fast(""));
+    let env = start(three_nodes(false), fast(""));
     let client = env.pgw.connect(&env.db).await;
     client
         .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
@@ -360,7 +351,7 @@ fn pg1_through(cluster: &Cluster, relay_port: u16) -> Vec<(String, u16)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_cut_off_from_a_healthy_primary_does_not_promote() {
-    let cluster = cluster(false);
+    let cluster = three_nodes(false);
     let relay_port = pgwarden::cluster::free_port().unwrap();
     let relay = Relay::start(cluster.nodes[0].port, relay_port).await;
     let mut options = fast("client_wait_timeout = \"2s\"");
@@ -415,7 +406,7 @@ async fn a_proxy_cut_off_from_a_healthy_primary_does_not_promote() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_mode_routes_to_a_node_promoted_by_hand() {
-    let env = start(cluster(false), fast("mode = \"follow\""));
+    let env = start(three_nodes(false), fast("mode = \"follow\""));
     let client = env.pgw.connect(&env.db).await;
     assert_eq!(env.serving(&client).await, 0);
     env.cluster.nodes[1].promote().unwrap();
@@ -437,7 +428,7 @@ async fn follow_mode_routes_to_a_node_promoted_by_hand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_primary_writes_get_57p03_and_standby_reads_go_on() {
-    let cluster = cluster(false);
+    let cluster = three_nodes(false);
     let mut options = fast("mode = \"follow\"\nclient_wait_timeout = \"1s\"");
     let db_name = {
         let db = Db::create_on(&cluster);
@@ -514,7 +505,7 @@ async fn without_a_primary_writes_get_57p03_and_standby_reads_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_probes_of_a_primary_that_keeps_answering_clients_do_not_take_it_down() {
-    let cluster = cluster(false);
+    let cluster = three_nodes(false);
     let relay_port = pgwarden::cluster::free_port().unwrap();
     let relay = Relay::start(cluster.nodes[0].port, relay_port).await;
     let mut options = fast("");

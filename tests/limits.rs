@@ -6,33 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Db, Options, Pgwarden, Raw, error_code, frame, message, sqlstate};
-
-fn pool(settings: &str) -> Options {
-    Options {
-        pool: settings.into(),
-        ..Default::default()
-    }
-}
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Backend pids of the sessions the test user has on the server.
-fn server_pids(db: &Db) -> Vec<i32> {
-    db.admin_sql(&format!(
-        "SELECT pid FROM pg_stat_activity WHERE usename = '{}' ORDER BY pid",
-        db.user
-    ))
-    .lines()
-    .filter_map(|l| l.trim().parse().ok())
-    .collect()
-}
+use common::{
+    Db, Options, Pgwarden, Raw, backend_pid, error_code, frame, message, pool, server_pids,
+    sqlstate,
+};
 
 #[tokio::test]
 async fn a_query_over_query_timeout_is_cancelled_and_the_client_carries_on() {

@@ -5,35 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Db, Options, Pgwarden, sqlstate};
+use common::{Db, Options, Pgwarden, backend_pid, pool, server_pids, sqlstate};
 use tokio_postgres::types::Type;
-
-/// The server process serving the client's next statement.
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_typed_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-fn pool(settings: &str) -> Options {
-    Options {
-        pool: settings.into(),
-        ..Default::default()
-    }
-}
-
-/// Backend pids of the sessions the test user has on the server.
-fn server_pids(db: &Db) -> Vec<i32> {
-    db.admin_sql(&format!(
-        "SELECT pid FROM pg_stat_activity WHERE usename = '{}' ORDER BY pid",
-        db.user
-    ))
-    .lines()
-    .filter_map(|l| l.trim().parse().ok())
-    .collect()
-}
 
 #[tokio::test]
 async fn fifty_clients_share_a_pool_of_five() {

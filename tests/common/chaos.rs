@@ -19,14 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgwarden::cluster::{Cluster, ClusterSpec, free_port};
+use pgwarden::cluster::{Cluster, free_port};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::common::relay::{Mode, Relay};
-use crate::common::{Db, Options, Pgwarden, connect, sqlstate};
+use crate::common::{Db, Options, Pgwarden, connect, sqlstate, three_nodes};
 
 /// Probe settings of the run; a failover is confirmed within about a second.
 const HEALTH: &str = "interval = \"500ms\"\ntimeout = \"1s\"\nfailure_threshold = 3";
@@ -361,12 +361,7 @@ struct Chaos {
 impl Chaos {
     async fn start(mut rng: StdRng, seed: u64) -> Chaos {
         let seed_note = format!("seed {seed}; replay with PGWARDEN_CHAOS_SEED={seed}");
-        let cluster = Cluster::start(&ClusterSpec {
-            standbys: 2,
-            synchronous: true,
-            settings: vec![("wal_receiver_timeout".into(), "2s".into())],
-        })
-        .expect("start a three-node cluster");
+        let cluster = three_nodes(true);
         let db = Db::create_on(&cluster);
         let mut relays = Vec::new();
         for node in &cluster.nodes {

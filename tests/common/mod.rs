@@ -42,6 +42,17 @@ pub fn with_cluster<T>(f: impl FnOnce(&Cluster) -> T) -> T {
     f(guard.as_ref().expect("cluster is only taken at exit"))
 }
 
+/// A primary and two streaming standbys (pg_basebackup -R) of the test's own; a
+/// 2 s `wal_receiver_timeout` lets the standbys witness a hung primary quickly.
+pub fn three_nodes(synchronous: bool) -> Cluster {
+    Cluster::start(&ClusterSpec {
+        standbys: 2,
+        synchronous,
+        settings: vec![("wal_receiver_timeout".into(), "2s".into())],
+    })
+    .expect("start a three-node cluster")
+}
+
 /// A user and a database of one test's own.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -131,6 +142,34 @@ pub struct Options {
     pub sections: String,
     /// extra environment variables for the process
     pub env: Vec<(String, String)>,
+}
+
+/// Options with `settings` as the `[pool]` section.
+pub fn pool(settings: &str) -> Options {
+    Options {
+        pool: settings.into(),
+        ..Default::default()
+    }
+}
+
+/// The server process serving the client's next statement.
+pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_typed_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Backend pids of the sessions the test user has on the server.
+pub fn server_pids(db: &Db) -> Vec<i32> {
+    db.admin_sql(&format!(
+        "SELECT pid FROM pg_stat_activity WHERE usename = '{}' ORDER BY pid",
+        db.user
+    ))
+    .lines()
+    .filter_map(|l| l.trim().parse().ok())
+    .collect()
 }
 
 /// A pgwarden process.
