@@ -97,6 +97,7 @@ impl Shared {
             .coordination
             .clone()
             .map(|c| Arc::new(crate::coordination::Coordinator::new(c)));
+        let clients = Arc::new(ClientRegistry::default());
         Arc::new(Shared {
             coordination,
             routing: Routing::new(BackendTable::initial(&config, 1)),
@@ -104,12 +105,12 @@ impl Shared {
             reconfigured: Notify::new(),
             read_turn: AtomicUsize::new(0),
             first_transaction_logged: AtomicU64::new(1),
-            pools: Pools::new(secrets, tls.clone()),
+            pools: Pools::new(secrets, tls.clone(), clients.clone()),
             config: ArcSwap::from_pointee(config),
             users,
             tls,
             auth_query,
-            clients: Arc::new(ClientRegistry::default()),
+            clients,
             admissions: Arc::default(),
             gate: Gate::default(),
             metrics: Metrics::new(),

@@ -10,11 +10,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tracing::{debug, info};
 
 use crate::metrics::ClientState;
@@ -44,31 +45,48 @@ pub struct Entry {
     /// when it logged in
     pub connected_at: SystemTime,
     state: AtomicU8,
-    serving: Mutex<Option<(CancelKey, Arc<str>)>>,
-    /// the admin console's KILL and the process's shutdown, for this session
+    serving: Mutex<Option<Serving>>,
+    /// the admin console's KILL, the process's shutdown and the eviction of the
+    /// running transaction, for this session
     pub ending: Ending,
 }
 
-/// Why a waiting session must end.
+/// The server connection a client is using.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// its cancel key
+    pub key: CancelKey,
+    /// its backend
+    pub backend: Arc<str>,
+    /// the id of the pool it came from ([`crate::pool::ServerPool::id`])
+    pub pool: u64,
+}
+
+/// Why a session must stop what it is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     /// the admin console's KILL: at once
     Killed,
     /// pgwarden is shutting down: as soon as the session is idle
     ShutDown,
+    /// the pool of the server connection in use was retired (its backend left the
+    /// routing table, or its database was killed or reconfigured)
+    Evicted,
 }
 
-/// What ends a session from outside, in one waiter: each idle session waits on
-/// this and on its socket, nothing else. Inline in the entry, where cancellation
-/// tokens would cost every connected client an allocation and a waiter each.
+/// What stops a session from outside, in one waker slot: a session waits on this
+/// and on its sockets, nothing else. Inline in the entry and lock-free, where
+/// cancellation tokens or a `Notify` would cost every client an allocation, and
+/// every read a waiter queued and dequeued under a lock.
 #[derive(Debug, Default)]
 pub struct Ending {
     state: AtomicU8,
-    notify: Notify,
+    waker: AtomicWaker,
 }
 
 const KILLED: u8 = 1;
 const SHUT_DOWN: u8 = 2;
+const EVICTED: u8 = 4;
 
 impl Ending {
     /// Ends the session (KILL).
@@ -81,26 +99,30 @@ impl Ending {
         self.set(SHUT_DOWN);
     }
 
-    fn set(&self, bit: u8) {
-        self.state.fetch_or(bit, Ordering::SeqCst);
-        self.notify.notify_waiters();
+    /// Ends the transaction the session is running (its pool was retired).
+    pub fn evict(&self) {
+        self.set(EVICTED);
     }
 
-    /// Returns when the session is killed, or shut down while `idle`.
-    pub async fn wait(&self, idle: bool) -> Stop {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a signal in between is not missed.
-            notified.as_mut().enable();
-            let state = self.state.load(Ordering::SeqCst);
-            if state & KILLED != 0 {
-                return Stop::Killed;
-            }
-            if idle && state & SHUT_DOWN != 0 {
-                return Stop::ShutDown;
-            }
-            notified.await;
+    fn set(&self, bit: u8) {
+        self.state.fetch_or(bit, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// Ready when the session is killed, shut down while `idle`, or evicted while
+    /// `running` a transaction; otherwise the task is woken when one of those happens.
+    pub fn poll(&self, cx: &mut Context<'_>, idle: bool, running: bool) -> Poll<Stop> {
+        // Registered before the check, so a signal in between is not missed.
+        self.waker.register(cx.waker());
+        let state = self.state.load(Ordering::SeqCst);
+        if state & KILLED != 0 {
+            Poll::Ready(Stop::Killed)
+        } else if running && state & EVICTED != 0 {
+            Poll::Ready(Stop::Evicted)
+        } else if idle && state & SHUT_DOWN != 0 {
+            Poll::Ready(Stop::ShutDown)
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -115,8 +137,8 @@ impl Entry {
         }
     }
 
-    /// The server connection serving it, and its backend.
-    pub fn serving(&self) -> Option<(CancelKey, Arc<str>)> {
+    /// The server connection serving it.
+    pub fn serving(&self) -> Option<Serving> {
         lock(&self.serving).clone()
     }
 }
@@ -126,6 +148,8 @@ impl Entry {
 pub struct ClientRegistry {
     shards: [Mutex<HashMap<i32, Arc<Entry>>>; SHARDS],
     next_pid: AtomicU32,
+    /// set by [`ClientRegistry::shut_down_all`]: later registrations start shut down
+    closing: AtomicBool,
 }
 
 impl Default for ClientRegistry {
@@ -133,6 +157,7 @@ impl Default for ClientRegistry {
         ClientRegistry {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             next_pid: AtomicU32::new(rand::random::<u32>()),
+            closing: AtomicBool::new(false),
         }
     }
 }
@@ -155,6 +180,11 @@ impl ClientRegistry {
                     serving: Mutex::new(None),
                     ending: Ending::default(),
                 });
+                // Checked under the shard's lock that shut_down_all takes too: an
+                // entry it did not see was inserted after it set the flag.
+                if self.closing.load(Ordering::SeqCst) {
+                    entry.ending.shut_down();
+                }
                 v.insert(entry.clone());
                 return ClientHandle {
                     registry: self.clone(),
@@ -166,9 +196,25 @@ impl ClientRegistry {
 
     /// Tells every connected session that pgwarden is shutting down.
     pub fn shut_down_all(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         for shard in &self.shards {
             for entry in lock(shard).values() {
                 entry.ending.shut_down();
+            }
+        }
+    }
+
+    /// Ends the transactions running on server connections of the pools `pools`
+    /// (retired: their connections must not serve another statement).
+    pub fn evict(&self, pools: &[u64]) {
+        for shard in &self.shards {
+            for entry in lock(shard).values() {
+                // Under the serving lock, which also clears the flag when the
+                // transaction ends: a late eviction never reaches the next one.
+                let serving = lock(&entry.serving);
+                if serving.as_ref().is_some_and(|s| pools.contains(&s.pool)) {
+                    entry.ending.evict();
+                }
             }
         }
     }
@@ -188,7 +234,7 @@ impl ClientRegistry {
             .get(&pid)
             .cloned()
             .and_then(|entry| (entry.secret == secret).then(|| entry.serving()).flatten());
-        let Some((key, _)) = target else {
+        let Some(Serving { key, .. }) = target else {
             debug!(pid, "cancel request matches no running query");
             return;
         };
@@ -232,9 +278,15 @@ impl ClientHandle {
         &self.entry
     }
 
-    /// Points cancels at the server connection now serving the client (or at nothing).
-    pub fn serving(&self, key: Option<(CancelKey, Arc<str>)>) {
-        *lock(&self.entry.serving) = key;
+    /// Points cancels at the server connection now serving the client (or at
+    /// nothing), and forgets an eviction of the transaction before.
+    pub fn serving(&self, serving: Option<Serving>) {
+        let mut slot = lock(&self.entry.serving);
+        self.entry
+            .ending
+            .state
+            .fetch_and(!EVICTED, Ordering::SeqCst);
+        *slot = serving;
     }
 
     /// Records the client's state for the admin console.
@@ -276,6 +328,71 @@ mod tests {
         }
     }
 
+    fn poll(entry: &Entry, idle: bool, running: bool) -> Poll<Stop> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        entry.ending.poll(&mut cx, idle, running)
+    }
+
+    fn serving(pool: u64) -> Serving {
+        Serving {
+            key: CancelKey {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                pid: 1,
+                secret: 1,
+            },
+            backend: "pg1".into(),
+            pool,
+        }
+    }
+
+    #[test]
+    fn an_eviction_stops_only_the_transactions_of_the_retired_pool_and_is_forgotten_after() {
+        let reg = Arc::new(ClientRegistry::default());
+        let (a, b) = (reg.register(someone()), reg.register(someone()));
+        a.serving(Some(serving(1)));
+        b.serving(Some(serving(2)));
+        reg.evict(&[1]);
+        assert_eq!(poll(a.entry(), false, true), Poll::Ready(Stop::Evicted));
+        assert_eq!(poll(b.entry(), false, true), Poll::Pending);
+        // Between transactions an eviction means nothing, and the next one starts clean.
+        assert_eq!(poll(a.entry(), true, false), Poll::Pending);
+        a.serving(None);
+        a.serving(Some(serving(3)));
+        assert_eq!(poll(a.entry(), false, true), Poll::Pending);
+        // Nothing served, nothing evicted.
+        a.serving(None);
+        reg.evict(&[3]);
+        a.serving(Some(serving(3)));
+        assert_eq!(poll(a.entry(), false, true), Poll::Pending);
+    }
+
+    #[test]
+    fn a_kill_stops_at_once_and_a_shutdown_when_idle_also_for_later_logins() {
+        let reg = Arc::new(ClientRegistry::default());
+        let a = reg.register(someone());
+        reg.shut_down_all();
+        assert_eq!(poll(a.entry(), false, true), Poll::Pending);
+        assert_eq!(poll(a.entry(), true, false), Poll::Ready(Stop::ShutDown));
+        let late = reg.register(someone());
+        assert_eq!(poll(late.entry(), true, false), Poll::Ready(Stop::ShutDown));
+        late.entry().ending.kill();
+        assert_eq!(poll(late.entry(), false, true), Poll::Ready(Stop::Killed));
+    }
+
+    #[tokio::test]
+    async fn a_signal_wakes_the_waiting_session() {
+        let reg = Arc::new(ClientRegistry::default());
+        let a = reg.register(someone());
+        let entry = a.entry().clone();
+        let waiting = tokio::spawn(async move {
+            std::future::poll_fn(|cx| entry.ending.poll(cx, false, false)).await
+        });
+        tokio::task::yield_now().await;
+        a.entry().ending.kill();
+        let stop = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(stop.unwrap().unwrap(), Stop::Killed);
+    }
+
     #[tokio::test]
     async fn keys_are_unique_and_forgotten_on_drop() {
         let reg = Arc::new(ClientRegistry::default());
@@ -304,7 +421,11 @@ mod tests {
         };
         let t = Duration::from_secs(1);
         reg.cancel(client.pid(), client.secret(), t).await; // idle: nothing
-        client.serving(Some((key, "pg1".into())));
+        client.serving(Some(Serving {
+            key,
+            backend: "pg1".into(),
+            pool: 1,
+        }));
         reg.cancel(client.pid(), client.secret().wrapping_add(1), t)
             .await; // wrong secret
         assert!(

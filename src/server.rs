@@ -292,9 +292,9 @@ impl ServerConn {
         Ok(())
     }
 
-    /// Age since connect.
-    pub fn age(&self) -> Duration {
-        self.created.elapsed()
+    /// Age at `now` since connect.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.created)
     }
 
     /// Time since it was last returned to the pool.

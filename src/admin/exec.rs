@@ -13,6 +13,7 @@ use crate::health::Request;
 use crate::metrics::ClientState;
 use crate::protocol::ServerNotice;
 use crate::proxy::{Shared, report_reload};
+use crate::registry::Serving;
 
 /// What a command answers.
 pub enum Answer {
@@ -230,8 +231,8 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     i64::from(c.identity.peer.port()).into(),
                     time(c.connected_at),
                     i64::from(c.pid).into(),
-                    serving.as_ref().map(|(_, b)| b.to_string()).into(),
-                    serving.map(|(k, _)| i64::from(k.pid)).into(),
+                    serving.as_ref().map(|s| s.backend.to_string()).into(),
+                    serving.map(|s| i64::from(s.key.pid)).into(),
                 ]);
             }
             rs
@@ -249,7 +250,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 "client_pid#",
             ]);
             for c in &clients {
-                if let Some((key, backend)) = c.serving() {
+                if let Some(Serving { key, backend, .. }) = c.serving() {
                     rs.row(vec![
                         "S".into(),
                         c.identity.user.clone().into(),

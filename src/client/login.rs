@@ -215,7 +215,7 @@ impl Session {
         let welcome = match logins.welcome_for(&self.who.params) {
             Some(welcome) => welcome,
             None => {
-                let (conn, reports) = self.attach().await?;
+                let (conn, reports) = self.attach(std::time::Instant::now()).await?;
                 self.who.client.serving(None);
                 conn.release();
                 logins.accept(&self.who.params, &reports)

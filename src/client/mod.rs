@@ -23,8 +23,10 @@ mod sql;
 pub mod statements;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -43,7 +45,7 @@ use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::{Shared, Slot};
-use crate::registry::{ClientHandle, Stop};
+use crate::registry::{ClientHandle, Serving, Stop};
 use crate::server::SESSION_TIMEOUT;
 use crate::tls::Stream;
 use aborted::Aborted;
@@ -346,7 +348,7 @@ impl Session {
             .gate
             .enter(self.who.database(), &self.who.gate)
             .await;
-        let attached = self.attach().await;
+        let attached = self.attach(waiting).await;
         // One clock reading ends the wait and starts the transaction.
         let started = Instant::now();
         let waited = started.duration_since(waiting);
@@ -363,12 +365,9 @@ impl Session {
             }
         };
         self.set_state(ClientState::Waiting, ClientState::Active);
-        let result = self.transaction(conn).await;
+        let result = self.transaction(conn, started).await;
         drop(admission);
-        let m = &self.who.metrics;
-        m.transactions.inc();
-        m.transaction_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.who.metrics.transactions.inc();
         self.set_state(ClientState::Active, ClientState::Idle);
         result
     }
@@ -380,8 +379,8 @@ impl Session {
     }
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
-    /// the rest of the session) and settles what the splice leaves.
-    async fn transaction(&mut self, mut conn: PooledConn) -> Result<(), End> {
+    /// the rest of the session) that `started` then, and settles what the splice leaves.
+    async fn transaction(&mut self, mut conn: PooledConn, started: Instant) -> Result<(), End> {
         let hold = self.who.mode == PoolMode::Session;
         let client = ClientSide {
             stream: &mut self.stream,
@@ -403,11 +402,15 @@ impl Session {
             cancel_grace: config.pool.server_connect_timeout,
         };
         drop(config);
-        let evicted = conn.pool().retired().clone();
+        let ending = &self.who.client.entry().ending;
         let (outcome, to_client, exchange) =
-            splice::splice(client, &mut conn, pooling, &self.shared.shutdown, &evicted).await;
+            splice::splice(client, &mut conn, pooling, ending).await;
         self.who.client.serving(None);
+        // One clock reading ends the transaction and dates the connection's return.
+        let ended = Instant::now();
         let m = &self.who.metrics;
+        m.transaction_seconds
+            .observe(ended.duration_since(started).as_secs_f64());
         m.queries.inc_by(exchange.traffic.queries);
         m.received_bytes.inc_by(exchange.traffic.received);
         m.sent_bytes.inc_by(exchange.traffic.sent);
@@ -418,7 +421,7 @@ impl Session {
             }
             Outcome::Idle => {
                 match self.settle_settings(&mut conn, &exchange).await {
-                    Ok(()) => conn.release(),
+                    Ok(()) => conn.release_at(ended),
                     Err(e) => {
                         debug!(error = %e, "could not read the settings a transaction changed");
                         conn.discard();
@@ -537,7 +540,8 @@ impl Session {
             conn.applied = Some(self.who.params.clone());
             Ok(())
         };
-        tokio::time::timeout(timeout, run)
+        // Boxed: rarely needed, and its state would otherwise enlarge every request's.
+        Box::pin(tokio::time::timeout(timeout, run))
             .await
             .unwrap_or(Err(ServerError::Timeout(timeout)))
     }
@@ -545,9 +549,12 @@ impl Session {
     /// Picks the backend, checks out a connection, and applies the client's settings to
     /// it (returning what the server reported while applying them). While nothing can
     /// serve the request (no primary during a failover, the primary unreachable) it
-    /// waits for the routing to change, up to `failover.client_wait_timeout`.
-    async fn attach(&mut self) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
-        let start = tokio::time::Instant::now();
+    /// waits for the routing to change, up to `failover.client_wait_timeout` from `start`.
+    async fn attach(
+        &mut self,
+        start: Instant,
+    ) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
+        let start = tokio::time::Instant::from_std(start);
         // Routing changes are watched from the first wait on: most transactions never wait.
         let mut wait: Option<(watch::Receiver<u64>, tokio::time::Instant, Duration)> = None;
         let mut last_error = None;
@@ -563,9 +570,17 @@ impl Session {
                 match pool.checkout().await {
                     Ok(conn) => {
                         let (conn, reports) = apply_settings(conn, &self.who.params).await?;
-                        self.who
-                            .client
-                            .serving(Some((conn.cancel_key, conn.pool().target.backend.clone())));
+                        let pool = conn.pool();
+                        self.who.client.serving(Some(Serving {
+                            key: conn.cancel_key,
+                            backend: pool.target.backend.clone(),
+                            pool: pool.id,
+                        }));
+                        // Retired before the registry knew this client uses it: the
+                        // retirement's sweep of the registry did not see it.
+                        if pool.is_retired() {
+                            self.who.client.entry().ending.evict();
+                        }
                         return Ok((conn, reports));
                     }
                     // The backend left the routing table while we waited: route again.
@@ -777,13 +792,16 @@ impl Session {
             self.inbuf = BytesMut::new();
         }
         let idle = self.idle();
-        // A session that logged in after the shutdown began was not told of it.
-        if idle && self.shared.shutdown.is_cancelled() {
-            return Err(End::Shutdown);
-        }
         let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
-        let read = async move {
-            stream.ready_to_read().await?;
+        let ending = &self.who.client.entry().ending;
+        // One poll function rather than a select of futures: this runs once per request.
+        let read = std::future::poll_fn(|cx| {
+            if let Poll::Ready(stop) = ending.poll(cx, idle, false) {
+                return Poll::Ready(Err(stop));
+            }
+            if let Err(e) = ready!(stream.poll_ready_to_read(cx)) {
+                return Poll::Ready(Ok(Err(e)));
+            }
             if inbuf.capacity() - inbuf.len() < splice::MIN_READ_ROOM {
                 inbuf.reserve(if inbuf.is_empty() {
                     FIRST_READ
@@ -793,20 +811,18 @@ impl Session {
             }
             // A poll-based read (rather than try_read) lets tokio note that a short read
             // drained the socket, which spares the splice a read that would find nothing.
-            stream.read_buf(inbuf).await
-        };
-        tokio::select! {
-            r = read => match r {
-                Ok(0) | Err(_) => Err(End::Gone),
-                Ok(n) => {
-                    self.who.metrics.received_bytes.inc_by(n as u64);
-                    Ok(())
-                }
-            },
-            ended = self.who.client.entry().ending.wait(idle) => match ended {
-                Stop::Killed => Err(End::Fatal(ClientError::Killed)),
-                Stop::ShutDown => Err(End::Shutdown),
-            },
+            tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, inbuf).map(Ok)
+        });
+        match read.await {
+            Ok(Ok(0) | Err(_)) => Err(End::Gone),
+            Ok(Ok(n)) => {
+                self.who.metrics.received_bytes.inc_by(n as u64);
+                Ok(())
+            }
+            Err(Stop::Killed) => Err(End::Fatal(ClientError::Killed)),
+            Err(Stop::ShutDown) => Err(End::Shutdown),
+            // Not asked for: no transaction runs here.
+            Err(Stop::Evicted) => Ok(()),
         }
     }
 
@@ -829,7 +845,8 @@ async fn apply_settings(
     };
     let backend = conn.pool().target.backend.to_string();
     let timeout = conn.pool().connect_timeout();
-    match tokio::time::timeout(timeout, conn.execute(&sql)).await {
+    // Boxed: rarely needed, and its state would otherwise enlarge every request's.
+    match Box::pin(tokio::time::timeout(timeout, conn.execute(&sql))).await {
         Ok(Ok(reports)) => {
             conn.applied = Some(params.clone());
             Ok((conn, reports))
@@ -849,7 +866,8 @@ async fn apply_settings(
 /// Session pooling: the next client must find a fresh session.
 async fn reset_and_release(mut conn: PooledConn) {
     let timeout = conn.pool().connect_timeout();
-    match tokio::time::timeout(timeout, conn.discard_all()).await {
+    // Boxed: session pooling's alone, and its state would otherwise enlarge every request's.
+    match Box::pin(tokio::time::timeout(timeout, conn.discard_all())).await {
         Ok(Ok(_)) => {
             conn.applied = None;
             conn.release();

@@ -25,12 +25,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::tls::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Sleep;
 
 use super::expect::Expected;
 use super::statements::{ClientStatements, Registry, ServerStatements};
@@ -39,6 +40,7 @@ use crate::error::ClientError;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::Scanner;
+use crate::registry::{Ending, Stop};
 use crate::server::ServerConn;
 
 /// Bytes one direction may have read but not yet written before it stops reading.
@@ -216,20 +218,20 @@ enum Timer {
 type Cancel = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 
 /// Splices `client` onto `server` until the transaction ends (or, with `hold`,
-/// until the client leaves or `stop` fires while the session is idle). `evicted`
-/// fires when the server's backend leaves the routing table: the transaction is
-/// then lost. Returns how it ended, the bytes still to be written to the client
+/// until the client leaves or pgwarden shuts down while the session is idle).
+/// `ending` also stops it when the client is killed, or evicted because the
+/// server's pool was retired (its backend left the routing table): the
+/// transaction is then lost. Returns how it ended, the bytes still to be written to the client
 /// (which the caller flushes after giving the server connection back), and what
 /// the client's statements did to its session.
 pub async fn splice(
     client: ClientSide<'_>,
     server: &mut ServerConn,
     pooling: Pooling<'_>,
-    stop: &CancellationToken,
-    evicted: &CancellationToken,
+    ending: &Ending,
 ) -> (Outcome, BytesMut, Exchange) {
     let mut x = Exchange::default();
-    let (outcome, rest) = run(client, server, pooling, stop, evicted, &mut x).await;
+    let (outcome, rest) = run(client, server, pooling, ending, &mut x).await;
     (outcome, rest, x)
 }
 
@@ -237,8 +239,7 @@ async fn run(
     client: ClientSide<'_>,
     server: &mut ServerConn,
     pooling: Pooling<'_>,
-    stop: &CancellationToken,
-    evicted: &CancellationToken,
+    ending: &Ending,
     x: &mut Exchange,
 ) -> (Outcome, BytesMut) {
     let ClientSide {
@@ -277,16 +278,12 @@ async fn run(
         x,
     };
 
-    // Created once: a cancellation future registers its waker when first polled.
-    let stopped = stop.cancelled();
-    let evicted = evicted.cancelled();
-    tokio::pin!(stopped, evicted);
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::new();
     let mut server_scan = Scanner::default();
-    // Reset when what it is armed for changes (once per wait or per request), not per read.
-    let deadline = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(deadline);
+    // Reset when what it is armed for changes (once per wait or per request), not per
+    // read; made when first armed, since most pools set neither limit.
+    let mut deadline: Option<Pin<Box<Sleep>>> = None;
     let mut timer = Timer::Off;
     let mut cancel: Option<Cancel> = None;
 
@@ -323,9 +320,8 @@ async fn run(
             // Everything was answered by pgwarden itself (a DEALLOCATE, say).
             return (Outcome::Idle, to_client);
         }
-        if hold && idle && to_server.is_empty() && to_client.is_empty() && stop.is_cancelled() {
-            return (Outcome::Idle, to_client);
-        }
+        // A held session may be shut down only with nothing left to write.
+        let idle_held = hold && idle && to_server.is_empty() && to_client.is_empty();
         let want = match timer {
             // The grace lasts until the cancel is confirmed and its request answered.
             Timer::Grace(at)
@@ -352,7 +348,11 @@ async fn run(
                 Timer::Off | Timer::Grace(_) => Duration::ZERO,
             };
             if !limit.is_zero() {
-                deadline.as_mut().reset(tokio::time::Instant::now() + limit);
+                let at = tokio::time::Instant::now() + limit;
+                match &mut deadline {
+                    Some(sleep) => sleep.as_mut().reset(at),
+                    None => deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
             }
         }
         tokio::select! {
@@ -403,8 +403,11 @@ async fn run(
                     }
                 }
             }
-            () = &mut evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
-            () = &mut stopped, if hold && idle && !stop.is_cancelled() => {}
+            stop = std::future::poll_fn(|task| ending.poll(task, idle_held, true)) => match stop {
+                Stop::Evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
+                Stop::Killed => return (Outcome::Refused(ClientError::Killed), to_client),
+                Stop::ShutDown => return (Outcome::Idle, to_client),
+            },
             r = async { cancel.as_mut().expect("guarded").await }, if cancel.is_some() => {
                 cancel = None;
                 if let Err(e) = r {
@@ -412,7 +415,7 @@ async fn run(
                     tracing::info!(server = %cancel_key.addr, error = %e, "query_timeout: cancel request could not be sent");
                 }
             }
-            () = &mut deadline, if timer != Timer::Off => match timer {
+            () = std::future::poll_fn(|task| deadline.as_mut().map_or(Poll::Pending, |d| d.as_mut().poll(task))), if timer != Timer::Off => match timer {
                 Timer::IdleInTransaction => return (Outcome::IdleInTransaction, to_client),
                 Timer::Query(_) => {
                     let key = *cancel_key;
@@ -420,7 +423,9 @@ async fn run(
                     cancel = Some(Box::pin(key.send()));
                     cx.x.timed_out = Some(query_limit);
                     timer = Timer::Grace(cx.x.answered);
-                    deadline.as_mut().reset(tokio::time::Instant::now() + pooling.cancel_grace);
+                    if let Some(sleep) = &mut deadline {
+                        sleep.as_mut().reset(tokio::time::Instant::now() + pooling.cancel_grace);
+                    }
                 }
                 // The server neither acted on the cancel nor answered: it is stuck or
                 // gone, and only closing its connection frees the client. The client

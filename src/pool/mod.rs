@@ -24,6 +24,7 @@ pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 
 use crate::auth::Secrets;
 use crate::config::{BackendConfig, Config};
+use crate::registry::ClientRegistry;
 use crate::server::ServerTarget;
 use crate::tls::Tls;
 
@@ -65,17 +66,20 @@ pub struct Pools {
     logins: Mutex<HashMap<(String, String), Arc<Logins>>>,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
+    /// told which pools were retired, to end the transactions running on them
+    clients: Arc<ClientRegistry>,
 }
 
 impl Pools {
     /// An empty registry; pools read credentials from `secrets` and TLS settings from
     /// `tls` when they connect.
-    pub fn new(secrets: Secrets, tls: Arc<ArcSwap<Tls>>) -> Pools {
+    pub fn new(secrets: Secrets, tls: Arc<ArcSwap<Tls>>, clients: Arc<ClientRegistry>) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
             logins: Mutex::new(HashMap::new()),
             secrets,
             tls,
+            clients,
         }
     }
 
@@ -109,26 +113,30 @@ impl Pools {
     /// Retires every pool of `backend`: idle connections close, waiters re-route,
     /// and transactions running on it end with an error naming the backend.
     pub fn retire_backend(&self, backend: &str) {
-        let mut pools = self.lock();
-        pools.retain(|key, pool| {
-            let keep = *key.target.backend != *backend;
-            if !keep {
-                pool.retire();
-            }
-            keep
-        });
+        self.retire_where(|key, _| *key.target.backend == *backend);
         info!(%backend, "retired the pools of a backend that left the routing table");
     }
 
     /// Retires every pool of client-facing `database` (KILL).
     pub fn retire_database(&self, database: &str) {
+        self.retire_where(|key, _| key.database == database);
+    }
+
+    /// Retires (and forgets) the pools `retire` picks, and ends the transactions
+    /// running on their connections.
+    fn retire_where(&self, mut retire: impl FnMut(&PoolKey, &ServerPool) -> bool) {
+        let mut retired = Vec::new();
         self.lock().retain(|key, pool| {
-            let keep = key.database != database;
-            if !keep {
-                pool.retire();
+            if !retire(key, pool) {
+                return true;
             }
-            keep
+            pool.retire();
+            retired.push(pool.id);
+            false
         });
+        if !retired.is_empty() {
+            self.clients.evict(&retired);
+        }
     }
 
     /// Every pool with its key.
@@ -142,8 +150,7 @@ impl Pools {
     /// Applies a reloaded config: new sizes and timeouts; pools whose database or
     /// backend changed or disappeared are retired (their clients move to new pools).
     pub fn reconfigure(&self, config: &Config) {
-        let mut pools = self.lock();
-        pools.retain(|key, pool| {
+        self.retire_where(|key, pool| {
             let still = config
                 .backends
                 .iter()
@@ -151,11 +158,10 @@ impl Pools {
                 .and_then(|b| PoolKey::new(config, &key.database, &key.target.user, b));
             if still.as_ref() == Some(key) {
                 pool.update(settings_for(config, &key.database));
-                true
+                false
             } else {
                 info!(db = %key.database, backend = %key.target.backend, "retiring pool: its database or backend changed");
-                pool.retire();
-                false
+                true
             }
         });
     }
@@ -180,9 +186,7 @@ impl Pools {
 
     /// Retires every pool (shutdown).
     pub fn retire_all(&self) {
-        for (_, pool) in self.lock().drain() {
-            pool.retire();
-        }
+        self.retire_where(|_, _| true);
     }
 
     /// True when some pool of `backend` completed a transaction within the last `window`.

@@ -7,12 +7,11 @@
 //! connection to the next client.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::logins::Logins;
@@ -65,6 +64,8 @@ enum Slot {
 /// The server connections to one target.
 #[derive(Debug)]
 pub struct ServerPool {
+    /// unique in the process: the client registry knows a client's pool by it
+    pub id: u64,
     /// where connections go
     pub target: ServerTarget,
     settings: ArcSwap<PoolSettings>,
@@ -77,7 +78,9 @@ pub struct ServerPool {
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
-    retired: CancellationToken,
+    /// The transactions running on it are ended through the client registry
+    /// ([`crate::registry::ClientRegistry::evict`]), not by waiting on this.
+    retired: AtomicBool,
     /// when a transaction last completed here, as nanoseconds since [`clock_start`]
     answered: AtomicU64,
 }
@@ -97,7 +100,9 @@ impl ServerPool {
         tls: Arc<ArcSwap<Tls>>,
         logins: Arc<Logins>,
     ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         ServerPool {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             target,
             main: Slots::new(settings.size),
             reserve: Slots::new(settings.reserve_size),
@@ -106,7 +111,7 @@ impl ServerPool {
             secrets,
             tls,
             logins,
-            retired: CancellationToken::new(),
+            retired: AtomicBool::new(false),
             answered: AtomicU64::new(0),
         }
     }
@@ -120,11 +125,13 @@ impl ServerPool {
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
-        // A free slot is taken without arming the wait's timers: most checkouts.
+        // A free slot is taken without arming the wait's timers: most checkouts. The
+        // wait and the connect are boxed, so that their state does not enlarge every
+        // checkout's (and every request's, which holds it).
         let slot = if self.main.try_acquire() {
             Slot::Main
         } else {
-            self.acquire(&self.settings.load_full()).await?
+            Box::pin(self.acquire(&self.settings.load_full())).await?
         };
         let mut pooled = PooledConn {
             pool: self.clone(),
@@ -132,7 +139,7 @@ impl ServerPool {
             slot: Some(slot),
         };
         while let Some(mut conn) = self.pop_idle() {
-            if expired(&conn, &self.settings.load()) {
+            if expired(&conn, &self.settings.load(), Instant::now()) {
                 debug!(server = conn.id, "closing expired server connection");
                 conn.close();
                 continue;
@@ -156,7 +163,14 @@ impl ServerPool {
         })?;
         let tls = self.tls.load();
         let timeout = self.connect_timeout();
-        match ServerConn::connect(&self.target, &credential, &tls, timeout).await {
+        match Box::pin(ServerConn::connect(
+            &self.target,
+            &credential,
+            &tls,
+            timeout,
+        ))
+        .await
+        {
             Ok(conn) => {
                 debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
                 self.logins.remember_welcome(&conn.reported);
@@ -206,14 +220,13 @@ impl ServerPool {
         lock(&self.idle).pop()
     }
 
-    fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot) {
-        let now = Instant::now();
+    fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot, now: Instant) {
         self.answered.store(
             now.duration_since(clock_start()).as_nanos() as u64,
             Ordering::Relaxed,
         );
         let settings = self.settings.load();
-        if self.retired.is_cancelled() || expired(&conn, &settings) {
+        if self.is_retired() || expired(&conn, &settings, now) {
             conn.close();
         } else {
             conn.mark_idle(now);
@@ -249,8 +262,9 @@ impl ServerPool {
         let settings = self.settings.load();
         let expired_conns: Vec<Box<ServerConn>> = {
             let mut idle = lock(&self.idle);
+            let now = Instant::now();
             let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-                expired(c, &settings)
+                expired(c, &settings, now)
                     || (!settings.idle_timeout.is_zero() && c.idle_for() >= settings.idle_timeout)
             });
             *idle = keep;
@@ -263,7 +277,7 @@ impl ServerPool {
 
     /// Stops the pool: waiters are told, idle connections close, and returned ones close too.
     pub fn retire(&self) {
-        self.retired.cancel();
+        self.retired.store(true, Ordering::SeqCst);
         self.main.close();
         self.reserve.close();
         let idle = std::mem::take(&mut *lock(&self.idle));
@@ -288,14 +302,14 @@ impl ServerPool {
         &self.logins
     }
 
-    /// Cancelled when the pool is retired: transactions on it must end.
-    pub fn retired(&self) -> &CancellationToken {
-        &self.retired
+    /// True once the pool is retired: transactions on it must end.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
     }
 }
 
-fn expired(conn: &ServerConn, settings: &PoolSettings) -> bool {
-    !settings.lifetime.is_zero() && conn.age() >= settings.lifetime
+fn expired(conn: &ServerConn, settings: &PoolSettings, now: Instant) -> bool {
+    !settings.lifetime.is_zero() && conn.age(now) >= settings.lifetime
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -319,9 +333,14 @@ impl PooledConn {
     }
 
     /// Returns a clean connection (idle, nothing owed to anyone) to the pool.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`PooledConn::release`] with the time of day the caller has just read.
+    pub fn release_at(mut self, now: Instant) {
         if let (Some(conn), Some(slot)) = (self.conn.take(), self.slot.take()) {
-            self.pool.give_back(conn, slot);
+            self.pool.give_back(conn, slot, now);
         }
     }
 

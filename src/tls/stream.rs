@@ -47,14 +47,14 @@ impl Stream {
         self.tcp().peer_addr()
     }
 
-    /// Waits until a read may find bytes. Plain sockets wait for readability;
-    /// TLS returns at once (see the module docs).
-    pub async fn ready_to_read(&self) -> io::Result<()> {
+    /// Ready when a read may find bytes. Plain sockets wait for readability;
+    /// TLS is ready at once (see the module docs).
+    pub fn poll_ready_to_read(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             // Polled readiness parks the waker in the socket's own slot, where
             // `readable()` would keep a waiter of its own in every idle session.
-            Stream::Plain(s) => std::future::poll_fn(|cx| s.poll_read_ready(cx)).await,
-            Stream::Tls(_) => Ok(()),
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Tls(_) => Poll::Ready(Ok(())),
         }
     }
 
