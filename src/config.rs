@@ -95,7 +95,7 @@ pub struct General {
     pub shutdown_timeout: Duration,
     /// tracing filter (`info`, `debug`, `pgwarden=debug,info`, …); `RUST_LOG` overrides it
     pub log_level: String,
-    /// runtime worker threads; 0 means one per CPU
+    /// runtime worker threads; 0: one per CPU, but one on machines of two CPUs or fewer
     pub workers: usize,
     /// address of the HTTP endpoint (/metrics, /health/*, /status); empty disables it
     pub http_listen: String,

@@ -10,8 +10,25 @@ use tokio_postgres::types::Type;
 
 #[tokio::test]
 async fn fifty_clients_share_a_pool_of_five() {
+    fifty_clients_on_five("").await;
+}
+
+/// The same on tokio's multi-thread scheduler, which machines of more than two
+/// CPUs run by default (and this one does not).
+#[tokio::test]
+async fn fifty_clients_share_a_pool_of_five_on_two_worker_threads() {
+    fifty_clients_on_five("workers = 2").await;
+}
+
+async fn fifty_clients_on_five(pgwarden: &str) {
     let db = Db::create();
-    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 5"));
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: pgwarden.into(),
+            ..pool("default_pool_size = 5")
+        },
+    );
     let setup = pgw.connect(&db).await;
     setup
         .batch_execute("CREATE TABLE hits (client int, n int)")

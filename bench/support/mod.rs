@@ -262,10 +262,20 @@ pub fn cpu_time(pid: i32) -> Duration {
 
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The anonymous part of a process's resident memory in KiB (heap, stacks):
+/// RSS without the pages of the program and libraries it has run.
+pub fn anon_rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
