@@ -7,6 +7,10 @@
 //! that server connection only, and only while the client is using it: a
 //! request that arrives after the transaction ended goes nowhere, so it can
 //! never cancel another client's query.
+//!
+//! The same record tells which pool a running transaction uses: when a pool is
+//! retired (its backend left the routing table), the sessions on it are told
+//! through their [`Ending`], the one thing outside its sockets a session waits on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

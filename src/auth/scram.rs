@@ -10,6 +10,9 @@
 //! of SCRAM verifiers, or secrets found by `auth.query`, serve as server
 //! credentials without any plain password.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use pgwire::api::auth::sasl::scram::gen_salted_password;
@@ -53,6 +56,34 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     std::array::from_fn(|i| a[i] ^ b[i])
+}
+
+/// ClientKey and ServerKey of `password` for a server's salt and iteration count.
+///
+/// Remembered: a server sends a role the same salt at every login, and PBKDF2 at
+/// PostgreSQL's 4,096 iterations takes milliseconds of a runtime thread that other
+/// sessions share (all of them, with one worker), at every new server connection.
+fn password_keys(password: &str, salt: &[u8], iterations: usize) -> ([u8; 32], [u8; 32]) {
+    type Derived = HashMap<([u8; 32], Vec<u8>, usize), ([u8; 32], [u8; 32])>;
+    static DERIVED: LazyLock<Mutex<Derived>> = LazyLock::new(Mutex::default);
+    // Bounded: a server that sends a new salt at every login cannot grow it forever.
+    const REMEMBERED: usize = 1024;
+    let lock = || DERIVED.lock().unwrap_or_else(|e| e.into_inner());
+    let id = (sha256(password.as_bytes()), salt.to_vec(), iterations);
+    if let Some(keys) = lock().get(&id) {
+        return *keys;
+    }
+    let salted = gen_salted_password(password, salt, iterations);
+    let keys = (
+        hmac_sha256(&salted, &[b"Client Key"]),
+        hmac_sha256(&salted, &[b"Server Key"]),
+    );
+    let mut derived = lock();
+    if derived.len() >= REMEMBERED {
+        derived.clear();
+    }
+    derived.insert(id, keys);
+    keys
 }
 
 /// Most PBKDF2 iterations pgwarden runs for a server. PostgreSQL's default
@@ -248,13 +279,7 @@ impl ScramClient {
         } = ServerFirst::parse(server_first, &self.nonce)?;
         let iterations = iterations as usize;
         let (client_key, server_key) = match &self.key {
-            Key::Password(password) => {
-                let salted = gen_salted_password(password, &salt, iterations);
-                (
-                    hmac_sha256(&salted, &[b"Client Key"]),
-                    hmac_sha256(&salted, &[b"Server Key"]),
-                )
-            }
+            Key::Password(password) => password_keys(password, &salt, iterations),
             Key::Recovered {
                 verifier,
                 client_key,
@@ -313,6 +338,17 @@ mod tests {
 
     fn refused(first: &[u8], client: &mut ScramClient) -> String {
         client.respond(first).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn remembered_keys_are_the_derived_ones_and_differ_per_salt_password_and_count() {
+        let first = password_keys("s3cret", b"salt-one", 4096);
+        assert_eq!(password_keys("s3cret", b"salt-one", 4096), first);
+        let salted = gen_salted_password("s3cret", b"salt-one", 4096);
+        assert_eq!(first.0, hmac_sha256(&salted, &[b"Client Key"]));
+        assert_ne!(password_keys("s3cret", b"salt-two", 4096), first);
+        assert_ne!(password_keys("other", b"salt-one", 4096), first);
+        assert_ne!(password_keys("s3cret", b"salt-one", 4097), first);
     }
 
     #[test]
