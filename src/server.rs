@@ -136,7 +136,13 @@ impl ServerConn {
             let (tag, body) = read(&mut stream, &mut inbuf).await?;
             match tag {
                 b'R' => {
-                    if let Some(reply) = auth.respond(decode_auth(body)?)? {
+                    let request = decode_auth(body)?;
+                    if let Some(derive) = auth.derivation(&request) {
+                        // Milliseconds of PBKDF2 (a second at the iteration cap), once
+                        // per user and salt: not on a thread every session shares.
+                        let _ = tokio::task::spawn_blocking(derive).await;
+                    }
+                    if let Some(reply) = auth.respond(request)? {
                         stream.write_all(&reply).await?;
                     }
                 }

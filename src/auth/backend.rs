@@ -106,6 +106,15 @@ impl<'a> BackendAuth<'a> {
         ))
     }
 
+    /// The key derivation answering `request` needs, if it is a first SCRAM login
+    /// with a password: to be run off the runtime's threads before [`Self::respond`].
+    pub fn derivation(&self, request: &Authentication) -> Option<impl FnOnce() + Send + 'static> {
+        match (request, &self.scram) {
+            (Authentication::SASLContinue(data), Some(scram)) => scram.derivation(data),
+            _ => None,
+        }
+    }
+
     fn scram_state(&mut self) -> Result<&mut ScramClient, ServerError> {
         self.scram
             .as_mut()

@@ -64,13 +64,8 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 /// PostgreSQL's 4,096 iterations takes milliseconds of a runtime thread that other
 /// sessions share (all of them, with one worker), at every new server connection.
 fn password_keys(password: &str, salt: &[u8], iterations: usize) -> ([u8; 32], [u8; 32]) {
-    type Derived = HashMap<([u8; 32], Vec<u8>, usize), ([u8; 32], [u8; 32])>;
-    static DERIVED: LazyLock<Mutex<Derived>> = LazyLock::new(Mutex::default);
-    // Bounded: a server that sends a new salt at every login cannot grow it forever.
-    const REMEMBERED: usize = 1024;
-    let lock = || DERIVED.lock().unwrap_or_else(|e| e.into_inner());
     let id = (sha256(password.as_bytes()), salt.to_vec(), iterations);
-    if let Some(keys) = lock().get(&id) {
+    if let Some(keys) = derived().get(&id) {
         return *keys;
     }
     let salted = gen_salted_password(password, salt, iterations);
@@ -78,17 +73,26 @@ fn password_keys(password: &str, salt: &[u8], iterations: usize) -> ([u8; 32], [
         hmac_sha256(&salted, &[b"Client Key"]),
         hmac_sha256(&salted, &[b"Server Key"]),
     );
-    let mut derived = lock();
-    if derived.len() >= REMEMBERED {
+    let mut derived = derived();
+    // Bounded: a server that sends a new salt at every login cannot grow it forever.
+    if derived.len() >= 1024 {
         derived.clear();
     }
     derived.insert(id, keys);
     keys
 }
 
+/// Keys derived so far, by (password digest, salt, iteration count).
+type Derived = HashMap<([u8; 32], Vec<u8>, usize), ([u8; 32], [u8; 32])>;
+
+fn derived() -> std::sync::MutexGuard<'static, Derived> {
+    static DERIVED: LazyLock<Mutex<Derived>> = LazyLock::new(Mutex::default);
+    DERIVED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Most PBKDF2 iterations pgwarden runs for a server. PostgreSQL's default
-/// (`scram_iterations`) is 4096; each iteration is two HMACs computed on a runtime
-/// thread, so a server asking for billions could stall pgwarden for hours.
+/// (`scram_iterations`) is 4096; each iteration is two HMACs, so a server asking
+/// for billions would hold a login (and a thread) for hours.
 pub const MAX_ITERATIONS: u32 = 1_000_000;
 
 /// A server-first message, checked: `r=nonce,s=salt,i=iterations`, in that order
@@ -267,6 +271,26 @@ impl ScramClient {
         format!("n,,{}", self.bare).into_bytes()
     }
 
+    /// The key derivation (PBKDF2) that answering `server_first` needs and that is
+    /// not remembered yet, to be run off the runtime's threads before
+    /// [`ScramClient::respond`], which then finds its keys remembered.
+    pub fn derivation(&self, server_first: &[u8]) -> Option<impl FnOnce() + Send + 'static> {
+        let Key::Password(password) = &self.key else {
+            return None;
+        };
+        // A malformed message is refused by `respond`, with the reason.
+        let first = ServerFirst::parse(server_first, &self.nonce).ok()?;
+        let (salt, iterations) = (first.salt, first.iterations as usize);
+        let id = (sha256(password.as_bytes()), salt.clone(), iterations);
+        if derived().contains_key(&id) {
+            return None;
+        }
+        let password = password.clone();
+        Some(move || {
+            password_keys(&password, &salt, iterations);
+        })
+    }
+
     /// Answers the server-first message with the client-final message.
     pub fn respond(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
         if self.pending.is_some() {
@@ -349,6 +373,18 @@ mod tests {
         assert_ne!(password_keys("s3cret", b"salt-two", 4096), first);
         assert_ne!(password_keys("other", b"salt-one", 4096), first);
         assert_ne!(password_keys("s3cret", b"salt-one", 4097), first);
+    }
+
+    #[test]
+    fn a_first_derivation_is_handed_out_to_run_elsewhere_and_then_remembered() {
+        let mut c = ScramClient::new(Key::Password("handed-out".into()));
+        let first = server_first(&c, ",s=aGFuZGVkLW91dA==,i=4096");
+        let derive = c.derivation(&first).expect("not derived yet");
+        std::thread::spawn(derive).join().unwrap();
+        assert!(c.derivation(&first).is_none(), "remembered");
+        assert!(c.respond(&first).is_ok());
+        // Malformed: nothing to derive, and respond says why.
+        assert!(client().derivation(b"r=nonsense").is_none());
     }
 
     #[test]
