@@ -75,8 +75,9 @@ pub enum Outcome {
         /// the client had sent part of a batch (no Sync yet) or part of a frame
         mid_batch: bool,
     },
-    /// The client sent what pgwarden cannot pass on: bytes that are not PostgreSQL
-    /// framing, or a message over `pool.max_message_size`.
+    /// The session ends with this error: the client sent what pgwarden cannot pass
+    /// on (bytes that are not PostgreSQL framing, a message over
+    /// `pool.max_message_size`), or was killed from the admin console.
     Refused(ClientError),
     /// The client kept its transaction open without a word for `idle_transaction_timeout`;
     /// the server connection is inside that transaction.
@@ -221,9 +222,9 @@ type Cancel = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 /// until the client leaves or pgwarden shuts down while the session is idle).
 /// `ending` also stops it when the client is killed, or evicted because the
 /// server's pool was retired (its backend left the routing table): the
-/// transaction is then lost. Returns how it ended, the bytes still to be written to the client
-/// (which the caller flushes after giving the server connection back), and what
-/// the client's statements did to its session.
+/// transaction is then lost. Returns how it ended, the bytes still to be
+/// written to the client (which the caller flushes after giving the server
+/// connection back), and what the client's statements did to its session.
 pub async fn splice(
     client: ClientSide<'_>,
     server: &mut ServerConn,
