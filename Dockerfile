@@ -3,8 +3,9 @@
 # The mounted folder holds pgwarden.toml (listen = "0.0.0.0:6432") and the user list it names.
 
 FROM rust:1.95.0-slim-bookworm AS build
-# protoc for etcd-client (the default `etcd` feature: [coordination])
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler \
+# protoc and the well-known .proto files for etcd-client (the default `etcd`
+# feature: [coordination])
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
