@@ -258,7 +258,7 @@ impl Session {
             }
             // Boxed for the same reason: a request (checkout, splice) needs far more
             // state than waiting for the next one, which is what most sessions do.
-            if let Err(end) = Box::pin(self.request(tag)).await {
+            if let Err(end) = boxed_in_place(|| self.request(tag)).await {
                 return end;
             }
         }
@@ -836,6 +836,15 @@ impl Session {
 
 /// Brings a server connection's settings in line with the client's. On failure the
 /// connection goes back (if the server merely refused the settings) or is closed.
+/// `Box::pin(make())` without building the future on the stack first: a request's
+/// future is large, and copying it into its box cost 2 % of a transaction's instructions.
+fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let mut slot = Box::<F>::new_uninit();
+    slot.write(make());
+    // SAFETY: written on the line above.
+    Box::into_pin(unsafe { slot.assume_init() })
+}
+
 async fn apply_settings(
     mut conn: PooledConn,
     params: &Arc<ParamSet>,
