@@ -327,7 +327,10 @@ impl Session {
                 self.fill().await?;
             }
         }
+        // Only a named statement can be known already; most Parses are unnamed, and
+        // they skip the configuration and search_path lookups.
         if tag == b'P'
+            && self.inbuf.get(HEADER_LEN).is_some_and(|&b| b != 0)
             && self.who.mode == PoolMode::Transaction
             && self.shared.config.load().pool.max_prepared_statements > 0
             && let Some((used, out)) = frontend::prepare_without_server(
