@@ -837,8 +837,6 @@ impl Session {
     }
 }
 
-/// Brings a server connection's settings in line with the client's. On failure the
-/// connection goes back (if the server merely refused the settings) or is closed.
 /// `Box::pin(make())` without building the future on the stack first: a request's
 /// future is large, and copying it into its box cost 2 % of a transaction's instructions.
 fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
@@ -848,6 +846,8 @@ fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(unsafe { slot.assume_init() })
 }
 
+/// Brings a server connection's settings in line with the client's. On failure the
+/// connection goes back (if the server merely refused the settings) or is closed.
 async fn apply_settings(
     mut conn: PooledConn,
     params: &Arc<ParamSet>,
