@@ -64,7 +64,7 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 /// PostgreSQL's 4,096 iterations takes milliseconds of a runtime thread that other
 /// sessions share (all of them, with one worker), at every new server connection.
 fn password_keys(password: &str, salt: &[u8], iterations: usize) -> ([u8; 32], [u8; 32]) {
-    let id = (sha256(password.as_bytes()), salt.to_vec(), iterations);
+    let id = derived_id(password, salt, iterations);
     if let Some(keys) = derived().get(&id) {
         return *keys;
     }
@@ -82,8 +82,15 @@ fn password_keys(password: &str, salt: &[u8], iterations: usize) -> ([u8; 32], [
     keys
 }
 
-/// Keys derived so far, by (password digest, salt, iteration count).
-type Derived = HashMap<([u8; 32], Vec<u8>, usize), ([u8; 32], [u8; 32])>;
+/// Keys derived so far, by [`derived_id`].
+type Derived = HashMap<DerivedId, ([u8; 32], [u8; 32])>;
+
+/// What a derivation depends on: the password (as its digest), salt and iteration count.
+type DerivedId = ([u8; 32], Vec<u8>, usize);
+
+fn derived_id(password: &str, salt: &[u8], iterations: usize) -> DerivedId {
+    (sha256(password.as_bytes()), salt.to_vec(), iterations)
+}
 
 fn derived() -> std::sync::MutexGuard<'static, Derived> {
     static DERIVED: LazyLock<Mutex<Derived>> = LazyLock::new(Mutex::default);
@@ -281,8 +288,7 @@ impl ScramClient {
         // A malformed message is refused by `respond`, with the reason.
         let first = ServerFirst::parse(server_first, &self.nonce).ok()?;
         let (salt, iterations) = (first.salt, first.iterations as usize);
-        let id = (sha256(password.as_bytes()), salt.clone(), iterations);
-        if derived().contains_key(&id) {
+        if derived().contains_key(&derived_id(password, &salt, iterations)) {
             return None;
         }
         let password = password.clone();
