@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use crate::error::ClientError;
 use crate::protocol::ServerNotice;
 use crate::protocol::messages::{
-    put_command_complete, put_complete, put_error, put_no_data, put_ready,
+    cstr, put_command_complete, put_complete, put_error, put_no_data, put_ready,
 };
 
 /// What the client is told next.
@@ -132,14 +132,6 @@ impl Aborted {
     fn fail_batch(&mut self, out: &mut BytesMut) {
         self.refuse(out);
         self.skipping = true;
-    }
-}
-
-/// Splits a NUL-terminated string off the front of `bytes`.
-fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
-    match bytes.iter().position(|&b| b == 0) {
-        Some(end) => (&bytes[..end], &bytes[end + 1..]),
-        None => (bytes, &[]),
     }
 }
 

@@ -20,7 +20,7 @@ use super::statements::{ClientStatements, Registry, Statement, close_message};
 use crate::error::{ClientError, sqlstate};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, MAX_BUFFERED_LEN, MAX_MESSAGE_LEN};
-use crate::protocol::messages::{put_complete, put_error, put_notice, put_ready};
+use crate::protocol::messages::{cstr, put_complete, put_error, put_notice, put_ready};
 
 /// The frontend messages pgwarden understands after login.
 pub fn is_frontend_message(tag: u8) -> bool {
@@ -247,7 +247,7 @@ pub fn prepare_without_server(
         pos += len;
         match tag {
             b'P' => {
-                let (name, rest) = cstring(body);
+                let (name, rest) = cstr(body);
                 let fresh = !name.is_empty()
                     && !statements.contains(name)
                     && !found.iter().any(|(n, _)| *n == name);
@@ -269,22 +269,14 @@ pub fn prepare_without_server(
     Some((pos, out))
 }
 
-/// Splits at the first NUL: the C string and what follows it.
-pub(super) fn cstring(bytes: &[u8]) -> (&[u8], &[u8]) {
-    match bytes.iter().position(|&b| b == 0) {
-        Some(end) => (&bytes[..end], &bytes[end + 1..]),
-        None => (bytes, &[]),
-    }
-}
-
 fn translate(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Translation {
     match tag {
         b'X' => Translation::Terminate,
         b'Q' => query(body, cx),
         b'P' if cx.max_prepared > 0 => parse(body, cx),
         b'B' if cx.max_prepared > 0 => {
-            let (portal, rest) = cstring(body);
-            let (name, _) = cstring(rest);
+            let (portal, rest) = cstr(body);
+            let (name, _) = cstr(rest);
             if name.is_empty() {
                 account(tag, cx);
                 return Translation::Pass;
@@ -300,7 +292,7 @@ fn translate(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Translation {
             }
         }
         b'D' if cx.max_prepared > 0 && body.first() == Some(&b'S') => {
-            let (name, _) = cstring(&body[1..]);
+            let (name, _) = cstr(&body[1..]);
             let statement = (!name.is_empty())
                 .then(|| cx.client_statements.get(name).cloned())
                 .flatten();
@@ -324,7 +316,7 @@ fn translate(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Translation {
             }
         }
         b'C' if cx.max_prepared > 0 && body.first() == Some(&b'S') => {
-            let (name, _) = cstring(&body[1..]);
+            let (name, _) = cstr(&body[1..]);
             if name.is_empty() {
                 account(tag, cx);
                 return Translation::Pass;
@@ -393,9 +385,9 @@ fn answer_locally(cx: &mut Ctx<'_>, tag: &'static str) -> Translation {
 /// A Parse. Unnamed: forwarded. Named: renamed to the statement's server-side name,
 /// or answered by pgwarden when the server connection already has it.
 fn parse(body: &[u8], cx: &mut Ctx<'_>) -> Translation {
-    let (name, rest) = cstring(body);
+    let (name, rest) = cstr(body);
     if name.is_empty() {
-        let glance = sql::glance(cstring(rest).0);
+        let glance = sql::glance(cstr(rest).0);
         cx.x.touched.extend(glance.settings);
         account(b'P', cx);
         return Translation::Pass;
@@ -492,14 +484,14 @@ fn bind_prefix(frame: &[u8]) -> Option<(usize, usize)> {
 
 fn bind_statement(frame: &[u8], name_end: usize) -> &[u8] {
     let body = &frame[HEADER_LEN..name_end];
-    let (_, name) = cstring(body);
+    let (_, name) = cstr(body);
     name
 }
 
 /// The rewritten header and prefix of a streamed Bind (the rest follows unchanged).
 fn rename_bind(prefix: &[u8], len: usize, cx: &mut Ctx<'_>) -> BytesMut {
-    let (portal, rest) = cstring(&prefix[HEADER_LEN..]);
-    let (name, _) = cstring(rest);
+    let (portal, rest) = cstr(&prefix[HEADER_LEN..]);
+    let (name, _) = cstr(rest);
     let mut out = BytesMut::new();
     if !rename_bind_with(
         portal,

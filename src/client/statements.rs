@@ -146,7 +146,7 @@ impl Registry {
             n += 1;
             name = format!("pgw_{hash:016x}_{n}");
         }
-        let glance = super::sql::glance(super::frontend::cstring(body).0);
+        let glance = super::sql::glance(crate::protocol::messages::cstr(body).0);
         let statement = Arc::new(Statement {
             server_name: name.into(),
             body: key.slice(search_path.len() + 1..),
