@@ -138,13 +138,32 @@ impl AsyncRead for Stream {
     }
 }
 
+/// Writes to a plain socket: first straight away, which is all a socket with room
+/// needs (nearly every write), then through `poll_write`, which waits for room. The
+/// attempt skips the readiness poll, its task-budget and waker bookkeeping, which
+/// cost more than the write's own work on small messages.
+fn poll_write_plain<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    try_write: impl FnOnce(&W) -> io::Result<usize>,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    match try_write(socket) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pin::new(socket).poll_write(cx, buf),
+        written => Poll::Ready(written),
+    }
+}
+
 impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        either!(self, s => Pin::new(s).poll_write(cx, buf))
+        match self.get_mut() {
+            Stream::Plain(s) => poll_write_plain(s, |s| s.try_write(buf), cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -172,7 +191,10 @@ impl AsyncWrite for WriteHalf<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        either!(self, s => Pin::new(s).poll_write(cx, buf))
+        match self.get_mut() {
+            WriteHalf::Plain(s) => poll_write_plain(s, |s| s.try_write(buf), cx, buf),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
