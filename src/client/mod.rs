@@ -406,8 +406,9 @@ impl Session {
         };
         drop(config);
         let ending = &self.who.client.entry().ending;
-        let (outcome, to_client, exchange) =
-            splice::splice(client, &mut conn, pooling, ending).await;
+        let mut exchange = Exchange::default();
+        let (outcome, to_client) =
+            splice::splice(client, &mut conn, pooling, ending, &mut exchange).await;
         self.who.client.serving(None);
         // One clock reading ends the transaction and dates the connection's return.
         let ended = Instant::now();
@@ -797,12 +798,17 @@ impl Session {
         let idle = self.idle();
         let (stream, inbuf) = (&mut self.stream, &mut self.inbuf);
         let ending = &self.who.client.entry().ending;
+        // Readiness alone is polled only before the first wait. After a wake the read
+        // finds it out itself (a wake without bytes, rare, leaves a buffer allocated).
+        let mut waited = false;
         // One poll function rather than a select of futures: this runs once per request.
         let read = std::future::poll_fn(|cx| {
             if let Poll::Ready(stop) = ending.poll(cx, idle, false) {
                 return Poll::Ready(Err(stop));
             }
-            if let Err(e) = ready!(stream.poll_ready_to_read(cx)) {
+            if !std::mem::replace(&mut waited, true)
+                && let Err(e) = ready!(stream.poll_ready_to_read(cx))
+            {
                 return Poll::Ready(Ok(Err(e)));
             }
             if inbuf.capacity() - inbuf.len() < splice::MIN_READ_ROOM {

@@ -1,8 +1,9 @@
 //! Splicing one client onto one server connection until the transaction ends.
 //!
-//! Bytes flow both ways at once, in one task, through four cancel-safe socket
-//! operations in a `select!` loop: read client, write server, read server, write
-//! client. Reading and writing each direction independently means a client that
+//! Bytes flow both ways at once, in one task: each wait polls four socket
+//! operations (write server, write client, read server, read client) and handles
+//! the first that is ready, as an `Event`. Polling them by hand rather than
+//! through `select!` spares each wait the building of a future per branch. Reading and writing each direction independently means a client that
 //! pipelines faster than the server answers cannot deadlock the pair, and a
 //! slow client reading a large result only slows itself.
 //!
@@ -25,13 +26,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::tls::Stream;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncRead;
 use tokio::time::Sleep;
+use tokio_util::io::{poll_read_buf, poll_write_buf};
 
 use super::expect::Expected;
 use super::statements::{ClientStatements, Registry, ServerStatements};
@@ -215,6 +217,24 @@ enum Timer {
     Grace(u64),
 }
 
+/// What ended one wait of the splice.
+enum Event {
+    /// bytes went to the server
+    ServerWrote(std::io::Result<usize>),
+    /// bytes went to the client
+    ClientWrote(std::io::Result<usize>),
+    /// bytes came from the server (0: it closed)
+    ServerRead(std::io::Result<usize>),
+    /// bytes came from the client (0: it closed)
+    ClientRead(std::io::Result<usize>),
+    /// the session is killed, evicted or shut down
+    Stop(Stop),
+    /// the CancelRequest for `query_timeout` went out (or could not)
+    CancelSent(std::io::Result<()>),
+    /// the armed timer fired
+    Deadline,
+}
+
 /// A CancelRequest on its way (boxed: only a query over its limit pays for it).
 type Cancel = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 
@@ -222,21 +242,11 @@ type Cancel = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 /// until the client leaves or pgwarden shuts down while the session is idle).
 /// `ending` also stops it when the client is killed, or evicted because the
 /// server's pool was retired (its backend left the routing table): the
-/// transaction is then lost. Returns how it ended, the bytes still to be
+/// transaction is then lost. Returns how it ended and the bytes still to be
 /// written to the client (which the caller flushes after giving the server
-/// connection back), and what the client's statements did to its session.
+/// connection back); `x` tells what went through and what the client's
+/// statements did to its session.
 pub async fn splice(
-    client: ClientSide<'_>,
-    server: &mut ServerConn,
-    pooling: Pooling<'_>,
-    ending: &Ending,
-) -> (Outcome, BytesMut, Exchange) {
-    let mut x = Exchange::default();
-    let (outcome, rest) = run(client, server, pooling, ending, &mut x).await;
-    (outcome, rest, x)
-}
-
-async fn run(
     client: ClientSide<'_>,
     server: &mut ServerConn,
     pooling: Pooling<'_>,
@@ -356,23 +366,65 @@ async fn run(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            r = server_w.write_buf(&mut to_server), if !to_server.is_empty() && cancel.is_none() => {
+        // Polled in this order, so that bytes already read move on before more are
+        // read; the first thing ready is handled, then every condition is looked at again.
+        let event = std::future::poll_fn(|task| {
+            if !to_server.is_empty()
+                && cancel.is_none()
+                && let Poll::Ready(r) =
+                    poll_write_buf(Pin::new(&mut server_w), task, &mut to_server)
+            {
+                return Poll::Ready(Event::ServerWrote(r));
+            }
+            if !to_client.is_empty()
+                && !cx.x.client_done
+                && let Poll::Ready(r) =
+                    poll_write_buf(Pin::new(&mut client_w), task, &mut to_client)
+            {
+                return Poll::Ready(Event::ClientWrote(r));
+            }
+            if to_client.len() < HIGH_WATER
+                && let Poll::Ready(r) = poll_read_into(Pin::new(&mut server_r), task, server_in)
+            {
+                return Poll::Ready(Event::ServerRead(r));
+            }
+            if !cx.x.client_done
+                && to_server.len() < HIGH_WATER
+                && let Poll::Ready(r) = poll_read_into(Pin::new(&mut client_r), task, inbuf)
+            {
+                return Poll::Ready(Event::ClientRead(r));
+            }
+            if let Poll::Ready(stop) = ending.poll(task, idle_held, true) {
+                return Poll::Ready(Event::Stop(stop));
+            }
+            if let Some(sending) = &mut cancel
+                && let Poll::Ready(r) = sending.as_mut().poll(task)
+            {
+                return Poll::Ready(Event::CancelSent(r));
+            }
+            if timer != Timer::Off
+                && let Some(sleep) = &mut deadline
+                && sleep.as_mut().poll(task).is_ready()
+            {
+                return Poll::Ready(Event::Deadline);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::ServerWrote(r) => {
                 if let Err(e) = r {
                     lost!(format!("write failed: {e}"));
                 }
             }
-            r = client_w.write_buf(&mut to_client), if !to_client.is_empty() && !cx.x.client_done => {
-                match r {
-                    Ok(n) => cx.x.traffic.sent += n as u64,
-                    Err(_) => {
-                        cx.x.client_done = true;
-                        to_client.clear();
-                    }
+            Event::ClientWrote(r) => match r {
+                Ok(n) => cx.x.traffic.sent += n as u64,
+                Err(_) => {
+                    cx.x.client_done = true;
+                    to_client.clear();
                 }
-            }
-            r = read_into(&mut server_r, server_in), if to_client.len() < HIGH_WATER => {
+            },
+            Event::ServerRead(r) => {
                 match r {
                     Ok(0) => match &cx.x.fatal {
                         Some(n) => lost!(n.message.clone()),
@@ -393,30 +445,32 @@ async fn run(
                     }
                 }
             }
-            r = read_into(&mut client_r, inbuf), if !cx.x.client_done && to_server.len() < HIGH_WATER => {
-                match r {
-                    Ok(0) | Err(_) => cx.x.client_done = true,
-                    Ok(n) => {
-                        cx.x.traffic.received += n as u64;
-                        if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
-                            return (Outcome::Refused(e), to_client);
-                        }
+            Event::ClientRead(r) => match r {
+                Ok(0) | Err(_) => cx.x.client_done = true,
+                Ok(n) => {
+                    cx.x.traffic.received += n as u64;
+                    if let Err(e) =
+                        client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx)
+                    {
+                        return (Outcome::Refused(e), to_client);
                     }
                 }
-            }
-            stop = std::future::poll_fn(|task| ending.poll(task, idle_held, true)) => match stop {
-                Stop::Evicted => lost!("its backend left the routing table (down or fenced)".to_owned()),
+            },
+            Event::Stop(stop) => match stop {
+                Stop::Evicted => {
+                    lost!("its backend left the routing table (down or fenced)".to_owned())
+                }
                 Stop::Killed => return (Outcome::Refused(ClientError::Killed), to_client),
                 Stop::ShutDown => return (Outcome::Idle, to_client),
             },
-            r = async { cancel.as_mut().expect("guarded").await }, if cancel.is_some() => {
+            Event::CancelSent(r) => {
                 cancel = None;
                 if let Err(e) = r {
                     // Not delivered: nothing is on its way to a later query either.
                     tracing::info!(server = %cancel_key.addr, error = %e, "query_timeout: cancel request could not be sent");
                 }
             }
-            () = std::future::poll_fn(|task| deadline.as_mut().map_or(Poll::Pending, |d| d.as_mut().poll(task))), if timer != Timer::Off => match timer {
+            Event::Deadline => match timer {
                 Timer::IdleInTransaction => return (Outcome::IdleInTransaction, to_client),
                 Timer::Query(_) => {
                     let key = *cancel_key;
@@ -425,7 +479,9 @@ async fn run(
                     cx.x.timed_out = Some(query_limit);
                     timer = Timer::Grace(cx.x.answered);
                     if let Some(sleep) = &mut deadline {
-                        sleep.as_mut().reset(tokio::time::Instant::now() + pooling.cancel_grace);
+                        sleep
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + pooling.cancel_grace);
                     }
                 }
                 // The server neither acted on the cancel nor answered: it is stuck or
@@ -458,14 +514,16 @@ fn client_sent(
     Ok(())
 }
 
-async fn read_into<R: AsyncReadExt + Unpin>(
-    r: &mut R,
+/// Reads into `buf`, giving it room first when it has little.
+fn poll_read_into<R: AsyncRead>(
+    r: Pin<&mut R>,
+    task: &mut Context<'_>,
     buf: &mut BytesMut,
-) -> std::io::Result<usize> {
+) -> Poll<std::io::Result<usize>> {
     if buf.capacity() - buf.len() < MIN_READ_ROOM {
         buf.reserve(READ_CHUNK);
     }
-    r.read_buf(buf).await
+    poll_read_buf(r, task, buf)
 }
 
 /// Moves the first `n` bytes of `from` to the end of `to` without copying when they are adjacent.
