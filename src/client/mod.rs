@@ -571,9 +571,18 @@ impl Session {
                 (table.generation, self.route(&table)?)
             };
             if let Some(pool) = pool {
-                match pool.checkout().await {
+                // The fast paths are tried before awaiting: each future polled costs.
+                let checkout = match pool.try_checkout() {
+                    Some(conn) => Ok(conn),
+                    None => pool.checkout().await,
+                };
+                match checkout {
                     Ok(conn) => {
-                        let (conn, reports) = apply_settings(conn, &self.who.params).await?;
+                        let (conn, reports) =
+                            match sync_statement(conn.applied.as_ref(), &self.who.params) {
+                                None => (conn, Vec::new()),
+                                Some(sql) => apply_settings(conn, &sql, &self.who.params).await?,
+                            };
                         let pool = conn.pool();
                         self.who.client.serving(Some(Serving {
                             key: conn.cancel_key,
@@ -852,19 +861,18 @@ fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(unsafe { slot.assume_init() })
 }
 
-/// Brings a server connection's settings in line with the client's. On failure the
-/// connection goes back (if the server merely refused the settings) or is closed.
+/// Brings a server connection's settings in line with the client's `params` by
+/// running `sql`. On failure the connection goes back (if the server merely refused
+/// the settings) or is closed.
 async fn apply_settings(
     mut conn: PooledConn,
+    sql: &str,
     params: &Arc<ParamSet>,
 ) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
-    let Some(sql) = sync_statement(conn.applied.as_ref(), params) else {
-        return Ok((conn, Vec::new()));
-    };
     let backend = conn.pool().target.backend.to_string();
     let timeout = conn.pool().connect_timeout();
     // Boxed: rarely needed, and its state would otherwise enlarge every request's.
-    match Box::pin(tokio::time::timeout(timeout, conn.execute(&sql))).await {
+    match Box::pin(tokio::time::timeout(timeout, conn.execute(sql))).await {
         Ok(Ok(reports)) => {
             conn.applied = Some(params.clone());
             Ok((conn, reports))

@@ -123,6 +123,23 @@ impl ServerPool {
         at != 0 && clock_start().elapsed().as_nanos() as u64 - at <= window.as_nanos() as u64
     }
 
+    /// The checkout of most transactions, without waiting: a free slot and a live
+    /// idle connection. `None` leaves the pool as it was, for [`ServerPool::checkout`].
+    /// Not async, so that the common case polls no future of its own.
+    pub fn try_checkout(self: &Arc<Self>) -> Option<PooledConn> {
+        if !self.main.try_acquire() {
+            return None;
+        }
+        let mut pooled = PooledConn {
+            pool: self.clone(),
+            conn: None,
+            slot: Some(Slot::Main),
+        };
+        // Without a connection, dropping `pooled` gives the slot back.
+        pooled.conn = Some(self.live_idle()?);
+        Some(pooled)
+    }
+
     /// Hands out a server connection: an idle one that is still alive, or a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
         // A free slot is taken without arming the wait's timers: most checkouts. The
@@ -138,22 +155,9 @@ impl ServerPool {
             conn: None,
             slot: Some(slot),
         };
-        while let Some(mut conn) = self.pop_idle() {
-            if expired(&conn, &self.settings.load(), Instant::now()) {
-                debug!(server = conn.id, "closing expired server connection");
-                conn.close();
-                continue;
-            }
-            match conn.check_idle() {
-                Ok(()) => {
-                    pooled.conn = Some(conn);
-                    return Ok(pooled);
-                }
-                Err(reason) => {
-                    info!(backend = %self.target.backend, server = conn.id, %reason, "discarding broken idle server connection");
-                    conn.close();
-                }
-            }
+        if let Some(conn) = self.live_idle() {
+            pooled.conn = Some(conn);
+            return Ok(pooled);
         }
         let credential = self.secrets.get(&self.target.user).ok_or_else(|| {
             ServerError::Credentials(format!(
@@ -216,8 +220,24 @@ impl ServerPool {
         slot.map_err(|_| CheckoutError::Retired)
     }
 
-    fn pop_idle(&self) -> Option<Box<ServerConn>> {
-        lock(&self.idle).pop()
+    /// Takes an idle connection that is still alive, closing the expired and broken
+    /// ones met on the way.
+    fn live_idle(&self) -> Option<Box<ServerConn>> {
+        while let Some(mut conn) = lock(&self.idle).pop() {
+            if expired(&conn, &self.settings.load(), Instant::now()) {
+                debug!(server = conn.id, "closing expired server connection");
+                conn.close();
+                continue;
+            }
+            match conn.check_idle() {
+                Ok(()) => return Some(conn),
+                Err(reason) => {
+                    info!(backend = %self.target.backend, server = conn.id, %reason, "discarding broken idle server connection");
+                    conn.close();
+                }
+            }
+        }
+        None
     }
 
     fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot, now: Instant) {
