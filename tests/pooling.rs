@@ -282,6 +282,30 @@ async fn server_connections_are_replaced_after_server_lifetime() {
 }
 
 #[tokio::test]
+async fn a_client_that_vanishes_during_its_query_leaves_the_connection_to_finish_and_serve_on() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
+    let (client, connection) = tokio_postgres::connect(&pgw.conninfo(&db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let first = backend_pid(&client).await;
+    let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(0.5)").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The client's socket closes while the server runs its query.
+    query.abort();
+    driver.abort();
+    let _ = driver.await;
+    let other = pgw.connect(&db).await;
+    let started = Instant::now();
+    // The pool's one connection finished the query, came back clean and serves the
+    // next client; no second server session was opened beside the running query.
+    assert_eq!(backend_pid(&other).await, first);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(server_pids(&db), vec![first]);
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_mid_transaction_does_not_leak_its_transaction() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));

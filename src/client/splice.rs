@@ -193,6 +193,18 @@ impl Ctx<'_> {
             && self.scanner.at_boundary()
     }
 
+    /// The client's requests are whole and synced, and the server owes their answers:
+    /// nothing more from the client can be needed before the server speaks. (Not so
+    /// in a COPY FROM STDIN, a batch without Sync or a partly read message: the server
+    /// may be waiting for the rest.)
+    pub fn awaits_answer(&self) -> bool {
+        !self.expected.is_empty()
+            && !self.x.unsynced
+            && !self.x.copy_in
+            && !self.x.skipping
+            && self.scanner.at_boundary()
+    }
+
     /// Nothing owed and the client between batches, inside a transaction block:
     /// the server waits for the client's next statement.
     pub fn waits_in_transaction(&self) -> bool {
@@ -316,6 +328,14 @@ pub async fn splice(
     if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
         return (Outcome::Refused(e), to_client);
     }
+    // Nothing came from the server since the client's bytes last went to it. While
+    // so, and the server owes whole requests, the client is not read: most answers
+    // then end the transaction in one read, and the client read that would only
+    // have waited (with its wake-up bookkeeping) is spared. What the client sends
+    // meanwhile waits in its socket until the server's first bytes; a client gone
+    // during a long query is noticed then, and its server connection, which had to
+    // finish the query anyway, stays usable.
+    let mut server_quiet = true;
 
     loop {
         // A cancel still on its way could land on the next query this connection
@@ -390,6 +410,7 @@ pub async fn splice(
             }
             if !cx.x.client_done
                 && to_server.len() < HIGH_WATER
+                && !(server_quiet && cx.awaits_answer())
                 && let Poll::Ready(r) = poll_read_into(Pin::new(&mut client_r), task, inbuf)
             {
                 return Poll::Ready(Event::ClientRead(r));
@@ -430,7 +451,7 @@ pub async fn splice(
                         Some(n) => lost!(n.message.clone()),
                         None => lost!("server closed the connection".to_owned()),
                     },
-                    Ok(_) => {}
+                    Ok(_) => server_quiet = false,
                     Err(e) => lost!(format!("read failed: {e}")),
                 }
                 // A session that holds its server (session mode) keeps reading
@@ -454,6 +475,7 @@ pub async fn splice(
                     {
                         return (Outcome::Refused(e), to_client);
                     }
+                    server_quiet = true;
                 }
             },
             Event::Stop(stop) => match stop {
