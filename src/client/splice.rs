@@ -3,7 +3,8 @@
 //! Bytes flow both ways at once, in one task: each wait polls four socket
 //! operations (write server, write client, read server, read client) and handles
 //! the first that is ready, as an `Event`. Polling them by hand rather than
-//! through `select!` spares each wait the building of a future per branch. Reading and writing each direction independently means a client that
+//! through `select!` spares each wait the building of a future per branch.
+//! Reading and writing each direction independently means a client that
 //! pipelines faster than the server answers cannot deadlock the pair, and a
 //! slow client reading a large result only slows itself.
 //!
