@@ -77,8 +77,21 @@ pub fn forward(
     Ok(false)
 }
 
-/// Writes pgwarden's own answers that are next in line.
+/// Writes pgwarden's own answers that are next in line. Inlined: it runs at every
+/// message boundary, and there is rarely one.
+#[inline]
 pub fn answer_locally(
+    inbuf: &mut BytesMut,
+    pos: &mut usize,
+    to_client: &mut BytesMut,
+    cx: &mut Ctx<'_>,
+) {
+    if matches!(cx.expected.head(), Some(Expect::Reply(_))) {
+        write_replies(inbuf, pos, to_client, cx);
+    }
+}
+
+fn write_replies(
     inbuf: &mut BytesMut,
     pos: &mut usize,
     to_client: &mut BytesMut,

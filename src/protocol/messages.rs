@@ -115,8 +115,13 @@ pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
 
 /// Splits at the first NUL: the C string and what follows it (all of `bytes` and
 /// nothing when there is no NUL). A vectorised search: query texts are this scan's
-/// longest input, and it runs on every one.
+/// longest input, and it runs on every one. The empty string (the unnamed statement
+/// and portal of most extended-protocol messages) is answered before the search is
+/// set up, which would cost more than all the rest of the call.
 pub fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
+    if let Some((0, rest)) = bytes.split_first() {
+        return (&[], rest);
+    }
     match memchr::memchr(0, bytes) {
         Some(end) => (&bytes[..end], &bytes[end + 1..]),
         None => (bytes, &[]),
