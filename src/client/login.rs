@@ -215,10 +215,10 @@ impl Session {
         let welcome = match logins.welcome_for(&self.who.params) {
             Some(welcome) => welcome,
             None => {
-                let (conn, reports) = self.attach(std::time::Instant::now()).await?;
+                let attached = self.attach(std::time::Instant::now()).await?;
                 self.who.client.serving(None);
-                conn.release();
-                logins.accept(&self.who.params, &reports)
+                attached.conn.release();
+                logins.accept(&self.who.params, &attached.reports)
             }
         };
         let mut out = BytesMut::new();

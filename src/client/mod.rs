@@ -169,6 +169,15 @@ impl LoggedIn {
     }
 }
 
+/// A server connection in hand for a client's request.
+struct Attached {
+    conn: PooledConn,
+    /// what the server reported while the client's settings were applied to it
+    reports: Vec<(String, String)>,
+    /// whether getting it awaited anything: a slot, a connect, the settings, a routing change
+    waited: bool,
+}
+
 /// How the session answers the client while it holds no server connection.
 enum Between {
     /// Requests go to a server.
@@ -352,12 +361,18 @@ impl Session {
             .enter(self.who.database(), &self.who.gate)
             .await;
         let attached = self.attach(waiting).await;
-        // One clock reading ends the wait and starts the transaction.
-        let started = Instant::now();
-        let waited = started.duration_since(waiting);
-        self.who.metrics.wait_seconds.observe(waited.as_secs_f64());
+        // The wait ends when it began unless something was awaited: most transactions
+        // find an idle connection in line with their settings, and skip a clock reading.
+        let started = match &attached {
+            Ok(a) if !a.waited && !admission.waited => waiting,
+            _ => Instant::now(),
+        };
+        self.who
+            .metrics
+            .wait_seconds
+            .observe(started.duration_since(waiting).as_secs_f64());
         let conn = match attached {
-            Ok((conn, _)) => conn,
+            Ok(a) => a.conn,
             Err(e) => {
                 drop(admission);
                 self.set_state(ClientState::Waiting, ClientState::Idle);
@@ -551,14 +566,11 @@ impl Session {
     }
 
     /// Picks the backend, checks out a connection, and applies the client's settings to
-    /// it (returning what the server reported while applying them). While nothing can
-    /// serve the request (no primary during a failover, the primary unreachable) it
-    /// waits for the routing to change, up to `failover.client_wait_timeout` from `start`.
-    async fn attach(
-        &mut self,
-        start: Instant,
-    ) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
-        let start = tokio::time::Instant::from_std(start);
+    /// it. While nothing can serve the request (no primary during a failover, the
+    /// primary unreachable) it waits for the routing to change, up to
+    /// `failover.client_wait_timeout` from `start` (a clock reading just taken).
+    async fn attach(&mut self, start: Instant) -> Result<Attached, ClientError> {
+        let mut waited = false;
         // Routing changes are watched from the first wait on: most transactions never wait.
         let mut wait: Option<(watch::Receiver<u64>, tokio::time::Instant, Duration)> = None;
         let mut last_error = None;
@@ -572,16 +584,22 @@ impl Session {
             };
             if let Some(pool) = pool {
                 // The fast paths are tried before awaiting: each future polled costs.
-                let checkout = match pool.try_checkout() {
+                let checkout = match pool.try_checkout(start) {
                     Some(conn) => Ok(conn),
-                    None => pool.checkout().await,
+                    None => {
+                        waited = true;
+                        pool.checkout().await
+                    }
                 };
                 match checkout {
                     Ok(conn) => {
                         let (conn, reports) =
                             match sync_statement(conn.applied.as_ref(), &self.who.params) {
                                 None => (conn, Vec::new()),
-                                Some(sql) => apply_settings(conn, &sql, &self.who.params).await?,
+                                Some(sql) => {
+                                    waited = true;
+                                    apply_settings(conn, &sql, &self.who.params).await?
+                                }
                             };
                         let pool = conn.pool();
                         self.who.client.serving(Some(Serving {
@@ -594,7 +612,11 @@ impl Session {
                         if pool.is_retired() {
                             self.who.client.entry().ending.evict();
                         }
-                        return Ok((conn, reports));
+                        return Ok(Attached {
+                            conn,
+                            reports,
+                            waited,
+                        });
                     }
                     // The backend left the routing table while we waited: route again.
                     Err(CheckoutError::Retired) => {
@@ -625,16 +647,18 @@ impl Session {
                 }
             }
             if wait.is_none() {
-                let waited = self.shared.config.load().failover.client_wait_timeout;
+                let limit = self.shared.config.load().failover.client_wait_timeout;
                 let changes = self.shared.routing.subscribe();
                 // A table published since the one routed above is not waited for.
                 let newer = *changes.borrow() != routed;
-                wait = Some((changes, start + waited, waited));
+                let deadline = tokio::time::Instant::from_std(start) + limit;
+                wait = Some((changes, deadline, limit));
                 if newer {
                     continue;
                 }
             }
-            let (changes, deadline, waited) = wait.as_mut().expect("subscribed above");
+            waited = true;
+            let (changes, deadline, limit) = wait.as_mut().expect("subscribed above");
             if tokio::time::timeout_at(*deadline, changes.changed())
                 .await
                 .is_err()
@@ -642,7 +666,7 @@ impl Session {
                 return Err(last_error.unwrap_or(ClientError::Unavailable {
                     database: self.who.database().to_owned(),
                     what: self.who.target.name(),
-                    waited: *waited,
+                    waited: *limit,
                 }));
             }
         }

@@ -50,6 +50,8 @@ impl Default for Gate {
 #[derive(Debug)]
 pub struct Admission {
     counter: Arc<AtomicUsize>,
+    /// whether the transaction waited at a paused gate
+    pub waited: bool,
 }
 
 impl Drop for Admission {
@@ -67,6 +69,7 @@ impl Gate {
 
     /// Admits a transaction of `database`, waiting while it is paused.
     pub async fn enter(&self, database: &str, counter: &Arc<AtomicUsize>) -> Admission {
+        let mut waited = false;
         loop {
             // Count first, then look: a pause that starts now either sees this
             // transaction in flight or is seen by it.
@@ -74,9 +77,11 @@ impl Gate {
             if !self.any.load(Ordering::SeqCst) || !self.paused.borrow().covers(database) {
                 return Admission {
                     counter: counter.clone(),
+                    waited,
                 };
             }
             counter.fetch_sub(1, Ordering::SeqCst);
+            waited = true;
             let mut changes = self.paused.subscribe();
             let _ = changes.wait_for(|p| !p.covers(database)).await;
         }
@@ -145,6 +150,7 @@ mod tests {
         let gate = Arc::new(Gate::default());
         let counter = gate.counter("db");
         let running = gate.enter("db", &counter).await;
+        assert!(!running.waited);
         gate.pause(Some("db"));
         assert!(!gate.drained(Some("db"), Duration::from_millis(20)).await);
         let waiter = {
@@ -161,6 +167,7 @@ mod tests {
         drop(gate.enter("other", &other).await);
         gate.resume(Some("db"));
         let admitted = waiter.await.unwrap();
+        assert!(admitted.waited);
         assert_eq!(gate.in_flight(None), 1);
         drop(admitted);
         assert_eq!(gate.in_flight(None), 0);

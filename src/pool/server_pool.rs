@@ -69,6 +69,9 @@ pub struct ServerPool {
     /// where connections go
     pub target: ServerTarget,
     settings: ArcSwap<PoolSettings>,
+    /// `settings.lifetime` in nanoseconds, read at every checkout and return: a plain
+    /// word is cheaper to read there than the settings behind their `ArcSwap`
+    lifetime: AtomicU64,
     main: Slots,
     reserve: Slots,
     /// Boxed, here and in [`PooledConn`]: a connection changes hands several times per
@@ -106,6 +109,7 @@ impl ServerPool {
             target,
             main: Slots::new(settings.size),
             reserve: Slots::new(settings.reserve_size),
+            lifetime: AtomicU64::new(nanos(settings.lifetime)),
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
             secrets,
@@ -120,13 +124,14 @@ impl ServerPool {
     /// server is answering clients, whatever a slow health probe says.
     pub fn answered_within(&self, window: Duration) -> bool {
         let at = self.answered.load(Ordering::Relaxed);
-        at != 0 && clock_start().elapsed().as_nanos() as u64 - at <= window.as_nanos() as u64
+        at != 0 && nanos(clock_start().elapsed()).saturating_sub(at) <= nanos(window)
     }
 
     /// The checkout of most transactions, without waiting: a free slot and a live
-    /// idle connection. `None` leaves the pool as it was, for [`ServerPool::checkout`].
-    /// Not async, so that the common case polls no future of its own.
-    pub fn try_checkout(self: &Arc<Self>) -> Option<PooledConn> {
+    /// idle connection, judged by the clock reading `now` the caller already has.
+    /// `None` leaves the pool as it was, for [`ServerPool::checkout`]. Not async, so
+    /// that the common case polls no future of its own.
+    pub fn try_checkout(self: &Arc<Self>, now: Instant) -> Option<PooledConn> {
         if !self.main.try_acquire() {
             return None;
         }
@@ -136,7 +141,7 @@ impl ServerPool {
             slot: Some(Slot::Main),
         };
         // Without a connection, dropping `pooled` gives the slot back.
-        pooled.conn = Some(self.live_idle()?);
+        pooled.conn = Some(self.live_idle(now)?);
         Some(pooled)
     }
 
@@ -155,7 +160,8 @@ impl ServerPool {
             conn: None,
             slot: Some(slot),
         };
-        if let Some(conn) = self.live_idle() {
+        // Read after the wait for a slot, which may have been long.
+        if let Some(conn) = self.live_idle(Instant::now()) {
             pooled.conn = Some(conn);
             return Ok(pooled);
         }
@@ -222,9 +228,9 @@ impl ServerPool {
 
     /// Takes an idle connection that is still alive, closing the expired and broken
     /// ones met on the way.
-    fn live_idle(&self) -> Option<Box<ServerConn>> {
+    fn live_idle(&self, now: Instant) -> Option<Box<ServerConn>> {
         while let Some(mut conn) = lock(&self.idle).pop() {
-            if expired(&conn, &self.settings.load(), Instant::now()) {
+            if self.expired(&conn, now) {
                 debug!(server = conn.id, "closing expired server connection");
                 conn.close();
                 continue;
@@ -241,12 +247,9 @@ impl ServerPool {
     }
 
     fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot, now: Instant) {
-        self.answered.store(
-            now.duration_since(clock_start()).as_nanos() as u64,
-            Ordering::Relaxed,
-        );
-        let settings = self.settings.load();
-        if self.is_retired() || expired(&conn, &settings, now) {
+        self.answered
+            .store(nanos(now.duration_since(clock_start())), Ordering::Relaxed);
+        if self.is_retired() || self.expired(&conn, now) {
             conn.close();
         } else {
             conn.mark_idle(now);
@@ -274,6 +277,8 @@ impl ServerPool {
         }
         self.main.resize(settings.size);
         self.reserve.resize(settings.reserve_size);
+        self.lifetime
+            .store(nanos(settings.lifetime), Ordering::Relaxed);
         self.settings.store(Arc::new(settings));
     }
 
@@ -284,7 +289,7 @@ impl ServerPool {
             let mut idle = lock(&self.idle);
             let now = Instant::now();
             let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-                expired(c, &settings, now)
+                self.expired(c, now)
                     || (!settings.idle_timeout.is_zero() && c.idle_for() >= settings.idle_timeout)
             });
             *idle = keep;
@@ -326,10 +331,17 @@ impl ServerPool {
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
     }
+
+    /// True when `conn` has outlived the pool's lifetime at `now`.
+    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+        let lifetime = self.lifetime.load(Ordering::Relaxed);
+        lifetime != 0 && nanos(conn.age(now)) >= lifetime
+    }
 }
 
-fn expired(conn: &ServerConn, settings: &PoolSettings, now: Instant) -> bool {
-    !settings.lifetime.is_zero() && conn.age(now) >= settings.lifetime
+/// A duration as the nanoseconds an atomic holds (saturating: five centuries).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
