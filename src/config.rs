@@ -103,6 +103,19 @@ pub struct General {
     pub admin_users: Vec<String>,
     /// users who may run the admin console's SHOW commands
     pub stats_users: Vec<String>,
+    /// probe idle client and server sockets with TCP keepalive
+    pub tcp_keepalive: bool,
+    /// idle time before the first keepalive probe, in whole seconds; "0": the system's
+    #[serde(with = "duration")]
+    pub tcp_keepidle: Duration,
+    /// time between keepalive probes, in whole seconds; "0": the system's
+    #[serde(with = "duration")]
+    pub tcp_keepintvl: Duration,
+    /// unanswered keepalive probes before a connection is dropped; 0: the system's
+    pub tcp_keepcnt: u32,
+    /// how long sent data may stay unacknowledged before a connection is dropped; "0": the system's
+    #[serde(with = "duration")]
+    pub tcp_user_timeout: Duration,
 }
 
 impl Default for General {
@@ -119,6 +132,11 @@ impl Default for General {
             http_listen: "127.0.0.1:9930".into(),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
+            tcp_keepalive: true,
+            tcp_keepidle: Duration::ZERO,
+            tcp_keepintvl: Duration::ZERO,
+            tcp_keepcnt: 0,
+            tcp_user_timeout: Duration::ZERO,
         }
     }
 }
@@ -566,6 +584,30 @@ impl Config {
             return err(
                 "pgwarden.client_login_timeout".into(),
                 "must be above 0".into(),
+            );
+        }
+        // Linux's limits (TCP_KEEPIDLE and TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT).
+        for (key, d) in [
+            ("pgwarden.tcp_keepidle", g.tcp_keepidle),
+            ("pgwarden.tcp_keepintvl", g.tcp_keepintvl),
+        ] {
+            if d.subsec_nanos() != 0 || d.as_secs() > 32_767 {
+                return err(
+                    key.into(),
+                    "must be whole seconds from 1s to 32767s, or \"0\" for the system's".into(),
+                );
+            }
+        }
+        if g.tcp_keepcnt > 127 {
+            return err(
+                "pgwarden.tcp_keepcnt".into(),
+                "must be at most 127 (0: the system's)".into(),
+            );
+        }
+        if g.tcp_user_timeout.as_millis() > i32::MAX as u128 {
+            return err(
+                "pgwarden.tcp_user_timeout".into(),
+                "must be at most 24 days (\"0\": the system's)".into(),
             );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&g.log_level) {
@@ -1166,6 +1208,31 @@ host = "127.0.0.1"
         }
         let e = parse(&format!("[failover]\nmode = \"sometimes\"\n{MINIMAL}")).unwrap_err();
         assert_eq!(e.key, "failover.mode");
+    }
+
+    #[test]
+    fn keepalive_settings_stay_within_what_the_kernel_takes() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.pgwarden.tcp_keepalive);
+        assert!(c.pgwarden.tcp_keepidle.is_zero());
+        for (line, ok) in [
+            ("tcp_keepidle = \"30s\"", true),
+            ("tcp_keepidle = \"1500ms\"", false),
+            ("tcp_keepintvl = \"10h\"", false),
+            ("tcp_keepcnt = 127", true),
+            ("tcp_keepcnt = 128", false),
+            ("tcp_user_timeout = \"250ms\"", true),
+            ("tcp_user_timeout = \"30d\"", false),
+        ] {
+            match parse(&format!("[pgwarden]\n{line}\n{MINIMAL}")) {
+                Ok(_) => assert!(ok, "{line} was accepted"),
+                Err(e) => {
+                    assert!(!ok, "{line}: {e}");
+                    let key = line.split(' ').next().unwrap();
+                    assert_eq!(e.key, format!("pgwarden.{key}"));
+                }
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod drill;
 pub mod error;
 pub mod failover;
 pub mod health;
+pub mod keepalive;
 pub mod limits;
 pub mod metrics;
 pub mod params;

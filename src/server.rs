@@ -26,6 +26,7 @@ use crate::auth::backend::BackendAuth;
 use crate::client::expect::Expected;
 use crate::client::statements::ServerStatements;
 use crate::error::{ServerError, sqlstate};
+use crate::keepalive::Keepalive;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, MAX_BUFFERED_LEN, ReadError, read_message};
@@ -104,8 +105,9 @@ impl ServerConn {
         credential: &Credential,
         tls: &Tls,
         timeout: Duration,
+        keepalive: Keepalive,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(timeout, Self::login(target, credential, tls))
+        tokio::time::timeout(timeout, Self::login(target, credential, tls, keepalive))
             .await
             .map_err(|_| ServerError::Timeout(timeout))?
     }
@@ -114,9 +116,11 @@ impl ServerConn {
         target: &ServerTarget,
         credential: &Credential,
         tls: &Tls,
+        keepalive: Keepalive,
     ) -> Result<ServerConn, ServerError> {
         let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
         tcp.set_nodelay(true)?;
+        keepalive.apply(&tcp)?;
         let addr = tcp.peer_addr()?;
         let mut stream = tls.connect(tcp, &target.host).await?;
         let mut startup = Startup::new();

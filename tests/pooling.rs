@@ -282,6 +282,74 @@ async fn server_connections_are_replaced_after_server_lifetime() {
 }
 
 #[tokio::test]
+async fn client_and_server_sockets_carry_the_configured_keepalive() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: "tcp_keepidle = \"42s\"".into(),
+            ..Default::default()
+        },
+    );
+    let client = pgw.connect(&db).await;
+    // pgwarden's end of the server connection that ran this query.
+    let server_side: i32 = client
+        .query_one(
+            "SELECT client_port FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (what, port) in [("server", server_side as u16), ("client", pgw.port)] {
+        // Until the last answer is acknowledged the kernel shows its retransmission
+        // timer instead; on loopback that takes well under a second.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let timers = loop {
+            let timers = established_timers(port);
+            if timers.iter().all(|&(kind, _)| kind == KEEPALIVE) || Instant::now() > deadline {
+                break timers;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!timers.is_empty(), "no {what} socket on local port {port}");
+        for (kind, ticks) in timers {
+            assert_eq!(kind, KEEPALIVE, "{what} socket without a keepalive timer");
+            // /proc/net/tcp counts in 1/100 s: the probe is due within tcp_keepidle.
+            assert!(
+                ticks <= 4200,
+                "{what} socket's first probe in {ticks} ticks"
+            );
+        }
+    }
+}
+
+/// The timer kind /proc/net/tcp shows for a pending keepalive probe.
+const KEEPALIVE: u8 = 2;
+
+/// (timer kind, ticks until it fires) of each established IPv4 socket whose local
+/// port is `port`, from /proc/net/tcp.
+fn established_timers(port: u16) -> Vec<(u8, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields[1].rsplit(':').next()?, 16).ok()?;
+            let established = fields[3] == "01";
+            let (kind, when) = fields[5].split_once(':')?;
+            (local_port == port && established).then(|| {
+                (
+                    u8::from_str_radix(kind, 16).unwrap(),
+                    u64::from_str_radix(when, 16).unwrap(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
 async fn a_client_that_vanishes_during_its_query_leaves_the_connection_to_finish_and_serve_on() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));

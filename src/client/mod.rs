@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use crate::backend::BackendTable;
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
+use crate::keepalive::Keepalive;
 use crate::metrics::{ClientState, SessionMetrics};
 use crate::params::{ParamSet, literal, sync_statement};
 use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
@@ -63,6 +64,10 @@ const FIRST_READ: usize = 1024;
 /// Runs a freshly accepted connection to its end; `slot` counts it until then.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, slot: Slot) {
     let _ = stream.set_nodelay(true);
+    let keepalive = Keepalive::from_config(&slot.config.load().pgwarden);
+    if let Err(e) = keepalive.apply(&stream) {
+        debug!(%peer, error = %e, "could not set TCP keepalive on a client socket");
+    }
     // Boxed: the login's state is large and short-lived, and an idle session's task
     // should not carry its size for hours.
     match Box::pin(admit(stream, peer, &slot)).await {

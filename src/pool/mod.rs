@@ -24,6 +24,7 @@ pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 
 use crate::auth::Secrets;
 use crate::config::{BackendConfig, Config};
+use crate::keepalive::Keepalive;
 use crate::registry::ClientRegistry;
 use crate::server::ServerTarget;
 use crate::tls::Tls;
@@ -215,5 +216,6 @@ pub fn settings_for(config: &Config, database: &str) -> PoolSettings {
         connect_timeout: p.server_connect_timeout,
         idle_timeout: p.server_idle_timeout,
         lifetime: p.server_lifetime,
+        keepalive: Keepalive::from_config(&config.pgwarden),
     }
 }

@@ -18,6 +18,7 @@ use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::Secrets;
 use crate::error::ServerError;
+use crate::keepalive::Keepalive;
 use crate::server::{ServerConn, ServerTarget};
 use crate::tls::Tls;
 
@@ -38,6 +39,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// close connections this old; zero keeps them
     pub lifetime: Duration,
+    /// TCP keepalive of new connections
+    pub keepalive: Keepalive,
 }
 
 /// Why no server connection was handed out.
@@ -172,12 +175,13 @@ impl ServerPool {
             ))
         })?;
         let tls = self.tls.load();
-        let timeout = self.connect_timeout();
+        let settings = self.settings.load();
         match Box::pin(ServerConn::connect(
             &self.target,
             &credential,
             &tls,
-            timeout,
+            settings.connect_timeout,
+            settings.keepalive,
         ))
         .await
         {
