@@ -8,13 +8,18 @@
 //! request that arrives after the transaction ended goes nowhere, so it can
 //! never cancel another client's query.
 //!
+//! A CancelRequest may still be on its way to the server connection when the
+//! transaction ends: the connection then waits for it to land (PostgreSQL drops
+//! a cancel that finds its backend idle) before it serves anyone else, so a
+//! client's late cancel cannot reach the next client's query either.
+//!
 //! The same record tells which pool a running transaction uses: when a pool is
 //! retired (its backend left the routing table), the sessions on it are told
 //! through their [`Ending`], the one thing outside its sockets a session waits on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -50,6 +55,8 @@ pub struct Entry {
     pub connected_at: SystemTime,
     state: AtomicU8,
     serving: Mutex<Option<Serving>>,
+    /// its CancelRequests on their way to a server connection
+    cancels: AtomicUsize,
     /// the admin console's KILL, the process's shutdown and the eviction of the
     /// running transaction, for this session
     pub ending: Ending,
@@ -145,6 +152,44 @@ impl Entry {
     pub fn serving(&self) -> Option<Serving> {
         lock(&self.serving).clone()
     }
+
+    /// True while a CancelRequest of this client is on its way to a server connection.
+    pub fn cancel_in_flight(&self) -> bool {
+        self.cancels.load(Ordering::SeqCst) > 0
+    }
+
+    /// Waits until no CancelRequest of this client is on its way to a server
+    /// connection. Each is bounded by the connect timeout it is sent with.
+    pub async fn cancels_landed(&self) {
+        std::future::poll_fn(|cx| {
+            // Registered before the check, so a landing in between is not missed.
+            self.ending.waker.register(cx.waker());
+            if self.cancel_in_flight() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+}
+
+/// A CancelRequest counted in flight for its entry until dropped, however its
+/// forwarding ends (sent, failed, timed out, or abandoned at shutdown).
+struct InFlight<'a>(&'a Entry);
+
+impl<'a> InFlight<'a> {
+    fn new(entry: &'a Entry) -> Self {
+        entry.cancels.fetch_add(1, Ordering::SeqCst);
+        InFlight(entry)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.cancels.fetch_sub(1, Ordering::SeqCst);
+        self.0.ending.waker.wake();
+    }
 }
 
 /// Every connected client.
@@ -182,6 +227,7 @@ impl ClientRegistry {
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(0),
                     serving: Mutex::new(None),
+                    cancels: AtomicUsize::new(0),
                     ending: Ending::default(),
                 });
                 // Checked under the shard's lock that shut_down_all takes too: an
@@ -233,12 +279,15 @@ impl ClientRegistry {
 
     /// Forwards a client's CancelRequest to the server connection it is using now, if any.
     pub async fn cancel(&self, pid: i32, secret: i32, connect_timeout: Duration) {
-        let target = self
-            .shard(pid)
-            .get(&pid)
-            .cloned()
-            .and_then(|entry| (entry.secret == secret).then(|| entry.serving()).flatten());
-        let Some(Serving { key, .. }) = target else {
+        let entry = self.shard(pid).get(&pid).cloned();
+        let Some(entry) = entry.filter(|e| e.secret == secret) else {
+            debug!(pid, "cancel request matches no client");
+            return;
+        };
+        // Counted before the lookup: a transaction that ends after it sees the count
+        // and keeps its server connection until the cancel has landed.
+        let _in_flight = InFlight::new(&entry);
+        let Some(Serving { key, .. }) = entry.serving() else {
             debug!(pid, "cancel request matches no running query");
             return;
         };

@@ -5,8 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Db, Pgwarden, sqlstate};
+use common::relay::{Mode, Relay};
+use common::{Db, Options, Pgwarden, pool, sqlstate};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use pgwarden::cluster::free_port;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::types::Type;
 
@@ -408,4 +410,31 @@ async fn cancel_reaches_the_running_query_only() {
         .await
         .unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cancel_still_on_its_way_when_its_query_ends_never_reaches_the_next_client() {
+    let db = Db::create();
+    let relay = Relay::start(db.server_port, free_port().unwrap()).await;
+    relay.set(Mode::SlowCancel);
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            backends: vec![("pg1".into(), relay.port)],
+            ..pool("default_pool_size = 1")
+        },
+    );
+    let first = pgw.connect(&db).await;
+    let next = pgw.connect(&db).await;
+    let token = first.cancel_token();
+    let ends = tokio::spawn(async move { first.simple_query("SELECT pg_sleep(0.4)").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The cancel reaches the server a second later, after the query has ended.
+    let cancel = tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The only server connection goes to this client next; the cancel must not end its query.
+    let waits = tokio::spawn(async move { next.simple_query("SELECT pg_sleep(1.5)").await });
+    ends.await.unwrap().unwrap();
+    cancel.await.unwrap().unwrap();
+    waits.await.unwrap().unwrap();
 }

@@ -430,6 +430,12 @@ impl Session {
         let (outcome, to_client) =
             splice::splice(client, &mut conn, pooling, ending, &mut exchange).await;
         self.who.client.serving(None);
+        // A cancel the client sent as its transaction ended may still be on its way to
+        // this connection: it serves no one else until that has landed.
+        let entry = self.who.client.entry();
+        if entry.cancel_in_flight() {
+            entry.cancels_landed().await;
+        }
         // One clock reading ends the transaction and dates the connection's return.
         let ended = Instant::now();
         let m = &self.who.metrics;

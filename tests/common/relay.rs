@@ -22,6 +22,9 @@ pub enum Mode {
     Blackhole,
     /// closes every connection, and each new one at once: a path that went away
     Reset,
+    /// holds each CancelRequest a second before passing it on: a cancel still on
+    /// its way while the query it was meant for ends
+    SlowCancel,
 }
 
 /// A relay on `port` to a node on `target`; it stops when dropped.
@@ -82,6 +85,11 @@ async fn relay(inbound: TcpStream, target: u16, mut mode: watch::Receiver<Mode>)
                     let name: &[u8] = b"pgwarden-monitor";
                     if head.windows(name.len()).any(|w| w == name) {
                         monitor_tx.send_replace(true);
+                    }
+                    // A CancelRequest: length 16, then the cancel code 80877102.
+                    let cancel = head.get(..8) == Some(&[0, 0, 0, 16, 4, 210, 22, 46][..]);
+                    if cancel && *mode.borrow() == Mode::SlowCancel {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
                 if !passes(&mut mode).await || server_w.write_all(&buf[..n]).await.is_err() {
