@@ -81,6 +81,9 @@ pub struct Shared {
     pub coordination: Option<Arc<crate::coordination::Coordinator>>,
     /// accepted connections, logging in or logged in
     connections: AtomicUsize,
+    /// `pool.max_message_size` of the running configuration, which every session
+    /// reads at each request: cheaper there than loading the configuration
+    pub max_message: AtomicUsize,
 }
 
 impl Shared {
@@ -106,6 +109,7 @@ impl Shared {
             read_turn: AtomicUsize::new(0),
             first_transaction_logged: AtomicU64::new(1),
             pools: Pools::new(secrets, tls.clone(), clients.clone()),
+            max_message: AtomicUsize::new(config.pool.max_message_size as usize),
             config: ArcSwap::from_pointee(config),
             users,
             tls,
@@ -145,6 +149,8 @@ impl Shared {
         self.users.store(Arc::new(users));
         self.tls.store(Arc::new(tls));
         self.pools.reconfigure(&config);
+        self.max_message
+            .store(config.pool.max_message_size as usize, Ordering::Relaxed);
         self.config.store(Arc::new(config));
         self.reconfigured.notify_one();
         Ok(())

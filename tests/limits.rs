@@ -174,4 +174,26 @@ async fn a_message_over_max_message_size_closes_only_that_client() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 1);
+
+    // A reload that lowers the limit holds for clients already logged in, from their
+    // next request on.
+    let mut raw = logged_in(&pgw, &db);
+    let lowered = Options {
+        auth: Some("trust".into()),
+        pool: "max_message_size = \"1MB\"".into(),
+        ..Default::default()
+    };
+    pgw.rewrite_config(&[&db], &lowered);
+    pgw.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pgw.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", pgw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut header = vec![b'Q'];
+    header.extend_from_slice(&((2 << 20) as u32).to_be_bytes());
+    raw.send(&header);
+    let (tag, body) = raw.read().expect("an error before the close");
+    assert_eq!((tag, error_code(&body).as_str()), (b'E', "54000"));
+    assert!(raw.read().is_none(), "connection left open");
 }

@@ -224,8 +224,7 @@ pub struct Session {
 
 impl Session {
     fn new(stream: Stream, shared: Arc<Shared>, who: LoggedIn) -> Session {
-        // Read at login: a reload applies to clients that log in after it.
-        let max_message = shared.config.load().pool.max_message_size as usize;
+        let max_message = shared.max_message.load(Ordering::Relaxed);
         Session {
             stream,
             shared,
@@ -783,6 +782,9 @@ impl Session {
     /// a frame that was being skipped. Returns the frame's type.
     async fn next_tag(&mut self) -> Result<u8, End> {
         loop {
+            // A reload's max_message_size holds from each client's next request on.
+            let max_message = self.shared.max_message.load(Ordering::Relaxed);
+            self.scanner.set_max(max_message);
             if !self.scanner.at_boundary() {
                 if let Scan::Body(n) = self.scanner.next(&self.inbuf, |_| false) {
                     self.inbuf.advance(n);

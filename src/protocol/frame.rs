@@ -118,6 +118,11 @@ impl Scanner {
         self.max
     }
 
+    /// Changes the longest frame accepted from the next frame header on.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// True between frames: no announced body is still on its way.
     pub fn at_boundary(&self) -> bool {
         self.body_left == 0
