@@ -142,7 +142,14 @@ pub fn forward(
             }
         }
     }
-    pass(inbuf, pos, to_server);
+    if pos == inbuf.len() && to_server.is_empty() {
+        // All that was read goes on as it came (most requests): the buffer changes
+        // hands whole. Splitting it would allocate a shared header for its two halves,
+        // and the client's next read starts a buffer of its own anyway.
+        std::mem::swap(inbuf, to_server);
+    } else {
+        pass(inbuf, pos, to_server);
+    }
     Ok(())
 }
 
