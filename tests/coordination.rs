@@ -2,7 +2,8 @@
 //! three-node cluster (synchronous replication), coordinated through a real etcd.
 //! A primary crash is handled by exactly one promotion, every proxy follows the
 //! leader's decision, a leader killed midway is replaced by one that finishes the
-//! failover, and without etcd nobody promotes until it is back.
+//! failover (or the switchover it left before promoting), and without etcd nobody
+//! promotes until it is back.
 
 #![cfg(feature = "etcd")]
 
@@ -29,8 +30,13 @@ struct Env {
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// An admin console user of every proxy.
+const ADMIN: (&str, &str) = ("ops", "ops-secret");
+
 fn options(etcd: &Etcd, env: &[(&str, &str)]) -> Options {
     Options {
+        pgwarden: format!("admin_users = [\"{}\"]", ADMIN.0),
+        extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
         health: "interval = \"200ms\"\ntimeout = \"500ms\"".into(),
         failover: "client_wait_timeout = \"20s\"".into(),
         sections: format!(
@@ -282,6 +288,45 @@ async fn a_new_leader_finishes_the_failover_a_killed_leader_left_midway() {
         .map(|p| coordination(p)["role"].as_str().unwrap_or("").to_owned())
         .collect();
     assert!(leaders.iter().any(|r| r == "leader"), "{leaders:?}");
+    let logs = env.logs();
+    assert!(logs.contains("finishing an interrupted failover"), "{logs}");
+    env.proxies.remove(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_the_switchover_a_killed_leader_left_before_promoting() {
+    let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_PROMOTE", "60s")]).await;
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
+        env.proxies[0].port, ADMIN.0, ADMIN.1
+    ))
+    .await
+    .unwrap();
+    // It will not answer: its proxy dies while the switchover waits to promote.
+    let switchover = tokio::spawn(async move { console.simple_query("SWITCHOVER").await });
+    let leader = &env.proxies[0];
+    eventually(
+        Duration::from_secs(20),
+        "the leader pauses before promoting",
+        || leader.log().contains("pausing before promoting"),
+    )
+    .await;
+    env.proxies[0].signal(libc::SIGKILL);
+    let _ = env.proxies[0].wait_exit(Duration::from_secs(5));
+    let _ = switchover.await;
+
+    // Another proxy takes the lease and promotes the standby the intent names (the
+    // old primary, read-only since the switchover began, stays up).
+    let mut promoted = None;
+    eventually(Duration::from_secs(30), "a standby is promoted", || {
+        promoted = (1..3).find(|&i| env.cluster.nodes[i].in_recovery().ok() == Some(false));
+        promoted.is_some()
+    })
+    .await;
+    let new = promoted.unwrap();
+    env.standby_follows(new).await;
+    env.all_route_to(new, Some(0)).await;
+    assert_eq!(env.promotions(), 1, "{}", env.logs());
     let logs = env.logs();
     assert!(logs.contains("finishing an interrupted failover"), "{logs}");
     env.proxies.remove(0);

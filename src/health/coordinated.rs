@@ -12,29 +12,47 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::Monitor;
 use crate::backend::Health;
 use crate::coordination::{ClusterState, Failover, Role, Snapshot, Step};
 use crate::failover::{self, Kind, Refusal};
 
-/// Fault drill: `PGWARDEN_PAUSE_BEFORE_REPOINT=3s` makes the failover controller
-/// wait between promoting and re-pointing, so an operator (or a test) can kill the
-/// leader there and watch another proxy finish. Read once; unset means no pause.
-pub(super) async fn pause_before_repoint() {
-    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
-    let pause = PAUSE.get_or_init(|| {
-        let value = std::env::var("PGWARDEN_PAUSE_BEFORE_REPOINT").ok()?;
-        humantime::parse_duration(&value)
-            .inspect_err(|e| warn!(%value, error = %e, "ignoring PGWARDEN_PAUSE_BEFORE_REPOINT"))
-            .ok()
+/// A point where a fault drill can hold the failover controller.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Drill {
+    /// the intent is published, the candidate not promoted yet
+    Promote,
+    /// the candidate is promoted, the other standbys not re-pointed yet
+    Repoint,
+}
+
+/// Fault drill: `PGWARDEN_PAUSE_BEFORE_PROMOTE=3s` makes the failover controller
+/// (failover, PROMOTE or switchover) wait between publishing its intent and
+/// promoting, and `PGWARDEN_PAUSE_BEFORE_REPOINT=3s` between promoting and
+/// re-pointing, so that an operator (or a test) can kill the leader there and
+/// watch another proxy finish. Each is read once; unset means no pause.
+pub(super) async fn pause_before(drill: Drill) {
+    static PAUSES: OnceLock<[Option<Duration>; 2]> = OnceLock::new();
+    const VARS: [&str; 2] = [
+        "PGWARDEN_PAUSE_BEFORE_PROMOTE",
+        "PGWARDEN_PAUSE_BEFORE_REPOINT",
+    ];
+    let pauses = PAUSES.get_or_init(|| {
+        VARS.map(|var| {
+            let value = std::env::var(var).ok()?;
+            humantime::parse_duration(&value)
+                .inspect_err(|e| warn!(%value, error = %e, "ignoring {var}"))
+                .ok()
+        })
     });
-    if let Some(pause) = *pause {
-        warn!(
-            ?pause,
-            "failover: pausing before re-pointing (PGWARDEN_PAUSE_BEFORE_REPOINT)"
-        );
+    let (at, what) = match drill {
+        Drill::Promote => (0, "promoting"),
+        Drill::Repoint => (1, "re-pointing"),
+    };
+    if let Some(pause) = pauses[at] {
+        warn!(?pause, "failover: pausing before {what} ({})", VARS[at]);
         tokio::time::sleep(pause).await;
     }
 }
@@ -130,11 +148,17 @@ impl Monitor {
         Ok(())
     }
 
-    /// Before promoting `candidate`: the intent, so that a new leader promotes the
-    /// same node rather than another one.
-    pub(super) async fn intend(&mut self, old: usize, candidate: usize) -> Result<(), Refusal> {
+    /// Before promoting `candidate` (a failover, PROMOTE or a switchover): the
+    /// intent, so that a leader that takes over midway promotes the same node rather
+    /// than another one. Returns the failover it replaces, for [`Monitor::withdraw`].
+    pub(super) async fn intend(
+        &mut self,
+        old: Option<usize>,
+        candidate: usize,
+    ) -> Result<Option<Failover>, Refusal> {
+        let before = self.published.as_ref().and_then(|s| s.failover.clone());
         let intent = Failover {
-            old: Some(self.nodes[old].config.name.clone()),
+            old: old.map(|o| self.nodes[o].config.name.clone()),
             new: self.nodes[candidate].config.name.clone(),
             step: Step::Promoting,
             timeline: None,
@@ -143,7 +167,29 @@ impl Monitor {
         };
         self.record(Some(intent))
             .await
-            .map_err(Refusal::Coordination)
+            .map_err(Refusal::Coordination)?;
+        pause_before(Drill::Promote).await;
+        Ok(before)
+    }
+
+    /// Takes back the intent of a PROMOTE or switchover whose promotion failed (the
+    /// old primary stays), so that no leader carries it out later: publishes
+    /// `before`, the failover the intent replaced, again. False when the intent
+    /// could not be taken back.
+    pub(super) async fn withdraw(&mut self, before: Option<Failover>) -> bool {
+        if !self.keeps_state() {
+            return true;
+        }
+        match self.record(before).await {
+            Ok(()) => {
+                info!("coordination: intent withdrawn, the promotion did not happen");
+                true
+            }
+            Err(e) => {
+                error!(error = %e, "coordination: could not withdraw the intent of a promotion that did not happen; a leader may still carry it out");
+                false
+            }
+        }
     }
 
     /// After promoting: `step` with the standbys still to re-point. A failed write

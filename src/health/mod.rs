@@ -437,7 +437,7 @@ impl Monitor {
                 return;
             }
         };
-        if let Err(refusal) = self.intend(old, candidate).await {
+        if let Err(refusal) = self.intend(Some(old), candidate).await {
             self.refuse(&old_name, detected, refusal);
             return;
         }
@@ -558,7 +558,7 @@ impl Monitor {
             .collect();
         self.record_step(old, new, timeline, Step::Repointing, &standbys)
             .await;
-        coordinated::pause_before_repoint().await;
+        coordinated::pause_before(coordinated::Drill::Repoint).await;
         let mut failed = Vec::new();
         for i in standbys {
             let n = &self.nodes[i];
@@ -684,14 +684,24 @@ impl Monitor {
                     .login()
                     .ok_or("the monitor user has no plain password")?;
                 let started = Instant::now();
-                let timeline = failover::promote(
-                    &node.config,
+                let old = self.primary;
+                let before = self
+                    .intend(old, i)
+                    .await
+                    .map_err(|r| format!("{name} not promoted: {r}"))?;
+                let promoted = failover::promote(
+                    &self.nodes[i].config,
                     &login,
                     self.config.failover.promote_timeout.as_secs(),
                 )
-                .await
-                .map_err(|e| e.to_string())?;
-                let old = self.primary;
+                .await;
+                let timeline = match promoted {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.withdraw(before).await;
+                        return Err(format!("{name} not promoted: {e}"));
+                    }
+                };
                 info!(backend = %name, timeline, "promoted by the admin console");
                 self.pending = None;
                 self.publish_promotion(old, i, timeline, &login);
@@ -816,6 +826,13 @@ impl Monitor {
                 return abort(self, why);
             }
         }
+        let before = match self.intend(Some(p), c).await {
+            Ok(before) => before,
+            Err(refusal) => {
+                let _ = failover::set_read_only(&configs[p], &login, false).await;
+                return abort(self, refusal.to_string());
+            }
+        };
         let timeline = match failover::promote(
             &configs[c],
             &login,
@@ -825,7 +842,11 @@ impl Monitor {
         {
             Ok(t) => t,
             Err(e) => {
-                let _ = failover::set_read_only(&configs[p], &login, false).await;
+                // The old primary takes writes again only once no leader can carry
+                // the intent out: writes it took before a later promotion would be lost.
+                if self.withdraw(before).await {
+                    let _ = failover::set_read_only(&configs[p], &login, false).await;
+                }
                 return abort(self, e.to_string());
             }
         };
