@@ -84,7 +84,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn configured_values_reach_the_socket_and_zero_leaves_the_system_s() {
+    async fn configured_values_reach_the_socket_and_unset_ones_keep_the_systems() {
         let (a, b) = pair().await;
         let system = SockRef::from(&b).tcp_keepalive_time().unwrap();
         let keepalive = Keepalive {
