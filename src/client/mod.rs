@@ -594,7 +594,9 @@ impl Session {
             };
             if let Some(pool) = pool {
                 // The fast paths are tried before awaiting: each future polled costs.
-                let checkout = match pool.try_checkout(start) {
+                // After a wait for the routing, `start` is too old to judge lifetimes by.
+                let now = if waited { Instant::now() } else { start };
+                let checkout = match pool.try_checkout(now) {
                     Some(conn) => Ok(conn),
                     None => {
                         waited = true;
