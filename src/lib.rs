@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod coordination;

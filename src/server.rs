@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use pgwire::messages::simplequery::Query;
@@ -19,6 +19,7 @@ use pgwire::messages::{DecodeContext, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::clock::Tick;
 use crate::tls::{Stream, Tls};
 
 use crate::auth::Credential;
@@ -94,8 +95,8 @@ pub struct ServerConn {
     pub reported: Vec<(String, String)>,
     /// process-unique id for logs
     pub id: u64,
-    created: Instant,
-    idle_since: Instant,
+    created: Tick,
+    idle_since: Tick,
 }
 
 impl ServerConn {
@@ -172,7 +173,7 @@ impl ServerConn {
         }
         let (pid, secret) =
             key.ok_or_else(|| ServerError::Protocol("no BackendKeyData at login".into()))?;
-        let now = Instant::now();
+        let now = Tick::now();
         Ok(ServerConn {
             stream,
             inbuf,
@@ -303,8 +304,8 @@ impl ServerConn {
     }
 
     /// Age at `now` since connect.
-    pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.created)
+    pub fn age(&self, now: Tick) -> Duration {
+        now.since(self.created)
     }
 
     /// Time since it was last returned to the pool.
@@ -313,7 +314,7 @@ impl ServerConn {
     }
 
     /// Marks the moment it goes back to the pool.
-    pub fn mark_idle(&mut self, now: Instant) {
+    pub fn mark_idle(&mut self, now: Tick) {
         self.idle_since = now;
     }
 

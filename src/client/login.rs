@@ -215,7 +215,7 @@ impl Session {
         let welcome = match logins.welcome_for(&self.who.params) {
             Some(welcome) => welcome,
             None => {
-                let attached = self.attach(std::time::Instant::now()).await?;
+                let attached = self.attach(crate::clock::Tick::now()).await?;
                 self.who.client.serving(None);
                 attached.conn.release();
                 logins.accept(&self.who.params, &attached.reports)

@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::backend::BackendTable;
+use crate::clock::Tick;
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::keepalive::Keepalive;
@@ -358,7 +359,7 @@ impl Session {
             return Ok(());
         }
         self.set_state(ClientState::Idle, ClientState::Waiting);
-        let waiting = Instant::now();
+        let waiting = Tick::now();
         let admission = self
             .shared
             .gate
@@ -369,12 +370,12 @@ impl Session {
         // find an idle connection in line with their settings, and skip a clock reading.
         let started = match &attached {
             Ok(a) if !a.waited && !admission.waited => waiting,
-            _ => Instant::now(),
+            _ => Tick::now(),
         };
         self.who
             .metrics
             .wait_seconds
-            .observe(started.duration_since(waiting).as_secs_f64());
+            .observe(started.secs_since(waiting));
         let conn = match attached {
             Ok(a) => a.conn,
             Err(e) => {
@@ -402,7 +403,7 @@ impl Session {
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
     /// the rest of the session) that `started` then, and settles what the splice leaves.
-    async fn transaction(&mut self, mut conn: PooledConn, started: Instant) -> Result<(), End> {
+    async fn transaction(&mut self, mut conn: PooledConn, started: Tick) -> Result<(), End> {
         let hold = self.who.mode == PoolMode::Session;
         let client = ClientSide {
             stream: &mut self.stream,
@@ -436,10 +437,9 @@ impl Session {
             entry.cancels_landed().await;
         }
         // One clock reading ends the transaction and dates the connection's return.
-        let ended = Instant::now();
+        let ended = Tick::now();
         let m = &self.who.metrics;
-        m.transaction_seconds
-            .observe(ended.duration_since(started).as_secs_f64());
+        m.transaction_seconds.observe(ended.secs_since(started));
         m.queries.inc_by(exchange.traffic.queries);
         m.received_bytes.inc_by(exchange.traffic.received);
         m.sent_bytes.inc_by(exchange.traffic.sent);
@@ -579,7 +579,7 @@ impl Session {
     /// it. While nothing can serve the request (no primary during a failover, the
     /// primary unreachable) it waits for the routing to change, up to
     /// `failover.client_wait_timeout` from `start` (a clock reading just taken).
-    async fn attach(&mut self, start: Instant) -> Result<Attached, ClientError> {
+    async fn attach(&mut self, start: Tick) -> Result<Attached, ClientError> {
         let mut waited = false;
         // Routing changes are watched from the first wait on: most transactions never wait.
         let mut wait: Option<(watch::Receiver<u64>, tokio::time::Instant, Duration)> = None;
@@ -595,7 +595,7 @@ impl Session {
             if let Some(pool) = pool {
                 // The fast paths are tried before awaiting: each future polled costs.
                 // After a wait for the routing, `start` is too old to judge lifetimes by.
-                let now = if waited { Instant::now() } else { start };
+                let now = if waited { Tick::now() } else { start };
                 let checkout = match pool.try_checkout(now) {
                     Some(conn) => Ok(conn),
                     None => {
@@ -663,7 +663,7 @@ impl Session {
                 let changes = self.shared.routing.subscribe();
                 // A table published since the one routed above is not waited for.
                 let newer = *changes.borrow() != routed;
-                let deadline = tokio::time::Instant::from_std(start) + limit;
+                let deadline = tokio::time::Instant::now() + limit.saturating_sub(start.elapsed());
                 wait = Some((changes, deadline, limit));
                 if newer {
                     continue;

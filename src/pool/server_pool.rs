@@ -8,8 +8,8 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::Secrets;
+use crate::clock::{Tick, nanos};
 use crate::error::ServerError;
 use crate::keepalive::Keepalive;
 use crate::server::{ServerConn, ServerTarget};
@@ -87,14 +88,8 @@ pub struct ServerPool {
     /// The transactions running on it are ended through the client registry
     /// ([`crate::registry::ClientRegistry::evict`]), not by waiting on this.
     retired: AtomicBool,
-    /// when a transaction last completed here, as nanoseconds since [`clock_start`]
+    /// when a transaction last completed here, as a [`Tick`]'s nanoseconds (0: never)
     answered: AtomicU64,
-}
-
-/// The origin of the pools' timestamps (atomics cannot hold an `Instant`).
-fn clock_start() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
 }
 
 impl ServerPool {
@@ -127,14 +122,14 @@ impl ServerPool {
     /// server is answering clients, whatever a slow health probe says.
     pub fn answered_within(&self, window: Duration) -> bool {
         let at = self.answered.load(Ordering::Relaxed);
-        at != 0 && nanos(clock_start().elapsed()).saturating_sub(at) <= nanos(window)
+        at != 0 && Tick::from_nanos(at).elapsed() <= window
     }
 
     /// The checkout of most transactions, without waiting: a free slot and a live
     /// idle connection, judged by the clock reading `now` the caller already has.
     /// `None` leaves the pool as it was, for [`ServerPool::checkout`]. Not async, so
     /// that the common case polls no future of its own.
-    pub fn try_checkout(self: &Arc<Self>, now: Instant) -> Option<PooledConn> {
+    pub fn try_checkout(self: &Arc<Self>, now: Tick) -> Option<PooledConn> {
         if !self.main.try_acquire() {
             return None;
         }
@@ -164,7 +159,7 @@ impl ServerPool {
             slot: Some(slot),
         };
         // Read after the wait for a slot, which may have been long.
-        if let Some(conn) = self.live_idle(Instant::now()) {
+        if let Some(conn) = self.live_idle(Tick::now()) {
             pooled.conn = Some(conn);
             return Ok(pooled);
         }
@@ -232,7 +227,7 @@ impl ServerPool {
 
     /// Takes an idle connection that is still alive, closing the expired and broken
     /// ones met on the way.
-    fn live_idle(&self, now: Instant) -> Option<Box<ServerConn>> {
+    fn live_idle(&self, now: Tick) -> Option<Box<ServerConn>> {
         while let Some(mut conn) = lock(&self.idle).pop() {
             if self.expired(&conn, now) {
                 debug!(server = conn.id, "closing expired server connection");
@@ -250,9 +245,8 @@ impl ServerPool {
         None
     }
 
-    fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot, now: Instant) {
-        self.answered
-            .store(nanos(now.duration_since(clock_start())), Ordering::Relaxed);
+    fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot, now: Tick) {
+        self.answered.store(now.as_nanos(), Ordering::Relaxed);
         if self.is_retired() || self.expired(&conn, now) {
             conn.close();
         } else {
@@ -291,7 +285,7 @@ impl ServerPool {
         let settings = self.settings.load();
         let expired_conns: Vec<Box<ServerConn>> = {
             let mut idle = lock(&self.idle);
-            let now = Instant::now();
+            let now = Tick::now();
             let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
                 self.expired(c, now)
                     || (!settings.idle_timeout.is_zero() && c.idle_for() >= settings.idle_timeout)
@@ -337,15 +331,10 @@ impl ServerPool {
     }
 
     /// True when `conn` has outlived the pool's lifetime at `now`.
-    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+    fn expired(&self, conn: &ServerConn, now: Tick) -> bool {
         let lifetime = self.lifetime.load(Ordering::Relaxed);
-        lifetime != 0 && nanos(conn.age(now)) >= lifetime
+        lifetime != 0 && conn.age(now) >= Duration::from_nanos(lifetime)
     }
-}
-
-/// A duration as the nanoseconds an atomic holds (saturating: five centuries).
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -370,11 +359,11 @@ impl PooledConn {
 
     /// Returns a clean connection (idle, nothing owed to anyone) to the pool.
     pub fn release(self) {
-        self.release_at(Instant::now());
+        self.release_at(Tick::now());
     }
 
     /// [`PooledConn::release`] with the time of day the caller has just read.
-    pub fn release_at(mut self, now: Instant) {
+    pub fn release_at(mut self, now: Tick) {
         if let (Some(conn), Some(slot)) = (self.conn.take(), self.slot.take()) {
             self.pool.give_back(conn, slot, now);
         }
