@@ -81,6 +81,10 @@ pub struct Config {
 pub struct General {
     /// address clients connect to
     pub listen: String,
+    /// folder of the Unix-domain socket `.s.PGSQL.<listen port>` for local clients; empty: none
+    pub unix_socket_dir: PathBuf,
+    /// permissions of that socket file, in octal
+    pub unix_socket_mode: String,
     /// most client connections held at once
     pub max_client_conn: usize,
     /// most client connections of one user; 0: no limit
@@ -122,6 +126,8 @@ impl Default for General {
     fn default() -> Self {
         General {
             listen: "127.0.0.1:6432".into(),
+            unix_socket_dir: PathBuf::new(),
+            unix_socket_mode: "0777".into(),
             max_client_conn: 10_000,
             max_user_client_conn: 0,
             max_db_client_conn: 0,
@@ -281,6 +287,9 @@ pub struct PoolConfig {
 /// Bounds of `pool.max_message_size`: below 64 kB ordinary statements would not
 /// fit; above 1 GB is more than PostgreSQL itself accepts.
 pub const MESSAGE_SIZE_BOUNDS: (u64, u64) = (64 << 10, 1 << 30);
+
+/// The longest path a Unix-domain socket may have on Linux (`sun_path` less its NUL).
+const UNIX_PATH_MAX: usize = 107;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -563,6 +572,26 @@ impl Config {
                 format!("`{}` is not an address:port ({e})", g.listen),
             );
         }
+        if self.unix_socket_mode().is_none() {
+            return err(
+                "pgwarden.unix_socket_mode".into(),
+                format!(
+                    "`{}` is not a file mode: write octal digits up to \"0777\"",
+                    g.unix_socket_mode
+                ),
+            );
+        }
+        if let Some(path) = self.unix_socket_path()
+            && path.as_os_str().len() > UNIX_PATH_MAX
+        {
+            return err(
+                "pgwarden.unix_socket_dir".into(),
+                format!(
+                    "the socket path {} is longer than the {UNIX_PATH_MAX} bytes a Unix-domain socket's name may have",
+                    path.display()
+                ),
+            );
+        }
         if !g.http_listen.is_empty()
             && let Err(e) = g.http_listen.parse::<SocketAddr>()
         {
@@ -836,6 +865,24 @@ impl Config {
             .listen
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 6432)))
+    }
+
+    /// The Unix-domain socket clients may connect to, named as PostgreSQL names its
+    /// own (`.s.PGSQL.<port>`), unless `unix_socket_dir` is empty.
+    pub fn unix_socket_path(&self) -> Option<PathBuf> {
+        let dir = &self.pgwarden.unix_socket_dir;
+        if dir.as_os_str().is_empty() {
+            return None;
+        }
+        let name = format!(".s.PGSQL.{}", self.listen_addr().port());
+        Some(self.resolve(dir).join(name))
+    }
+
+    /// `pgwarden.unix_socket_mode` as permission bits, if it is valid.
+    pub fn unix_socket_mode(&self) -> Option<u32> {
+        u32::from_str_radix(&self.pgwarden.unix_socket_mode, 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
     }
 
     /// A path from the config, resolved against the config file's folder when relative.
@@ -1231,6 +1278,42 @@ host = "127.0.0.1"
                     let key = line.split(' ').next().unwrap();
                     assert_eq!(e.key, format!("pgwarden.{key}"));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_unix_socket_is_named_for_the_port_beside_the_config() {
+        assert_eq!(parse(MINIMAL).unwrap().unix_socket_path(), None);
+        let c = parse(&format!(
+            "[pgwarden]\nlisten = \"127.0.0.1:7000\"\nunix_socket_dir = \"run\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.unix_socket_path(),
+            Some(PathBuf::from("conf/run/.s.PGSQL.7000"))
+        );
+        assert_eq!(c.unix_socket_mode(), Some(0o777));
+        let long = format!("/{}", "d".repeat(100));
+        for (line, key) in [
+            ("unix_socket_mode = \"0660\"", None),
+            (
+                "unix_socket_mode = \"0999\"",
+                Some("pgwarden.unix_socket_mode"),
+            ),
+            (
+                "unix_socket_mode = \"1777\"",
+                Some("pgwarden.unix_socket_mode"),
+            ),
+            (
+                &format!("unix_socket_dir = \"{long}\"") as &str,
+                Some("pgwarden.unix_socket_dir"),
+            ),
+        ] {
+            match (parse(&format!("[pgwarden]\n{line}\n{MINIMAL}")), key) {
+                (Ok(_), None) => {}
+                (Err(e), Some(key)) => assert_eq!(e.key, key, "{line}: {e}"),
+                (result, _) => panic!("{line}: {result:?}"),
             }
         }
     }

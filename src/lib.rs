@@ -20,6 +20,7 @@ pub mod failover;
 pub mod health;
 pub mod keepalive;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod params;
 pub mod pool;

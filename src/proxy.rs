@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -27,10 +27,11 @@ use crate::client;
 use crate::config::{Config, ConfigError};
 use crate::error::ClientError;
 use crate::health;
+use crate::listener::{ClientListeners, LocalSocket, Peer};
 use crate::metrics::Metrics;
 use crate::pool::{Gate, Pools};
 use crate::registry::ClientRegistry;
-use crate::tls::Tls;
+use crate::tls::{Stream, Tls};
 
 /// State shared by every task of the proxy.
 #[derive(Debug)]
@@ -138,9 +139,13 @@ impl Shared {
         config.check_users(&users)?;
         let tls = Tls::load(&config)?;
         if config.pgwarden.listen != old.pgwarden.listen
+            || config.unix_socket_path() != old.unix_socket_path()
+            || config.pgwarden.unix_socket_mode != old.pgwarden.unix_socket_mode
             || config.pgwarden.workers != old.pgwarden.workers
         {
-            warn!("pgwarden.listen and pgwarden.workers take effect at the next restart");
+            warn!(
+                "pgwarden.listen, pgwarden.unix_socket_dir, pgwarden.unix_socket_mode and pgwarden.workers take effect at the next restart"
+            );
         }
         if config.coordination != old.coordination {
             // Joining or leaving an election mid-flight could leave a failover half done.
@@ -180,7 +185,7 @@ impl Drop for Slot {
 #[derive(Debug)]
 pub struct Listeners {
     /// PostgreSQL clients (and the admin console)
-    pub clients: TcpListener,
+    pub clients: ClientListeners,
     /// /metrics, /health/*, /status
     pub http: Option<TcpListener>,
 }
@@ -202,7 +207,15 @@ async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Binds the listeners; separate from [`serve`] so that callers learn about a busy port at once.
 pub async fn bind(config: &Config) -> io::Result<Listeners> {
-    let clients = listen(config.listen_addr()).await?;
+    let tcp = listen(config.listen_addr()).await?;
+    let local = match config.unix_socket_path() {
+        Some(path) => {
+            let mode = config.unix_socket_mode().unwrap_or(0o777);
+            Some(LocalSocket::bind(&path, config.listen_addr().port(), mode)?)
+        }
+        None => None,
+    };
+    let clients = ClientListeners::new(tcp, local);
     let http = match config.http_addr() {
         Some(addr) => Some(listen(addr).await?),
         None => None,
@@ -213,7 +226,7 @@ pub async fn bind(config: &Config) -> io::Result<Listeners> {
 /// Serves clients until SIGTERM/SIGINT (or `shared.shutdown`), then drains.
 pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> {
     let listener = listeners.clients;
-    info!(addr = %listener.local_addr()?, "pgwarden listening");
+    info!(addr = %listener.local_addr()?, socket = ?listener.socket_path(), "pgwarden listening");
     if let Some(http) = listeners.http {
         tokio::spawn(crate::admin::http::serve(http, shared.clone()));
     }
@@ -270,10 +283,10 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     Ok(())
 }
 
-async fn refuse(stream: TcpStream, peer: SocketAddr, max: usize) {
+async fn refuse(mut stream: Stream, peer: Peer, max: usize) {
     warn!(%peer, max_client_conn = max, "refusing client: max_client_conn reached");
     client::farewell(
-        &mut crate::tls::Stream::Plain(stream),
+        &mut stream,
         &ClientError::TooManyClients(max).to_notice(true),
     )
     .await;

@@ -17,8 +17,8 @@
 //! retired (its backend left the routing table), the sessions on it are told
 //! through their [`Ending`], the one thing outside its sockets a session waits on.
 
+use crate::listener::Peer;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -36,7 +36,7 @@ const SHARDS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// client address
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// client-facing database
     pub database: String,
     /// user name
@@ -375,7 +375,7 @@ mod tests {
 
     fn someone() -> Identity {
         Identity {
-            peer: "127.0.0.1:1".parse().unwrap(),
+            peer: Peer::Tcp("127.0.0.1:1".parse().unwrap()),
             database: "db".into(),
             user: "u".into(),
         }

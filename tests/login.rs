@@ -472,3 +472,104 @@ async fn a_failing_auth_query_is_reported_not_taken_for_a_wrong_password() {
     assert_eq!(sqlstate(&err).as_deref(), Some("08001"), "{err}");
     assert!(common::message(&err).contains("no_such_table"), "{err}");
 }
+
+#[tokio::test]
+async fn local_clients_use_the_unix_socket_which_outlives_a_crash_but_not_a_shutdown() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ADMIN: (&str, &str) = ("admin", "admin-pw");
+    let db = Db::create();
+    let mut pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: format!(
+                "unix_socket_dir = \".\"\nunix_socket_mode = \"0770\"\nadmin_users = [\"{}\"]",
+                ADMIN.0
+            ),
+            extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
+            ..Default::default()
+        },
+    );
+    let socket = pgw.dir.join(format!(".s.PGSQL.{}", pgw.port));
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o770);
+    let local = format!(
+        "host={} port={} user={} password={} dbname={}",
+        pgw.dir.display(),
+        pgw.port,
+        db.user,
+        common::quote(&db.password),
+        db.name
+    );
+
+    // Queries, and a cancel that travels the same way.
+    let client = common::connect(&local).await.unwrap();
+    let n: i32 = client.query_one("SELECT 40 + 2", &[]).await.unwrap().get(0);
+    assert_eq!(n, 42);
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let e = client
+            .simple_query("SELECT pg_sleep(30)")
+            .await
+            .unwrap_err();
+        (client, e)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (client, e) = sleeping.await.unwrap();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+
+    // libpq's own client, on the console: the client shows as PgBouncer shows it.
+    let out = common::with_cluster(|c| {
+        c.client_program("psql")
+            .arg(format!(
+                "host={} port={} user={} dbname=pgwarden",
+                pgw.dir.display(),
+                pgw.port,
+                ADMIN.0
+            ))
+            .args(["-X", "-A", "-t", "-F", ",", "-c", "SHOW CLIENTS"])
+            .env("PGPASSWORD", ADMIN.1)
+            .output()
+            .unwrap()
+    });
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let port = format!(",unix,{},", pgw.port);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains(&db.user) && l.contains(&port)),
+        "{shown}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(client);
+
+    // No TLS on a local socket, as in PostgreSQL: an SSLRequest is answered N and
+    // the login goes on.
+    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .unwrap();
+    let mut answer = [0u8; 1];
+    raw.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    raw.write_all(&common::startup_packet(
+        196_608,
+        &[("user", &db.user), ("database", &db.name)],
+    ))
+    .unwrap();
+    raw.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"R", "an authentication request follows");
+    drop(raw);
+
+    // A killed process leaves its socket file; the next one replaces it.
+    pgw.restart();
+    let client = common::connect(&local).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    drop(client);
+
+    // A shutdown takes the file away.
+    pgw.signal(libc::SIGTERM);
+    assert_eq!(pgw.wait_exit(Duration::from_secs(15)), Some(true));
+    assert!(!socket.exists(), "{}", pgw.log());
+}

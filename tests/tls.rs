@@ -130,6 +130,7 @@ fn require_takes_tls_clients_and_refuses_plaintext() {
         &[&db],
         Options {
             sections: client_tls("require", pki),
+            pgwarden: "unix_socket_dir = \".\"".into(),
             ..Default::default()
         },
     );
@@ -165,6 +166,25 @@ fn require_takes_tls_clients_and_refuses_plaintext() {
         .block_on(common::connect(&pgw.conninfo(&db)))
         .expect_err("plaintext login must fail");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("28000"), "{e}");
+
+    // The local socket is not encrypted, as PostgreSQL's is not: the requirement
+    // is for the network.
+    let out = common::with_cluster(|c| {
+        c.client_program("psql")
+            .arg(format!(
+                "host={} port={} user={} dbname={}",
+                pgw.dir.display(),
+                pgw.port,
+                db.user,
+                db.name
+            ))
+            .args(["-X", "-A", "-t", "-c", "SELECT 40 + 2"])
+            .env("PGPASSWORD", &db.password)
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pgw.log());
+    assert_eq!(stdout(&out), "42");
 }
 
 #[test]

@@ -227,7 +227,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     c.identity.user.clone().into(),
                     c.identity.database.clone().into(),
                     state.into(),
-                    c.identity.peer.ip().to_string().into(),
+                    c.identity.peer.address().into(),
                     i64::from(c.identity.peer.port()).into(),
                     time(c.connected_at),
                     i64::from(c.pid).into(),

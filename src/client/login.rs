@@ -6,12 +6,11 @@
 //! setting is refused at login, as PostgreSQL would refuse it, while the common
 //! case costs no server round trip at all.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::listener::Peer;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::Session;
@@ -87,9 +86,9 @@ impl LoginError {
 }
 
 /// Reads the startup packet(s), authenticates, and welcomes the client.
-pub async fn login(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<Login, Ended> {
+pub async fn login(stream: Stream, peer: Peer, shared: &Arc<Shared>) -> Result<Login, Ended> {
     let tls = shared.tls.load_full();
-    let (mut stream, first) = negotiate(tcp, &tls).await?;
+    let (mut stream, first) = negotiate(stream, &tls).await?;
     let logged_in = match login_steps(&mut stream, first, peer, shared).await {
         Ok(Step::Cancel { pid, secret }) => return Ok(Login::Cancel { pid, secret }),
         Ok(Step::Admin { user, role }) => {
@@ -118,7 +117,7 @@ enum Step {
 async fn login_steps(
     stream: &mut Stream,
     first: StartupRequest,
-    peer: SocketAddr,
+    peer: Peer,
     shared: &Arc<Shared>,
 ) -> Result<Step, LoginError> {
     let (minor, raw) = match first {
@@ -237,14 +236,27 @@ impl Session {
 /// SSLRequest with TLS when `[tls]` allows it and refusing GSS encryption. Under
 /// `tls.mode = "require"` a StartupMessage in the clear is refused (a CancelRequest
 /// is not: libpq sends those in the clear).
-async fn negotiate(mut tcp: TcpStream, tls: &Tls) -> Result<(Stream, StartupRequest), Ended> {
+/// Answers SSL and GSS requests on a freshly accepted `plain` (TCP or local) stream
+/// until the startup packet; a local client is never encrypted nor asked to be, as
+/// PostgreSQL treats its own Unix-domain socket.
+async fn negotiate(mut plain: Stream, tls: &Tls) -> Result<(Stream, StartupRequest), Ended> {
     // A client may ask for SSL and then GSS (or the reverse) before starting.
     for _ in 0..3 {
-        match read_startup(&mut tcp).await {
+        match read_startup(&mut plain).await {
             Ok(StartupRequest::Ssl) => {
+                let tcp = match plain {
+                    Stream::Plain(tcp) => tcp,
+                    local => {
+                        plain = local;
+                        if plain.write_all(b"N").await.is_err() {
+                            return Err(Ended::Gone);
+                        }
+                        continue;
+                    }
+                };
                 let mut stream = match tls.accept(tcp).await {
-                    Ok(Stream::Plain(plain)) => {
-                        tcp = plain;
+                    Ok(Stream::Plain(tcp)) => {
+                        plain = Stream::Plain(tcp);
                         continue;
                     }
                     Ok(stream) => stream,
@@ -264,20 +276,23 @@ async fn negotiate(mut tcp: TcpStream, tls: &Tls) -> Result<(Stream, StartupRequ
                 };
             }
             Ok(StartupRequest::GssEnc) => {
-                if tcp.write_all(b"N").await.is_err() {
+                if plain.write_all(b"N").await.is_err() {
                     return Err(Ended::Gone);
                 }
             }
-            Ok(StartupRequest::Startup { .. }) if tls.client_mode == ClientTlsMode::Require => {
-                return Err(Ended::Refused(Stream::Plain(tcp), ClientError::TlsRequired));
+            Ok(StartupRequest::Startup { .. })
+                if tls.client_mode == ClientTlsMode::Require
+                    && !matches!(plain, Stream::Local(_)) =>
+            {
+                return Err(Ended::Refused(plain, ClientError::TlsRequired));
             }
-            Ok(request) => return Ok((Stream::Plain(tcp), request)),
+            Ok(request) => return Ok((plain, request)),
             Err(StartupError::Io(_)) => return Err(Ended::Gone),
-            Err(StartupError::Invalid(e)) => return Err(Ended::Refused(Stream::Plain(tcp), e)),
+            Err(StartupError::Invalid(e)) => return Err(Ended::Refused(plain, e)),
         }
     }
     let e = ClientError::Protocol("too many SSL/GSS negotiation requests".into());
-    Err(Ended::Refused(Stream::Plain(tcp), e))
+    Err(Ended::Refused(plain, e))
 }
 
 /// The secret `auth.query` finds for a user missing from the user list, if it is

@@ -22,7 +22,7 @@ pub mod splice;
 mod sql;
 pub mod statements;
 
-use std::net::SocketAddr;
+use crate::listener::Peer;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -63,11 +62,13 @@ const READ_CHUNK: usize = 8 * 1024;
 const FIRST_READ: usize = 1024;
 
 /// Runs a freshly accepted connection to its end; `slot` counts it until then.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, slot: Slot) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = Keepalive::from_config(&slot.config.load().pgwarden);
-    if let Err(e) = keepalive.apply(&stream) {
-        debug!(%peer, error = %e, "could not set TCP keepalive on a client socket");
+pub async fn serve(stream: Stream, peer: Peer, slot: Slot) {
+    if let Stream::Plain(tcp) = &stream {
+        let _ = tcp.set_nodelay(true);
+        let keepalive = Keepalive::from_config(&slot.config.load().pgwarden);
+        if let Err(e) = keepalive.apply(tcp) {
+            debug!(%peer, error = %e, "could not set TCP keepalive on a client socket");
+        }
     }
     // Boxed: the login's state is large and short-lived, and an idle session's task
     // should not carry its size for hours.
@@ -80,7 +81,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, slot: Slot) {
 
 /// Logs the client in within `client_login_timeout`, or answers what it asked
 /// instead (a CancelRequest) or why it is refused; `None` when nothing follows.
-async fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Login> {
+async fn admit(stream: Stream, peer: Peer, shared: &Arc<Shared>) -> Option<Login> {
     let timeout = shared.config.load().pgwarden.client_login_timeout;
     match tokio::time::timeout(timeout, login::login(stream, peer, shared)).await {
         Err(_) => {
@@ -170,7 +171,7 @@ impl LoggedIn {
     }
 
     /// The client's address.
-    fn peer(&self) -> SocketAddr {
+    fn peer(&self) -> Peer {
         self.client.entry().identity.peer
     }
 }

@@ -1,31 +1,32 @@
-//! A connection that is plain TCP or TLS over TCP, on either side of the proxy.
+//! A connection that is plain TCP, TLS over TCP, or a local Unix-domain socket,
+//! on either side of the proxy.
 //!
-//! The session and splice code is written once against [`Stream`]. A plain
-//! stream keeps what the hot path relies on: a lock-free split into read and
+//! The session and splice code is written once against [`Stream`]. A plain or
+//! local stream keeps what the hot path relies on: a lock-free split into read and
 //! write halves, and waiting for readability without a buffer (so an idle
 //! client costs no read buffer). A TLS stream splits through tokio's generic
 //! split, and is read without waiting for readability first, because rustls
 //! may already hold decrypted bytes that the socket no longer signals.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::net::tcp;
+use tokio::net::{TcpStream, UnixStream, tcp, unix};
 use tokio_rustls::TlsStream;
 
-/// Plain TCP or TLS.
+/// Plain TCP, TLS, or a Unix-domain socket.
 #[derive(Debug)]
 pub enum Stream {
     /// no encryption
     Plain(TcpStream),
     /// TLS, client- or server-side
     Tls(Box<TlsStream<TcpStream>>),
+    /// a local client on the Unix-domain socket (never encrypted, as in PostgreSQL)
+    Local(UnixStream),
 }
 
 impl Stream {
@@ -34,26 +35,14 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-
-    /// The peer's address.
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().peer_addr()
-    }
-
-    /// Ready when a read may find bytes. Plain sockets wait for readability;
-    /// TLS is ready at once (see the module docs).
+    /// Ready when a read may find bytes. Plain and local sockets wait for
+    /// readability; TLS is ready at once (see the module docs).
     pub fn poll_ready_to_read(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             // Polled readiness parks the waker in the socket's own slot, where
             // `readable()` would keep a waiter of its own in every idle session.
             Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Local(s) => s.poll_read_ready(cx),
             Stream::Tls(_) => Poll::Ready(Ok(())),
         }
     }
@@ -62,6 +51,7 @@ impl Stream {
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.try_read_buf(buf),
+            Stream::Local(s) => s.try_read_buf(buf),
             Stream::Tls(s) => s
                 .read_buf(buf)
                 .now_or_never()
@@ -73,6 +63,9 @@ impl Stream {
     pub fn write_now(&mut self, bytes: &[u8]) {
         match self {
             Stream::Plain(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Local(s) => {
                 let _ = s.try_write(bytes);
             }
             Stream::Tls(s) => {
@@ -92,6 +85,10 @@ impl Stream {
                 let (r, w) = s.split();
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
+            Stream::Local(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Local(r), WriteHalf::Local(w))
+            }
             Stream::Tls(s) => {
                 let (r, w) = tokio::io::split(&mut **s);
                 (ReadHalf::Tls(r), WriteHalf::Tls(w))
@@ -107,6 +104,8 @@ pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
     /// TLS
     Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+    /// Unix-domain socket
+    Local(unix::ReadHalf<'a>),
 }
 
 /// The writing half of a [`Stream`].
@@ -116,6 +115,8 @@ pub enum WriteHalf<'a> {
     Plain(tcp::WriteHalf<'a>),
     /// TLS
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+    /// Unix-domain socket
+    Local(unix::WriteHalf<'a>),
 }
 
 /// Forwards a poll call to whichever variant is inside.
@@ -124,6 +125,7 @@ macro_rules! either {
         match $self.get_mut() {
             Self::Plain($s) => $call,
             Self::Tls($s) => $call,
+            Self::Local($s) => $call,
         }
     };
 }
@@ -162,6 +164,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => poll_write_plain(s, |s| s.try_write(buf), cx, buf),
+            Stream::Local(s) => poll_write_plain(s, |s| s.try_write(buf), cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -193,6 +196,7 @@ impl AsyncWrite for WriteHalf<'_> {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => poll_write_plain(s, |s| s.try_write(buf), cx, buf),
+            WriteHalf::Local(s) => poll_write_plain(s, |s| s.try_write(buf), cx, buf),
             WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
