@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::address::{check_socket_path, is_socket_dir, socket_file};
+
 /// A configuration problem: which file, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}: {key}: {reason}", file.display())]
@@ -288,9 +290,6 @@ pub struct PoolConfig {
 /// fit; above 1 GB is more than PostgreSQL itself accepts.
 pub const MESSAGE_SIZE_BOUNDS: (u64, u64) = (64 << 10, 1 << 30);
 
-/// The longest path a Unix-domain socket may have on Linux (`sun_path` less its NUL).
-const UNIX_PATH_MAX: usize = 107;
-
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
@@ -488,9 +487,9 @@ impl Target {
 pub struct BackendConfig {
     /// name used in logs, errors and admin commands
     pub name: String,
-    /// host name or address
+    /// host name or address, or (an absolute path) the folder of its Unix-domain socket
     pub host: String,
-    /// TCP port
+    /// TCP port, or the port in the socket file's name
     #[serde(default = "default_pg_port")]
     pub port: u16,
     /// higher wins when two failover candidates have received the same WAL
@@ -581,16 +580,8 @@ impl Config {
                 ),
             );
         }
-        if let Some(path) = self.unix_socket_path()
-            && path.as_os_str().len() > UNIX_PATH_MAX
-        {
-            return err(
-                "pgwarden.unix_socket_dir".into(),
-                format!(
-                    "the socket path {} is longer than the {UNIX_PATH_MAX} bytes a Unix-domain socket's name may have",
-                    path.display()
-                ),
-            );
+        if let Some(Err(reason)) = self.unix_socket_path().map(|p| check_socket_path(&p)) {
+            return err("pgwarden.unix_socket_dir".into(), reason);
         }
         if !g.http_listen.is_empty()
             && let Err(e) = g.http_listen.parse::<SocketAddr>()
@@ -741,6 +732,11 @@ impl Config {
             if b.port == 0 {
                 return err(format!("backends[{i}].port"), "must be 1-65535".into());
             }
+            if is_socket_dir(&b.host)
+                && let Err(reason) = check_socket_path(&socket_file(Path::new(&b.host), b.port))
+            {
+                return err(format!("backends[{i}].host"), reason);
+            }
         }
         if !self.auth.query.is_empty() {
             if !self.auth.query.contains("$1") {
@@ -874,8 +870,7 @@ impl Config {
         if dir.as_os_str().is_empty() {
             return None;
         }
-        let name = format!(".s.PGSQL.{}", self.listen_addr().port());
-        Some(self.resolve(dir).join(name))
+        Some(socket_file(&self.resolve(dir), self.listen_addr().port()))
     }
 
     /// `pgwarden.unix_socket_mode` as permission bits, if it is valid.
@@ -1316,6 +1311,14 @@ host = "127.0.0.1"
                 (result, _) => panic!("{line}: {result:?}"),
             }
         }
+        // A backend's socket folder is held to the same bound.
+        let backend = |host: &str| {
+            parse(&format!(
+                "{MINIMAL}[[backends]]\nname = \"pg2\"\nhost = \"{host}\"\n"
+            ))
+        };
+        assert!(backend("/var/run/postgresql").is_ok());
+        assert_eq!(backend(&long).unwrap_err().key, "backends[1].host");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! Beside that path, `health` probes the nodes, runs `failover`, and publishes
 //! the routing table that `backend` defines.
 
+pub mod address;
 pub mod admin;
 pub mod auth;
 pub mod backend;

@@ -6,55 +6,17 @@
 //! file outlives a process that is killed; at start-up a file nobody answers on
 //! is replaced, one somebody answers on is refused (another pooler runs there).
 
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
 
+use crate::address::Address;
 use crate::tls::Stream;
-
-/// Who is at the other end of a client connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
-    /// a TCP client at this address
-    Tcp(SocketAddr),
-    /// a client of the Unix-domain socket of this port
-    Local {
-        /// the port in the socket's name
-        port: u16,
-    },
-}
-
-impl Peer {
-    /// The address column of SHOW CLIENTS: the IP, or `unix` as PgBouncer shows it.
-    pub fn address(&self) -> String {
-        match self {
-            Peer::Tcp(addr) => addr.ip().to_string(),
-            Peer::Local { .. } => "unix".into(),
-        }
-    }
-
-    /// The port column of SHOW CLIENTS: the client's, or the socket's.
-    pub fn port(&self) -> u16 {
-        match self {
-            Peer::Tcp(addr) => addr.port(),
-            Peer::Local { port } => *port,
-        }
-    }
-}
-
-impl fmt::Display for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Peer::Tcp(addr) => addr.fmt(f),
-            Peer::Local { port } => write!(f, "unix:{port}"),
-        }
-    }
-}
 
 /// The listening sockets for PostgreSQL clients.
 #[derive(Debug)]
@@ -76,14 +38,14 @@ impl ClientListeners {
 
     /// The socket file, when there is one.
     pub fn socket_path(&self) -> Option<&Path> {
-        self.local.as_ref().map(|l| l.path.as_path())
+        self.local.as_ref().map(|l| &*l.path)
     }
 
     /// The next client, from whichever socket has one.
-    pub async fn accept(&self) -> io::Result<(Stream, Peer)> {
+    pub async fn accept(&self) -> io::Result<(Stream, Address)> {
         let tcp = async {
             let (stream, addr) = self.tcp.accept().await?;
-            Ok((Stream::Plain(stream), Peer::Tcp(addr)))
+            Ok((Stream::Plain(stream), Address::Tcp(addr)))
         };
         match &self.local {
             None => tcp.await,
@@ -91,7 +53,8 @@ impl ClientListeners {
                 r = tcp => r,
                 r = local.listener.accept() => {
                     let (stream, _) = r?;
-                    Ok((Stream::Local(stream), Peer::Local { port: local.port }))
+                    let peer = Address::Local { path: local.path.clone(), port: local.port };
+                    Ok((Stream::Local(stream), peer))
                 }
             },
         }
@@ -102,7 +65,7 @@ impl ClientListeners {
 #[derive(Debug)]
 pub struct LocalSocket {
     listener: UnixListener,
-    path: PathBuf,
+    path: Arc<Path>,
     port: u16,
 }
 
@@ -120,7 +83,7 @@ impl LocalSocket {
         let listener = UnixListener::bind(path).map_err(failed)?;
         let socket = LocalSocket {
             listener,
-            path: path.to_path_buf(),
+            path: path.into(),
             port,
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
@@ -162,6 +125,8 @@ fn clear_stale(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    use std::path::PathBuf;
+
     fn dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "pgwarden-listener-{}-{}",
@@ -199,14 +164,5 @@ mod tests {
         assert!(e.to_string().contains("not a socket"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn peers_show_as_pgbouncer_shows_them() {
-        let tcp = Peer::Tcp("127.0.0.1:5000".parse().unwrap());
-        assert_eq!((tcp.address(), tcp.port()), ("127.0.0.1".into(), 5000));
-        let local = Peer::Local { port: 6432 };
-        assert_eq!((local.address(), local.port()), ("unix".into(), 6432));
-        assert_eq!(local.to_string(), "unix:6432");
     }
 }

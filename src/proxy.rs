@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::address::Address;
 use crate::auth::query::AuthQuery;
 use crate::auth::{Secrets, UserList};
 use crate::backend::{BackendTable, Routing};
@@ -27,7 +28,7 @@ use crate::client;
 use crate::config::{Config, ConfigError};
 use crate::error::ClientError;
 use crate::health;
-use crate::listener::{ClientListeners, LocalSocket, Peer};
+use crate::listener::{ClientListeners, LocalSocket};
 use crate::metrics::Metrics;
 use crate::pool::{Gate, Pools};
 use crate::registry::ClientRegistry;
@@ -283,7 +284,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     Ok(())
 }
 
-async fn refuse(mut stream: Stream, peer: Peer, max: usize) {
+async fn refuse(mut stream: Stream, peer: Address, max: usize) {
     warn!(%peer, max_client_conn = max, "refusing client: max_client_conn reached");
     client::farewell(
         &mut stream,

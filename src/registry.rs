@@ -17,7 +17,7 @@
 //! retired (its backend left the routing table), the sessions on it are told
 //! through their [`Ending`], the one thing outside its sockets a session waits on.
 
-use crate::listener::Peer;
+use crate::address::Address;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,7 +36,7 @@ const SHARDS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// client address
-    pub peer: Peer,
+    pub peer: Address,
     /// client-facing database
     pub database: String,
     /// user name
@@ -291,7 +291,7 @@ impl ClientRegistry {
             debug!(pid, "cancel request matches no running query");
             return;
         };
-        let sent = tokio::time::timeout(connect_timeout, key.send()).await;
+        let sent = tokio::time::timeout(connect_timeout, key.clone().send()).await;
         match sent {
             Ok(Ok(())) => {
                 info!(pid, server = %key.addr, server_pid = key.pid, "cancel request forwarded")
@@ -375,7 +375,7 @@ mod tests {
 
     fn someone() -> Identity {
         Identity {
-            peer: Peer::Tcp("127.0.0.1:1".parse().unwrap()),
+            peer: Address::Tcp("127.0.0.1:1".parse().unwrap()),
             database: "db".into(),
             user: "u".into(),
         }
@@ -389,7 +389,7 @@ mod tests {
     fn serving(pool: u64) -> Serving {
         Serving {
             key: CancelKey {
-                addr: "127.0.0.1:1".parse().unwrap(),
+                addr: Address::Tcp("127.0.0.1:1".parse().unwrap()),
                 pid: 1,
                 secret: 1,
             },
@@ -468,7 +468,7 @@ mod tests {
         let reg = Arc::new(ClientRegistry::default());
         let client = reg.register(someone());
         let key = CancelKey {
-            addr,
+            addr: Address::Tcp(addr),
             pid: 42,
             secret: 7,
         };

@@ -6,7 +6,7 @@
 //! borrows is what the next borrower needs: the cancel key, the settings last
 //! applied to the session, its age, and any bytes the server sent while idle.
 
-use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,9 +16,10 @@ use pgwire::messages::simplequery::Query;
 use pgwire::messages::startup::{Authentication, Startup};
 use pgwire::messages::terminate::Terminate;
 use pgwire::messages::{DecodeContext, Message};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
+use crate::address::{Address, is_socket_dir, socket_file};
 use crate::clock::Tick;
 use crate::tls::{Stream, Tls};
 
@@ -38,9 +39,9 @@ use crate::protocol::messages::{cancel_request, frontend, parameter_status};
 pub struct ServerTarget {
     /// backend name from the config
     pub backend: Arc<str>,
-    /// host name or address
+    /// host name or address, or the folder of its Unix-domain socket
     pub host: String,
-    /// TCP port
+    /// TCP port, or the port in the socket file's name
     pub port: u16,
     /// real database name
     pub dbname: String,
@@ -49,10 +50,10 @@ pub struct ServerTarget {
 }
 
 /// What a CancelRequest for this connection must carry, and where it goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelKey {
     /// the server's address as connected
-    pub addr: SocketAddr,
+    pub addr: Address,
     /// backend process id
     pub pid: i32,
     /// backend secret
@@ -64,7 +65,16 @@ impl CancelKey {
     /// on it. The server closes a cancel connection only after signalling the backend,
     /// so once this returns `Ok` the cancel can no longer land on a later query.
     pub async fn send(self) -> std::io::Result<()> {
-        let mut stream = TcpStream::connect(self.addr).await?;
+        match &self.addr {
+            Address::Tcp(addr) => self.send_on(TcpStream::connect(addr).await?).await,
+            Address::Local { path, .. } => self.send_on(UnixStream::connect(path).await?).await,
+        }
+    }
+
+    async fn send_on<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+    ) -> std::io::Result<()> {
         stream
             .write_all(&cancel_request(self.pid, self.secret))
             .await?;
@@ -119,11 +129,7 @@ impl ServerConn {
         tls: &Tls,
         keepalive: Keepalive,
     ) -> Result<ServerConn, ServerError> {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
-        tcp.set_nodelay(true)?;
-        keepalive.apply(&tcp)?;
-        let addr = tcp.peer_addr()?;
-        let mut stream = tls.connect(tcp, &target.host).await?;
+        let (mut stream, addr) = Self::reach(target, tls, keepalive).await?;
         let mut startup = Startup::new();
         startup
             .parameters
@@ -186,6 +192,29 @@ impl ServerConn {
             created: now,
             idle_since: now,
         })
+    }
+
+    /// Opens the socket: TCP (TLS as `[server_tls]` says), or the server's own
+    /// Unix-domain socket when `host` is a folder, where libpq uses no TLS either.
+    async fn reach(
+        target: &ServerTarget,
+        tls: &Tls,
+        keepalive: Keepalive,
+    ) -> Result<(Stream, Address), ServerError> {
+        if is_socket_dir(&target.host) {
+            let path: Arc<Path> = socket_file(Path::new(&target.host), target.port).into();
+            let unix = UnixStream::connect(&path).await?;
+            let addr = Address::Local {
+                path,
+                port: target.port,
+            };
+            return Ok((Stream::Local(unix), addr));
+        }
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        tcp.set_nodelay(true)?;
+        keepalive.apply(&tcp)?;
+        let addr = Address::Tcp(tcp.peer_addr()?);
+        Ok((tls.connect(tcp, &target.host).await?, addr))
     }
 
     /// Runs one of pgwarden's own statements (settings, reset) and reads to ReadyForQuery.

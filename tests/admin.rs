@@ -378,3 +378,54 @@ fn alert_rules_and_dashboard_use_only_metrics_pgwarden_exports() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A backend whose host is a folder is reached through PostgreSQL's own socket
+/// file there: pooled connections, the monitor's probes and forwarded cancels all
+/// take it, and the console shows those server connections as `unix`.
+#[tokio::test]
+async fn a_backend_behind_its_unix_socket_is_pooled_probed_and_cancelled() {
+    let db = Db::create();
+    let socket_dir = common::with_cluster(|c| c.root().display().to_string());
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            backend_host: Some(socket_dir),
+            ..operated("")
+        },
+    );
+    let client = pgw.connect(&db).await;
+    // PostgreSQL has no server address for a session on its Unix-domain socket.
+    let local: bool = client
+        .query_one("SELECT inet_server_addr() IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(local, "the server connection should be local");
+
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let e = client
+            .simple_query("SELECT pg_sleep(30)")
+            .await
+            .unwrap_err();
+        (client, e)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    let port = db.server_port.to_string();
+    assert!(
+        servers
+            .iter()
+            .any(|s| get(s, "addr") == Some("unix") && get(s, "port") == Some(port.as_str())),
+        "{servers:?}"
+    );
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (client, e) = sleeping.await.unwrap();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}\n{}", pgw.log());
+    client.simple_query("SELECT 1").await.unwrap();
+
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(get(&backends[0], "role"), Some("primary"), "{backends:?}");
+    assert_eq!(get(&backends[0], "state"), Some("up"), "{backends:?}");
+}

@@ -5,7 +5,7 @@
 //! built from pgwire's message types. Commands are parsed by [`super::command`],
 //! carried out by [`super::exec`].
 
-use crate::listener::Peer;
+use crate::address::Address;
 use std::sync::Arc;
 
 use crate::tls::Stream;
@@ -35,7 +35,7 @@ pub enum Role {
 /// A logged-in admin console client.
 pub struct Console {
     stream: Stream,
-    peer: Peer,
+    peer: Address,
     shared: Arc<Shared>,
     user: String,
     role: Role,
@@ -45,7 +45,7 @@ impl Console {
     /// Welcomes the client; on failure the socket is handed back.
     pub async fn start(
         mut stream: Stream,
-        peer: Peer,
+        peer: Address,
         shared: Arc<Shared>,
         user: String,
         role: Role,

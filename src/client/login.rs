@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::listener::Peer;
+use crate::address::Address;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -86,13 +86,13 @@ impl LoginError {
 }
 
 /// Reads the startup packet(s), authenticates, and welcomes the client.
-pub async fn login(stream: Stream, peer: Peer, shared: &Arc<Shared>) -> Result<Login, Ended> {
+pub async fn login(stream: Stream, peer: &Address, shared: &Arc<Shared>) -> Result<Login, Ended> {
     let tls = shared.tls.load_full();
     let (mut stream, first) = negotiate(stream, &tls).await?;
     let logged_in = match login_steps(&mut stream, first, peer, shared).await {
         Ok(Step::Cancel { pid, secret }) => return Ok(Login::Cancel { pid, secret }),
         Ok(Step::Admin { user, role }) => {
-            return match Console::start(stream, peer, shared.clone(), user, role).await {
+            return match Console::start(stream, peer.clone(), shared.clone(), user, role).await {
                 Ok(console) => Ok(Login::Admin(Box::new(console))),
                 Err(_) => Err(Ended::Gone),
             };
@@ -117,7 +117,7 @@ enum Step {
 async fn login_steps(
     stream: &mut Stream,
     first: StartupRequest,
-    peer: Peer,
+    peer: &Address,
     shared: &Arc<Shared>,
 ) -> Result<Step, LoginError> {
     let (minor, raw) = match first {
@@ -183,7 +183,7 @@ async fn login_steps(
     // The client's settings start as its startup settings: one set, shared.
     let startup = shared.param_sets.intern(request.settings);
     let client = shared.clients.register(Identity {
-        peer,
+        peer: peer.clone(),
         database: request.database.clone(),
         user: request.user.clone(),
     });

@@ -22,7 +22,7 @@ pub mod splice;
 mod sql;
 pub mod statements;
 
-use crate::listener::Peer;
+use crate::address::Address;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,7 +62,7 @@ const READ_CHUNK: usize = 8 * 1024;
 const FIRST_READ: usize = 1024;
 
 /// Runs a freshly accepted connection to its end; `slot` counts it until then.
-pub async fn serve(stream: Stream, peer: Peer, slot: Slot) {
+pub async fn serve(stream: Stream, peer: Address, slot: Slot) {
     if let Stream::Plain(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
         let keepalive = Keepalive::from_config(&slot.config.load().pgwarden);
@@ -81,9 +81,9 @@ pub async fn serve(stream: Stream, peer: Peer, slot: Slot) {
 
 /// Logs the client in within `client_login_timeout`, or answers what it asked
 /// instead (a CancelRequest) or why it is refused; `None` when nothing follows.
-async fn admit(stream: Stream, peer: Peer, shared: &Arc<Shared>) -> Option<Login> {
+async fn admit(stream: Stream, peer: Address, shared: &Arc<Shared>) -> Option<Login> {
     let timeout = shared.config.load().pgwarden.client_login_timeout;
-    match tokio::time::timeout(timeout, login::login(stream, peer, shared)).await {
+    match tokio::time::timeout(timeout, login::login(stream, &peer, shared)).await {
         Err(_) => {
             shared
                 .metrics
@@ -171,8 +171,8 @@ impl LoggedIn {
     }
 
     /// The client's address.
-    fn peer(&self) -> Peer {
-        self.client.entry().identity.peer
+    fn peer(&self) -> &Address {
+        &self.client.entry().identity.peer
     }
 }
 
@@ -616,7 +616,7 @@ impl Session {
                             };
                         let pool = conn.pool();
                         self.who.client.serving(Some(Serving {
-                            key: conn.cancel_key,
+                            key: conn.cancel_key.clone(),
                             backend: pool.target.backend.clone(),
                             pool: pool.id,
                         }));

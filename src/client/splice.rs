@@ -496,7 +496,7 @@ pub async fn splice(
             Event::Deadline => match timer {
                 Timer::IdleInTransaction => return (Outcome::IdleInTransaction, to_client),
                 Timer::Query(_) => {
-                    let key = *cancel_key;
+                    let key = cancel_key.clone();
                     tracing::info!(server = %key.addr, server_pid = key.pid, limit = ?query_limit, "query_timeout: cancelling the request");
                     cancel = Some(Box::pin(key.send()));
                     cx.x.timed_out = Some(query_limit);

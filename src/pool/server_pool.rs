@@ -309,7 +309,10 @@ impl ServerPool {
 
     /// The idle connections' keys (server pid and address), for SHOW SERVERS.
     pub fn idle_servers(&self) -> Vec<crate::server::CancelKey> {
-        lock(&self.idle).iter().map(|c| c.cancel_key).collect()
+        lock(&self.idle)
+            .iter()
+            .map(|c| c.cancel_key.clone())
+            .collect()
     }
 
     /// Counts for the admin console and metrics: (in use, idle, size).

@@ -132,6 +132,8 @@ pub struct Options {
     pub backends: Vec<(String, u16)>,
     /// more keys for the backend of the same index (`replication_port = …`)
     pub backend_keys: Vec<String>,
+    /// every backend's `host` (default 127.0.0.1; a folder for a Unix-domain socket)
+    pub backend_host: Option<String>,
     /// extra `[databases.X]` entries, verbatim
     pub databases: String,
     /// extra keys for every `[databases.X]` entry
@@ -362,9 +364,10 @@ fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
     } else {
         o.backends.clone()
     };
+    let host = o.backend_host.as_deref().unwrap_or("127.0.0.1");
     for (i, (name, backend_port)) in backends.into_iter().enumerate() {
         text.push_str(&format!(
-            "[[backends]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {backend_port}\n{}\n",
+            "[[backends]]\nname = \"{name}\"\nhost = \"{host}\"\nport = {backend_port}\n{}\n",
             o.backend_keys.get(i).map_or("", String::as_str)
         ));
     }
