@@ -75,6 +75,10 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     }
     let holder = pgw.connect(&db).await;
     holder.batch_execute("BEGIN").await.unwrap();
+    // A second server connection, back in the pool once its transaction ends.
+    let other = pgw.connect(&db).await;
+    other.batch_execute("BEGIN").await.unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
     let admin = console(&pgw, ADMIN).await.unwrap();
 
     let pools = rows(&admin, "SHOW POOLS").await;
@@ -84,12 +88,13 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
         .unwrap();
     assert_eq!(get(pool, "user"), Some(db.user.as_str()));
     assert_eq!(get(pool, "cl_active"), Some("1"));
-    assert_eq!(get(pool, "cl_idle"), Some("1"));
-    assert_eq!(get(pool, "sv_active"), Some("1"));
+    assert_eq!(get(pool, "cl_idle"), Some("2"));
+    assert_eq!(get(pool, "sv_active"), Some("1"), "{pool:?}");
+    assert_eq!(get(pool, "sv_idle"), Some("1"), "{pool:?}");
     assert_eq!(get(pool, "pool_mode"), Some("transaction"));
 
     let clients = rows(&admin, "show clients;").await;
-    assert_eq!(clients.len(), 2);
+    assert_eq!(clients.len(), 3);
     assert!(
         clients
             .iter()

@@ -315,12 +315,12 @@ impl ServerPool {
             .collect()
     }
 
-    /// Counts for the admin console and metrics: (in use, idle, size).
+    /// Counts for the admin console and metrics: (in use, idle, size). A
+    /// connection in use (or being opened) holds a slot; an idle one does not.
     pub fn counts(&self) -> (usize, usize, usize) {
         let size = self.main.size() + self.reserve.size();
-        let free = self.main.available() + self.reserve.available();
-        let idle = lock(&self.idle).len();
-        (size.saturating_sub(free).saturating_sub(idle), idle, size)
+        let in_use = self.main.taken() + self.reserve.taken();
+        (in_use, lock(&self.idle).len(), size)
     }
 
     /// Login facts shared by the pools of this (database, user).

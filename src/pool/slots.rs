@@ -84,9 +84,10 @@ impl Slots {
         self.lock().size
     }
 
-    /// Slots free right now.
-    pub fn available(&self) -> usize {
-        self.semaphore.available_permits()
+    /// Slots held right now (after a shrink, possibly more than the size).
+    pub fn taken(&self) -> usize {
+        let s = self.lock();
+        (s.size + s.deficit).saturating_sub(self.semaphore.available_permits())
     }
 
     /// Wakes every waiter with [`Closed`] and refuses new ones.
@@ -112,13 +113,15 @@ mod tests {
         slots.acquire().await.unwrap();
         slots.resize(1);
         // One free slot was forgotten at once; one more must be repaid.
-        assert_eq!(slots.available(), 0);
+        assert_eq!(slots.semaphore.available_permits(), 0);
+        assert_eq!(slots.taken(), 2, "both still held after the shrink");
         slots.release();
-        assert_eq!(slots.available(), 0);
+        assert_eq!(slots.semaphore.available_permits(), 0);
         slots.release();
-        assert_eq!(slots.available(), 1);
+        assert_eq!(slots.semaphore.available_permits(), 1);
+        assert_eq!(slots.taken(), 0);
         slots.resize(4);
-        assert_eq!(slots.available(), 4);
+        assert_eq!(slots.semaphore.available_permits(), 4);
         assert_eq!(slots.size(), 4);
     }
 
@@ -131,7 +134,7 @@ mod tests {
         slots.resize(1);
         slots.release();
         slots.release();
-        assert_eq!(slots.available(), 1);
+        assert_eq!(slots.semaphore.available_permits(), 1);
     }
 
     #[tokio::test]
