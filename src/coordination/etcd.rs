@@ -6,8 +6,11 @@
 //! (a compare on its create revision); `state` holds the [`ClusterState`] JSON,
 //! written only in a transaction that compares `leader` with the writer's id, so a
 //! proxy that lost the lease cannot publish anything. A session that fails for
-//! any reason drops to [`Role::Disconnected`] and a new one starts a second later.
+//! any reason drops to
+//! [`Role::Disconnected`], keeps the reason in the snapshot for SHOW COORDINATION,
+//! and a new one starts a second later.
 
+use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,8 +37,29 @@ impl std::fmt::Debug for Leadership {
 
 impl From<etcd_client::Error> for Error {
     fn from(e: etcd_client::Error) -> Self {
-        Error::Etcd(e.to_string())
+        Error::Etcd(describe(&e))
     }
+}
+
+/// One line for an etcd error: etcd's own message for a refused request (a
+/// missing permission), and every cause after it, where transport failures
+/// show (the client's own message is "transport error").
+fn describe(e: &etcd_client::Error) -> String {
+    let (mut line, mut cause) = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            (format!("{:?}: {}", s.code(), s.message()), s.source())
+        }
+        etcd_client::Error::TransportError(t) => (t.to_string(), t.source()),
+        other => (other.to_string(), None),
+    };
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = c.source();
+    }
+    line
 }
 
 fn leader_key(c: &Coordinator) -> String {
@@ -46,8 +70,12 @@ fn state_key(c: &Coordinator) -> String {
     format!("{}/state", c.config.prefix)
 }
 
+/// How many distinct failures are remembered so as not to log them again.
+const REPORTED: usize = 8;
+
 /// Sessions until shutdown, a second apart when etcd fails.
 pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
+    let mut reported = Vec::with_capacity(REPORTED);
     loop {
         let ended = tokio::select! {
             ended = session(&shared, &coordinator) => ended,
@@ -68,9 +96,25 @@ pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
                 return;
             }
             Err(e) => {
-                if coordinator.snapshot().role != Role::Disconnected {
-                    warn!(error = %e, "coordination: etcd session lost; no promotion until it is back");
+                let was_up = coordinator.snapshot().role != Role::Disconnected;
+                let error = e.to_string();
+                if was_up {
+                    reported.clear();
                 }
+                // Each cause once while etcd stays out of reach, not at every retry: an
+                // etcd that refuses this proxy refuses it the same way each second.
+                if !reported.contains(&error) {
+                    if was_up {
+                        warn!(error = %error, "coordination: etcd session lost; no promotion until it is back");
+                    } else {
+                        warn!(error = %error, endpoints = ?coordinator.config.etcd, "coordination: cannot use etcd; no promotion until it can");
+                    }
+                    if reported.len() == REPORTED {
+                        reported.remove(0);
+                    }
+                    reported.push(error.clone());
+                }
+                coordinator.snapshot.send_modify(|s| s.error = Some(error));
                 coordinator.transition(&shared, Role::Disconnected, "etcd session lost");
             }
         }
