@@ -428,6 +428,68 @@ pub struct CoordinationConfig {
     /// this proxy's name in etcd and SHOW COORDINATION (default: host name and process id)
     #[serde(default)]
     pub name: Option<String>,
+    /// the etcd user pgwarden authenticates as, with `password_file` (default: no authentication)
+    #[serde(default)]
+    pub user: Option<String>,
+    /// a file whose first line is that user's password
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// what those files hold, read when the configuration is loaded
+    #[serde(skip)]
+    pub access: EtcdAccess,
+}
+
+/// The credentials `[coordination]` names, as read from their files.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// user and password, with `user` and `password_file`
+    pub credentials: Option<(String, String)>,
+}
+
+impl fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password never reaches a log.
+        f.debug_struct("EtcdAccess")
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Reads the files `c` names; `file` is the configuration, for errors and relative paths.
+    fn read(c: &CoordinationConfig, file: &Path) -> Result<EtcdAccess, ConfigError> {
+        let err = |key: &str, path: &Path, reason: String| {
+            ConfigError::new(
+                file,
+                format!("coordination.{key}"),
+                format!("{}: {reason}", path.display()),
+            )
+        };
+        let read = |key: &str, path: &Path| {
+            let path = resolve_against(file, path);
+            std::fs::read(&path)
+                .map_err(|e| err(key, &path, format!("cannot read: {e}")))
+                .map(|bytes| (path, bytes))
+        };
+        let credentials = match (&c.user, &c.password_file) {
+            (Some(user), Some(path)) => {
+                let (path, bytes) = read("password_file", path)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| err("password_file", &path, "not UTF-8 text".into()))?;
+                let password = text.lines().next().unwrap_or_default();
+                if password.is_empty() {
+                    return Err(err(
+                        "password_file",
+                        &path,
+                        "empty: its first line must be the password".into(),
+                    ));
+                }
+                Some((user.clone(), password.to_owned()))
+            }
+            _ => None,
+        };
+        Ok(EtcdAccess { credentials })
+    }
 }
 
 fn default_lease_ttl() -> Duration {
@@ -551,6 +613,9 @@ impl Config {
         })?;
         config.source = path.to_path_buf();
         config.validate()?;
+        if let Some(c) = &mut config.coordination {
+            c.access = EtcdAccess::read(c, &config.source)?;
+        }
         Ok(config)
     }
 
@@ -682,6 +747,21 @@ impl Config {
                     "coordination.lease_ttl".into(),
                     "must be at least 2s (etcd leases have whole seconds)".into(),
                 );
+            }
+            for [(a, a_set), (b, b_set)] in [[
+                ("user", c.user.is_some()),
+                ("password_file", c.password_file.is_some()),
+            ]] {
+                if a_set != b_set {
+                    let (given, missing) = if a_set { (a, b) } else { (b, a) };
+                    return err(
+                        format!("coordination.{given}"),
+                        format!("needs coordination.{missing} too (both or neither)"),
+                    );
+                }
+            }
+            if c.user.as_deref() == Some("") {
+                return err("coordination.user".into(), "must not be empty".into());
             }
         }
         if self.backends.is_empty() {
@@ -840,10 +920,7 @@ impl Config {
 
     /// A path from the config, resolved against the config file's folder when relative.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        match self.source.parent() {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path.to_path_buf(),
-        }
+        resolve_against(&self.source, path)
     }
 
     /// The HTTP endpoint's address, unless disabled.
@@ -948,6 +1025,14 @@ pub struct DatabaseSettings {
     pub pool_mode: PoolMode,
     /// which nodes serve it
     pub target: Target,
+}
+
+/// `path`, resolved against the folder of the configuration file `source` when relative.
+fn resolve_against(source: &Path, path: &Path) -> PathBuf {
+    match source.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
 }
 
 fn is_simple_name(s: &str) -> bool {
@@ -1260,6 +1345,71 @@ host = "127.0.0.1"
             let e = parse(&format!("[coordination]\n{section}\n{MINIMAL}")).unwrap_err();
             assert_eq!(e.key, key);
         }
+    }
+
+    #[test]
+    #[cfg(feature = "etcd")]
+    fn coordination_auth_keys_are_checked() {
+        let section = |endpoint: &str, keys: &str| {
+            format!("[coordination]\netcd = [\"{endpoint}\"]\nprefix = \"/p\"\n{keys}\n{MINIMAL}")
+        };
+        for (endpoint, keys, key) in [
+            ("http://e:2379", "user = \"root\"", "coordination.user"),
+            (
+                "http://e:2379",
+                "password_file = \"pw\"",
+                "coordination.password_file",
+            ),
+            (
+                "http://e:2379",
+                "user = \"\"\npassword_file = \"pw\"",
+                "coordination.user",
+            ),
+        ] {
+            let e = parse(&section(endpoint, keys)).unwrap_err();
+            assert_eq!(e.key, key, "{keys}: {e}");
+            assert!(e.to_string().starts_with("conf/test.toml: "), "{e}");
+        }
+        let c = parse(&section("http://e:2379", "")).unwrap();
+        assert_eq!(c.coordination.unwrap().access, EtcdAccess::default());
+    }
+
+    #[test]
+    #[cfg(feature = "etcd")]
+    fn coordination_files_are_read_at_load() {
+        let dir = std::env::temp_dir().join(format!(
+            "pgwarden-config-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("pgwarden.toml");
+        let load = |scheme: &str, keys: &str| {
+            Config::parse(
+                &format!(
+                    "[coordination]\netcd = [\"{scheme}://e:2379\"]\nprefix = \"/p\"\n{keys}\n{MINIMAL}"
+                ),
+                &config,
+            )
+        };
+        let with_password = "user = \"root\"\npassword_file = \"pw\"";
+        let e = load("http", with_password).unwrap_err();
+        assert_eq!(e.key, "coordination.password_file");
+        assert!(
+            e.reason.contains(&dir.join("pw").display().to_string()),
+            "{e}"
+        );
+        assert!(e.reason.contains("cannot read"), "{e}");
+        std::fs::write(dir.join("pw"), "\nsecond line").unwrap();
+        let e = load("http", with_password).unwrap_err();
+        assert_eq!(e.key, "coordination.password_file");
+        assert!(e.reason.contains("empty"), "{e}");
+        std::fs::write(dir.join("pw"), "s3cret word\n").unwrap();
+        let c = load("http", with_password).unwrap().coordination.unwrap();
+        let credentials = ("root".to_owned(), "s3cret word".to_owned());
+        assert_eq!(c.access.credentials, Some(credentials));
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! (a compare on its create revision); `state` holds the [`ClusterState`] JSON,
 //! written only in a transaction that compares `leader` with the writer's id, so a
 //! proxy that lost the lease cannot publish anything. A session that fails for
-//! any reason drops to
+//! any reason (etcd down, a wrong password) drops to
 //! [`Role::Disconnected`], keeps the reason in the snapshot for SHOW COORDINATION,
 //! and a new one starts a second later.
 
@@ -21,6 +21,7 @@ use etcd_client::{
 use tracing::warn;
 
 use super::{ClusterState, Coordinator, Error, Role};
+use crate::config::CoordinationConfig;
 use crate::proxy::Shared;
 
 /// What the leader needs to write: a client and the value of its leader key.
@@ -41,9 +42,9 @@ impl From<etcd_client::Error> for Error {
     }
 }
 
-/// One line for an etcd error: etcd's own message for a refused request (a
-/// missing permission), and every cause after it, where transport failures
-/// show (the client's own message is "transport error").
+/// One line for an etcd error: etcd's own message for a refused request (a wrong
+/// password, a missing permission), and every cause after it, since a failed TLS
+/// handshake only shows there (the client's message is "transport error").
 fn describe(e: &etcd_client::Error) -> String {
     let (mut line, mut cause) = match e {
         etcd_client::Error::GRpcStatus(s) => {
@@ -60,6 +61,24 @@ fn describe(e: &etcd_client::Error) -> String {
         cause = c.source();
     }
     line
+}
+
+/// How to reach etcd: every wait bounded by a third of the lease, with the
+/// section's user.
+fn connect_options(c: &CoordinationConfig) -> ConnectOptions {
+    let bound = c.lease_ttl / 3;
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(bound)
+        .with_timeout(bound)
+        .with_keep_alive(bound, bound);
+    if let Some((user, password)) = &c.access.credentials {
+        // etcd's tokens expire (after 5 minutes by default): renewing one beats
+        // losing the session, and the leadership with it.
+        options = options
+            .with_user(user, password)
+            .with_auto_token_refresh(true);
+    }
+    options
 }
 
 fn leader_key(c: &Coordinator) -> String {
@@ -101,8 +120,8 @@ pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
                 if was_up {
                     reported.clear();
                 }
-                // Each cause once while etcd stays out of reach, not at every retry: an
-                // etcd that refuses this proxy refuses it the same way each second.
+                // Each cause once while etcd stays out of reach, not at every retry: a
+                // wrong password fails the same way each second.
                 if !reported.contains(&error) {
                     if was_up {
                         warn!(error = %error, "coordination: etcd session lost; no promotion until it is back");
@@ -135,12 +154,7 @@ fn step_down(c: &Coordinator) -> Option<Leadership> {
 /// One connection's life: lease, state, watch, campaign; returns only on failure or shutdown.
 async fn session(shared: &Shared, c: &Coordinator) -> Result<(), Error> {
     let ttl = c.config.lease_ttl;
-    let bound = ttl / 3;
-    let options = ConnectOptions::new()
-        .with_connect_timeout(bound)
-        .with_timeout(bound)
-        .with_keep_alive(bound, bound);
-    let mut client = Client::connect(&c.config.etcd, Some(options)).await?;
+    let mut client = Client::connect(&c.config.etcd, Some(connect_options(&c.config))).await?;
     let lease = client
         .lease_grant(ttl.as_secs().max(2) as i64, None)
         .await?

@@ -15,7 +15,8 @@ pub struct Etcd {
     child: Option<Child>,
     pub client_port: u16,
     peer_port: u16,
-    dir: PathBuf,
+    /// its own folder (data, log), removed on drop
+    pub dir: PathBuf,
 }
 
 impl Etcd {
