@@ -3,9 +3,9 @@
 //! A primary crash is handled by exactly one promotion, every proxy follows the
 //! leader's decision, a leader killed midway is replaced by one that finishes the
 //! failover (or the switchover it left before promoting), and without etcd nobody
-//! promotes until it is back. Against an etcd that requires a password, only a
-//! proxy configured with the right one leads; the others report why and keep
-//! serving queries.
+//! promotes until it is back. Against an etcd that requires a password or a
+//! client certificate, only a proxy configured with the right one leads; the
+//! others report why and keep serving queries.
 
 #![cfg(feature = "etcd")]
 
@@ -448,4 +448,37 @@ async fn with_etcd_authentication_only_the_right_password_leads() {
     let right = lone_proxy(&db, &etcd, &password("right", "correct horse\n"));
     leads(&right).await;
     assert_eq!(coordination(&wrong)["role"], "disconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_client_certificates_only_a_certified_proxy_leads() {
+    let _serial = SERIAL.lock().await;
+    let etcd = Etcd::start_tls();
+    let db = Db::create();
+    let pki = etcd.tls();
+    let ca = format!("ca_file = \"{}\"\n", pki.ca.display());
+
+    // Trusting a certificate that did not sign etcd's: pgwarden refuses etcd.
+    let misled = lone_proxy(
+        &db,
+        &etcd,
+        &format!("ca_file = \"{}\"\n", pki.client_cert.display()),
+    );
+    refused(&misled, &db, "invalid peer certificate: unknownissuer").await;
+    // Without a client certificate: etcd refuses pgwarden.
+    let anonymous = lone_proxy(&db, &etcd, &ca);
+    refused(&anonymous, &db, "certificate").await;
+    let certified = lone_proxy(
+        &db,
+        &etcd,
+        &format!(
+            "{ca}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+    );
+    leads(&certified).await;
+    for p in [&misled, &anonymous] {
+        assert_eq!(coordination(p)["role"], "disconnected");
+    }
 }

@@ -6,7 +6,7 @@
 //! (a compare on its create revision); `state` holds the [`ClusterState`] JSON,
 //! written only in a transaction that compares `leader` with the writer's id, so a
 //! proxy that lost the lease cannot publish anything. A session that fails for
-//! any reason (etcd down, a wrong password) drops to
+//! any reason (etcd down, a wrong password, a refused certificate) drops to
 //! [`Role::Disconnected`], keeps the reason in the snapshot for SHOW COORDINATION,
 //! and a new one starts a second later.
 
@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tracing::warn;
 
@@ -64,7 +64,7 @@ fn describe(e: &etcd_client::Error) -> String {
 }
 
 /// How to reach etcd: every wait bounded by a third of the lease, with the
-/// section's user.
+/// section's user and TLS material.
 fn connect_options(c: &CoordinationConfig) -> ConnectOptions {
     let bound = c.lease_ttl / 3;
     let mut options = ConnectOptions::new()
@@ -77,6 +77,18 @@ fn connect_options(c: &CoordinationConfig) -> ConnectOptions {
         options = options
             .with_user(user, password)
             .with_auto_token_refresh(true);
+    }
+    if c.uses_tls() {
+        let tls = TlsOptions::new().timeout(bound);
+        let tls = match &c.access.ca {
+            Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        let tls = match &c.access.identity {
+            Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+            None => tls,
+        };
+        options = options.with_tls(tls);
     }
     options
 }
@@ -116,12 +128,13 @@ pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
             }
             Err(e) => {
                 let was_up = coordinator.snapshot().role != Role::Disconnected;
-                let error = e.to_string();
+                let error = reason(&coordinator.config, &e, was_up);
                 if was_up {
                     reported.clear();
                 }
                 // Each cause once while etcd stays out of reach, not at every retry: a
-                // wrong password fails the same way each second.
+                // wrong password fails the same way each second, and a refused client
+                // certificate in one of two ways (see `reason`).
                 if !reported.contains(&error) {
                     if was_up {
                         warn!(error = %error, "coordination: etcd session lost; no promotion until it is back");
@@ -142,6 +155,20 @@ pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
             () = shared.shutdown.cancelled() => return,
         }
     }
+}
+
+/// What to report for a failed session: its error, with a hint where etcd's own
+/// reason is lost. Over TLS 1.3 the client finishes its handshake before etcd
+/// checks the client certificate, so etcd's refusal races the first request and
+/// often shows only as a closed connection.
+fn reason(c: &CoordinationConfig, e: &Error, was_up: bool) -> String {
+    let reason = e.to_string();
+    if c.uses_tls() && !was_up && reason.ends_with("connection closed") {
+        return format!(
+            "{reason} (etcd may have refused the client certificate: check cert_file and key_file, and etcd's --trusted-ca-file)"
+        );
+    }
+    reason
 }
 
 fn step_down(c: &Coordinator) -> Option<Leadership> {
