@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{check_socket_path, is_socket_dir, socket_file};
@@ -426,7 +427,7 @@ impl FailoverConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinationConfig {
-    /// etcd endpoints (`http://host:port`)
+    /// etcd endpoints (`http://host:port`, or all `https://host:port` for TLS)
     pub etcd: Vec<String>,
     /// key prefix shared by every proxy of one cluster
     pub prefix: String,
@@ -436,6 +437,119 @@ pub struct CoordinationConfig {
     /// this proxy's name in etcd and SHOW COORDINATION (default: host name and process id)
     #[serde(default)]
     pub name: Option<String>,
+    /// the etcd user pgwarden authenticates as, with `password_file` (default: no authentication)
+    #[serde(default)]
+    pub user: Option<String>,
+    /// a file whose first line is that user's password
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) etcd's certificate must chain to (`https://` endpoints; default: the system's)
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// the client certificate (PEM) pgwarden presents to etcd, with `key_file`
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// its private key (PEM)
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// what those files hold, read when the configuration is loaded
+    #[serde(skip)]
+    pub access: EtcdAccess,
+}
+
+impl CoordinationConfig {
+    /// True when the endpoints are `https://` (validated: all or none are).
+    pub fn uses_tls(&self) -> bool {
+        self.etcd.iter().any(|e| e.starts_with("https://"))
+    }
+}
+
+/// The credentials and certificates `[coordination]` names, as read from their files.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// user and password, with `user` and `password_file`
+    pub credentials: Option<(String, String)>,
+    /// PEM CA certificates, with `ca_file`
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate and key, with `cert_file` and `key_file`
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password and the private key never reach a log.
+        f.debug_struct("EtcdAccess")
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Reads the files `c` names; `file` is the configuration, for errors and relative paths.
+    fn read(c: &CoordinationConfig, file: &Path) -> Result<EtcdAccess, ConfigError> {
+        let err = |key: &str, path: &Path, reason: String| {
+            ConfigError::new(
+                file,
+                format!("coordination.{key}"),
+                format!("{}: {reason}", path.display()),
+            )
+        };
+        let read = |key: &str, path: &Path| {
+            let path = resolve_against(file, path);
+            std::fs::read(&path)
+                .map_err(|e| err(key, &path, format!("cannot read: {e}")))
+                .map(|bytes| (path, bytes))
+        };
+        let certificates = |key: &str, path: &Path| {
+            let (path, pem) = read(key, path)?;
+            match rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(certs) if !certs.is_empty() => Ok(pem),
+                Ok(_) => Err(err(key, &path, "no PEM certificate in it".into())),
+                Err(e) => Err(err(key, &path, e.to_string())),
+            }
+        };
+        let credentials = match (&c.user, &c.password_file) {
+            (Some(user), Some(path)) => {
+                let (path, bytes) = read("password_file", path)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| err("password_file", &path, "not UTF-8 text".into()))?;
+                let password = text.lines().next().unwrap_or_default();
+                if password.is_empty() {
+                    return Err(err(
+                        "password_file",
+                        &path,
+                        "empty: its first line must be the password".into(),
+                    ));
+                }
+                Some((user.clone(), password.to_owned()))
+            }
+            _ => None,
+        };
+        let ca = c
+            .ca_file
+            .as_deref()
+            .map(|path| certificates("ca_file", path))
+            .transpose()?;
+        let identity = match (&c.cert_file, &c.key_file) {
+            (Some(cert), Some(key)) => {
+                let cert = certificates("cert_file", cert)?;
+                let (path, pem) = read("key_file", key)?;
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem)
+                    .map_err(|e| err("key_file", &path, e.to_string()))?;
+                Some((cert, pem))
+            }
+            _ => None,
+        };
+        Ok(EtcdAccess {
+            credentials,
+            ca,
+            identity,
+        })
+    }
 }
 
 fn default_lease_ttl() -> Duration {
@@ -559,6 +673,9 @@ impl Config {
         })?;
         config.source = path.to_path_buf();
         config.validate()?;
+        if let Some(c) = &mut config.coordination {
+            c.access = EtcdAccess::read(c, &config.source)?;
+        }
         Ok(config)
     }
 
@@ -702,6 +819,50 @@ impl Config {
                     "coordination.lease_ttl".into(),
                     "must be at least 2s (etcd leases have whole seconds)".into(),
                 );
+            }
+            let (secure, plain): (Vec<_>, Vec<_>) =
+                c.etcd.iter().partition(|e| e.starts_with("https://"));
+            if let (Some(secure), Some(plain)) = (secure.first(), plain.first()) {
+                return err(
+                    "coordination.etcd".into(),
+                    format!(
+                        "`{plain}` is not https:// like `{secure}`: either every endpoint uses TLS or none does"
+                    ),
+                );
+            }
+            for [(a, a_set), (b, b_set)] in [
+                [
+                    ("user", c.user.is_some()),
+                    ("password_file", c.password_file.is_some()),
+                ],
+                [
+                    ("cert_file", c.cert_file.is_some()),
+                    ("key_file", c.key_file.is_some()),
+                ],
+            ] {
+                if a_set != b_set {
+                    let (given, missing) = if a_set { (a, b) } else { (b, a) };
+                    return err(
+                        format!("coordination.{given}"),
+                        format!("needs coordination.{missing} too (both or neither)"),
+                    );
+                }
+            }
+            if c.user.as_deref() == Some("") {
+                return err("coordination.user".into(), "must not be empty".into());
+            }
+            if !c.uses_tls() {
+                for (key, set) in [
+                    ("ca_file", c.ca_file.is_some()),
+                    ("cert_file", c.cert_file.is_some()),
+                ] {
+                    if set {
+                        return err(
+                            format!("coordination.{key}"),
+                            "the etcd endpoints are plain http://, so it would not be used: use https:// endpoints or remove it".into(),
+                        );
+                    }
+                }
             }
         }
         if self.backends.is_empty() {
@@ -882,10 +1043,7 @@ impl Config {
 
     /// A path from the config, resolved against the config file's folder when relative.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        match self.source.parent() {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path.to_path_buf(),
-        }
+        resolve_against(&self.source, path)
     }
 
     /// The HTTP endpoint's address, unless disabled.
@@ -990,6 +1148,14 @@ pub struct DatabaseSettings {
     pub pool_mode: PoolMode,
     /// which nodes serve it
     pub target: Target,
+}
+
+/// `path`, resolved against the folder of the configuration file `source` when relative.
+fn resolve_against(source: &Path, path: &Path) -> PathBuf {
+    match source.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
 }
 
 fn is_simple_name(s: &str) -> bool {
@@ -1346,6 +1512,127 @@ host = "127.0.0.1"
             let e = parse(&format!("[coordination]\n{section}\n{MINIMAL}")).unwrap_err();
             assert_eq!(e.key, key);
         }
+    }
+
+    #[test]
+    #[cfg(feature = "etcd")]
+    fn coordination_auth_and_tls_keys_are_checked() {
+        let section = |endpoint: &str, keys: &str| {
+            format!("[coordination]\netcd = [\"{endpoint}\"]\nprefix = \"/p\"\n{keys}\n{MINIMAL}")
+        };
+        for (endpoint, keys, key) in [
+            ("http://e:2379", "user = \"root\"", "coordination.user"),
+            (
+                "http://e:2379",
+                "password_file = \"pw\"",
+                "coordination.password_file",
+            ),
+            (
+                "http://e:2379",
+                "user = \"\"\npassword_file = \"pw\"",
+                "coordination.user",
+            ),
+            (
+                "https://e:2379",
+                "cert_file = \"c.pem\"",
+                "coordination.cert_file",
+            ),
+            (
+                "https://e:2379",
+                "key_file = \"k.pem\"",
+                "coordination.key_file",
+            ),
+            (
+                "http://e:2379",
+                "ca_file = \"ca.pem\"",
+                "coordination.ca_file",
+            ),
+            (
+                "http://e:2379",
+                "cert_file = \"c.pem\"\nkey_file = \"k.pem\"",
+                "coordination.cert_file",
+            ),
+            ("http://e:2379\", \"https://f:2379", "", "coordination.etcd"),
+            ("https://e:2379\", \"f:2379", "", "coordination.etcd"),
+        ] {
+            let e = parse(&section(endpoint, keys)).unwrap_err();
+            assert_eq!(e.key, key, "{keys}: {e}");
+            assert!(e.to_string().starts_with("conf/test.toml: "), "{e}");
+        }
+        let c = parse(&section("https://e:2379", "")).unwrap();
+        let c = c.coordination.unwrap();
+        assert!(c.uses_tls());
+        assert_eq!(c.access, EtcdAccess::default());
+    }
+
+    #[test]
+    #[cfg(feature = "etcd")]
+    fn coordination_files_are_read_at_load() {
+        let dir = std::env::temp_dir().join(format!(
+            "pgwarden-config-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("pgwarden.toml");
+        let load = |scheme: &str, keys: &str| {
+            Config::parse(
+                &format!(
+                    "[coordination]\netcd = [\"{scheme}://e:2379\"]\nprefix = \"/p\"\n{keys}\n{MINIMAL}"
+                ),
+                &config,
+            )
+        };
+        let with_password = "user = \"root\"\npassword_file = \"pw\"";
+        let e = load("http", with_password).unwrap_err();
+        assert_eq!(e.key, "coordination.password_file");
+        assert!(
+            e.reason.contains(&dir.join("pw").display().to_string()),
+            "{e}"
+        );
+        assert!(e.reason.contains("cannot read"), "{e}");
+        std::fs::write(dir.join("pw"), "\nsecond line").unwrap();
+        let e = load("http", with_password).unwrap_err();
+        assert_eq!(e.key, "coordination.password_file");
+        assert!(e.reason.contains("empty"), "{e}");
+        std::fs::write(dir.join("pw"), "s3cret word\n").unwrap();
+        let c = load("http", with_password).unwrap().coordination.unwrap();
+        let credentials = ("root".to_owned(), "s3cret word".to_owned());
+        assert_eq!(c.access.credentials, Some(credentials));
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), made.cert.pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), made.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("junk.pem"), "not a certificate").unwrap();
+        let tls = "ca_file = \"ca.pem\"\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"";
+        let c = load("https", tls).unwrap().coordination.unwrap();
+        assert_eq!(c.access.ca.as_deref(), Some(made.cert.pem().as_bytes()));
+        assert!(c.access.identity.is_some());
+        for (keys, key) in [
+            (
+                "ca_file = \"junk.pem\"\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"",
+                "coordination.ca_file",
+            ),
+            (
+                "cert_file = \"junk.pem\"\nkey_file = \"key.pem\"",
+                "coordination.cert_file",
+            ),
+            (
+                "cert_file = \"cert.pem\"\nkey_file = \"cert.pem\"",
+                "coordination.key_file",
+            ),
+            (
+                "cert_file = \"cert.pem\"\nkey_file = \"missing.pem\"",
+                "coordination.key_file",
+            ),
+        ] {
+            let e = load("https", keys).unwrap_err();
+            assert_eq!(e.key, key, "{keys}: {e}");
+            assert!(e.reason.contains(".pem: "), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

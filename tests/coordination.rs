@@ -3,7 +3,9 @@
 //! A primary crash is handled by exactly one promotion, every proxy follows the
 //! leader's decision, a leader killed midway is replaced by one that finishes the
 //! failover (or the switchover it left before promoting), and without etcd nobody
-//! promotes until it is back.
+//! promotes until it is back. Against an etcd that requires a password or a
+//! client certificate, only a proxy configured with the right one leads; the
+//! others report why and keep serving queries.
 
 #![cfg(feature = "etcd")]
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::etcd::Etcd;
 use common::{Db, Options, Pgwarden, eventually, three_nodes, writer};
 use pgwarden::cluster::Cluster;
+use tokio_postgres::SimpleQueryMessage;
 
 /// Nine PostgreSQL servers and nine proxies at once overload a two-core machine
 /// (probes time out and nodes flap), so these tests run one at a time.
@@ -366,4 +369,116 @@ async fn without_etcd_nobody_promotes_until_it_is_back() {
     let new = env.new_primary(Duration::from_secs(30)).await;
     env.all_route_to(new, None).await;
     assert_eq!(env.promotions(), 1, "{}", env.logs());
+}
+
+/// One proxy in front of the test binary's shared PostgreSQL, coordinated
+/// through `etcd` with `keys` added to its `[coordination]`.
+fn lone_proxy(db: &Db, etcd: &Etcd, keys: &str) -> Pgwarden {
+    let mut options = options(etcd, &[]);
+    options.sections += keys;
+    Pgwarden::start_with(&[db], options)
+}
+
+/// Waits until `p` reports an etcd error that says `why` (in any case), then
+/// checks that it logged it, shows it in SHOW COORDINATION, never led, and still
+/// serves queries.
+async fn refused(p: &Pgwarden, db: &Db, why: &str) {
+    let says = |e: &str| e.to_lowercase().contains(why);
+    eventually(Duration::from_secs(10), why, || {
+        coordination(p)["error"].as_str().is_some_and(says)
+    })
+    .await;
+    let c = coordination(p);
+    assert_eq!(c["role"], "disconnected", "{c}");
+    let log = p.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("coordination: cannot use etcd") && says(l)),
+        "{log}"
+    );
+    assert!(!log.contains("took the leader key"), "{log}");
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
+        p.port, ADMIN.0, ADMIN.1
+    ))
+    .await
+    .unwrap();
+    let shown = console.simple_query("SHOW COORDINATION").await.unwrap();
+    let error = shown.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get("error").map(str::to_owned),
+        _ => None,
+    });
+    assert!(error.as_deref().is_some_and(says), "{error:?}");
+    let client = p.connect(db).await;
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+async fn leads(p: &Pgwarden) {
+    eventually(Duration::from_secs(10), "the proxy leads", || {
+        coordination(p)["role"] == "leader"
+    })
+    .await;
+    assert_eq!(coordination(p)["error"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_authentication_only_the_right_password_leads() {
+    let _serial = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    client
+        .user_add("root", "correct horse", None)
+        .await
+        .unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+    let db = Db::create();
+    let password = |file: &str, text: &str| {
+        let path = etcd.dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        format!("user = \"root\"\npassword_file = \"{}\"\n", path.display())
+    };
+
+    // Alone, so it would lead if etcd let it in.
+    let wrong = lone_proxy(&db, &etcd, &password("wrong", "battery staple\n"));
+    refused(&wrong, &db, "authentication failed").await;
+    let right = lone_proxy(&db, &etcd, &password("right", "correct horse\n"));
+    leads(&right).await;
+    assert_eq!(coordination(&wrong)["role"], "disconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_client_certificates_only_a_certified_proxy_leads() {
+    let _serial = SERIAL.lock().await;
+    let etcd = Etcd::start_tls();
+    let db = Db::create();
+    let pki = etcd.tls();
+    let ca = format!("ca_file = \"{}\"\n", pki.ca.display());
+
+    // Trusting a certificate that did not sign etcd's: pgwarden refuses etcd.
+    let misled = lone_proxy(
+        &db,
+        &etcd,
+        &format!("ca_file = \"{}\"\n", pki.client_cert.display()),
+    );
+    refused(&misled, &db, "invalid peer certificate: unknownissuer").await;
+    // Without a client certificate: etcd refuses pgwarden.
+    let anonymous = lone_proxy(&db, &etcd, &ca);
+    refused(&anonymous, &db, "certificate").await;
+    let certified = lone_proxy(
+        &db,
+        &etcd,
+        &format!(
+            "{ca}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+    );
+    leads(&certified).await;
+    for p in [&misled, &anonymous] {
+        assert_eq!(coordination(p)["role"], "disconnected");
+    }
 }

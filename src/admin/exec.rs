@@ -449,11 +449,13 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 "timeline#",
                 "fenced",
                 "failover_step",
+                "error",
             ]);
             let Some(c) = &shared.coordination else {
                 rs.row(vec![
                     Cell::Null,
                     "off".into(),
+                    Cell::Null,
                     Cell::Null,
                     Cell::Null,
                     Cell::Null,
@@ -497,6 +499,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                         )
                     })
                     .into(),
+                s.error.clone().into(),
             ]);
             rs
         }

@@ -6,18 +6,22 @@
 //! (a compare on its create revision); `state` holds the [`ClusterState`] JSON,
 //! written only in a transaction that compares `leader` with the writer's id, so a
 //! proxy that lost the lease cannot publish anything. A session that fails for
-//! any reason drops to [`Role::Disconnected`] and a new one starts a second later.
+//! any reason (etcd down, a wrong password, a refused certificate) drops to
+//! [`Role::Disconnected`], keeps the reason in the snapshot for SHOW COORDINATION,
+//! and a new one starts a second later.
 
+use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tracing::warn;
 
 use super::{ClusterState, Coordinator, Error, Role};
+use crate::config::CoordinationConfig;
 use crate::proxy::Shared;
 
 /// What the leader needs to write: a client and the value of its leader key.
@@ -34,8 +38,59 @@ impl std::fmt::Debug for Leadership {
 
 impl From<etcd_client::Error> for Error {
     fn from(e: etcd_client::Error) -> Self {
-        Error::Etcd(e.to_string())
+        Error::Etcd(describe(&e))
     }
+}
+
+/// One line for an etcd error: etcd's own message for a refused request (a wrong
+/// password, a missing permission), and every cause after it, since a failed TLS
+/// handshake only shows there (the client's message is "transport error").
+fn describe(e: &etcd_client::Error) -> String {
+    let (mut line, mut cause) = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            (format!("{:?}: {}", s.code(), s.message()), s.source())
+        }
+        etcd_client::Error::TransportError(t) => (t.to_string(), t.source()),
+        other => (other.to_string(), None),
+    };
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = c.source();
+    }
+    line
+}
+
+/// How to reach etcd: every wait bounded by a third of the lease, with the
+/// section's user and TLS material.
+fn connect_options(c: &CoordinationConfig) -> ConnectOptions {
+    let bound = c.lease_ttl / 3;
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(bound)
+        .with_timeout(bound)
+        .with_keep_alive(bound, bound);
+    if let Some((user, password)) = &c.access.credentials {
+        // etcd's tokens expire (after 5 minutes by default): renewing one beats
+        // losing the session, and the leadership with it.
+        options = options
+            .with_user(user, password)
+            .with_auto_token_refresh(true);
+    }
+    if c.uses_tls() {
+        let tls = TlsOptions::new().timeout(bound);
+        let tls = match &c.access.ca {
+            Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        let tls = match &c.access.identity {
+            Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+            None => tls,
+        };
+        options = options.with_tls(tls);
+    }
+    options
 }
 
 fn leader_key(c: &Coordinator) -> String {
@@ -46,8 +101,12 @@ fn state_key(c: &Coordinator) -> String {
     format!("{}/state", c.config.prefix)
 }
 
+/// How many distinct failures are remembered so as not to log them again.
+const REPORTED: usize = 8;
+
 /// Sessions until shutdown, a second apart when etcd fails.
 pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
+    let mut reported = Vec::with_capacity(REPORTED);
     loop {
         let ended = tokio::select! {
             ended = session(&shared, &coordinator) => ended,
@@ -68,9 +127,26 @@ pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
                 return;
             }
             Err(e) => {
-                if coordinator.snapshot().role != Role::Disconnected {
-                    warn!(error = %e, "coordination: etcd session lost; no promotion until it is back");
+                let was_up = coordinator.snapshot().role != Role::Disconnected;
+                let error = reason(&coordinator.config, &e, was_up);
+                if was_up {
+                    reported.clear();
                 }
+                // Each cause once while etcd stays out of reach, not at every retry: a
+                // wrong password fails the same way each second, and a refused client
+                // certificate in one of two ways (see `reason`).
+                if !reported.contains(&error) {
+                    if was_up {
+                        warn!(error = %error, "coordination: etcd session lost; no promotion until it is back");
+                    } else {
+                        warn!(error = %error, endpoints = ?coordinator.config.etcd, "coordination: cannot use etcd; no promotion until it can");
+                    }
+                    if reported.len() == REPORTED {
+                        reported.remove(0);
+                    }
+                    reported.push(error.clone());
+                }
+                coordinator.snapshot.send_modify(|s| s.error = Some(error));
                 coordinator.transition(&shared, Role::Disconnected, "etcd session lost");
             }
         }
@@ -79,6 +155,20 @@ pub(super) async fn run(shared: Arc<Shared>, coordinator: Arc<Coordinator>) {
             () = shared.shutdown.cancelled() => return,
         }
     }
+}
+
+/// What to report for a failed session: its error, with a hint where etcd's own
+/// reason is lost. Over TLS 1.3 the client finishes its handshake before etcd
+/// checks the client certificate, so etcd's refusal races the first request and
+/// often shows only as a closed connection.
+fn reason(c: &CoordinationConfig, e: &Error, was_up: bool) -> String {
+    let reason = e.to_string();
+    if c.uses_tls() && !was_up && reason.ends_with("connection closed") {
+        return format!(
+            "{reason} (etcd may have refused the client certificate: check cert_file and key_file, and etcd's --trusted-ca-file)"
+        );
+    }
+    reason
 }
 
 fn step_down(c: &Coordinator) -> Option<Leadership> {
@@ -91,12 +181,7 @@ fn step_down(c: &Coordinator) -> Option<Leadership> {
 /// One connection's life: lease, state, watch, campaign; returns only on failure or shutdown.
 async fn session(shared: &Shared, c: &Coordinator) -> Result<(), Error> {
     let ttl = c.config.lease_ttl;
-    let bound = ttl / 3;
-    let options = ConnectOptions::new()
-        .with_connect_timeout(bound)
-        .with_timeout(bound)
-        .with_keep_alive(bound, bound);
-    let mut client = Client::connect(&c.config.etcd, Some(options)).await?;
+    let mut client = Client::connect(&c.config.etcd, Some(connect_options(&c.config))).await?;
     let lease = client
         .lease_grant(ttl.as_secs().max(2) as i64, None)
         .await?

@@ -87,6 +87,8 @@ pub struct Snapshot {
     pub revision: i64,
     /// the last cluster state read from etcd
     pub state: Option<ClusterState>,
+    /// why the last etcd session failed, until one is up again
+    pub error: Option<String>,
 }
 
 impl Snapshot {
@@ -101,6 +103,7 @@ impl Snapshot {
             "published_primary": state.and_then(|s| s.primary.as_deref()),
             "fenced": state.map(|s| s.fenced.as_slice()).unwrap_or_default(),
             "failover_step": state.and_then(|s| s.failover.as_ref()).map(|f| f.step.name()),
+            "error": self.error,
         })
     }
 }
@@ -131,6 +134,7 @@ impl Coordinator {
             lease: None,
             revision: 0,
             state: None,
+            error: None,
         });
         Coordinator {
             config,
@@ -192,6 +196,8 @@ impl Coordinator {
             s.role = role;
             if role == Role::Disconnected {
                 s.lease = None;
+            } else {
+                s.error = None;
             }
         });
         let metrics = &shared.metrics;

@@ -1,26 +1,105 @@
 //! A real single-member etcd (Debian's `etcd-server`) for the coordination tests
 //! and the failover benchmark, on free loopback ports with a data folder of its
-//! own: the system service the package may have installed is never used.
+//! own: the system service the package may have installed is never used. It can
+//! also require TLS with client certificates, from a CA the test makes.
+
+// Shared by the tests and the failover benchmark, which use different parts.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgwarden::cluster::free_port;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
 
 /// An etcd process that can be stopped and started again on the same data.
 pub struct Etcd {
     child: Option<Child>,
     pub client_port: u16,
     peer_port: u16,
-    dir: PathBuf,
+    /// its own folder (data, log, certificates), removed on drop
+    pub dir: PathBuf,
+    tls: Option<Pki>,
+}
+
+/// PEM files: a CA, the server certificate etcd presents (for 127.0.0.1) and a
+/// client certificate, both signed by the CA.
+pub struct Pki {
+    pub ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    fn write(dir: &Path) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "pgwarden test etcd CA");
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let pki = Pki {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        };
+        std::fs::write(&pki.ca, ca_pem).unwrap();
+        // etcd's gRPC gateway dials etcd itself with the server certificate, hence client auth too.
+        for (names, usages, cert, key) in [
+            (
+                vec!["127.0.0.1".to_owned()],
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+                &pki.server_cert,
+                &pki.server_key,
+            ),
+            (
+                Vec::new(),
+                vec![ExtendedKeyUsagePurpose::ClientAuth],
+                &pki.client_cert,
+                &pki.client_key,
+            ),
+        ] {
+            let key_pair = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "pgwarden");
+            params.extended_key_usages = usages;
+            let signed = params.signed_by(&key_pair, &issuer).unwrap();
+            std::fs::write(cert, signed.pem()).unwrap();
+            std::fs::write(key, key_pair.serialize_pem()).unwrap();
+        }
+        pki
+    }
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Etcd {
+        Self::launch(false)
+    }
+
+    /// Starts etcd serving clients only over TLS, and only those with a
+    /// certificate its CA signed ([`Etcd::tls`]).
+    pub fn start_tls() -> Etcd {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Etcd {
         let dir = std::env::temp_dir().join(format!(
             "pgwarden-etcd-{}-{:08x}",
             std::process::id(),
@@ -31,6 +110,7 @@ impl Etcd {
             child: None,
             client_port: free_port().unwrap(),
             peer_port: free_port().unwrap(),
+            tls: tls.then(|| Pki::write(&dir.join("tls"))),
             dir,
         };
         etcd.resume();
@@ -39,7 +119,13 @@ impl Etcd {
 
     /// The endpoint for `[coordination] etcd`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The certificates of an etcd started with [`Etcd::start_tls`].
+    pub fn tls(&self) -> &Pki {
+        self.tls.as_ref().expect("etcd was started without TLS")
     }
 
     /// Kills etcd (as a crash or a partition would look to the proxies).
@@ -55,14 +141,26 @@ impl Etcd {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "test", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--initial-cluster", &format!("test={peer}")]);
+        if let Some(pki) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&pki.server_cert)
+                .arg("--key-file")
+                .arg(&pki.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -78,11 +176,15 @@ impl Etcd {
         panic!("etcd did not start:\n{}", self.log());
     }
 
-    /// etcd answers its health check.
+    /// etcd answers its health check (over TLS, which the harness does not
+    /// speak: it said it serves clients).
     fn healthy(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if self.tls.is_some() {
+            return self.log().contains("ready to serve client requests");
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let mut answer = String::new();
         s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_ok()
