@@ -1007,6 +1007,18 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(c) = &self.coordination
+            && c.user.is_some()
+            && let Some(remote) = c.etcd.iter().find(|e| !endpoint_is_local(e))
+            && !c.uses_tls()
+        {
+            out.push((
+                "coordination.etcd",
+                format!(
+                    "`{remote}` is not on this machine and not https://: the etcd password crosses the network in clear"
+                ),
+            ));
+        }
         if self.failover.mode == FailoverMode::Auto && !self.failover.require_witness {
             out.push((
                 "failover.require_witness",
@@ -1148,6 +1160,21 @@ pub struct DatabaseSettings {
     pub pool_mode: PoolMode,
     /// which nodes serve it
     pub target: Target,
+}
+
+/// True when an etcd endpoint (`scheme://host:port`) is on this machine.
+fn endpoint_is_local(endpoint: &str) -> bool {
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `path`, resolved against the folder of the configuration file `source` when relative.
@@ -1307,6 +1334,20 @@ host = "127.0.0.1"
                 "failover.require_witness"
             ]
         );
+    }
+
+    #[test]
+    fn etcd_endpoints_on_this_machine_are_told_apart() {
+        for local in [
+            "http://127.0.0.1:2379",
+            "http://localhost:2379",
+            "http://[::1]:2379",
+        ] {
+            assert!(endpoint_is_local(local), "{local}");
+        }
+        for remote in ["http://10.0.0.5:2379", "http://etcd-0.etcd:2379"] {
+            assert!(!endpoint_is_local(remote), "{remote}");
+        }
     }
 
     #[test]
@@ -1596,7 +1637,14 @@ host = "127.0.0.1"
         assert_eq!(e.key, "coordination.password_file");
         assert!(e.reason.contains("empty"), "{e}");
         std::fs::write(dir.join("pw"), "s3cret word\n").unwrap();
-        let c = load("http", with_password).unwrap().coordination.unwrap();
+        let in_clear = load("http", with_password).unwrap();
+        let warned: Vec<_> = in_clear.warnings().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            warned,
+            ["coordination.etcd"],
+            "a password to a remote etcd over http"
+        );
+        let c = in_clear.coordination.unwrap();
         let credentials = ("root".to_owned(), "s3cret word".to_owned());
         assert_eq!(c.access.credentials, Some(credentials));
         assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");

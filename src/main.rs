@@ -211,13 +211,20 @@ fn unsafe_settings(config: &Config) -> Vec<(PathBuf, String, String)> {
         .into_iter()
         .map(|(key, why)| (config.source.clone(), key.to_owned(), why))
         .collect();
-    let user_list = config.auth_file();
-    if let Some(mode) = pgwarden::auth::userlist::open_to_others(&user_list) {
-        out.push((
-            user_list,
-            "(file)".into(),
-            format!("mode {mode:o}: readable by other users; chmod 600 it"),
-        ));
+    // Files that hold secrets: the user list, and etcd's password and client key.
+    let mut secrets = vec![config.auth_file()];
+    if let Some(c) = &config.coordination {
+        let files = [&c.password_file, &c.key_file];
+        secrets.extend(files.into_iter().flatten().map(|f| config.resolve(f)));
+    }
+    for file in secrets {
+        if let Some(mode) = pgwarden::auth::userlist::open_to_others(&file) {
+            out.push((
+                file,
+                "(file)".into(),
+                format!("mode {mode:o}: readable by other users; chmod 600 it"),
+            ));
+        }
     }
     out
 }
