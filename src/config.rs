@@ -257,6 +257,8 @@ pub struct PoolConfig {
     pub mode: PoolMode,
     /// server connections per (backend, database, user)
     pub default_pool_size: u32,
+    /// server connections each pool keeps open even when idle (capped at its size)
+    pub min_pool_size: u32,
     /// extra connections for clients that waited `reserve_pool_timeout`
     pub reserve_pool_size: u32,
     /// wait before a client may use the reserve pool
@@ -296,6 +298,7 @@ impl Default for PoolConfig {
         PoolConfig {
             mode: PoolMode::Transaction,
             default_pool_size: 20,
+            min_pool_size: 0,
             reserve_pool_size: 0,
             reserve_pool_timeout: Duration::from_secs(5),
             query_wait_timeout: Duration::from_secs(30),
@@ -640,6 +643,8 @@ pub struct DatabaseConfig {
     pub dbname: Option<String>,
     /// overrides `pool.default_pool_size`
     pub pool_size: Option<u32>,
+    /// overrides `pool.min_pool_size`
+    pub min_pool_size: Option<u32>,
     /// overrides `pool.mode`
     pub pool_mode: Option<PoolMode>,
     /// which nodes serve this database
@@ -1101,9 +1106,12 @@ impl Config {
     /// Pool settings for one client-facing database, with its overrides applied.
     pub fn database(&self, name: &str) -> Option<DatabaseSettings> {
         let db = self.databases.get(name)?;
+        let pool_size = db.pool_size.unwrap_or(self.pool.default_pool_size);
+        let min_pool_size = db.min_pool_size.unwrap_or(self.pool.min_pool_size);
         Some(DatabaseSettings {
             dbname: db.dbname.clone().unwrap_or_else(|| name.to_owned()),
-            pool_size: db.pool_size.unwrap_or(self.pool.default_pool_size),
+            pool_size,
+            min_pool_size: min_pool_size.min(pool_size),
             pool_mode: db.pool_mode.unwrap_or(self.pool.mode),
             target: db.target,
         })
@@ -1156,6 +1164,8 @@ pub struct DatabaseSettings {
     pub dbname: String,
     /// server connections per backend for each user
     pub pool_size: u32,
+    /// of which each pool keeps this many open even when idle
+    pub min_pool_size: u32,
     /// pooling mode
     pub pool_mode: PoolMode,
     /// which nodes serve it
@@ -1358,6 +1368,24 @@ host = "127.0.0.1"
     }
 
     #[test]
+    fn min_pool_size_is_capped_at_the_pool_size() {
+        let c = parse(&format!(
+            "[pool]\nmin_pool_size = 5\n{MINIMAL}pool_size = 3\n[databases.big]\nmin_pool_size = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.database("appdb").unwrap().min_pool_size, 3);
+        assert_eq!(c.database("big").unwrap().min_pool_size, 2);
+        assert_eq!(
+            parse(MINIMAL)
+                .unwrap()
+                .database("appdb")
+                .unwrap()
+                .min_pool_size,
+            0
+        );
+    }
+
+    #[test]
     fn per_database_overrides_apply() {
         let c = parse(&format!(
             "{MINIMAL}dbname = \"real\"\npool_size = 3\npool_mode = \"session\"\n"
@@ -1369,6 +1397,7 @@ host = "127.0.0.1"
             DatabaseSettings {
                 dbname: "real".into(),
                 pool_size: 3,
+                min_pool_size: 0,
                 pool_mode: PoolMode::Session,
                 target: Target::Primary,
             }

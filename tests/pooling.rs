@@ -271,6 +271,40 @@ async fn idle_server_connections_are_closed_after_server_idle_timeout() {
 }
 
 #[tokio::test]
+async fn min_pool_size_keeps_connections_open_past_idle_timeouts_and_replaces_lost_ones() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        pool("default_pool_size = 5\nmin_pool_size = 3\nserver_idle_timeout = \"1s\""),
+    );
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let limit = Duration::from_secs(10);
+    common::eventually(limit, "the pool filled to its minimum", || {
+        server_pids(&db).len() == 3
+    })
+    .await;
+    let kept = server_pids(&db);
+    // Three idle timeouts later the minimum is still open, the same connections.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(server_pids(&db), kept, "{}", pgw.log());
+
+    // Lost connections (terminated by the server) are found and replaced.
+    db.admin_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{}'",
+        db.user
+    ));
+    common::eventually(limit, "three new server connections", || {
+        let now = server_pids(&db);
+        now.len() == 3 && now.iter().all(|pid| !kept.contains(pid))
+    })
+    .await;
+    client.simple_query("SELECT 1").await.unwrap();
+    // Transactions use the kept connections rather than opening more.
+    assert_eq!(server_pids(&db).len(), 3, "{}", pgw.log());
+}
+
+#[tokio::test]
 async fn server_connections_are_replaced_after_server_lifetime() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], pool("server_lifetime = \"1s\""));

@@ -167,8 +167,9 @@ impl Pools {
         });
     }
 
-    /// Closes idle connections past their timeouts until `shutdown`.
-    pub async fn reap_until(&self, shutdown: CancellationToken) {
+    /// Every second until `shutdown`: closes idle connections past their timeouts
+    /// or broken, and opens connections where a pool is below its minimum.
+    pub async fn maintain_until(&self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -180,6 +181,9 @@ impl Pools {
                 let closed = pool.reap();
                 if closed > 0 {
                     debug!(db = %key.database, backend = %key.target.backend, closed, "reaped idle server connections");
+                }
+                if let Some(filling) = pool.fill() {
+                    tokio::spawn(filling);
                 }
             }
         }
@@ -205,11 +209,12 @@ impl Pools {
 /// The settings a pool for `database` gets from `config`.
 pub fn settings_for(config: &Config, database: &str) -> PoolSettings {
     let p = &config.pool;
-    let size = config
+    let (size, min_size) = config
         .database(database)
-        .map_or(p.default_pool_size, |d| d.pool_size);
+        .map_or((p.default_pool_size, 0), |d| (d.pool_size, d.min_pool_size));
     PoolSettings {
         size: size as usize,
+        min_size: min_size as usize,
         reserve_size: p.reserve_pool_size as usize,
         reserve_timeout: p.reserve_pool_timeout,
         wait_timeout: p.query_wait_timeout,

@@ -28,6 +28,8 @@ use crate::tls::Tls;
 pub struct PoolSettings {
     /// server connections
     pub size: usize,
+    /// connections kept open even when idle
+    pub min_size: usize,
     /// extra connections for clients that waited `reserve_timeout`
     pub reserve_size: usize,
     /// wait before the reserve may be used
@@ -90,6 +92,8 @@ pub struct ServerPool {
     retired: AtomicBool,
     /// when a transaction last completed here, as a [`Tick`]'s nanoseconds (0: never)
     answered: AtomicU64,
+    /// set while a [`ServerPool::fill`] runs
+    filling: AtomicBool,
 }
 
 impl ServerPool {
@@ -115,6 +119,7 @@ impl ServerPool {
             logins,
             retired: AtomicBool::new(false),
             answered: AtomicU64::new(0),
+            filling: AtomicBool::new(false),
         }
     }
 
@@ -163,6 +168,20 @@ impl ServerPool {
             pooled.conn = Some(conn);
             return Ok(pooled);
         }
+        match self.open().await {
+            Ok(conn) => {
+                pooled.conn = Some(conn);
+                Ok(pooled)
+            }
+            Err(e) => {
+                warn!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, error = %e, "server connection failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Opens a new server connection (the caller holds a slot for it).
+    async fn open(&self) -> Result<Box<ServerConn>, ServerError> {
         let credential = self.secrets.get(&self.target.user).ok_or_else(|| {
             ServerError::Credentials(format!(
                 "user \"{}\" is not in the user list",
@@ -171,26 +190,47 @@ impl ServerPool {
         })?;
         let tls = self.tls.load();
         let settings = self.settings.load();
-        match Box::pin(ServerConn::connect(
+        let conn = Box::pin(ServerConn::connect(
             &self.target,
             &credential,
             &tls,
             settings.connect_timeout,
             settings.keepalive,
         ))
-        .await
-        {
-            Ok(conn) => {
-                debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
-                self.logins.remember_welcome(&conn.reported);
-                pooled.conn = Some(Box::new(conn));
-                Ok(pooled)
-            }
-            Err(e) => {
-                warn!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, error = %e, "server connection failed");
-                Err(e.into())
-            }
+        .await?;
+        debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
+        self.logins.remember_welcome(&conn.reported);
+        Ok(Box::new(conn))
+    }
+
+    /// When the pool has fewer connections open than its minimum and nobody is
+    /// opening them yet: the work that opens them, one at a time, to be spawned.
+    /// It stops early when a connect fails (the next maintenance round tries again)
+    /// or when clients hold every slot (their connections count toward the minimum).
+    pub fn fill(self: &Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static> {
+        if self.missing() == 0 || self.filling.swap(true, Ordering::AcqRel) {
+            return None;
         }
+        let pool = self.clone();
+        Some(async move {
+            while pool.missing() > 0 && !pool.is_retired() && pool.main.try_acquire() {
+                match pool.open().await {
+                    Ok(conn) => pool.park(conn, Slot::Main, Tick::now()),
+                    Err(e) => {
+                        pool.release_slot(Slot::Main);
+                        debug!(backend = %pool.target.backend, db = %pool.target.dbname, error = %e, "could not open a connection toward min_pool_size");
+                        break;
+                    }
+                }
+            }
+            pool.filling.store(false, Ordering::Release);
+        })
+    }
+
+    /// How many connections the pool must open to reach its minimum.
+    fn missing(&self) -> usize {
+        let (in_use, idle, _) = self.counts();
+        self.settings.load().min_size.saturating_sub(in_use + idle)
     }
 
     async fn acquire(&self, settings: &PoolSettings) -> Result<Slot, CheckoutError> {
@@ -245,8 +285,14 @@ impl ServerPool {
         None
     }
 
-    fn give_back(&self, mut conn: Box<ServerConn>, slot: Slot, now: Tick) {
+    fn give_back(&self, conn: Box<ServerConn>, slot: Slot, now: Tick) {
         self.answered.store(now.as_nanos(), Ordering::Relaxed);
+        self.park(conn, slot, now);
+    }
+
+    /// Puts a connection among the idle ones (or closes it, if its pool or its
+    /// lifetime is over) and frees its slot.
+    fn park(&self, mut conn: Box<ServerConn>, slot: Slot, now: Tick) {
         if self.is_retired() || self.expired(&conn, now) {
             conn.close();
         } else {
@@ -280,21 +326,34 @@ impl ServerPool {
         self.settings.store(Arc::new(settings));
     }
 
-    /// Closes idle connections past their idle timeout or lifetime; returns how many.
+    /// Closes idle connections past their lifetime, broken ones, and those past the
+    /// idle timeout while more than the minimum are open; returns how many.
     pub fn reap(&self) -> usize {
         let settings = self.settings.load();
-        let expired_conns: Vec<Box<ServerConn>> = {
+        let in_use = self.main.taken() + self.reserve.taken();
+        let closing: Vec<Box<ServerConn>> = {
             let mut idle = lock(&self.idle);
             let now = Tick::now();
-            let (old, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-                self.expired(c, now)
-                    || (!settings.idle_timeout.is_zero() && c.idle_for() >= settings.idle_timeout)
-            });
+            let mut open = in_use + idle.len();
+            let mut keep = Vec::with_capacity(idle.len());
+            let mut close = Vec::new();
+            // Oldest first: the idle list is a stack, so its front waited longest.
+            for mut c in idle.drain(..) {
+                let idle_too_long = !settings.idle_timeout.is_zero()
+                    && c.idle_for() >= settings.idle_timeout
+                    && open > settings.min_size;
+                if self.expired(&c, now) || idle_too_long || c.check_idle().is_err() {
+                    open -= 1;
+                    close.push(c);
+                } else {
+                    keep.push(c);
+                }
+            }
             *idle = keep;
-            old
+            close
         };
-        let n = expired_conns.len();
-        expired_conns.into_iter().for_each(|c| c.close());
+        let n = closing.len();
+        closing.into_iter().for_each(|c| c.close());
         n
     }
 
