@@ -281,6 +281,9 @@ pub struct PoolConfig {
     /// disconnect a client that keeps a transaction open this long without sending anything; 0: never
     #[serde(with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// disconnect a client that sends nothing between transactions this long; 0: never
+    #[serde(with = "duration")]
+    pub client_idle_timeout: Duration,
     /// cancel a request the server has not answered within this long; 0: never
     #[serde(with = "duration")]
     pub query_timeout: Duration,
@@ -307,6 +310,7 @@ impl Default for PoolConfig {
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
             idle_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
             max_message_size: 256 << 20,
         }

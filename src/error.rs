@@ -47,6 +47,8 @@ pub mod sqlstate {
     pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// idle_in_transaction_session_timeout
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    /// idle_session_timeout
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     /// program_limit_exceeded
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }
@@ -185,6 +187,11 @@ pub enum ClientError {
         "terminating connection due to idle-in-transaction timeout (pool.idle_transaction_timeout = {0:?})"
     )]
     IdleInTransaction(std::time::Duration),
+    /// The client sent nothing between transactions for `client_idle_timeout`.
+    #[error(
+        "terminating connection due to idle-session timeout (pool.client_idle_timeout = {0:?})"
+    )]
+    IdleSession(std::time::Duration),
     /// pgwarden cancelled a request the server had not answered within `query_timeout`;
     /// the server confirmed the cancel, so the client and the server connection stay.
     #[error("canceling statement due to query_timeout (pool.query_timeout = {0:?})")]
@@ -248,6 +255,7 @@ impl ClientError {
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
             ClientError::QueryTimeout(_) => QUERY_CANCELED,
             ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
+            ClientError::IdleSession(_) => IDLE_SESSION_TIMEOUT,
         }
     }
 

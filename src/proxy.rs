@@ -25,7 +25,8 @@ use crate::auth::query::AuthQuery;
 use crate::auth::{Secrets, UserList};
 use crate::backend::{BackendTable, Routing};
 use crate::client;
-use crate::config::{Config, ConfigError};
+use crate::clock::nanos;
+use crate::config::{Config, ConfigError, PoolConfig};
 use crate::error::ClientError;
 use crate::health;
 use crate::listener::{ClientListeners, LocalSocket};
@@ -83,9 +84,37 @@ pub struct Shared {
     pub coordination: Option<Arc<crate::coordination::Coordinator>>,
     /// accepted connections, logging in or logged in
     connections: AtomicUsize,
-    /// `pool.max_message_size` of the running configuration, which every session
-    /// reads at each request: cheaper there than loading the configuration
-    pub max_message: AtomicUsize,
+    /// the running configuration's limits that every session reads at each request
+    pub limits: RequestLimits,
+}
+
+/// Settings every session reads at each request, as plain atomics: cheaper there
+/// than loading the configuration. A reload's values hold from each client's next
+/// request on.
+#[derive(Debug, Default)]
+pub struct RequestLimits {
+    max_message: AtomicUsize,
+    client_idle_nanos: AtomicU64,
+}
+
+impl RequestLimits {
+    /// Takes the values of `pool`.
+    pub fn set(&self, pool: &PoolConfig) {
+        self.max_message
+            .store(pool.max_message_size as usize, Ordering::Relaxed);
+        self.client_idle_nanos
+            .store(nanos(pool.client_idle_timeout), Ordering::Relaxed);
+    }
+
+    /// `pool.max_message_size`.
+    pub fn max_message(&self) -> usize {
+        self.max_message.load(Ordering::Relaxed)
+    }
+
+    /// `pool.client_idle_timeout` (zero: none).
+    pub fn client_idle(&self) -> Duration {
+        Duration::from_nanos(self.client_idle_nanos.load(Ordering::Relaxed))
+    }
 }
 
 impl Shared {
@@ -103,6 +132,8 @@ impl Shared {
             .clone()
             .map(|c| Arc::new(crate::coordination::Coordinator::new(c)));
         let clients = Arc::new(ClientRegistry::default());
+        let limits = RequestLimits::default();
+        limits.set(&config.pool);
         Arc::new(Shared {
             coordination,
             routing: Routing::new(BackendTable::initial(&config, 1)),
@@ -111,7 +142,7 @@ impl Shared {
             read_turn: AtomicUsize::new(0),
             first_transaction_logged: AtomicU64::new(1),
             pools: Pools::new(secrets, tls.clone(), clients.clone()),
-            max_message: AtomicUsize::new(config.pool.max_message_size as usize),
+            limits,
             config: ArcSwap::from_pointee(config),
             users,
             tls,
@@ -155,8 +186,7 @@ impl Shared {
         self.users.store(Arc::new(users));
         self.tls.store(Arc::new(tls));
         self.pools.reconfigure(&config);
-        self.max_message
-            .store(config.pool.max_message_size as usize, Ordering::Relaxed);
+        self.limits.set(&config.pool);
         self.config.store(Arc::new(config));
         self.reconfigured.notify_one();
         Ok(())

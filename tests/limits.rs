@@ -1,6 +1,7 @@
 //! Limits a client runs into: `pool.query_timeout` cancels a query and keeps the
-//! client and its server connection, and `pool.max_message_size` closes only the
-//! client that sent a message over it.
+//! client and its server connection, `pool.max_message_size` closes only the
+//! client that sent a message over it, and `pool.client_idle_timeout` closes a
+//! client silent between transactions.
 
 mod common;
 
@@ -196,4 +197,42 @@ async fn a_message_over_max_message_size_closes_only_that_client() {
     let (tag, body) = raw.read().expect("an error before the close");
     assert_eq!((tag, error_code(&body).as_str()), (b'E', "54000"));
     assert!(raw.read().is_none(), "connection left open");
+}
+
+#[tokio::test]
+async fn a_client_silent_between_transactions_past_client_idle_timeout_is_closed() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            auth: Some("trust".into()),
+            pool: "client_idle_timeout = \"700ms\"".into(),
+            ..Default::default()
+        },
+    );
+    let mut idler = logged_in(&pgw, &db);
+    let started = Instant::now();
+    let (tag, body) = idler.read().expect("an error before the close");
+    let waited = started.elapsed();
+    assert_eq!((tag, error_code(&body).as_str()), (b'E', "57P05"));
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("pool.client_idle_timeout"), "{text}");
+    assert!(idler.read().is_none(), "connection left open");
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    // Talking, a long query, and a silent open transaction (idle_transaction_timeout's
+    // business, not this one's) all keep a client.
+    let busy = pgw.connect(&db).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.simple_query("SELECT 1").await.unwrap();
+    }
+    busy.simple_query("SELECT pg_sleep(1.2)").await.unwrap();
+    busy.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    busy.batch_execute("COMMIT").await.unwrap();
+    assert!(pgw.log().contains("client_idle_timeout"), "{}", pgw.log());
 }

@@ -226,7 +226,7 @@ pub struct Session {
 
 impl Session {
     fn new(stream: Stream, shared: Arc<Shared>, who: LoggedIn) -> Session {
-        let max_message = shared.max_message.load(Ordering::Relaxed);
+        let max_message = shared.limits.max_message();
         Session {
             stream,
             shared,
@@ -785,9 +785,9 @@ impl Session {
     /// a frame that was being skipped. Returns the frame's type.
     async fn next_tag(&mut self) -> Result<u8, End> {
         loop {
-            // A reload's max_message_size holds from each client's next request on.
-            let max_message = self.shared.max_message.load(Ordering::Relaxed);
-            self.scanner.set_max(max_message);
+            // A reload's limits hold from each client's next request on.
+            let limits = &self.shared.limits;
+            self.scanner.set_max(limits.max_message());
             if !self.scanner.at_boundary() {
                 if let Scan::Body(n) = self.scanner.next(&self.inbuf, |_| false) {
                     self.inbuf.advance(n);
@@ -796,7 +796,19 @@ impl Session {
             } else if let Some(header) = frame::header(&self.inbuf, self.scanner.max()) {
                 return header.map(|(tag, _)| tag).map_err(|e| End::Fatal(e.into()));
             }
-            self.fill().await?;
+            let idle_limit = limits.client_idle();
+            if idle_limit.is_zero() || !self.idle() {
+                self.fill().await?;
+                continue;
+            }
+            // Boxed: only sessions with a limit carry the timer's state.
+            match Box::pin(tokio::time::timeout(idle_limit, self.fill())).await {
+                Ok(filled) => filled?,
+                Err(_) => {
+                    info!(peer = %self.who.peer(), pid = self.who.client.pid(), limit = ?idle_limit, "closing a client idle past client_idle_timeout");
+                    return Err(End::Fatal(ClientError::IdleSession(idle_limit)));
+                }
+            }
         }
     }
 
