@@ -335,6 +335,56 @@ async fn a_new_leader_finishes_the_switchover_a_killed_leader_left_before_promot
     env.proxies.remove(0);
 }
 
+/// A switchover whose leader dies after making the old primary read-only, before
+/// any promotion, is undone by the next leader: the old primary takes writes
+/// again and stays the primary, where it used to stay read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_undoes_a_switchover_a_killed_leader_left_before_promoting() {
+    let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_CATCHUP", "60s")]).await;
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
+        env.proxies[0].port, ADMIN.0, ADMIN.1
+    ))
+    .await
+    .unwrap();
+    let switchover = tokio::spawn(async move { console.simple_query("SWITCHOVER").await });
+    let leader = &env.proxies[0];
+    eventually(
+        Duration::from_secs(20),
+        "the leader pauses before the catch-up",
+        || leader.log().contains("pausing before catching up"),
+    )
+    .await;
+    let read_only = |env: &Env| {
+        env.cluster.nodes[0]
+            .sql("SHOW default_transaction_read_only")
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(read_only(&env), "on", "the switchover began");
+    env.proxies[0].signal(libc::SIGKILL);
+    let _ = env.proxies[0].wait_exit(Duration::from_secs(5));
+    let _ = switchover.await;
+
+    eventually(
+        Duration::from_secs(30),
+        "the old primary takes writes again",
+        || read_only(&env) == "off",
+    )
+    .await;
+    env.all_route_to(0, Some(0)).await;
+    let client = env.proxies[1].connect(&env.db).await;
+    client
+        .batch_execute("CREATE TABLE after_undone_switchover(x int); INSERT INTO after_undone_switchover VALUES (1)")
+        .await
+        .unwrap_or_else(|e| panic!("a write through a proxy: {e:?}\n{}", env.logs()));
+    assert_eq!(env.primaries(), [0]);
+    assert_eq!(env.promotions(), 0, "{}", env.logs());
+    assert!(env.logs().contains("takes writes again"), "{}", env.logs());
+    env.proxies.remove(0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_nobody_promotes_until_it_is_back() {
     let mut env = Env::start(&[]).await;

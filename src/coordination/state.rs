@@ -40,6 +40,9 @@ pub struct Failover {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Step {
+    /// a switchover is making the old primary read-only and waiting for the
+    /// candidate to catch up; nothing is promoted yet, so a new leader undoes it
+    Demoting,
     /// the candidate is (being) promoted
     Promoting,
     /// the candidate is the primary; the other standbys are (being) re-pointed
@@ -52,6 +55,7 @@ impl Step {
     /// Its name in logs and SHOW COORDINATION.
     pub fn name(self) -> &'static str {
         match self {
+            Step::Demoting => "demoting",
             Step::Promoting => "promoting",
             Step::Repointing => "repointing",
             Step::Done => "done",

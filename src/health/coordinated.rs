@@ -22,6 +22,8 @@ use crate::failover::{self, Kind, Refusal};
 /// A point where a fault drill can hold the failover controller.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Drill {
+    /// a switchover made the old primary read-only, the candidate not caught up yet
+    CatchUp,
     /// the intent is published, the candidate not promoted yet
     Promote,
     /// the candidate is promoted, the other standbys not re-pointed yet
@@ -30,12 +32,15 @@ pub(super) enum Drill {
 
 /// Fault drill: `PGWARDEN_PAUSE_BEFORE_PROMOTE=3s` makes the failover controller
 /// (failover, PROMOTE or switchover) wait between publishing its intent and
-/// promoting, and `PGWARDEN_PAUSE_BEFORE_REPOINT=3s` between promoting and
-/// re-pointing, so that an operator (or a test) can kill the leader there and
-/// watch another proxy finish. Each is read once; unset means no pause.
+/// promoting, `PGWARDEN_PAUSE_BEFORE_REPOINT=3s` between promoting and
+/// re-pointing, and `PGWARDEN_PAUSE_BEFORE_CATCHUP=3s` a switchover between making
+/// the old primary read-only and waiting for the candidate, so that an operator
+/// (or a test) can kill the leader there and watch another proxy finish or undo
+/// it. Each is read once; unset means no pause.
 pub(super) async fn pause_before(drill: Drill) {
-    static PAUSES: OnceLock<[Option<Duration>; 2]> = OnceLock::new();
-    const VARS: [&str; 2] = [
+    static PAUSES: OnceLock<[Option<Duration>; 3]> = OnceLock::new();
+    const VARS: [&str; 3] = [
+        "PGWARDEN_PAUSE_BEFORE_CATCHUP",
         "PGWARDEN_PAUSE_BEFORE_PROMOTE",
         "PGWARDEN_PAUSE_BEFORE_REPOINT",
     ];
@@ -48,8 +53,9 @@ pub(super) async fn pause_before(drill: Drill) {
         })
     });
     let (at, what) = match drill {
-        Drill::Promote => (0, "promoting"),
-        Drill::Repoint => (1, "re-pointing"),
+        Drill::CatchUp => (0, "catching up"),
+        Drill::Promote => (1, "promoting"),
+        Drill::Repoint => (2, "re-pointing"),
     };
     if let Some(pause) = pauses[at] {
         warn!(?pause, "failover: pausing before {what} ({})", VARS[at]);
@@ -148,6 +154,21 @@ impl Monitor {
         Ok(())
     }
 
+    /// Before a switchover makes the old primary read-only: the intent to, so that
+    /// a leader that takes over before the promotion gives the old primary its
+    /// writes back instead of leaving the cluster read-only. Returns the failover
+    /// it replaces, for [`Monitor::withdraw`].
+    pub(super) async fn announce_demotion(
+        &mut self,
+        old: usize,
+        candidate: usize,
+    ) -> Result<Option<Failover>, Refusal> {
+        let before = self.published.as_ref().and_then(|s| s.failover.clone());
+        self.publish_intent(Some(old), candidate, Step::Demoting)
+            .await?;
+        Ok(before)
+    }
+
     /// Before promoting `candidate` (a failover, PROMOTE or a switchover): the
     /// intent, so that a leader that takes over midway promotes the same node rather
     /// than another one. Returns the failover it replaces, for [`Monitor::withdraw`].
@@ -157,19 +178,28 @@ impl Monitor {
         candidate: usize,
     ) -> Result<Option<Failover>, Refusal> {
         let before = self.published.as_ref().and_then(|s| s.failover.clone());
+        self.publish_intent(old, candidate, Step::Promoting).await?;
+        pause_before(Drill::Promote).await;
+        Ok(before)
+    }
+
+    async fn publish_intent(
+        &mut self,
+        old: Option<usize>,
+        candidate: usize,
+        step: Step,
+    ) -> Result<(), Refusal> {
         let intent = Failover {
             old: old.map(|o| self.nodes[o].config.name.clone()),
             new: self.nodes[candidate].config.name.clone(),
-            step: Step::Promoting,
+            step,
             timeline: None,
             repoint: Vec::new(),
             at: unix_now(),
         };
         self.record(Some(intent))
             .await
-            .map_err(Refusal::Coordination)?;
-        pause_before(Drill::Promote).await;
-        Ok(before)
+            .map_err(Refusal::Coordination)
     }
 
     /// Takes back the intent of a PROMOTE or switchover whose promotion failed (the
@@ -341,6 +371,10 @@ impl Monitor {
         let since = Duration::from_secs(unix_now().saturating_sub(f.at));
         info!(step = f.step.name(), candidate = %f.new, "failover: finishing an interrupted failover");
         let timeline = match f.step {
+            Step::Demoting => {
+                self.undo_demotion(old, &login).await;
+                return true;
+            }
             Step::Promoting if self.nodes[new].health == Health::Down => {
                 warn!(candidate = %f.new, "failover: the interrupted failover's candidate is down; choosing again");
                 self.published.as_mut().and_then(|s| s.failover.take());
@@ -377,5 +411,24 @@ impl Monitor {
         self.after_promotion(old, new, timeline, &login, Kind::Failover, since)
             .await;
         true
+    }
+
+    /// A switchover whose leader vanished before promoting: the old primary takes
+    /// writes again (nothing else was changed), and the intent is cleared. When the
+    /// old primary cannot be reached the intent is cleared all the same, so that
+    /// the ordinary failover deals with it.
+    async fn undo_demotion(&mut self, old: Option<usize>, login: &crate::health::probe::Login) {
+        if let Some(o) = old
+            && self.nodes[o].health != Health::Down
+        {
+            if let Err(e) = failover::set_read_only(&self.nodes[o].config, login, false).await {
+                warn!(node = %self.nodes[o].config.name, error = %e, "switchover: could not give the old primary its writes back; retrying");
+                return;
+            }
+            info!(node = %self.nodes[o].config.name, "switchover: its leader left before promoting; the old primary takes writes again");
+        }
+        if let Err(e) = self.record(None).await {
+            warn!(error = %e, "coordination: could not clear the undone switchover");
+        }
     }
 }

@@ -791,9 +791,23 @@ impl Monitor {
             elapsed_ms = ms(),
             "switchover: no transaction running"
         );
+        let before = match self.announce_demotion(p, c).await {
+            Ok(before) => before,
+            Err(refusal) => return abort(self, refusal.to_string()),
+        };
+        // Undoes the demotion: the old primary takes writes again once no leader
+        // can carry the switchover out (writes taken before a later promotion
+        // would be lost).
+        let undo = async |monitor: &mut Monitor, before| {
+            if monitor.withdraw(before).await {
+                let _ = failover::set_read_only(&configs[p], &login, false).await;
+            }
+        };
         if let Err(e) = failover::set_read_only(&configs[p], &login, true).await {
+            undo(self, before).await;
             return abort(self, format!("could not make {old_name} read-only: {e}"));
         }
+        coordinated::pause_before(coordinated::Drill::CatchUp).await;
         let caught_up = async {
             let lsn = failover::current_lsn(&configs[p], &login).await?;
             let client = crate::health::probe::connect(&configs[c], &login).await?;
@@ -818,7 +832,7 @@ impl Monitor {
                 "switchover: {new_name} replayed everything {old_name} wrote"
             ),
             outcome => {
-                let _ = failover::set_read_only(&configs[p], &login, false).await;
+                undo(self, before).await;
                 let why = match outcome {
                     Ok(Err(e)) => e,
                     _ => format!("{new_name} did not catch up within switchover_timeout"),
@@ -826,13 +840,10 @@ impl Monitor {
                 return abort(self, why);
             }
         }
-        let before = match self.intend(Some(p), c).await {
-            Ok(before) => before,
-            Err(refusal) => {
-                let _ = failover::set_read_only(&configs[p], &login, false).await;
-                return abort(self, refusal.to_string());
-            }
-        };
+        if let Err(refusal) = self.intend(Some(p), c).await {
+            undo(self, before).await;
+            return abort(self, refusal.to_string());
+        }
         let timeline = match failover::promote(
             &configs[c],
             &login,
@@ -842,11 +853,7 @@ impl Monitor {
         {
             Ok(t) => t,
             Err(e) => {
-                // The old primary takes writes again only once no leader can carry
-                // the intent out: writes it took before a later promotion would be lost.
-                if self.withdraw(before).await {
-                    let _ = failover::set_read_only(&configs[p], &login, false).await;
-                }
+                undo(self, before).await;
                 return abort(self, e.to_string());
             }
         };
