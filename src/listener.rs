@@ -36,11 +36,6 @@ impl ClientListeners {
         self.tcp.local_addr()
     }
 
-    /// The socket file, when there is one.
-    pub fn socket_path(&self) -> Option<&Path> {
-        self.local.as_ref().map(|l| &*l.path)
-    }
-
     /// The next client, from whichever socket has one.
     pub async fn accept(&self) -> io::Result<(Stream, Address)> {
         let tcp = async {

@@ -257,7 +257,7 @@ pub async fn bind(config: &Config) -> io::Result<Listeners> {
 /// Serves clients until SIGTERM/SIGINT (or `shared.shutdown`), then drains.
 pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> {
     let listener = listeners.clients;
-    info!(addr = %listener.local_addr()?, socket = ?listener.socket_path(), "pgwarden listening");
+    info!(addr = %listener.local_addr()?, "pgwarden listening");
     if let Some(http) = listeners.http {
         tokio::spawn(crate::admin::http::serve(http, shared.clone()));
     }
