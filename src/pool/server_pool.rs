@@ -330,7 +330,7 @@ impl ServerPool {
     /// idle timeout while more than the minimum are open; returns how many.
     pub fn reap(&self) -> usize {
         let settings = self.settings.load();
-        let in_use = self.main.taken() + self.reserve.taken();
+        let in_use = self.in_use();
         let closing: Vec<Box<ServerConn>> = {
             let mut idle = lock(&self.idle);
             let now = Tick::now();
@@ -378,8 +378,12 @@ impl ServerPool {
     /// connection in use (or being opened) holds a slot; an idle one does not.
     pub fn counts(&self) -> (usize, usize, usize) {
         let size = self.main.size() + self.reserve.size();
-        let in_use = self.main.taken() + self.reserve.taken();
-        (in_use, lock(&self.idle).len(), size)
+        (self.in_use(), lock(&self.idle).len(), size)
+    }
+
+    /// Connections in use or being opened: the slots taken, main and reserve.
+    fn in_use(&self) -> usize {
+        self.main.taken() + self.reserve.taken()
     }
 
     /// Login facts shared by the pools of this (database, user).
