@@ -407,15 +407,7 @@ async fn a_backend_behind_its_unix_socket_is_pooled_probed_and_cancelled() {
         .get(0);
     assert!(local, "the server connection should be local");
 
-    let cancel = client.cancel_token();
-    let sleeping = tokio::spawn(async move {
-        let e = client
-            .simple_query("SELECT pg_sleep(30)")
-            .await
-            .unwrap_err();
-        (client, e)
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sleeping = common::Sleeping::start(client).await;
     let admin = console(&pgw, ADMIN).await.unwrap();
     let servers = rows(&admin, "SHOW SERVERS").await;
     let port = db.server_port.to_string();
@@ -425,9 +417,7 @@ async fn a_backend_behind_its_unix_socket_is_pooled_probed_and_cancelled() {
             .any(|s| get(s, "addr") == Some("unix") && get(s, "port") == Some(port.as_str())),
         "{servers:?}"
     );
-    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let (client, e) = sleeping.await.unwrap();
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}\n{}", pgw.log());
+    let client = sleeping.cancel().await;
     client.simple_query("SELECT 1").await.unwrap();
 
     let backends = rows(&admin, "SHOW BACKENDS").await;

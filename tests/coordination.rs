@@ -183,6 +183,32 @@ impl Env {
         started.elapsed()
     }
 
+    /// Starts a SWITCHOVER on the leader's console; it may never answer.
+    async fn switchover(
+        &self,
+    ) -> tokio::task::JoinHandle<Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>> {
+        let console = common::connect(&format!(
+            "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
+            self.proxies[0].port, ADMIN.0, ADMIN.1
+        ))
+        .await
+        .unwrap();
+        tokio::spawn(async move { console.simple_query("SWITCHOVER").await })
+    }
+
+    /// Waits until the leader (proxy 0) holds at its fault-drill pause `before`.
+    async fn leader_pauses_before(&self, before: &str, within: Duration) {
+        let leader = &self.proxies[0];
+        let line = format!("pausing before {before}");
+        eventually(within, &line, || leader.log().contains(&line)).await;
+    }
+
+    /// Kills the leader (proxy 0) with SIGKILL and waits until it is gone.
+    fn kill_leader(&mut self) {
+        self.proxies[0].signal(libc::SIGKILL);
+        let _ = self.proxies[0].wait_exit(Duration::from_secs(5));
+    }
+
     /// The other standby streams from the new primary.
     async fn standby_follows(&self, new: usize) {
         let other = self.cluster.nodes[3 - new].name.clone();
@@ -272,15 +298,9 @@ async fn a_new_leader_finishes_the_failover_a_killed_leader_left_midway() {
     let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_REPOINT", "60s")]).await;
     env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
     let new = env.new_primary(Duration::from_secs(20)).await;
-    let leader = &env.proxies[0];
-    eventually(
-        Duration::from_secs(10),
-        "the leader pauses before re-pointing",
-        || leader.log().contains("pausing before re-pointing"),
-    )
-    .await;
-    env.proxies[0].signal(libc::SIGKILL);
-    let _ = env.proxies[0].wait_exit(Duration::from_secs(5));
+    env.leader_pauses_before("re-pointing", Duration::from_secs(10))
+        .await;
+    env.kill_leader();
 
     // Another proxy takes the lease and re-points the other standby.
     env.standby_follows(new).await;
@@ -299,23 +319,11 @@ async fn a_new_leader_finishes_the_failover_a_killed_leader_left_midway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_finishes_the_switchover_a_killed_leader_left_before_promoting() {
     let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_PROMOTE", "60s")]).await;
-    let console = common::connect(&format!(
-        "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
-        env.proxies[0].port, ADMIN.0, ADMIN.1
-    ))
-    .await
-    .unwrap();
     // It will not answer: its proxy dies while the switchover waits to promote.
-    let switchover = tokio::spawn(async move { console.simple_query("SWITCHOVER").await });
-    let leader = &env.proxies[0];
-    eventually(
-        Duration::from_secs(20),
-        "the leader pauses before promoting",
-        || leader.log().contains("pausing before promoting"),
-    )
-    .await;
-    env.proxies[0].signal(libc::SIGKILL);
-    let _ = env.proxies[0].wait_exit(Duration::from_secs(5));
+    let switchover = env.switchover().await;
+    env.leader_pauses_before("promoting", Duration::from_secs(20))
+        .await;
+    env.kill_leader();
     let _ = switchover.await;
 
     // Another proxy takes the lease and promotes the standby the intent names (the
@@ -341,20 +349,9 @@ async fn a_new_leader_finishes_the_switchover_a_killed_leader_left_before_promot
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_undoes_a_switchover_a_killed_leader_left_before_promoting() {
     let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_CATCHUP", "60s")]).await;
-    let console = common::connect(&format!(
-        "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
-        env.proxies[0].port, ADMIN.0, ADMIN.1
-    ))
-    .await
-    .unwrap();
-    let switchover = tokio::spawn(async move { console.simple_query("SWITCHOVER").await });
-    let leader = &env.proxies[0];
-    eventually(
-        Duration::from_secs(20),
-        "the leader pauses before the catch-up",
-        || leader.log().contains("pausing before catching up"),
-    )
-    .await;
+    let switchover = env.switchover().await;
+    env.leader_pauses_before("catching up", Duration::from_secs(20))
+        .await;
     let read_only = |env: &Env| {
         env.cluster.nodes[0]
             .sql("SHOW default_transaction_read_only")
@@ -363,8 +360,7 @@ async fn a_new_leader_undoes_a_switchover_a_killed_leader_left_before_promoting(
             .to_owned()
     };
     assert_eq!(read_only(&env), "on", "the switchover began");
-    env.proxies[0].signal(libc::SIGKILL);
-    let _ = env.proxies[0].wait_exit(Duration::from_secs(5));
+    env.kill_leader();
     let _ = switchover.await;
 
     eventually(

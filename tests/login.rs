@@ -507,18 +507,7 @@ async fn local_clients_use_the_unix_socket_which_outlives_a_crash_but_not_a_shut
     let client = common::connect(&local).await.unwrap();
     let n: i32 = client.query_one("SELECT 40 + 2", &[]).await.unwrap().get(0);
     assert_eq!(n, 42);
-    let cancel = client.cancel_token();
-    let sleeping = tokio::spawn(async move {
-        let e = client
-            .simple_query("SELECT pg_sleep(30)")
-            .await
-            .unwrap_err();
-        (client, e)
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let (client, e) = sleeping.await.unwrap();
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+    let client = common::Sleeping::start(client).await.cancel().await;
 
     // libpq's own client, on the console: the client shows as PgBouncer shows it.
     let out = common::with_cluster(|c| {

@@ -563,3 +563,37 @@ pub fn writer(conninfo: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandl
         (acked, failures)
     })
 }
+
+/// A `SELECT pg_sleep(30)` running on a client through pgwarden, for cancel tests.
+pub struct Sleeping {
+    cancel: tokio_postgres::CancelToken,
+    task: tokio::task::JoinHandle<(tokio_postgres::Client, tokio_postgres::Error)>,
+}
+
+impl Sleeping {
+    /// Starts the statement on `client` and gives it 300 ms to be running.
+    pub async fn start(client: tokio_postgres::Client) -> Sleeping {
+        let cancel = client.cancel_token();
+        let task = tokio::spawn(async move {
+            let e = client
+                .simple_query("SELECT pg_sleep(30)")
+                .await
+                .unwrap_err();
+            (client, e)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Sleeping { cancel, task }
+    }
+
+    /// Sends the client's CancelRequest and checks the statement ended with 57014;
+    /// returns the client.
+    pub async fn cancel(self) -> tokio_postgres::Client {
+        self.cancel
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (client, e) = self.task.await.unwrap();
+        assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+        client
+    }
+}
