@@ -60,6 +60,8 @@ pub struct Metrics {
     pub coordination_leader: IntGauge,
     /// etcd revision of the last cluster state seen
     pub coordination_revision: IntGauge,
+    /// alarms a follower passed on to the leader (`sent`) and the leader acted on (`received`)
+    pub coordination_alarms: IntCounterVec,
     /// configuration reloads by result (`ok`, `error`)
     pub reloads: IntCounterVec,
     sessions: Mutex<HashMap<(String, String), Arc<SessionMetrics>>>,
@@ -289,6 +291,11 @@ impl Metrics {
             coordination_revision: r.single_gauge(
                 "coordination_state_revision",
                 "etcd revision of the last cluster state seen",
+            ),
+            coordination_alarms: r.counter(
+                "coordination_alarms_total",
+                "Primary failures a follower passed on to the leader, by direction (sent, received)",
+                &["direction"],
             ),
             reloads: r.counter(
                 "config_reloads_total",

@@ -36,11 +36,15 @@ struct Env {
 /// An admin console user of every proxy.
 const ADMIN: (&str, &str) = ("ops", "ops-secret");
 
-fn options(etcd: &Etcd, env: &[(&str, &str)]) -> Options {
+/// Every proxy's `[health]` unless a test says otherwise: a crash is confirmed in
+/// well under a second.
+const HEALTH: &str = "interval = \"200ms\"\ntimeout = \"500ms\"";
+
+fn options(etcd: &Etcd, env: &[(&str, &str)], health: &str) -> Options {
     Options {
         pgwarden: format!("admin_users = [\"{}\"]", ADMIN.0),
         extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
-        health: "interval = \"200ms\"\ntimeout = \"500ms\"".into(),
+        health: health.into(),
         failover: "client_wait_timeout = \"20s\"".into(),
         sections: format!(
             "[coordination]\netcd = [\"{}\"]\nprefix = \"/pgwarden/test\"\nlease_ttl = \"3s\"\n",
@@ -58,6 +62,11 @@ impl Env {
     /// Starts everything; `first_env` goes to the first proxy only, which is
     /// started alone and made the leader before the others start.
     async fn start(first_env: &[(&str, &str)]) -> Env {
+        Env::start_with(first_env, HEALTH).await
+    }
+
+    /// As [`Env::start`], with `first_health` as the first proxy's `[health]`.
+    async fn start_with(first_env: &[(&str, &str)], first_health: &str) -> Env {
         let serial = SERIAL.lock().await;
         let etcd = Etcd::start();
         let cluster = three_nodes(true);
@@ -67,21 +76,21 @@ impl Env {
             .iter()
             .map(|n| (n.name.clone(), n.port))
             .collect();
-        let start = |env: &[(&str, &str)]| {
+        let start = |env: &[(&str, &str)], health: &str| {
             Pgwarden::start_with(
                 &[&db],
                 Options {
                     backends: backends.clone(),
-                    ..options(&etcd, env)
+                    ..options(&etcd, env, health)
                 },
             )
         };
-        let first = start(first_env);
+        let first = start(first_env, first_health);
         eventually(Duration::from_secs(15), "the first proxy leads", || {
             coordination(&first)["role"] == "leader"
         })
         .await;
-        let proxies = vec![first, start(&[]), start(&[])];
+        let proxies = vec![first, start(&[], HEALTH), start(&[], HEALTH)];
         let env = Env {
             etcd,
             cluster,
@@ -293,6 +302,33 @@ async fn three_proxies_promote_once_and_all_follow_the_new_primary() {
     assert_eq!(published["failover_step"], "done");
 }
 
+/// The count of `pgwarden_coordination_alarms_total` in `direction` on proxy `p`.
+fn alarms(p: &Pgwarden, direction: &str) -> u64 {
+    let series = format!("pgwarden_coordination_alarms_total{{direction=\"{direction}\"}} ");
+    let (_, body) = p.http_get("/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The leader probes every 30 s here and its followers every 200 ms, so the
+/// followers see the crash first. Alone, the leader would notice at its next
+/// probe and confirm over two more, 7.5 s apart; acting on what the followers
+/// relay through etcd, it promotes within a second or two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_probes_at_once_when_a_follower_sees_the_primary_fail() {
+    let env = Env::start_with(&[], "interval = \"30s\"\ntimeout = \"500ms\"").await;
+    let crashed = Instant::now();
+    env.cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    let new = env.new_primary(Duration::from_secs(10)).await;
+    eprintln!("promoted {:?} after the crash", crashed.elapsed());
+    env.all_route_to(new, None).await;
+    assert!(alarms(&env.proxies[0], "received") >= 1);
+    assert_eq!(alarms(&env.proxies[0], "sent"), 0);
+    assert!(alarms(&env.proxies[1], "sent") + alarms(&env.proxies[2], "sent") >= 1);
+    assert_eq!(env.promotions(), 1, "{}", env.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_finishes_the_failover_a_killed_leader_left_midway() {
     let mut env = Env::start(&[("PGWARDEN_PAUSE_BEFORE_REPOINT", "60s")]).await;
@@ -420,7 +456,7 @@ async fn without_etcd_nobody_promotes_until_it_is_back() {
 /// One proxy in front of the test binary's shared PostgreSQL, coordinated
 /// through `etcd` with `keys` added to its `[coordination]`.
 fn lone_proxy(db: &Db, etcd: &Etcd, keys: &str) -> Pgwarden {
-    let mut options = options(etcd, &[]);
+    let mut options = options(etcd, &[], HEALTH);
     options.sections += keys;
     Pgwarden::start_with(&[db], options)
 }

@@ -5,7 +5,9 @@
 //! lease (so it vanishes when the leader stops renewing), created only if absent
 //! (a compare on its create revision); `state` holds the [`ClusterState`] JSON,
 //! written only in a transaction that compares `leader` with the writer's id, so a
-//! proxy that lost the lease cannot publish anything. A session that fails for
+//! proxy that lost the lease cannot publish anything; `alarm/<name>`, bound to
+//! the follower's lease, is rewritten whenever that follower saw the primary fail,
+//! and the leader probes at once on every write it watches there. A session that fails for
 //! any reason (etcd down, a wrong password, a refused certificate) drops to
 //! [`Role::Disconnected`], keeps the reason in the snapshot for SHOW COORDINATION,
 //! and a new one starts a second later.
@@ -18,7 +20,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, Identity, PutOptions,
     TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{ClusterState, Coordinator, Error, Role};
 use crate::config::CoordinationConfig;
@@ -99,6 +101,10 @@ fn leader_key(c: &Coordinator) -> String {
 
 fn state_key(c: &Coordinator) -> String {
     format!("{}/state", c.config.prefix)
+}
+
+fn alarm_prefix(c: &Coordinator) -> String {
+    format!("{}/alarm/", c.config.prefix)
 }
 
 /// How many distinct failures are remembered so as not to log them again.
@@ -226,6 +232,11 @@ async fn session(shared: &Shared, c: &Coordinator) -> Result<(), Error> {
                     campaign(shared, c, &mut client, lease, &id).await?;
                 }
             }
+            () = c.relay.notified() => {
+                let key = alarm_prefix(c) + &c.name;
+                client.put(key, id.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
+                shared.metrics.coordination_alarms.with_label_values(&["sent"]).inc();
+            }
             renewal = renewals.message() => match renewal? {
                 Some(r) if r.ttl() > 0 => renewed = Instant::now(),
                 _ => return Err(Error::LeaseExpired),
@@ -239,6 +250,13 @@ async fn session(shared: &Shared, c: &Coordinator) -> Result<(), Error> {
                     } else if kv.key() == leader_key(c).as_bytes() && e.event_type() == EventType::Delete {
                         // The leader resigned or its lease expired: campaign at once.
                         campaign(shared, c, &mut client, lease, &id).await?;
+                    } else if e.event_type() == EventType::Put && c.is_leader()
+                        && let Some(from) = kv.key().strip_prefix(alarm_prefix(c).as_bytes())
+                        && from != c.name.as_bytes()
+                    {
+                        debug!(from = %String::from_utf8_lossy(from), "coordination: a follower saw the primary fail; probing now");
+                        shared.metrics.coordination_alarms.with_label_values(&["received"]).inc();
+                        shared.alarm.notify_one();
                     }
                 }
             }

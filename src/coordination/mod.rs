@@ -27,7 +27,7 @@ pub mod state;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::config::CoordinationConfig;
 use crate::proxy::Shared;
@@ -116,6 +116,8 @@ pub struct Coordinator {
     /// this proxy's name in etcd
     pub name: String,
     snapshot: watch::Sender<Snapshot>,
+    /// a follower's alarm waiting for the etcd session to pass it on to the leader
+    relay: Notify,
     #[cfg(feature = "etcd")]
     leadership: std::sync::Mutex<Option<etcd::Leadership>>,
 }
@@ -140,6 +142,7 @@ impl Coordinator {
             config,
             name,
             snapshot,
+            relay: Notify::new(),
             #[cfg(feature = "etcd")]
             leadership: std::sync::Mutex::new(None),
         }
@@ -153,6 +156,19 @@ impl Coordinator {
     /// True while this proxy may take failover decisions.
     pub fn is_leader(&self) -> bool {
         self.snapshot.borrow().role == Role::Leader
+    }
+
+    /// Passes this proxy's alarm (its clients or probes saw the primary fail) on to
+    /// the leader through etcd, so that the leader probes at once rather than at
+    /// its next interval: the proxy whose clients write is often a follower. The
+    /// leader still decides from its own probes. Only a follower relays; returns
+    /// whether it did.
+    pub fn relay_alarm(&self) -> bool {
+        if self.snapshot.borrow().role != Role::Follower {
+            return false;
+        }
+        self.relay.notify_one();
+        true
     }
 
     /// A receiver that wakes on every change (role or state), starting with the current one.

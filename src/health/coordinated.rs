@@ -70,6 +70,29 @@ fn unix_now() -> u64 {
 }
 
 impl Monitor {
+    /// Clients saw a server connection fail: every node is probed now, and the
+    /// leader told.
+    pub(super) fn on_alarm(&mut self) {
+        self.probers.iter().for_each(super::Prober::wake);
+        self.relay_alarm();
+    }
+
+    /// Tells the coordination leader (when this proxy follows one) that the primary
+    /// looks down, at most once per `health.interval`: the leader re-probes a
+    /// failing node every quarter interval on its own, so more would only load etcd.
+    pub(super) fn relay_alarm(&mut self) {
+        let Some(c) = &self.shared.coordination else {
+            return;
+        };
+        let interval = self.config.health.interval;
+        if self.relayed_at.is_some_and(|at| at.elapsed() < interval) {
+            return;
+        }
+        if c.relay_alarm() {
+            self.relayed_at = Some(Instant::now());
+        }
+    }
+
     /// Ok when this proxy may promote: no coordination, or it is the leader.
     pub(super) fn may_promote(&self) -> Result<(), Refusal> {
         match &self.shared.coordination {

@@ -99,7 +99,7 @@ pub async fn run(shared: Arc<Shared>) {
         tokio::select! {
             snapshot = crate::coordination::changed(&mut published) => monitor.adopt(snapshot).await,
             Some(report) = monitor.reports.recv() => monitor.on_report(report).await,
-            () = monitor.shared.alarm.notified() => monitor.probers.iter().for_each(Prober::wake),
+            () = monitor.shared.alarm.notified() => monitor.on_alarm(),
             () = monitor.shared.reconfigured.notified() => monitor.reconfigure(),
             Some((request, reply)) = commands.recv() => {
                 let answer = monitor.command(request).await;
@@ -133,6 +133,8 @@ struct Monitor {
     published: Option<crate::coordination::ClusterState>,
     /// when an unfinished failover found recorded may next be retried
     resume_at: Instant,
+    /// when this proxy last passed an alarm on to the coordination leader
+    relayed_at: Option<Instant>,
 }
 
 impl Monitor {
@@ -155,6 +157,7 @@ impl Monitor {
             not_before: Vec::new(),
             published: None,
             resume_at: Instant::now(),
+            relayed_at: None,
             config,
             shared,
         }
@@ -241,6 +244,10 @@ impl Monitor {
             info!(backend = %node.config.name, "probe timed out while the backend kept answering clients; not counted as a failure");
             return;
         }
+        if report.result.is_err() && self.primary == Some(report.index) {
+            self.relay_alarm();
+        }
+        let node = &mut self.nodes[report.index];
         let before = (node.health, node.role());
         node.health = node.health.after(report.result.is_ok(), threshold);
         node.checked_at = Some(report.started);
