@@ -201,16 +201,35 @@ async fn a_message_over_max_message_size_closes_only_that_client() {
 
 #[tokio::test]
 async fn a_client_silent_between_transactions_past_client_idle_timeout_is_closed() {
+    client_idle_timeout_closes_only_silent_clients("transaction").await;
+}
+
+/// In session mode the client holds its server connection between transactions,
+/// and the limit still applies there; the connection goes back to the pool.
+#[tokio::test]
+async fn a_session_mode_client_silent_past_client_idle_timeout_is_closed() {
+    client_idle_timeout_closes_only_silent_clients("session").await;
+}
+
+/// One pool connection, `client_idle_timeout` 700 ms in `mode`: a client silent
+/// after a query is closed with 57P05, and the next client gets the connection;
+/// one that talks, waits for a long query or sits in an open transaction is kept.
+async fn client_idle_timeout_closes_only_silent_clients(mode: &str) {
     let db = Db::create();
     let pgw = Pgwarden::start_with(
         &[&db],
         Options {
             auth: Some("trust".into()),
-            pool: "client_idle_timeout = \"700ms\"".into(),
+            pool: format!(
+                "mode = \"{mode}\"\ndefault_pool_size = 1\nclient_idle_timeout = \"700ms\""
+            ),
             ..Default::default()
         },
     );
     let mut idler = logged_in(&pgw, &db);
+    idler.message(b'Q', b"SELECT 1\0");
+    let answered = idler.read_until(b'Z');
+    assert_eq!(answered.last().map(|m| m.0), Some(b'Z'), "{answered:?}");
     let started = Instant::now();
     let (tag, body) = idler.read().expect("an error before the close");
     let waited = started.elapsed();
@@ -224,7 +243,8 @@ async fn a_client_silent_between_transactions_past_client_idle_timeout_is_closed
     );
 
     // Talking, a long query, and a silent open transaction (idle_transaction_timeout's
-    // business, not this one's) all keep a client.
+    // business, not this one's) all keep a client; this one needs the pool's only
+    // connection, which the closed client must have given back.
     let busy = pgw.connect(&db).await;
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(300)).await;

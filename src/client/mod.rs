@@ -422,6 +422,12 @@ impl Session {
             hold,
             idle_transaction_timeout: config.pool.idle_transaction_timeout,
             query_timeout: config.pool.query_timeout,
+            // Between transactions a held session waits for its client in the splice.
+            client_idle_timeout: if hold {
+                self.shared.limits.client_idle()
+            } else {
+                Duration::ZERO
+            },
             // A server that answers new connections within this answers a cancel within it.
             cancel_grace: config.pool.server_connect_timeout,
         };
@@ -498,6 +504,10 @@ impl Session {
             Outcome::Refused(e) => {
                 conn.discard();
                 Err(End::Fatal(e))
+            }
+            Outcome::ClientIdle(limit) => {
+                reset_and_release(conn).await;
+                Err(self.idle_past(limit))
             }
             // Closing the server connection rolls the transaction back; it is never reused.
             Outcome::IdleInTransaction => {
@@ -804,12 +814,15 @@ impl Session {
             // Boxed: only sessions with a limit carry the timer's state.
             match Box::pin(tokio::time::timeout(idle_limit, self.fill())).await {
                 Ok(filled) => filled?,
-                Err(_) => {
-                    info!(peer = %self.who.peer(), pid = self.who.client.pid(), limit = ?idle_limit, "closing a client idle past client_idle_timeout");
-                    return Err(End::Fatal(ClientError::IdleSession(idle_limit)));
-                }
+                Err(_) => return Err(self.idle_past(idle_limit)),
             }
         }
+    }
+
+    /// Ends a session whose client sent nothing between transactions for `limit`.
+    fn idle_past(&self, limit: Duration) -> End {
+        info!(peer = %self.who.peer(), pid = self.who.client.pid(), ?limit, "closing a client idle past client_idle_timeout");
+        End::Fatal(ClientError::IdleSession(limit))
     }
 
     /// Drops the frame at the start of the buffer; its body is dropped as it arrives.

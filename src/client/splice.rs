@@ -17,9 +17,10 @@
 //! The transaction is over when nothing is owed, the last status is idle, and
 //! the client is between frames with nothing unsynced.
 //!
-//! One timer serves both time limits, since they never apply at once:
-//! `idle_transaction_timeout` while the server waits for the client inside a
-//! transaction (nothing owed), `query_timeout` while the server owes answers. A
+//! One timer serves every time limit, since they never apply at once:
+//! `client_idle_timeout` while a held session (session mode) waits for its client
+//! between transactions, `idle_transaction_timeout` while the server waits for the
+//! client inside a transaction (nothing owed), `query_timeout` while the server owes answers. A
 //! query over its limit is cancelled through PostgreSQL's own CancelRequest; the
 //! server connection is kept when the server confirms the cancel and answers, and
 //! closed when it does not within a grace period.
@@ -85,6 +86,9 @@ pub enum Outcome {
     /// The client kept its transaction open without a word for `idle_transaction_timeout`;
     /// the server connection is inside that transaction.
     IdleInTransaction,
+    /// A held session's client sent nothing between transactions for this long
+    /// (`client_idle_timeout`); the server connection is idle.
+    ClientIdle(Duration),
 }
 
 /// The client's side of a splice; it outlives any one server connection.
@@ -117,6 +121,8 @@ pub struct Pooling<'a> {
     pub idle_transaction_timeout: Duration,
     /// `pool.query_timeout`; zero: none
     pub query_timeout: Duration,
+    /// `pool.client_idle_timeout`, for a held session; zero: none
+    pub client_idle_timeout: Duration,
     /// how long the server has to act on a cancel sent for `query_timeout` and answer
     pub cancel_grace: Duration,
 }
@@ -221,6 +227,8 @@ impl Ctx<'_> {
 enum Timer {
     /// nothing
     Off,
+    /// a held session waits for its client between transactions
+    ClientIdle,
     /// the server waits for the client inside a transaction
     IdleInTransaction,
     /// the server owes answers; armed again at each completed request (the count of them)
@@ -288,6 +296,7 @@ pub async fn splice(
     let hold = pooling.hold;
     let idle_limit = pooling.idle_transaction_timeout;
     let query_limit = pooling.query_timeout;
+    let client_idle_limit = pooling.client_idle_timeout;
     let mut cx = Ctx {
         expected,
         server_statements,
@@ -361,6 +370,7 @@ pub async fn splice(
             {
                 timer
             }
+            _ if !client_idle_limit.is_zero() && idle_held => Timer::ClientIdle,
             _ if !idle_limit.is_zero() && to_server.is_empty() && cx.waits_in_transaction() => {
                 Timer::IdleInTransaction
             }
@@ -375,6 +385,7 @@ pub async fn splice(
             }
             timer = want;
             let limit = match want {
+                Timer::ClientIdle => client_idle_limit,
                 Timer::IdleInTransaction => idle_limit,
                 Timer::Query(_) => query_limit,
                 Timer::Off | Timer::Grace(_) => Duration::ZERO,
@@ -470,6 +481,10 @@ pub async fn splice(
             Event::ClientRead(r) => match r {
                 Ok(0) | Err(_) => cx.x.client_done = true,
                 Ok(n) => {
+                    if timer == Timer::ClientIdle {
+                        // The client spoke, even if pgwarden answers it alone: the wait starts over.
+                        timer = Timer::Off;
+                    }
                     cx.x.traffic.received += n as u64;
                     if let Err(e) =
                         client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx)
@@ -494,6 +509,7 @@ pub async fn splice(
                 }
             }
             Event::Deadline => match timer {
+                Timer::ClientIdle => return (Outcome::ClientIdle(client_idle_limit), to_client),
                 Timer::IdleInTransaction => return (Outcome::IdleInTransaction, to_client),
                 Timer::Query(_) => {
                     let key = cancel_key.clone();
