@@ -9,6 +9,8 @@
 
 pub mod hooks;
 
+use std::time::{Duration, Instant};
+
 use crate::backend::{Backend, Receiver, Role};
 use crate::config::BackendConfig;
 use crate::health::probe::{Login, connect, describe};
@@ -177,6 +179,10 @@ pub fn choose(
     Ok(best.index)
 }
 
+/// How often a promotion under way is checked. pg_promote's own wait looks only
+/// every 100 ms, most of which a failover would spend with the promotion done.
+const PROMOTION_CHECK: Duration = Duration::from_millis(10);
+
 /// Promotes `node` (unless it already is a primary) and returns its timeline.
 pub async fn promote(
     node: &BackendConfig,
@@ -188,32 +194,40 @@ pub async fn promote(
         reason,
     };
     let client = connect(node, login).await.map_err(failed)?;
-    let wait = i32::try_from(wait_seconds.max(1)).unwrap_or(i32::MAX);
-    // Idempotent: a new coordination leader repeats an interrupted promotion, and
-    // pg_promote fails on a node that is no longer in recovery.
-    let recovering: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .map_err(|e| failed(describe(&e)))?
-        .get(0);
-    let promoted = !recovering
-        || client
-            .query_one("SELECT pg_promote(true, $1)", &[&wait])
+    let deadline = Instant::now() + Duration::from_secs(wait_seconds.max(1));
+    let mut signalled = false;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN \
+                 ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+                &[],
+            )
             .await
-            .map_err(|e| failed(describe(&e)))?
-            .get::<_, bool>(0);
-    let row = client
-        .query_one(
-            "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN \
-             ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
-            &[],
-        )
-        .await
-        .map_err(|e| failed(describe(&e)))?;
-    if !promoted || row.get::<_, bool>(0) {
-        return Err(failed("still in recovery after pg_promote".into()));
+            .map_err(|e| failed(describe(&e)))?;
+        if !row.get::<_, bool>(0) {
+            return Ok(row.get::<_, Option<i32>>(1).unwrap_or(0) as u32);
+        }
+        if !signalled {
+            // Only while in recovery: a new coordination leader repeats an interrupted
+            // promotion, and pg_promote fails on a node that is already a primary.
+            let sent: bool = client
+                .query_one("SELECT pg_promote(false)", &[])
+                .await
+                .map_err(|e| failed(describe(&e)))?
+                .get(0);
+            if !sent {
+                return Err(failed("pg_promote could not signal the promotion".into()));
+            }
+            signalled = true;
+        } else if Instant::now() >= deadline {
+            return Err(failed(format!(
+                "still in recovery {wait_seconds} s after pg_promote"
+            )));
+        } else {
+            tokio::time::sleep(PROMOTION_CHECK).await;
+        }
     }
-    Ok(row.get::<_, Option<i32>>(1).unwrap_or(0) as u32)
 }
 
 /// The node's current WAL position (it must be a primary).
