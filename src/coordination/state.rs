@@ -49,6 +49,11 @@ pub enum Step {
     Repointing,
     /// nothing left to do
     Done,
+    /// a step this version does not know, written by a newer pgwarden during a
+    /// rolling upgrade: the state's primary and fences still hold, but only that
+    /// version knows how to finish its failover
+    #[serde(other)]
+    Unknown,
 }
 
 impl Step {
@@ -59,6 +64,7 @@ impl Step {
             Step::Promoting => "promoting",
             Step::Repointing => "repointing",
             Step::Done => "done",
+            Step::Unknown => "unknown",
         }
     }
 }
@@ -69,7 +75,9 @@ impl ClusterState {
         self.failover.as_ref().filter(|f| f.step != Step::Done)
     }
 
-    /// Parses a stored value; a value from a newer or broken writer is reported, not trusted.
+    /// Parses a stored value. A newer writer's additions are tolerated (fields
+    /// ignored, a step read as [`Step::Unknown`]) so that a rolling upgrade keeps
+    /// every proxy on the published primary; a broken value is reported, not trusted.
     pub fn parse(bytes: &[u8]) -> Result<ClusterState, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -105,5 +113,16 @@ mod tests {
         state.failover.as_mut().unwrap().step = Step::Done;
         assert!(state.unfinished().is_none());
         assert!(ClusterState::parse(b"{\"primary\": 3}").is_err());
+    }
+
+    #[test]
+    fn a_newer_writers_state_is_read_with_its_step_unknown() {
+        let newer = br#"{"primary": "pg2", "timeline": 2, "fenced": ["pg1"], "epoch": 7,
+            "failover": {"old": "pg1", "new": "pg2", "step": "rewinding", "timeline": 2,
+            "repoint": [], "at": 1, "by": "pgwarden 2"}}"#;
+        let state = ClusterState::parse(newer).unwrap();
+        assert_eq!(state.primary.as_deref(), Some("pg2"));
+        assert_eq!(state.fenced, ["pg1"]);
+        assert_eq!(state.unfinished().map(|f| f.step), Some(Step::Unknown));
     }
 }

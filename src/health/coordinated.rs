@@ -337,6 +337,12 @@ impl Monitor {
             "recorded before a restart"
         };
         if self.published.as_ref() != Some(&state) {
+            if state.unfinished().is_some_and(|f| f.step == Step::Unknown) {
+                warn!(
+                    by = recorder,
+                    "the recorded failover is at a step this version does not know (a newer pgwarden wrote it): following its primary and fences, starting no failover until a newer leader finishes it or an operator runs PROMOTE"
+                );
+            }
             for name in &state.fenced {
                 if let Some(i) = self.index(name)
                     && !self.nodes[i].fenced
@@ -375,6 +381,11 @@ impl Monitor {
         };
         if self.may_promote().is_err() {
             return false;
+        }
+        if f.step == Step::Unknown {
+            // A newer pgwarden's failover (`take_state` said so): acting on it, or
+            // starting another over it, could undo what that version did.
+            return true;
         }
         if Instant::now() < self.resume_at {
             return true;
@@ -421,6 +432,7 @@ impl Monitor {
                     }
                 }
             }
+            Step::Unknown => return true,
             Step::Repointing | Step::Done => {
                 let timeline = f.timeline.unwrap_or(0);
                 self.repoint_standbys(old, new, timeline, &login, Kind::Failover)
