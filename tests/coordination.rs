@@ -3,9 +3,11 @@
 //! A primary crash is handled by exactly one promotion, every proxy follows the
 //! leader's decision, a leader killed midway is replaced by one that finishes the
 //! failover (or the switchover it left before promoting), and without etcd nobody
-//! promotes until it is back. Against an etcd that requires a password or a
-//! client certificate, only a proxy configured with the right one leads; the
-//! others report why and keep serving queries.
+//! promotes until it is back. A follower that sees the primary fail makes the
+//! leader probe at once (and stays in the election if etcd refuses that alarm).
+//! Against an etcd that requires a password or a client certificate, only a
+//! proxy configured with the right one leads; the others report why and keep
+//! serving queries.
 
 #![cfg(feature = "etcd")]
 
@@ -563,4 +565,66 @@ async fn with_etcd_client_certificates_only_a_certified_proxy_leads() {
     for p in [&misled, &anonymous] {
         assert_eq!(coordination(p)["role"], "disconnected");
     }
+}
+
+/// A role that may elect and publish but not write the alarm keys: a follower's
+/// alarm is refused, logged, and the follower stays in the election (the leader
+/// still probes on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refused_the_alarm_keys_stays_in_the_election() {
+    use etcd_client::Permission;
+    let _serial = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    client.user_add("root", "root-secret", None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.role_add("pgwarden").await.unwrap();
+    let prefix = "/pgwarden/test/";
+    for permission in [
+        Permission::read(prefix).with_prefix(),
+        Permission::write(format!("{prefix}leader")),
+        Permission::write(format!("{prefix}state")),
+    ] {
+        client
+            .role_grant_permission("pgwarden", permission)
+            .await
+            .unwrap();
+    }
+    client.user_add("pgw", "pgw-secret", None).await.unwrap();
+    client.user_grant_role("pgw", "pgwarden").await.unwrap();
+    client.auth_enable().await.unwrap();
+    let db = Db::create();
+    let file = etcd.dir.join("password");
+    std::fs::write(&file, "pgw-secret\n").unwrap();
+    let keys = format!("user = \"pgw\"\npassword_file = \"{}\"\n", file.display());
+    let leader = lone_proxy(&db, &etcd, &keys);
+    leads(&leader).await;
+    let follower = lone_proxy(&db, &etcd, &keys);
+    eventually(Duration::from_secs(10), "the second proxy follows", || {
+        coordination(&follower)["role"] == "follower"
+    })
+    .await;
+
+    // A server connection lost mid-transaction raises the follower's alarm.
+    let app = follower.connect(&db).await;
+    app.batch_execute("BEGIN").await.unwrap();
+    let pid = common::backend_pid(&app).await;
+    db.admin_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    assert!(app.simple_query("SELECT 1").await.is_err());
+    let refused = "could not pass an alarm on to the leader";
+    eventually(Duration::from_secs(10), refused, || {
+        follower.log().contains(refused)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = coordination(&follower);
+    assert_eq!(c["role"], "follower", "{c}\n{}", follower.log());
+    assert!(
+        !follower.log().contains("etcd session lost"),
+        "{}",
+        follower.log()
+    );
+    assert_eq!(alarms(&follower, "sent"), 0);
 }

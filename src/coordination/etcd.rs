@@ -233,9 +233,14 @@ async fn session(shared: &Shared, c: &Coordinator) -> Result<(), Error> {
                 }
             }
             () = c.relay.notified() => {
+                // Only a head start for the leader, which also probes on its own: a
+                // refused write (say, a role without rights on the alarm keys) is
+                // reported, not a reason to leave the election.
                 let key = alarm_prefix(c) + &c.name;
-                client.put(key, id.as_str(), Some(PutOptions::new().with_lease(lease))).await?;
-                shared.metrics.coordination_alarms.with_label_values(&["sent"]).inc();
+                match client.put(key, id.as_str(), Some(PutOptions::new().with_lease(lease))).await {
+                    Ok(_) => shared.metrics.coordination_alarms.with_label_values(&["sent"]).inc(),
+                    Err(e) => warn!(error = %describe(&e), "coordination: could not pass an alarm on to the leader"),
+                }
             }
             renewal = renewals.message() => match renewal? {
                 Some(r) if r.ttl() > 0 => renewed = Instant::now(),
