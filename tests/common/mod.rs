@@ -241,7 +241,9 @@ impl Pgwarden {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("pgwarden exited with {status}:\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            // The HTTP endpoint starts just after the client listener.
+            let listening = |port| TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if listening(self.port) && listening(self.http_port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
