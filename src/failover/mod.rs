@@ -9,7 +9,7 @@
 
 pub mod hooks;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend::{Backend, Receiver, Role};
 use crate::config::BackendConfig;
@@ -194,21 +194,26 @@ pub async fn promote(
         reason,
     };
     let client = connect(node, login).await.map_err(failed)?;
-    let deadline = Instant::now() + Duration::from_secs(wait_seconds.max(1));
-    let mut signalled = false;
-    loop {
-        let row = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN \
-                 ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
-                &[],
-            )
-            .await
-            .map_err(|e| failed(describe(&e)))?;
-        if !row.get::<_, bool>(0) {
-            return Ok(row.get::<_, Option<i32>>(1).unwrap_or(0) as u32);
-        }
-        if !signalled {
+    // Bounded as a whole: a candidate that hangs would otherwise hold a query forever.
+    let limit = Duration::from_secs(wait_seconds.max(1));
+    let promoted = async {
+        let mut signalled = false;
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN \
+                     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+                    &[],
+                )
+                .await
+                .map_err(|e| failed(describe(&e)))?;
+            if !row.get::<_, bool>(0) {
+                return Ok(row.get::<_, Option<i32>>(1).unwrap_or(0) as u32);
+            }
+            if signalled {
+                tokio::time::sleep(PROMOTION_CHECK).await;
+                continue;
+            }
             // Only while in recovery: a new coordination leader repeats an interrupted
             // promotion, and pg_promote fails on a node that is already a primary.
             let sent: bool = client
@@ -220,14 +225,15 @@ pub async fn promote(
                 return Err(failed("pg_promote could not signal the promotion".into()));
             }
             signalled = true;
-        } else if Instant::now() >= deadline {
-            return Err(failed(format!(
-                "still in recovery {wait_seconds} s after pg_promote"
-            )));
-        } else {
-            tokio::time::sleep(PROMOTION_CHECK).await;
         }
-    }
+    };
+    tokio::time::timeout(limit, promoted)
+        .await
+        .unwrap_or_else(|_| {
+            Err(failed(format!(
+                "not promoted within promote_timeout ({limit:?})"
+            )))
+        })
 }
 
 /// The node's current WAL position (it must be a primary).
