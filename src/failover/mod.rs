@@ -15,6 +15,7 @@ use crate::backend::{Backend, Receiver, Role};
 use crate::config::BackendConfig;
 use crate::health::probe::{Login, connect, describe};
 use crate::params::literal;
+use tokio_postgres::Client;
 
 /// Why a failover did not happen (yet).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,11 +190,25 @@ pub async fn promote(
     login: &Login,
     wait_seconds: u64,
 ) -> Result<u32, Refusal> {
+    let client = connect(node, login)
+        .await
+        .map_err(|reason| Refusal::PromoteFailed {
+            candidate: node.name.clone(),
+            reason,
+        })?;
+    promote_on(&client, node, wait_seconds).await
+}
+
+/// [`promote`] over an open control connection to `node`.
+pub async fn promote_on(
+    client: &Client,
+    node: &BackendConfig,
+    wait_seconds: u64,
+) -> Result<u32, Refusal> {
     let failed = |reason: String| Refusal::PromoteFailed {
         candidate: node.name.clone(),
         reason,
     };
-    let client = connect(node, login).await.map_err(failed)?;
     // Bounded as a whole: a candidate that hangs would otherwise hold a query forever.
     let limit = Duration::from_secs(wait_seconds.max(1));
     let promoted = async {
@@ -236,9 +251,8 @@ pub async fn promote(
         })
 }
 
-/// The node's current WAL position (it must be a primary).
-pub async fn current_lsn(node: &BackendConfig, login: &Login) -> Result<u64, String> {
-    let client = connect(node, login).await?;
+/// The current WAL position of the primary `client` is connected to.
+pub async fn current_lsn(client: &Client) -> Result<u64, String> {
     let lsn: tokio_postgres::types::PgLsn = client
         .query_one("SELECT pg_current_wal_lsn()", &[])
         .await
@@ -363,7 +377,11 @@ pub async fn repoint(
 /// Makes new transactions on `node` read-only by default (or undoes it): the part
 /// of fencing pgwarden can do to a node it can still reach.
 pub async fn set_read_only(node: &BackendConfig, login: &Login, on: bool) -> Result<(), String> {
-    let client = connect(node, login).await?;
+    read_only(&connect(node, login).await?, on).await
+}
+
+/// [`set_read_only`] over an open control connection.
+pub async fn read_only(client: &Client, on: bool) -> Result<(), String> {
     let statement = if on {
         "ALTER SYSTEM SET default_transaction_read_only = on"
     } else {

@@ -32,6 +32,7 @@ use crate::failover::hooks::{self, Event, EventKind};
 use crate::failover::{self, Kind, Record, Refusal};
 use crate::proxy::Shared;
 use probe::{Login, Prober, Report};
+use tokio_postgres::Client;
 
 /// An operator's request to the monitor, which owns the routing table.
 #[derive(Debug)]
@@ -811,14 +812,24 @@ impl Monitor {
                 let _ = failover::set_read_only(&configs[p], &login, false).await;
             }
         };
-        if let Err(e) = failover::set_read_only(&configs[p], &login, true).await {
-            undo(self, before).await;
-            return abort(self, format!("could not make {old_name} read-only: {e}"));
-        }
+        // One control connection to each node for the whole pause: each new one
+        // costs a login.
+        let demoted = async {
+            let client = probe::connect(&configs[p], &login).await?;
+            failover::read_only(&client, true).await?;
+            Ok::<Client, String>(client)
+        };
+        let old_primary = match demoted.await {
+            Ok(client) => client,
+            Err(e) => {
+                undo(self, before).await;
+                return abort(self, format!("could not make {old_name} read-only: {e}"));
+            }
+        };
         coordinated::pause_before(coordinated::Drill::CatchUp).await;
         let caught_up = async {
-            let lsn = failover::current_lsn(&configs[p], &login).await?;
-            let client = crate::health::probe::connect(&configs[c], &login).await?;
+            let lsn = failover::current_lsn(&old_primary).await?;
+            let client = probe::connect(&configs[c], &login).await?;
             loop {
                 let replayed: Option<tokio_postgres::types::PgLsn> = client
                     .query_one("SELECT pg_last_wal_replay_lsn()", &[])
@@ -826,19 +837,22 @@ impl Monitor {
                     .map_err(|e| probe::describe(&e))?
                     .get(0);
                 if replayed.map(u64::from) >= Some(lsn) {
-                    return Ok::<u64, String>(lsn);
+                    return Ok::<(u64, Client), String>((lsn, client));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, caught_up).await {
-            Ok(Ok(lsn)) => info!(
-                step = "caught_up",
-                lsn,
-                elapsed_ms = ms(),
-                "switchover: {new_name} replayed everything {old_name} wrote"
-            ),
+        let target = match tokio::time::timeout(remaining, caught_up).await {
+            Ok(Ok((lsn, target))) => {
+                info!(
+                    step = "caught_up",
+                    lsn,
+                    elapsed_ms = ms(),
+                    "switchover: {new_name} replayed everything {old_name} wrote"
+                );
+                target
+            }
             outcome => {
                 undo(self, before).await;
                 let why = match outcome {
@@ -847,14 +861,14 @@ impl Monitor {
                 };
                 return abort(self, why);
             }
-        }
+        };
         if let Err(refusal) = self.intend(Some(p), c).await {
             undo(self, before).await;
             return abort(self, refusal.to_string());
         }
-        let timeline = match failover::promote(
+        let timeline = match failover::promote_on(
+            &target,
             &configs[c],
-            &login,
             self.config.failover.promote_timeout.as_secs(),
         )
         .await
