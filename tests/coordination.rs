@@ -498,6 +498,27 @@ async fn refused(p: &Pgwarden, db: &Db, why: &str) {
     assert_eq!(one, 1);
 }
 
+/// An admin client of `etcd` with a `root` user (password `root_password`) holding
+/// the root role, which etcd needs before authentication can be enabled.
+async fn etcd_admin(etcd: &Etcd, root_password: &str) -> etcd_client::Client {
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    client.user_add("root", root_password, None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client
+}
+
+/// `[coordination]` keys for etcd `user`, with `password` written to `file` in etcd's folder.
+fn password_keys(etcd: &Etcd, user: &str, file: &str, password: &str) -> String {
+    let path = etcd.dir.join(file);
+    std::fs::write(&path, format!("{password}\n")).unwrap();
+    format!(
+        "user = \"{user}\"\npassword_file = \"{}\"\n",
+        path.display()
+    )
+}
+
 async fn leads(p: &Pgwarden) {
     eventually(Duration::from_secs(10), "the proxy leads", || {
         coordination(p)["role"] == "leader"
@@ -510,26 +531,22 @@ async fn leads(p: &Pgwarden) {
 async fn with_etcd_authentication_only_the_right_password_leads() {
     let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
-    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
-    client
-        .user_add("root", "correct horse", None)
-        .await
-        .unwrap();
-    client.user_grant_role("root", "root").await.unwrap();
+    let mut client = etcd_admin(&etcd, "correct horse").await;
     client.auth_enable().await.unwrap();
     let db = Db::create();
-    let password = |file: &str, text: &str| {
-        let path = etcd.dir.join(file);
-        std::fs::write(&path, text).unwrap();
-        format!("user = \"root\"\npassword_file = \"{}\"\n", path.display())
-    };
 
     // Alone, so it would lead if etcd let it in.
-    let wrong = lone_proxy(&db, &etcd, &password("wrong", "battery staple\n"));
+    let wrong = lone_proxy(
+        &db,
+        &etcd,
+        &password_keys(&etcd, "root", "wrong", "battery staple"),
+    );
     refused(&wrong, &db, "authentication failed").await;
-    let right = lone_proxy(&db, &etcd, &password("right", "correct horse\n"));
+    let right = lone_proxy(
+        &db,
+        &etcd,
+        &password_keys(&etcd, "root", "right", "correct horse"),
+    );
     leads(&right).await;
     assert_eq!(coordination(&wrong)["role"], "disconnected");
 }
@@ -575,11 +592,7 @@ async fn a_follower_refused_the_alarm_keys_stays_in_the_election() {
     use etcd_client::Permission;
     let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
-    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
-    client.user_add("root", "root-secret", None).await.unwrap();
-    client.user_grant_role("root", "root").await.unwrap();
+    let mut client = etcd_admin(&etcd, "root-secret").await;
     client.role_add("pgwarden").await.unwrap();
     let prefix = "/pgwarden/test/";
     for permission in [
@@ -596,9 +609,7 @@ async fn a_follower_refused_the_alarm_keys_stays_in_the_election() {
     client.user_grant_role("pgw", "pgwarden").await.unwrap();
     client.auth_enable().await.unwrap();
     let db = Db::create();
-    let file = etcd.dir.join("password");
-    std::fs::write(&file, "pgw-secret\n").unwrap();
-    let keys = format!("user = \"pgw\"\npassword_file = \"{}\"\n", file.display());
+    let keys = password_keys(&etcd, "pgw", "password", "pgw-secret");
     let leader = lone_proxy(&db, &etcd, &keys);
     leads(&leader).await;
     let follower = lone_proxy(&db, &etcd, &keys);
