@@ -266,7 +266,13 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     let coordination = tokio::spawn(crate::coordination::run(shared.clone()));
     let reaper = {
         let shared = shared.clone();
-        tokio::spawn(async move { shared.pools.maintain_until(shared.shutdown.clone()).await })
+        tokio::spawn(async move {
+            let shutdown = shared.shutdown.clone();
+            shared
+                .pools
+                .maintain_until(&shared.config, &shared.routing, shutdown)
+                .await
+        })
     };
     let sessions = TaskTracker::new();
     loop {

@@ -354,3 +354,43 @@ async fn the_drill_reports_a_switchover_without_client_errors() {
     assert!(stdout.contains(", 0 errors"), "{stdout}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_connections_move_to_the_new_primary_before_any_client_returns() {
+    let cluster = cluster();
+    let db = Db::create_on(&cluster);
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pool: "default_pool_size = 5\nmin_pool_size = 2".into(),
+            ..options(&cluster, "")
+        },
+    );
+    let sessions = |node: usize| -> usize {
+        cluster.nodes[node]
+            .sql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND datname = '{}'",
+                db.user, db.name
+            ))
+            .ok()
+            .and_then(|out| out.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    drop(client);
+    let limit = Duration::from_secs(15);
+    eventually(limit, "two warm connections on pg1", || sessions(0) == 2).await;
+
+    cluster.nodes[0].signal(libc::SIGKILL).unwrap();
+    // No client comes back: the new primary's pool fills on its own, the standby's does not.
+    eventually(limit, "two warm connections on the new primary", || {
+        (sessions(1), sessions(2)) == (2, 0) || (sessions(1), sessions(2)) == (0, 2)
+    })
+    .await;
+    let primary = if sessions(1) == 2 { 1 } else { 2 };
+    let role = cluster.nodes[primary]
+        .sql("SELECT pg_is_in_recovery()")
+        .unwrap();
+    assert_eq!(role.trim(), "f", "{}", pgw.log());
+}

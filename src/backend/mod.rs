@@ -194,31 +194,35 @@ impl BackendTable {
     }
 
     /// The node a transaction for a database with `target` goes to. `turn` spreads
-    /// reads over the eligible standbys; `max_lag` excludes standbys too far behind.
+    /// reads over the eligible nodes; `max_lag` excludes standbys too far behind.
     pub fn route(&self, target: Target, max_lag: u64, turn: usize) -> Option<&Backend> {
-        let standby = || {
-            let eligible: Vec<&Backend> = self
-                .backends
-                .iter()
-                .enumerate()
-                .filter(|(i, b)| {
-                    Some(*i) != self.primary
-                        && b.routable()
-                        && b.role() == Some(Role::Standby)
-                        && b.lag_bytes.is_none_or(|lag| lag <= max_lag)
-                })
-                .map(|(_, b)| b)
-                .collect();
-            (!eligible.is_empty()).then(|| eligible[turn % eligible.len()])
+        let nodes = self.candidates(target, max_lag);
+        (!nodes.is_empty()).then(|| nodes[turn % nodes.len()])
+    }
+
+    /// Every node that may serve a database with `target` now, standbys first.
+    pub fn candidates(&self, target: Target, max_lag: u64) -> Vec<&Backend> {
+        let standbys = || {
+            self.backends.iter().enumerate().filter_map(move |(i, b)| {
+                (Some(i) != self.primary
+                    && b.routable()
+                    && b.role() == Some(Role::Standby)
+                    && b.lag_bytes.is_none_or(|lag| lag <= max_lag))
+                .then_some(b)
+            })
         };
         match target {
-            Target::Primary => self.primary(),
-            Target::Standby => standby(),
-            Target::PreferStandby => standby().or_else(|| self.primary()),
-            Target::Any => {
-                let all: Vec<&Backend> = standby().into_iter().chain(self.primary()).collect();
-                (!all.is_empty()).then(|| all[turn % all.len()])
+            Target::Primary => self.primary().into_iter().collect(),
+            Target::Standby => standbys().collect(),
+            Target::PreferStandby => {
+                let nodes: Vec<&Backend> = standbys().collect();
+                if nodes.is_empty() {
+                    self.primary().into_iter().collect()
+                } else {
+                    nodes
+                }
             }
+            Target::Any => standbys().chain(self.primary()).collect(),
         }
     }
 

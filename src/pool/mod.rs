@@ -10,7 +10,7 @@ mod logins;
 mod server_pool;
 mod slots;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ pub use logins::Logins;
 pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
 
 use crate::auth::Secrets;
+use crate::backend::{BackendTable, Routing};
 use crate::config::{BackendConfig, Config};
 use crate::keepalive::Keepalive;
 use crate::registry::ClientRegistry;
@@ -168,8 +169,14 @@ impl Pools {
     }
 
     /// Every second until `shutdown`: closes idle connections past their timeouts
-    /// or broken, and opens connections where a pool is below its minimum.
-    pub async fn maintain_until(&self, shutdown: CancellationToken) {
+    /// or broken, and keeps `min_pool_size` connections open on the nodes clients are
+    /// routed to now (see [`Pools::warm`]).
+    pub async fn maintain_until(
+        &self,
+        config: &ArcSwap<Config>,
+        routing: &Routing,
+        shutdown: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -177,16 +184,45 @@ impl Pools {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
             }
+            let warm = self.warm(&config.load(), &routing.load());
             for (key, pool) in self.all() {
-                let closed = pool.reap();
+                let warm = warm.contains(&key);
+                let closed = pool.reap(warm);
                 if closed > 0 {
                     debug!(db = %key.database, backend = %key.target.backend, closed, "reaped idle server connections");
                 }
-                if let Some(filling) = pool.fill() {
+                if warm && let Some(filling) = pool.fill() {
                     tokio::spawn(filling);
                 }
             }
         }
+    }
+
+    /// The pools that keep their `min_pool_size` connections open: for every database
+    /// and user that has logged in, those on the nodes its transactions go to now,
+    /// created if missing. So a new primary's pools fill before the first client
+    /// after a failover needs them, and a node no longer routed to lets its go.
+    fn warm(&self, config: &Config, table: &BackendTable) -> HashSet<PoolKey> {
+        let logged_in: Vec<(String, String)> = self
+            .logins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut warm = HashSet::new();
+        for (database, user) in logged_in {
+            let Some(db) = config.database(&database).filter(|d| d.min_pool_size > 0) else {
+                continue;
+            };
+            for node in table.candidates(db.target, config.health.max_standby_lag) {
+                if let Some(key) = PoolKey::new(config, &database, &user, &node.config) {
+                    self.get(&key, config);
+                    warm.insert(key);
+                }
+            }
+        }
+        warm
     }
 
     /// Retires every pool (shutdown).

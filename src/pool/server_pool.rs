@@ -327,9 +327,11 @@ impl ServerPool {
     }
 
     /// Closes idle connections past their lifetime, broken ones, and those past the
-    /// idle timeout while more than the minimum are open; returns how many.
-    pub fn reap(&self) -> usize {
+    /// idle timeout while more than the minimum are open (none are kept unless the
+    /// pool is `warm`); returns how many.
+    pub fn reap(&self, warm: bool) -> usize {
         let settings = self.settings.load();
+        let min_size = if warm { settings.min_size } else { 0 };
         let in_use = self.in_use();
         let closing: Vec<Box<ServerConn>> = {
             let mut idle = lock(&self.idle);
@@ -341,7 +343,7 @@ impl ServerPool {
             for mut c in idle.drain(..) {
                 let idle_too_long = !settings.idle_timeout.is_zero()
                     && c.idle_for() >= settings.idle_timeout
-                    && open > settings.min_size;
+                    && open > min_size;
                 if self.expired(&c, now) || idle_too_long || c.check_idle().is_err() {
                     open -= 1;
                     close.push(c);
