@@ -9,12 +9,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{check_socket_path, is_socket_dir, socket_file};
+use crate::auth::hba::Hba;
 
 /// A configuration problem: which file, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,6 +223,11 @@ pub struct AuthConfig {
     /// how long a looked-up secret is used before the next login looks again
     #[serde(with = "duration")]
     pub cache_ttl: Duration,
+    /// rules in pg_hba.conf format, read with `type = "hba"`
+    pub hba_file: PathBuf,
+    /// `hba_file` as read when the configuration was loaded
+    #[serde(skip)]
+    pub hba: Option<Arc<Hba>>,
 }
 
 impl Default for AuthConfig {
@@ -232,6 +239,8 @@ impl Default for AuthConfig {
             user: String::new(),
             dbname: String::new(),
             cache_ttl: Duration::from_secs(10),
+            hba_file: PathBuf::new(),
+            hba: None,
         }
     }
 }
@@ -247,6 +256,8 @@ pub enum AuthMethod {
     /// SCRAM-SHA-256
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// the method of the first `hba_file` line that matches the login
+    Hba,
 }
 
 /// `[pool]`
@@ -685,6 +696,9 @@ impl Config {
         if let Some(c) = &mut config.coordination {
             c.access = EtcdAccess::read(c, &config.source)?;
         }
+        if config.auth.method == AuthMethod::Hba {
+            config.auth.hba = Some(Arc::new(Hba::load(&config.resolve(&config.auth.hba_file))?));
+        }
         Ok(config)
     }
 
@@ -908,6 +922,21 @@ impl Config {
                 return err(format!("backends[{i}].host"), reason);
             }
         }
+        match (self.auth.method, self.auth.hba_file.as_os_str().is_empty()) {
+            (AuthMethod::Hba, true) => {
+                return err(
+                    "auth.hba_file".into(),
+                    "required when auth.type is hba".into(),
+                );
+            }
+            (AuthMethod::Hba, false) | (_, true) => {}
+            (_, false) => {
+                return err(
+                    "auth.hba_file".into(),
+                    "only read with auth.type = \"hba\"; set both, or neither".into(),
+                );
+            }
+        }
         if !self.auth.query.is_empty() {
             if !self.auth.query.contains("$1") {
                 return err(
@@ -985,6 +1014,12 @@ impl Config {
             out.push((
                 "auth.type",
                 "trust: anyone who can connect logs in as any user without a password".into(),
+            ));
+        }
+        for line in self.auth.hba.iter().flat_map(|h| h.open_trust_lines()) {
+            out.push((
+                "auth.hba_file",
+                format!("line {line}: trust for addresses beyond loopback: anyone there logs in as the users the line names without a password"),
             ));
         }
         let exposed = |addr: &str| {
@@ -1723,5 +1758,47 @@ host = "127.0.0.1"
         assert_eq!(duration::parse("0"), Ok(Duration::ZERO));
         assert!(duration::parse("15").is_err());
         assert!(duration::parse("fast").is_err());
+    }
+
+    #[test]
+    fn the_hba_file_is_read_with_type_hba_only() {
+        let e = parse(&format!("[auth]\ntype = \"hba\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "auth.hba_file");
+        let e = parse(&format!("[auth]\nhba_file = \"hba.conf\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "auth.hba_file");
+        assert!(e.reason.contains("type = \"hba\""), "{e}");
+
+        let dir = std::env::temp_dir().join(format!(
+            "pgwarden-hba-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("pgwarden.toml");
+        let load = || {
+            Config::parse(
+                &format!("[auth]\ntype = \"hba\"\nhba_file = \"hba.conf\"\n{MINIMAL}"),
+                &config,
+            )
+        };
+        let e = load().unwrap_err();
+        assert_eq!(
+            e.file,
+            dir.join("hba.conf"),
+            "relative to the config's folder"
+        );
+        assert!(e.reason.contains("cannot read"), "{e}");
+        std::fs::write(dir.join("hba.conf"), "host all all 10.0.0.0/8 ldap\n").unwrap();
+        let e = load().unwrap_err();
+        assert_eq!(
+            (e.file.clone(), e.key.as_str()),
+            (dir.join("hba.conf"), "line 1")
+        );
+        std::fs::write(dir.join("hba.conf"), "host all all 0.0.0.0/0 trust\n").unwrap();
+        let c = load().unwrap();
+        assert!(c.auth.hba.is_some());
+        let warned: Vec<_> = c.warnings().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(warned, ["auth.hba_file"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

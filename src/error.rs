@@ -82,6 +82,27 @@ pub enum ClientError {
     /// Wrong password or unknown user: one message for both, so that user names cannot be probed.
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
+    /// `auth.hba_file` has no line for the login (`line` is `None`), or its line says reject.
+    #[error(
+        "{} for host \"{host}\", user \"{user}\", database \"{database}\", {}",
+        if .line.is_some() { "auth.hba_file rejects connection" } else { "no auth.hba_file entry" },
+        if *.tls { "SSL encryption" } else { "no encryption" }
+    )]
+    HbaRefused {
+        /// the line that rejected it
+        line: Option<usize>,
+        /// the client's address, or `[local]`
+        host: String,
+        /// the user it asked for
+        user: String,
+        /// the database it asked for
+        database: String,
+        /// whether the connection is encrypted
+        tls: bool,
+    },
+    /// A local client's operating-system user is not the user it asked to be.
+    #[error("peer authentication failed for user \"{0}\"")]
+    PeerFailed(String),
     /// The client asked for a database pgwarden has no `[databases]` entry for.
     #[error("database \"{0}\" is not configured in pgwarden")]
     UnknownDatabase(String),
@@ -250,7 +271,9 @@ impl ClientError {
             ClientError::BadParameter(_) => INVALID_PARAMETER_VALUE,
             ClientError::Shutdown | ClientError::Killed => ADMIN_SHUTDOWN,
             ClientError::NotAllowed(_) => INSUFFICIENT_PRIVILEGE,
-            ClientError::TlsRequired => INVALID_AUTHORIZATION,
+            ClientError::TlsRequired
+            | ClientError::HbaRefused { .. }
+            | ClientError::PeerFailed(_) => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
             ClientError::QueryTimeout(_) => QUERY_CANCELED,
@@ -269,6 +292,8 @@ impl ClientError {
             ClientError::IdleInTransaction(_) => "idle_transaction_timeout",
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
+            ClientError::HbaRefused { .. } => "hba",
+            ClientError::PeerFailed(_) => "peer",
             ClientError::AuthLookup { .. } => "auth_query",
             ClientError::Protocol(_)
             | ClientError::MessageTooLarge { .. }

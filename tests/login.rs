@@ -562,3 +562,130 @@ async fn local_clients_use_the_unix_socket_which_outlives_a_crash_but_not_a_shut
     assert_eq!(pgw.wait_exit(Duration::from_secs(15)), Some(true));
     assert!(!socket.exists(), "{}", pgw.log());
 }
+
+/// Logs in over TCP from `source` (a loopback address) to pgwarden on 127.0.0.1.
+async fn connect_from(
+    source: &str,
+    port: u16,
+    conninfo: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let config: tokio_postgres::Config = conninfo.parse().unwrap();
+    let (client, connection) = config.connect_raw(stream, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+#[tokio::test]
+async fn the_hba_file_decides_by_address_database_user_and_socket() {
+    let os_user = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let db = Db::create();
+    let mut options = Options {
+        pgwarden: format!("unix_socket_dir = \".\"\nadmin_users = [\"{os_user}\", \"admin\"]"),
+        extra_users: "\"admin\" \"admin-pw\"\n".into(),
+        ..Default::default()
+    };
+    let mut pgw = Pgwarden::start_with(&[&db], options.clone());
+    let hba = |trusted: &str| {
+        format!(
+            "# TYPE  DATABASE  USER  ADDRESS  METHOD\n\
+             local   pgwarden  all                        peer\n\
+             local   all       all                        reject\n\
+             host    {db}      {user}  127.0.0.2/32       {trusted}\n\
+             host    all       all     127.0.0.3 255.255.255.255  reject\n\
+             host    {db}      all     127.0.0.0/8        scram-sha-256\n",
+            db = db.name,
+            user = db.user,
+        )
+    };
+    std::fs::write(pgw.dir.join("hba.conf"), hba("trust")).unwrap();
+    options.auth = Some("hba".into());
+    options.auth_keys = "hba_file = \"hba.conf\"".into();
+    pgw.rewrite_config(&[&db], &options);
+    pgw.restart();
+
+    let app = pgw.conninfo(&db);
+    let wrong = strip_password(&app, "nope");
+    let refused = |r: Result<tokio_postgres::Client, tokio_postgres::Error>| {
+        let Err(e) = r else {
+            panic!("the login was accepted")
+        };
+        (sqlstate(&e).unwrap_or_default(), common::message(&e))
+    };
+    // 127.0.0.1: the password line.
+    let client = connect_from("127.0.0.1", pgw.port, &app).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let (code, _) = refused(connect_from("127.0.0.1", pgw.port, &wrong).await);
+    assert_eq!(code, "28P01");
+    // 127.0.0.2: trusted for this database and user only.
+    let client = connect_from("127.0.0.2", pgw.port, &wrong).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    // 127.0.0.3: rejected before any password is asked.
+    let (code, message) = refused(connect_from("127.0.0.3", pgw.port, &app).await);
+    assert_eq!(code, "28000");
+    assert_eq!(
+        message,
+        format!(
+            "auth.hba_file rejects connection for host \"127.0.0.3\", user \"{}\", database \"{}\", no encryption",
+            db.user, db.name
+        )
+    );
+    // No line for the console over TCP.
+    let console = format!(
+        "host=127.0.0.1 port={} user=admin password=admin-pw dbname=pgwarden",
+        pgw.port
+    );
+    let (code, message) = refused(connect_from("127.0.0.1", pgw.port, &console).await);
+    assert_eq!(code, "28000");
+    assert!(
+        message.starts_with("no auth.hba_file entry for host \"127.0.0.1\", user \"admin\""),
+        "{message}"
+    );
+
+    // The local socket: the console for the operating-system user, without a password.
+    let local = |user: &str, dbname: &str| {
+        format!(
+            "host={} port={} user={user} dbname={dbname}",
+            pgw.dir.display(),
+            pgw.port
+        )
+    };
+    let admin = common::connect(&local(&os_user, "pgwarden")).await.unwrap();
+    admin.simple_query("SHOW VERSION").await.unwrap();
+    let (code, message) = refused(common::connect(&local("admin", "pgwarden")).await);
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("28000", "peer authentication failed for user \"admin\"")
+    );
+    let (code, message) = refused(common::connect(&local(&db.user, &db.name)).await);
+    assert_eq!(code, "28000");
+    assert!(message.contains("host \"[local]\""), "{message}");
+
+    // A reload applies an edited file.
+    std::fs::write(pgw.dir.join("hba.conf"), hba("reject")).unwrap();
+    pgw.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match connect_from("127.0.0.2", pgw.port, &wrong).await {
+            Err(e) if sqlstate(&e).as_deref() == Some("28000") => break,
+            _ => assert!(Instant::now() < deadline, "the edited file was not applied"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = pgw.log();
+    assert!(log.contains("login refused by auth.hba_file"), "{log}");
+}

@@ -8,6 +8,8 @@
 //! probed. [`backend`] holds the other direction.
 
 pub mod backend;
+pub mod hba;
+pub mod peer;
 pub mod query;
 pub mod scram;
 pub mod userlist;
@@ -74,6 +76,8 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         },
         (AuthMethod::Md5, None) => exchange.md5(None).await?,
         (AuthMethod::ScramSha256, c) => exchange.scram(c).await?,
+        // The login's hba line chose one of the above; nothing asks a client for "hba".
+        (AuthMethod::Hba, _) => false,
     };
     if verified { Ok(()) } else { Err(failed()) }
 }

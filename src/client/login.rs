@@ -17,6 +17,7 @@ use super::Session;
 use super::statements::ClientStatements;
 use crate::admin::{Console, Role};
 use crate::auth;
+use crate::auth::hba::{Method, Origin};
 use crate::auth::query::Lookup;
 use crate::auth::{Credential, Secret};
 use crate::config::ADMIN_DATABASE;
@@ -136,13 +137,32 @@ async fn login_steps(
     }
 
     let config = shared.config.load_full();
-    let credential = match shared.users.load().get(&request.user) {
-        Some(c) => Some(c),
-        None => looked_up(shared, &config, &request).await?,
+    let checked = match method_for(&config, stream, peer, &request) {
+        (Method::Reject, line) => {
+            warn!(%peer, user = %request.user, db = %request.database, line, "login refused by auth.hba_file");
+            return Err(ClientError::HbaRefused {
+                line,
+                host: match peer {
+                    Address::Tcp(addr) => addr.ip().to_canonical().to_string(),
+                    Address::Local { .. } => "[local]".into(),
+                },
+                user: request.user,
+                database: request.database,
+                tls: stream.is_tls(),
+            }
+            .into());
+        }
+        (Method::Peer, _) => auth::peer::check(stream, &request.user).await,
+        (Method::As(method), _) => {
+            let credential = match shared.users.load().get(&request.user) {
+                Some(c) => Some(c),
+                None => looked_up(shared, &config, &request).await?,
+            };
+            auth::authenticate(stream, method, &request.user, credential).await
+        }
     };
-    if let Err(e) = auth::authenticate(stream, config.auth.method, &request.user, credential).await
-    {
-        if matches!(e, ClientError::AuthFailed(_)) {
+    if let Err(e) = checked {
+        if matches!(e, ClientError::AuthFailed(_) | ClientError::PeerFailed(_)) {
             warn!(%peer, user = %request.user, db = %request.database, "authentication failed");
         }
         return Err(e.into());
@@ -298,6 +318,30 @@ async fn negotiate(mut plain: Stream, tls: &Tls) -> Result<(Stream, StartupReque
 /// The secret `auth.query` finds for a user missing from the user list, if it is
 /// configured. It runs on the primary as `auth.user`, in `auth.dbname` or else the
 /// client's database.
+/// How a login is checked: by `auth.type`, or by the first `auth.hba_file` line that
+/// matches it (with the line's number); no matching line rejects it.
+fn method_for(
+    config: &Config,
+    stream: &Stream,
+    peer: &Address,
+    request: &StartupParams,
+) -> (Method, Option<usize>) {
+    let Some(hba) = &config.auth.hba else {
+        return (Method::As(config.auth.method), None);
+    };
+    let origin = match peer {
+        Address::Tcp(addr) => Origin::Tcp {
+            ip: addr.ip(),
+            tls: stream.is_tls(),
+        },
+        Address::Local { .. } => Origin::Local,
+    };
+    match hba.rule_for(origin, &request.database, &request.user) {
+        Some(rule) => (rule.method, Some(rule.line)),
+        None => (Method::Reject, None),
+    }
+}
+
 async fn looked_up(
     shared: &Shared,
     config: &Config,
