@@ -1337,6 +1337,17 @@ pub mod size {
 mod tests {
     use super::*;
 
+    /// A fresh folder for files a test's configuration names.
+    fn scratch_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pgwarden-config-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     const MINIMAL: &str = r#"
 [[backends]]
 name = "pg1"
@@ -1677,12 +1688,7 @@ host = "127.0.0.1"
     #[test]
     #[cfg(feature = "etcd")]
     fn coordination_files_are_read_at_load() {
-        let dir = std::env::temp_dir().join(format!(
-            "pgwarden-config-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir();
         let config = dir.join("pgwarden.toml");
         let load = |scheme: &str, keys: &str| {
             Config::parse(
@@ -1768,12 +1774,7 @@ host = "127.0.0.1"
         assert_eq!(e.key, "auth.hba_file");
         assert!(e.reason.contains("type = \"hba\""), "{e}");
 
-        let dir = std::env::temp_dir().join(format!(
-            "pgwarden-hba-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir();
         let config = dir.join("pgwarden.toml");
         let load = || {
             Config::parse(

@@ -64,8 +64,7 @@ enum Names {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Network {
     All,
-    V4 { addr: u32, mask: u32 },
-    V6 { addr: u128, mask: u128 },
+    Range { v4: bool, addr: u128, mask: u128 },
 }
 
 /// Where a login comes from.
@@ -360,78 +359,76 @@ impl Network {
                 "\"{text}\" is not supported: write the addresses (e.g. 10.0.0.0/8)"
             ));
         }
-        let (addr, bits) = match text.split_once('/') {
-            Some((a, b)) => {
-                let bits = b
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => {
+                let p = p
                     .parse::<u32>()
-                    .map_err(|_| format!("\"{b}\" is not a prefix length in \"{text}\""))?;
-                (a, Some(bits))
+                    .map_err(|_| format!("\"{p}\" is not a prefix length in \"{text}\""))?;
+                (a, Some(p))
             }
             None => (text, None),
         };
         let ip: IpAddr = addr.parse().map_err(|_| {
             format!("\"{addr}\" is not an IP address (host names are not supported)")
         })?;
-        let mask: Option<IpAddr> = match (bits, mask) {
+        let (v4, addr, width) = bits(ip);
+        let mask = match (prefix, mask) {
             (Some(_), Some(_)) => return Err("give a prefix length or a mask, not both".into()),
             (None, None) => return Err(format!("\"{text}\" needs a prefix length or a mask")),
-            (None, Some(m)) => Some(m.parse().map_err(|_| format!("\"{m}\" is not a mask"))?),
-            (Some(_), None) => None,
+            (Some(p), None) if p > width => {
+                return Err(format!("prefix length {p} is over {width} in \"{text}\""));
+            }
+            (Some(0), None) => 0,
+            (Some(p), None) => (u128::MAX >> (128 - p)) << (width - p),
+            (None, Some(m)) => {
+                let m: IpAddr = m.parse().map_err(|_| format!("\"{m}\" is not a mask"))?;
+                match bits(m) {
+                    (family, m, _) if family == v4 => m,
+                    _ => {
+                        return Err(format!(
+                            "the mask of \"{text}\" is of the other address family"
+                        ));
+                    }
+                }
+            }
         };
-        match (ip, mask) {
-            (IpAddr::V4(a), None) => {
-                let bits = bits.unwrap_or(32);
-                if bits > 32 {
-                    return Err(format!("prefix length {bits} is over 32 in \"{text}\""));
-                }
-                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-                Ok(Network::V4 {
-                    addr: u32::from(a) & mask,
-                    mask,
-                })
-            }
-            (IpAddr::V6(a), None) => {
-                let bits = bits.unwrap_or(128);
-                if bits > 128 {
-                    return Err(format!("prefix length {bits} is over 128 in \"{text}\""));
-                }
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                Ok(Network::V6 {
-                    addr: u128::from(a) & mask,
-                    mask,
-                })
-            }
-            (IpAddr::V4(a), Some(IpAddr::V4(m))) => Ok(Network::V4 {
-                addr: u32::from(a) & u32::from(m),
-                mask: u32::from(m),
-            }),
-            (IpAddr::V6(a), Some(IpAddr::V6(m))) => Ok(Network::V6 {
-                addr: u128::from(a) & u128::from(m),
-                mask: u128::from(m),
-            }),
-            _ => Err(format!(
-                "the mask of \"{text}\" is of the other address family"
-            )),
-        }
+        Ok(Network::Range {
+            v4,
+            addr: addr & mask,
+            mask,
+        })
     }
 
     /// True when `ip` is in the network. As in PostgreSQL, an IPv4 network holds
     /// only IPv4 clients; an IPv4 client on a dual-stack socket counts as IPv4.
     fn has(self, ip: IpAddr) -> bool {
-        match (self, ip.to_canonical()) {
-            (Network::All, _) => true,
-            (Network::V4 { addr, mask }, IpAddr::V4(ip)) => u32::from(ip) & mask == addr,
-            (Network::V6 { addr, mask }, IpAddr::V6(ip)) => u128::from(ip) & mask == addr,
-            _ => false,
+        match self {
+            Network::All => true,
+            Network::Range { v4, addr, mask } => {
+                let (family, ip, _) = bits(ip.to_canonical());
+                family == v4 && ip & mask == addr
+            }
         }
     }
 
     fn is_loopback_only(self) -> bool {
         match self {
             Network::All => false,
-            Network::V4 { addr, mask } => mask >= 0xff00_0000 && addr >> 24 == 127,
-            Network::V6 { addr, mask } => mask == u128::MAX && addr == 1,
+            Network::Range {
+                v4: true,
+                addr,
+                mask,
+            } => mask >= 0xff00_0000 && addr >> 24 == 127,
+            Network::Range { addr, mask, .. } => mask == u128::MAX && addr == 1,
         }
+    }
+}
+
+/// An address as (whether it is IPv4, its bits, how many bits it has).
+fn bits(ip: IpAddr) -> (bool, u128, u32) {
+    match ip {
+        IpAddr::V4(a) => (true, u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (false, u128::from(a), 128),
     }
 }
 
@@ -520,6 +517,20 @@ mod tests {
             Some(4)
         );
         assert_eq!(hba.open_trust_lines(), [4]);
+        let v6 = parse("host all all fe80::/10 md5\nhost all all ::/0 reject\n").unwrap();
+        assert_eq!(
+            line(&v6, tcp("fe80::1", false), "d", "u").map(|l| l.0),
+            Some(1)
+        );
+        assert_eq!(
+            line(&v6, tcp("febf::1", false), "d", "u").map(|l| l.0),
+            Some(1)
+        );
+        assert_eq!(
+            line(&v6, tcp("fec0::1", false), "d", "u").map(|l| l.0),
+            Some(2)
+        );
+        assert_eq!(line(&v6, tcp("10.0.0.1", false), "d", "u"), None);
         assert_eq!(
             parse("host all all all reject\n").unwrap().rules[0].network,
             Some(Network::All)
