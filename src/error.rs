@@ -182,6 +182,9 @@ pub enum ClientError {
     /// The user may not use the admin console (or this command).
     #[error("{0}")]
     NotAllowed(String),
+    /// The admin console closed the database to new clients (DISABLE).
+    #[error("database \"{0}\" is not currently accepting connections")]
+    Disabled(String),
     /// `max_user_client_conn` or `max_db_client_conn` reached.
     #[error("too many connections for {what} (pgwarden.{key} = {max})")]
     LimitReached {
@@ -275,6 +278,7 @@ impl ClientError {
             | ClientError::HbaRefused { .. }
             | ClientError::PeerFailed(_) => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
+            ClientError::Disabled(_) => NOT_IN_PREREQUISITE_STATE,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
             ClientError::QueryTimeout(_) => QUERY_CANCELED,
             ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
@@ -293,6 +297,7 @@ impl ClientError {
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TlsRequired => "tls",
             ClientError::HbaRefused { .. } => "hba",
+            ClientError::Disabled(_) => "disabled",
             ClientError::PeerFailed(_) => "peer",
             ClientError::AuthLookup { .. } => "auth_query",
             ClientError::Protocol(_)

@@ -1,5 +1,6 @@
 //! Per-user and per-database client limits: `pgwarden.max_user_client_conn` and
-//! `pgwarden.max_db_client_conn`, beside the process-wide `max_client_conn`.
+//! `pgwarden.max_db_client_conn`, beside the process-wide `max_client_conn`; and
+//! the databases the admin console closed to new clients (`DISABLE`).
 //!
 //! One user or one application must not be able to take every client slot. The
 //! check runs once per login, after authentication (so only a user who knows
@@ -7,7 +8,8 @@
 //! returned [`Admitted`] gives the slots back when the session drops it. With
 //! both limits at 0 (the default) nothing is counted and nothing is held.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::General;
@@ -17,6 +19,10 @@ use crate::error::ClientError;
 #[derive(Debug, Default)]
 pub struct Admissions {
     counts: Mutex<Counts>,
+    /// databases closed to new clients
+    disabled: Mutex<BTreeSet<String>>,
+    /// whether `disabled` has any, so that most logins skip its lock
+    any_disabled: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +48,9 @@ impl Admissions {
         user: &str,
         database: &str,
     ) -> Result<Option<Admitted>, ClientError> {
+        if self.any_disabled.load(Ordering::SeqCst) && self.disabled().contains(database) {
+            return Err(ClientError::Disabled(database.to_owned()));
+        }
         let (max_user, max_db) = (limits.max_user_client_conn, limits.max_db_client_conn);
         if max_user == 0 && max_db == 0 {
             return Ok(None);
@@ -81,6 +90,31 @@ impl Admissions {
                 None
             },
         }))
+    }
+}
+
+impl Admissions {
+    /// Refuses new clients of `database` (DISABLE) until [`Admissions::enable`].
+    pub fn disable(&self, database: &str) {
+        let mut disabled = self.disabled.lock().unwrap_or_else(|e| e.into_inner());
+        disabled.insert(database.to_owned());
+        self.any_disabled.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets new clients of `database` in again (ENABLE).
+    pub fn enable(&self, database: &str) {
+        let mut disabled = self.disabled.lock().unwrap_or_else(|e| e.into_inner());
+        disabled.remove(database);
+        self.any_disabled
+            .store(!disabled.is_empty(), Ordering::SeqCst);
+    }
+
+    /// The databases closed to new clients.
+    pub fn disabled(&self) -> BTreeSet<String> {
+        self.disabled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -269,6 +269,11 @@ impl ClientRegistry {
         }
     }
 
+    /// The client with BackendKeyData pid `pid`, if connected.
+    pub fn get(&self, pid: i32) -> Option<Arc<Entry>> {
+        self.shard(pid).get(&pid).cloned()
+    }
+
     /// Every entry, in no particular order.
     pub fn all(&self) -> Vec<Arc<Entry>> {
         self.shards

@@ -337,6 +337,11 @@ impl ServerConn {
         now.since(self.created)
     }
 
+    /// When it connected.
+    pub fn opened(&self) -> Tick {
+        self.created
+    }
+
     /// Time since it was last returned to the pool.
     pub fn idle_for(&self) -> Duration {
         self.idle_since.elapsed()

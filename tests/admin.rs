@@ -233,6 +233,94 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
 }
 
 #[tokio::test]
+async fn reconnect_replaces_server_connections_disable_refuses_logins_and_kill_client_drops_one() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], operated(""));
+    let admin = console(&pgw, ADMIN).await.unwrap();
+
+    // RECONNECT: an idle connection closes at once, a busy one when it is released.
+    let idle = pgw.connect(&db).await;
+    let busy = pgw.connect(&db).await;
+    busy.batch_execute("BEGIN").await.unwrap();
+    let busy_pid = common::backend_pid(&busy).await;
+    let idle_pid = common::backend_pid(&idle).await;
+    assert_ne!(idle_pid, busy_pid);
+    admin
+        .simple_query(&format!("RECONNECT {}", db.name))
+        .await
+        .unwrap();
+    let open = || common::server_pids(&db);
+    common::eventually(
+        Duration::from_secs(5),
+        "the idle connection closed",
+        || open() == [busy_pid],
+    )
+    .await;
+    assert_eq!(
+        common::backend_pid(&busy).await,
+        busy_pid,
+        "the transaction keeps its connection"
+    );
+    busy.batch_execute("COMMIT").await.unwrap();
+    common::eventually(
+        Duration::from_secs(5),
+        "the connection released after RECONNECT closed",
+        || open().is_empty(),
+    )
+    .await;
+    let fresh = common::backend_pid(&idle).await;
+    assert!(![idle_pid, busy_pid].contains(&fresh));
+    // Connections opened afterwards are kept.
+    assert_eq!(common::backend_pid(&idle).await, fresh);
+
+    // DISABLE refuses new clients with 55000; connected ones carry on; ENABLE.
+    admin
+        .simple_query(&format!("DISABLE {}", db.name))
+        .await
+        .unwrap();
+    let err = common::connect(&pgw.conninfo(&db)).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("55000"), "{err}");
+    assert!(
+        common::message(&err).contains("is not currently accepting connections"),
+        "{err}"
+    );
+    idle.simple_query("SELECT 1").await.unwrap();
+    let listed = rows(&admin, "SHOW DATABASES").await;
+    let row = listed
+        .iter()
+        .find(|r| get(r, "name") == Some(db.name.as_str()))
+        .unwrap();
+    assert_eq!(get(row, "disabled"), Some("yes"));
+    admin
+        .simple_query(&format!("ENABLE {}", db.name))
+        .await
+        .unwrap();
+    let other = pgw.connect(&db).await;
+
+    // KILL_CLIENT drops exactly the client named: the one whose open transaction
+    // SHOW CLIENTS shows on its server connection.
+    other.batch_execute("BEGIN").await.unwrap();
+    let server_pid = common::backend_pid(&other).await.to_string();
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    let pid = clients
+        .iter()
+        .find(|r| get(r, "server_pid") == Some(server_pid.as_str()))
+        .and_then(|r| get(r, "pid"))
+        .unwrap_or_else(|| panic!("no client on server {server_pid}: {clients:?}"))
+        .to_owned();
+    admin
+        .simple_query(&format!("KILL_CLIENT {pid}"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(other.simple_query("SELECT 1").await.is_err());
+    idle.simple_query("SELECT 1").await.unwrap();
+    busy.simple_query("SELECT 1").await.unwrap();
+    let err = admin.simple_query("KILL_CLIENT 0").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("22023"), "{err}");
+}
+
+#[tokio::test]
 async fn fence_and_unfence_steer_routing_and_reload_and_shutdown_work() {
     let db = Db::create();
     let mut options = operated("");

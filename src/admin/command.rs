@@ -1,5 +1,5 @@
 //! The admin console's language: PgBouncer's SHOW/PAUSE/RESUME/RELOAD/SHUTDOWN/
-//! KILL, plus pgwarden's cluster commands. Case-insensitive, a trailing `;`
+//! KILL/KILL_CLIENT/RECONNECT/DISABLE/ENABLE, plus pgwarden's cluster commands. Case-insensitive, a trailing `;`
 //! optional; names may be double-quoted.
 
 /// What SHOW can show.
@@ -42,6 +42,14 @@ pub enum Command {
     Shutdown,
     /// KILL db: drop the database's clients and server connections now
     Kill(String),
+    /// KILL_CLIENT pid: drop one client now
+    KillClient(i32),
+    /// RECONNECT [db]: close each server connection when it is next released
+    Reconnect(Option<String>),
+    /// DISABLE db: refuse new clients of the database
+    Disable(String),
+    /// ENABLE db
+    Enable(String),
     /// FENCE node: never route to it
     Fence(String),
     /// UNFENCE node
@@ -118,6 +126,14 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         "RELOAD" if words.len() == 1 => Ok(Command::Reload),
         "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown),
         "KILL" => one_name("database name").map(Command::Kill),
+        "KILL_CLIENT" => one_name("client pid").and_then(|pid| {
+            pid.parse()
+                .map(Command::KillClient)
+                .map_err(|_| format!("\"{pid}\" is not a client pid (SHOW CLIENTS lists them)"))
+        }),
+        "RECONNECT" => optional_name().map(Command::Reconnect),
+        "DISABLE" => one_name("database name").map(Command::Disable),
+        "ENABLE" => one_name("database name").map(Command::Enable),
         "FENCE" => one_name("node name").map(Command::Fence),
         "UNFENCE" => one_name("node name").map(Command::Unfence),
         "PROMOTE" => one_name("node name").map(Command::Promote),
@@ -130,7 +146,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         "SET" => Ok(Command::Set),
         "RELOAD" | "SHUTDOWN" => Err(format!("{} takes no arguments", upper[0])),
         _ => Err(format!(
-            "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
+            "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, KILL_CLIENT, RECONNECT, DISABLE, ENABLE, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
             words[0]
         )),
     }
@@ -196,6 +212,14 @@ mod tests {
         );
         assert_eq!(parse("reload"), Ok(Command::Reload));
         assert_eq!(parse("KILL appdb"), Ok(Command::Kill("appdb".into())));
+        assert_eq!(parse("kill_client 42"), Ok(Command::KillClient(42)));
+        assert_eq!(parse("RECONNECT"), Ok(Command::Reconnect(None)));
+        assert_eq!(
+            parse("reconnect appdb"),
+            Ok(Command::Reconnect(Some("appdb".into())))
+        );
+        assert_eq!(parse("DISABLE appdb"), Ok(Command::Disable("appdb".into())));
+        assert_eq!(parse("enable appdb"), Ok(Command::Enable("appdb".into())));
         assert_eq!(parse("fence pg1"), Ok(Command::Fence("pg1".into())));
         assert_eq!(parse("switchover"), Ok(Command::Switchover(None)));
         assert_eq!(
@@ -220,6 +244,12 @@ mod tests {
         );
         assert!(parse("KILL").unwrap_err().contains("exactly one"));
         assert!(parse("KILL a b").is_err());
+        assert!(
+            parse("KILL_CLIENT me")
+                .unwrap_err()
+                .contains("not a client pid")
+        );
+        assert!(parse("DISABLE").unwrap_err().contains("exactly one"));
         assert!(parse("PAUSE a b").is_err());
         assert!(parse("SWITCHOVER pg2").unwrap_err().contains("usage"));
         assert!(parse("RELOAD now").is_err());

@@ -102,6 +102,44 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
                 )),
             )
         }
+        Command::KillClient(pid) => {
+            let client = shared.clients.get(pid).ok_or_else(|| {
+                failed(
+                    sqlstate::INVALID_PARAMETER_VALUE,
+                    format!("no client with pid {pid} (SHOW CLIENTS lists them)"),
+                )
+            })?;
+            client.ending.kill();
+            done(
+                "KILL_CLIENT",
+                Some(format!(
+                    "client {pid} ({}@{}) disconnected",
+                    client.identity.user, client.identity.database
+                )),
+            )
+        }
+        Command::Reconnect(db) => {
+            if let Some(db) = &db {
+                known(db)?;
+            }
+            let pools = shared.pools.reconnect(db.as_deref());
+            done(
+                "RECONNECT",
+                Some(format!(
+                    "{pools} pools replace their server connections as they are released"
+                )),
+            )
+        }
+        Command::Disable(db) => {
+            known(&db)?;
+            shared.admissions.disable(&db);
+            done("DISABLE", None)
+        }
+        Command::Enable(db) => {
+            known(&db)?;
+            shared.admissions.enable(&db);
+            done("ENABLE", None)
+        }
         Command::Fence(node) => cluster(shared, Request::Fence(node), "FENCE").await,
         Command::Unfence(node) => cluster(shared, Request::Unfence(node), "UNFENCE").await,
         Command::Promote(node) => cluster(shared, Request::Promote(node), "PROMOTE").await,
@@ -126,6 +164,10 @@ async fn cluster(
     }
 }
 
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
 fn time(t: SystemTime) -> Cell {
     humantime::format_rfc3339_seconds(t).to_string().into()
 }
@@ -140,13 +182,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
     let table = shared.routing.load_full();
     let clients = shared.clients.all();
     let paused = shared.gate.paused();
-    let is_paused = |db: &str| {
-        if paused.all || paused.databases.contains(db) {
-            "yes"
-        } else {
-            "no"
-        }
-    };
+    let is_paused = |db: &str| yes_no(paused.all || paused.databases.contains(db));
     match what {
         Show::Pools => {
             let mut rs = ResultSet::new(&[
@@ -292,7 +328,9 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 "primary",
                 "clients#",
                 "paused",
+                "disabled",
             ]);
+            let disabled = shared.admissions.disabled();
             for name in config.databases.keys() {
                 let Some(db) = config.database(name) else {
                     continue;
@@ -311,6 +349,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     table.primary().map(|p| p.config.name.clone()).into(),
                     count.into(),
                     is_paused(name).into(),
+                    yes_no(disabled.contains(name)).into(),
                 ]);
             }
             rs
@@ -394,7 +433,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     b.addr().into(),
                     role.into(),
                     state.into(),
-                    (if b.fenced { "yes" } else { "no" }).into(),
+                    yes_no(b.fenced).into(),
                     facts.and_then(|f| f.timeline).map(i64::from).into(),
                     facts.and_then(|f| f.lsn).map(lsn).into(),
                     b.lag_bytes.map(|l| l as i64).into(),

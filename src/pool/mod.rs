@@ -119,6 +119,20 @@ impl Pools {
         info!(%backend, "retired the pools of a backend that left the routing table");
     }
 
+    /// Has the pools of client-facing `database` (or every pool) replace their
+    /// connections (RECONNECT); returns how many pools.
+    pub fn reconnect(&self, database: Option<&str>) -> usize {
+        let pools = self.all();
+        let mut n = 0;
+        for (key, pool) in pools {
+            if database.is_none_or(|db| key.database == db) {
+                pool.reconnect();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Retires every pool of client-facing `database` (KILL).
     pub fn retire_database(&self, database: &str) {
         self.retire_where(|key, _| key.database == database);

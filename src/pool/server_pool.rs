@@ -94,6 +94,9 @@ pub struct ServerPool {
     answered: AtomicU64,
     /// set while a [`ServerPool::fill`] runs
     filling: AtomicBool,
+    /// connections opened before this [`Tick`] (in nanoseconds; 0: none) close when
+    /// next released (RECONNECT)
+    reconnect_before: AtomicU64,
 }
 
 impl ServerPool {
@@ -120,6 +123,7 @@ impl ServerPool {
             retired: AtomicBool::new(false),
             answered: AtomicU64::new(0),
             filling: AtomicBool::new(false),
+            reconnect_before: AtomicU64::new(0),
         }
     }
 
@@ -398,10 +402,23 @@ impl ServerPool {
         self.retired.load(Ordering::SeqCst)
     }
 
-    /// True when `conn` has outlived the pool's lifetime at `now`.
+    /// True when `conn` has outlived the pool's lifetime at `now`, or is older than
+    /// the last RECONNECT.
     fn expired(&self, conn: &ServerConn, now: Tick) -> bool {
         let lifetime = self.lifetime.load(Ordering::Relaxed);
-        lifetime != 0 && conn.age(now) >= Duration::from_nanos(lifetime)
+        let reconnect = self.reconnect_before.load(Ordering::Relaxed);
+        (lifetime != 0 && conn.age(now) >= Duration::from_nanos(lifetime))
+            || (reconnect != 0 && conn.opened() < Tick::from_nanos(reconnect))
+    }
+
+    /// Closes the idle connections now and every other one when it is released
+    /// (RECONNECT); new transactions get new connections.
+    pub fn reconnect(&self) {
+        let now = Tick::now();
+        self.reconnect_before
+            .store(now.as_nanos(), Ordering::Relaxed);
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        idle.into_iter().for_each(|c| c.close());
     }
 }
 
