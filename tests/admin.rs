@@ -151,6 +151,20 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert_eq!(sqlstate(&err).as_deref(), Some("42601"));
     let err = admin.simple_query("DROP DATABASE x").await.unwrap_err();
     assert!(common::message(&err).contains("unknown command"), "{err}");
+    // A driver's session SET is accepted; a pgwarden setting is not silently ignored.
+    admin
+        .simple_query("SET application_name = 'psql'")
+        .await
+        .unwrap();
+    let err = admin
+        .simple_query("SET default_pool_size = 50")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    assert!(
+        common::message(&err).contains("change pool.default_pool_size there and run RELOAD"),
+        "{err}"
+    );
     let err = admin.query("SHOW POOLS", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
     rows(&admin, "SHOW VERSION").await;
@@ -250,11 +264,9 @@ async fn reconnect_replaces_server_connections_disable_refuses_logins_and_kill_c
         .await
         .unwrap();
     let open = || common::server_pids(&db);
-    common::eventually(
-        Duration::from_secs(5),
-        "the idle connection closed",
-        || open() == [busy_pid],
-    )
+    common::eventually(Duration::from_secs(5), "the idle connection closed", || {
+        open() == [busy_pid]
+    })
     .await;
     assert_eq!(
         common::backend_pid(&busy).await,

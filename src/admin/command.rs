@@ -60,8 +60,9 @@ pub enum Command {
     Switchover(Option<String>),
     /// VERIFY [[db.]table[(key)] …]: replication lag, and primary/standby data comparison
     Verify(Vec<String>),
-    /// SET …: drivers send settings at connect; accepted and ignored, as PgBouncer does
-    Set,
+    /// SET name …: drivers send session settings at connect, which are accepted and
+    /// ignored; a pgwarden configuration key is refused (it lives in the file)
+    Set(String),
     /// an empty query string
     Empty,
 }
@@ -69,7 +70,7 @@ pub enum Command {
 impl Command {
     /// True for commands that only read (what `stats_users` may run).
     pub fn is_read_only(&self) -> bool {
-        matches!(self, Command::Show(_) | Command::Set | Command::Empty)
+        matches!(self, Command::Show(_) | Command::Set(_) | Command::Empty)
     }
 }
 
@@ -143,7 +144,16 @@ pub fn parse(sql: &str) -> Result<Command, String> {
             _ => Err("usage: SWITCHOVER [TO node]".into()),
         },
         "VERIFY" => Ok(Command::Verify(words[1..].to_vec())),
-        "SET" => Ok(Command::Set),
+        "SET" => {
+            // SET [SESSION | LOCAL] name { = | TO } value; `name=value` may come unspaced.
+            let mut rest = words[1..].iter().map(String::as_str);
+            let mut name = rest.next().unwrap_or("");
+            if name.eq_ignore_ascii_case("session") || name.eq_ignore_ascii_case("local") {
+                name = rest.next().unwrap_or("");
+            }
+            let name = name.split('=').next().unwrap_or("");
+            Ok(Command::Set(name.to_ascii_lowercase()))
+        }
         "RELOAD" | "SHUTDOWN" => Err(format!("{} takes no arguments", upper[0])),
         _ => Err(format!(
             "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, KILL_CLIENT, RECONNECT, DISABLE, ENABLE, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
@@ -230,7 +240,18 @@ mod tests {
             parse("verify appdb.accounts(id)"),
             Ok(Command::Verify(vec!["appdb.accounts(id)".into()]))
         );
-        assert_eq!(parse("SET application_name = 'x'"), Ok(Command::Set));
+        assert_eq!(
+            parse("SET application_name = 'x'"),
+            Ok(Command::Set("application_name".into()))
+        );
+        assert_eq!(
+            parse("set session DateStyle to ISO"),
+            Ok(Command::Set("datestyle".into()))
+        );
+        assert_eq!(
+            parse("SET default_pool_size=50"),
+            Ok(Command::Set("default_pool_size".into()))
+        );
         assert_eq!(parse(";"), Ok(Command::Empty));
     }
 

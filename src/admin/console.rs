@@ -153,7 +153,7 @@ impl Console {
             put_error(out, &e.to_notice(false));
             return;
         }
-        if !matches!(command, Command::Show(_) | Command::Empty | Command::Set) {
+        if !matches!(command, Command::Show(_) | Command::Empty | Command::Set(_)) {
             info!(peer = %self.peer, user = %self.user, command = %sql.trim(), "admin command");
         }
         match exec::run(&self.shared, command).await {

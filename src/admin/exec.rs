@@ -148,7 +148,23 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
             .await
             .map(Answer::Rows)
             .map_err(|e| failed(sqlstate::NOT_IN_PREREQUISITE_STATE, e)),
-        Command::Set => done("SET", None),
+        Command::Set(name) => {
+            let key = config
+                .flatten()
+                .into_iter()
+                .map(|(k, _)| k)
+                .find(|k| k.rsplit('.').next() == Some(name.as_str()) || *k == name);
+            match key {
+                Some(key) => Err(failed(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "pgwarden reads its settings from {}: change {key} there and run RELOAD",
+                        config.source.display()
+                    ),
+                )),
+                None => done("SET", None),
+            }
+        }
         Command::Empty => Ok(Answer::Empty),
     }
 }
