@@ -16,6 +16,7 @@ use prometheus::{
 
 use crate::backend::{BackendTable, Health, Role};
 use crate::pool::Pools;
+use crate::registry::{ClientRegistry, longest_waits};
 
 /// Buckets for transaction and wait durations: 100 µs to 30 s.
 const SECONDS: &[f64] = &[
@@ -28,6 +29,7 @@ pub struct Metrics {
     registry: Registry,
     clients: IntGaugeVec,
     server_connections: IntGaugeVec,
+    longest_wait: prometheus::GaugeVec,
     transactions: IntCounterVec,
     queries: IntCounterVec,
     transaction_seconds: HistogramVec,
@@ -183,6 +185,16 @@ impl Metrics {
         r.gauge("build_info", "pgwarden version", &["version"])
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let longest_wait = r.add(
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "client_longest_wait_seconds",
+                    "How long the longest-waiting client has waited for a server connection so far (0: none waiting)",
+                ),
+                &["database", "user"],
+            )
+            .expect("valid metric"),
+        );
         let lag_seconds = r.add(
             prometheus::GaugeVec::new(
                 Opts::new(
@@ -204,6 +216,7 @@ impl Metrics {
                 "Server connections by state (active, idle)",
                 &["backend", "database", "state"],
             ),
+            longest_wait,
             transactions: r.counter("transactions_total", "Transactions served", &["database"]),
             queries: r.counter(
                 "queries_total",
@@ -372,8 +385,15 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition, with pool gauges refreshed first.
-    pub fn render(&self, pools: &Pools) -> Vec<u8> {
+    /// The Prometheus text exposition, with the pool and wait gauges refreshed first.
+    pub fn render(&self, pools: &Pools, clients: &ClientRegistry) -> Vec<u8> {
+        self.longest_wait.reset();
+        let clients = clients.all();
+        for ((database, user), wait) in longest_waits(&clients) {
+            self.longest_wait
+                .with_label_values(&[database, user])
+                .set(wait.as_secs_f64());
+        }
         self.server_connections.reset();
         for (key, pool) in pools.all() {
             let (active, idle, _) = pool.counts();

@@ -19,7 +19,7 @@
 
 use crate::address::Address;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::task::AtomicWaker;
 use tracing::{debug, info};
 
+use crate::clock::Tick;
 use crate::metrics::ClientState;
 use crate::server::CancelKey;
 
@@ -54,12 +55,27 @@ pub struct Entry {
     /// when it logged in
     pub connected_at: SystemTime,
     state: AtomicU8,
+    /// when it last began waiting for a server connection, as a [`Tick`]'s nanoseconds
+    waiting_since: AtomicU64,
     serving: Mutex<Option<Serving>>,
     /// its CancelRequests on their way to a server connection
     cancels: AtomicUsize,
     /// the admin console's KILL, the process's shutdown and the eviction of the
     /// running transaction, for this session
     pub ending: Ending,
+}
+
+/// The longest wait for a server connection among `clients`, per (database, user);
+/// zero for those with clients and none waiting.
+pub fn longest_waits(clients: &[Arc<Entry>]) -> HashMap<(&str, &str), Duration> {
+    let now = Tick::now();
+    let mut longest: HashMap<(&str, &str), Duration> = HashMap::new();
+    for c in clients {
+        let key = (c.identity.database.as_str(), c.identity.user.as_str());
+        let wait = longest.entry(key).or_default();
+        *wait = (*wait).max(c.waited(now).unwrap_or_default());
+    }
+    longest
 }
 
 /// The server connection a client is using.
@@ -141,11 +157,18 @@ impl Ending {
 impl Entry {
     /// Idle, waiting or active.
     pub fn state(&self) -> ClientState {
-        match self.state.load(Ordering::Relaxed) {
+        // Acquire, paired with the Release in `set_state`: a waiting state comes with its `waiting_since`.
+        match self.state.load(Ordering::Acquire) {
             1 => ClientState::Waiting,
             2 => ClientState::Active,
             _ => ClientState::Idle,
         }
+    }
+
+    /// How long it has been waiting for a server connection at `now`; `None` unless waiting.
+    pub fn waited(&self, now: Tick) -> Option<Duration> {
+        (self.state() == ClientState::Waiting)
+            .then(|| now.since(Tick::from_nanos(self.waiting_since.load(Ordering::Relaxed))))
     }
 
     /// The server connection serving it.
@@ -226,6 +249,7 @@ impl ClientRegistry {
                     identity,
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(0),
+                    waiting_since: AtomicU64::new(0),
                     serving: Mutex::new(None),
                     cancels: AtomicUsize::new(0),
                     ending: Ending::default(),
@@ -347,6 +371,15 @@ impl ClientHandle {
         *slot = serving;
     }
 
+    /// Records that the client begins waiting for a server connection at `at`; set
+    /// before its state turns waiting, so that a reader never pairs the state with an
+    /// older wait.
+    pub fn wait_from(&self, at: Tick) {
+        self.entry
+            .waiting_since
+            .store(at.as_nanos(), Ordering::Relaxed);
+    }
+
     /// Records the client's state for the admin console.
     pub fn set_state(&self, state: ClientState) {
         let code = match state {
@@ -354,7 +387,7 @@ impl ClientHandle {
             ClientState::Waiting => 1,
             ClientState::Active => 2,
         };
-        self.entry.state.store(code, Ordering::Relaxed);
+        self.entry.state.store(code, Ordering::Release);
     }
 }
 

@@ -333,6 +333,55 @@ async fn reconnect_replaces_server_connections_disable_refuses_logins_and_kill_c
 }
 
 #[tokio::test]
+async fn show_pools_and_metrics_report_how_long_the_longest_waiting_client_waits() {
+    let db = Db::create();
+    let mut options = operated("");
+    options.pool = "default_pool_size = 1".into();
+    let pgw = Pgwarden::start_with(&[&db], options);
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiter = pgw.connect(&db).await;
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let pools = rows(&admin, "SHOW POOLS").await;
+    let row = pools
+        .iter()
+        .find(|r| get(r, "database") == Some(db.name.as_str()))
+        .unwrap();
+    assert_eq!(get(row, "cl_waiting"), Some("1"), "{row:?}");
+    assert_eq!(get(row, "maxwait"), Some("1"), "{row:?}");
+    let series = format!(
+        "pgwarden_client_longest_wait_seconds{{database=\"{}\",user=\"{}\"}}",
+        db.name, db.user
+    );
+    let longest = |scrape: &str| -> f64 {
+        scrape
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (_, scrape) = pgw.http_get("/metrics");
+    let waited = longest(&scrape);
+    assert!((1.3..5.0).contains(&waited), "{waited}");
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    waiting.await.unwrap().unwrap();
+    let pools = rows(&admin, "SHOW POOLS").await;
+    let row = pools
+        .iter()
+        .find(|r| get(r, "database") == Some(db.name.as_str()))
+        .unwrap();
+    assert_eq!(
+        (get(row, "maxwait"), get(row, "maxwait_us")),
+        (Some("0"), Some("0"))
+    );
+    let (_, scrape) = pgw.http_get("/metrics");
+    assert_eq!(longest(&scrape), 0.0);
+}
+
+#[tokio::test]
 async fn fence_and_unfence_steer_routing_and_reload_and_shutdown_work() {
     let db = Db::create();
     let mut options = operated("");

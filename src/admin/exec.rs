@@ -213,6 +213,8 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 "pool_mode",
                 "target",
                 "paused",
+                "maxwait#",
+                "maxwait_us#",
             ]);
             // (database, user) → [clients by state], [servers active, idle, max]
             let mut rows: BTreeMap<(String, String), ([usize; 3], [usize; 3])> = BTreeMap::new();
@@ -225,6 +227,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 };
                 rows.entry(key).or_default().0[slot] += 1;
             }
+            let longest = crate::registry::longest_waits(&clients);
             for (key, pool) in shared.pools.all() {
                 let (active, idle, max) = pool.counts();
                 let entry = rows
@@ -236,6 +239,10 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             }
             for ((db, user), (cl, sv)) in rows {
                 let settings = config.database(&db);
+                let wait = longest
+                    .get(&(db.as_str(), user.as_str()))
+                    .copied()
+                    .unwrap_or_default();
                 rs.row(vec![
                     db.clone().into(),
                     user.into(),
@@ -248,6 +255,8 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     settings.as_ref().map(|s| s.pool_mode.to_string()).into(),
                     settings.map(|s| s.target.name().to_owned()).into(),
                     is_paused(&db).into(),
+                    i64::try_from(wait.as_secs()).unwrap_or(i64::MAX).into(),
+                    i64::from(wait.subsec_micros()).into(),
                 ]);
             }
             rs

@@ -100,7 +100,7 @@ pub fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> 
         "/metrics" => respond(
             StatusCode::OK,
             prometheus::TEXT_FORMAT,
-            shared.metrics.render(&shared.pools),
+            shared.metrics.render(&shared.pools, &shared.clients),
         ),
         "/health/live" => json_line(StatusCode::OK, json!({"status": "live"})),
         "/health/ready" => {

@@ -359,8 +359,9 @@ impl Session {
             self.stream.write_all(&out).await?;
             return Ok(());
         }
-        self.set_state(ClientState::Idle, ClientState::Waiting);
         let waiting = Tick::now();
+        self.who.client.wait_from(waiting);
+        self.set_state(ClientState::Idle, ClientState::Waiting);
         let admission = self
             .shared
             .gate
