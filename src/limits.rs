@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::General;
 use crate::error::ClientError;
@@ -48,7 +48,7 @@ impl Admissions {
         user: &str,
         database: &str,
     ) -> Result<Option<Admitted>, ClientError> {
-        if self.any_disabled.load(Ordering::SeqCst) && self.disabled().contains(database) {
+        if self.any_disabled.load(Ordering::SeqCst) && self.lock_disabled().contains(database) {
             return Err(ClientError::Disabled(database.to_owned()));
         }
         let (max_user, max_db) = (limits.max_user_client_conn, limits.max_db_client_conn);
@@ -91,19 +91,17 @@ impl Admissions {
             },
         }))
     }
-}
 
-impl Admissions {
     /// Refuses new clients of `database` (DISABLE) until [`Admissions::enable`].
     pub fn disable(&self, database: &str) {
-        let mut disabled = self.disabled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut disabled = self.lock_disabled();
         disabled.insert(database.to_owned());
         self.any_disabled.store(true, Ordering::SeqCst);
     }
 
     /// Lets new clients of `database` in again (ENABLE).
     pub fn enable(&self, database: &str) {
-        let mut disabled = self.disabled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut disabled = self.lock_disabled();
         disabled.remove(database);
         self.any_disabled
             .store(!disabled.is_empty(), Ordering::SeqCst);
@@ -111,10 +109,11 @@ impl Admissions {
 
     /// The databases closed to new clients.
     pub fn disabled(&self) -> BTreeSet<String> {
-        self.disabled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.lock_disabled().clone()
+    }
+
+    fn lock_disabled(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.disabled.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

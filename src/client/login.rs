@@ -315,9 +315,6 @@ async fn negotiate(mut plain: Stream, tls: &Tls) -> Result<(Stream, StartupReque
     Err(Ended::Refused(plain, e))
 }
 
-/// The secret `auth.query` finds for a user missing from the user list, if it is
-/// configured. It runs on the primary as `auth.user`, in `auth.dbname` or else the
-/// client's database.
 /// How a login is checked: by `auth.type`, or by the first `auth.hba_file` line that
 /// matches it (with the line's number); no matching line rejects it.
 fn method_for(
@@ -342,6 +339,9 @@ fn method_for(
     }
 }
 
+/// The secret `auth.query` finds for a user missing from the user list, if it is
+/// configured. It runs on the primary as `auth.user`, in `auth.dbname` or else the
+/// client's database.
 async fn looked_up(
     shared: &Shared,
     config: &Config,
