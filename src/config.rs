@@ -162,6 +162,9 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// its private key (PEM)
     pub key_file: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to; with it, TLS
+    /// clients may present one, for `cert` authentication
+    pub ca_file: PathBuf,
 }
 
 /// TLS towards clients.
@@ -258,6 +261,8 @@ pub enum AuthMethod {
     ScramSha256,
     /// the method of the first `hba_file` line that matches the login
     Hba,
+    /// a TLS client certificate (checked against `tls.ca_file`) whose common name is the user
+    Cert,
 }
 
 /// `[pool]`
@@ -697,7 +702,18 @@ impl Config {
             c.access = EtcdAccess::read(c, &config.source)?;
         }
         if config.auth.method == AuthMethod::Hba {
-            config.auth.hba = Some(Arc::new(Hba::load(&config.resolve(&config.auth.hba_file))?));
+            let path = config.resolve(&config.auth.hba_file);
+            let hba = Hba::load(&path)?;
+            if let Some(line) = hba.cert_lines().first()
+                && config.tls.ca_file.as_os_str().is_empty()
+            {
+                return Err(ConfigError::new(
+                    &path,
+                    format!("line {line}"),
+                    "cert needs tls.ca_file, the CA client certificates chain to",
+                ));
+            }
+            config.auth.hba = Some(Arc::new(hba));
         }
         Ok(config)
     }
@@ -947,6 +963,18 @@ impl Config {
             if self.auth.user.is_empty() {
                 return err("auth.user".into(), "required when auth.query is set".into());
             }
+        }
+        if self.auth.method == AuthMethod::Cert && self.tls.ca_file.as_os_str().is_empty() {
+            return err(
+                "tls.ca_file".into(),
+                "required when auth.type is cert: the CA client certificates chain to".into(),
+            );
+        }
+        if self.tls.mode == ClientTlsMode::Disable && !self.tls.ca_file.as_os_str().is_empty() {
+            return err(
+                "tls.ca_file".into(),
+                "client certificates need tls.mode allow or require".into(),
+            );
         }
         if self.tls.mode != ClientTlsMode::Disable {
             for (key, path) in [
@@ -1767,6 +1795,15 @@ host = "127.0.0.1"
     }
 
     #[test]
+    fn client_certificates_need_a_ca_and_tls() {
+        let e = parse(&format!("[auth]\ntype = \"cert\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "tls.ca_file");
+        let e = parse(&format!("[tls]\nca_file = \"ca.pem\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "tls.ca_file");
+        assert!(e.reason.contains("tls.mode"), "{e}");
+    }
+
+    #[test]
     fn the_hba_file_is_read_with_type_hba_only() {
         let e = parse(&format!("[auth]\ntype = \"hba\"\n{MINIMAL}")).unwrap_err();
         assert_eq!(e.key, "auth.hba_file");
@@ -1795,6 +1832,9 @@ host = "127.0.0.1"
             (e.file.clone(), e.key.as_str()),
             (dir.join("hba.conf"), "line 1")
         );
+        std::fs::write(dir.join("hba.conf"), "hostssl all all 0.0.0.0/0 cert\n").unwrap();
+        let e = load().unwrap_err();
+        assert!(e.reason.contains("tls.ca_file"), "{e}");
         std::fs::write(dir.join("hba.conf"), "host all all 0.0.0.0/0 trust\n").unwrap();
         let c = load().unwrap();
         assert!(c.auth.hba.is_some());

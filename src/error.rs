@@ -100,6 +100,9 @@ pub enum ClientError {
         /// whether the connection is encrypted
         tls: bool,
     },
+    /// A TLS client presented no certificate, or one that names another user.
+    #[error("certificate authentication failed for user \"{0}\"")]
+    CertFailed(String),
     /// A local client's operating-system user is not the user it asked to be.
     #[error("peer authentication failed for user \"{0}\"")]
     PeerFailed(String),
@@ -276,7 +279,8 @@ impl ClientError {
             ClientError::NotAllowed(_) => INSUFFICIENT_PRIVILEGE,
             ClientError::TlsRequired
             | ClientError::HbaRefused { .. }
-            | ClientError::PeerFailed(_) => INVALID_AUTHORIZATION,
+            | ClientError::PeerFailed(_)
+            | ClientError::CertFailed(_) => INVALID_AUTHORIZATION,
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::Disabled(_) => NOT_IN_PREREQUISITE_STATE,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
@@ -299,6 +303,7 @@ impl ClientError {
             ClientError::HbaRefused { .. } => "hba",
             ClientError::Disabled(_) => "disabled",
             ClientError::PeerFailed(_) => "peer",
+            ClientError::CertFailed(_) => "cert",
             ClientError::AuthLookup { .. } => "auth_query",
             ClientError::Protocol(_)
             | ClientError::MessageTooLarge { .. }

@@ -18,6 +18,10 @@ struct Pki {
     cert: PathBuf,
     key: PathBuf,
     stranger_ca: PathBuf,
+    /// the CA's signer, for client certificates
+    issuer: Issuer<'static, KeyPair>,
+    /// the unrelated CA's signer
+    stranger: Issuer<'static, KeyPair>,
 }
 
 fn make_ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
@@ -32,7 +36,7 @@ fn make_ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
 fn write_pki(dir: &Path) -> Pki {
     std::fs::create_dir_all(dir).unwrap();
     let (issuer, ca_pem) = make_ca("pgwarden test CA");
-    let (_, stranger_pem) = make_ca("some other CA");
+    let (stranger, stranger_pem) = make_ca("some other CA");
     let key = KeyPair::generate().unwrap();
     let mut params =
         CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
@@ -45,6 +49,8 @@ fn write_pki(dir: &Path) -> Pki {
         cert: dir.join("server.pem"),
         key: dir.join("server.key"),
         stranger_ca: dir.join("stranger.pem"),
+        issuer,
+        stranger,
     };
     std::fs::write(&pki.ca, ca_pem).unwrap();
     std::fs::write(&pki.cert, cert.pem()).unwrap();
@@ -82,6 +88,32 @@ fn pki() -> &'static Pki {
             pki
         })
     })
+}
+
+/// psql's connection keywords for a client certificate naming `name`, signed by
+/// `issuer`, written to `dir` (the key readable by its owner only, as libpq wants).
+fn client_cert(dir: &Path, issuer: &Issuer<'static, KeyPair>, name: &str) -> String {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let n = rand::random::<u32>();
+    let (cert_path, key_path) = (
+        dir.join(format!("client-{n}.pem")),
+        dir.join(format!("client-{n}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    format!(
+        "sslcert={} sslkey={}",
+        cert_path.display(),
+        key_path.display()
+    )
 }
 
 fn owner_uid(meta: &std::fs::Metadata) -> u32 {
@@ -337,4 +369,53 @@ fn bad_certificate_files_are_config_errors() {
     assert!(!ok);
     assert!(err.contains("server_tls.ca_file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cert_authentication_takes_the_user_from_a_verified_client_certificate() {
+    let pki = pki();
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            auth: Some("cert".into()),
+            sections: format!(
+                "{}ca_file = \"{}\"\n",
+                client_tls("require", pki),
+                pki.ca.display()
+            ),
+            ..Default::default()
+        },
+    );
+    // No password is asked: the certificate is the proof.
+    let mine = client_cert(&pgw.dir, &pki.issuer, &db.user);
+    let keywords = format!("sslmode=require {mine} password=wrong");
+    let out = psql(&pgw, &db, &keywords, "SELECT current_user");
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pgw.log());
+    assert_eq!(stdout(&out), db.user);
+
+    // Another user's certificate, none at all, or one from a CA pgwarden does not trust.
+    let theirs = client_cert(&pgw.dir, &pki.issuer, "someone_else");
+    let forged = client_cert(&pgw.dir, &pki.stranger, &db.user);
+    for (keywords, why) in [
+        (
+            format!("sslmode=require {theirs}"),
+            "certificate authentication failed for user",
+        ),
+        (
+            "sslmode=require".to_owned(),
+            "certificate authentication failed for user",
+        ),
+        // Refused by the handshake itself.
+        (format!("sslmode=require {forged}"), "unknown ca"),
+    ] {
+        let out = psql(&pgw, &db, &keywords, "SELECT 1");
+        assert!(!out.status.success(), "{keywords}: {}", stdout(&out));
+        assert!(stderr(&out).contains(why), "{keywords}: {}", stderr(&out));
+    }
+    let refused = pgw.log();
+    assert!(
+        refused.contains("authentication failed"),
+        "the log names the refusals: {refused}"
+    );
 }

@@ -42,6 +42,8 @@ pub enum Method {
     Reject,
     /// a local client is the operating-system user it runs as
     Peer,
+    /// a TLS client's certificate names the user
+    Cert,
 }
 
 /// The connection types a line is for.
@@ -129,6 +131,15 @@ impl Hba {
         self.rules
             .iter()
             .find(|r| r.matches(origin, database, user))
+    }
+
+    /// Lines whose method is `cert`.
+    pub fn cert_lines(&self) -> Vec<usize> {
+        self.rules
+            .iter()
+            .filter(|r| r.method == Method::Cert)
+            .map(|r| r.line)
+            .collect()
     }
 
     /// Lines that let anyone from beyond loopback in without a password, for the
@@ -260,9 +271,11 @@ impl Rule {
             "reject" => Method::Reject,
             "peer" if kind == Kind::Local => Method::Peer,
             "peer" => return Err("peer authentication is only for local connections".into()),
+            "cert" if kind == Kind::HostSsl => Method::Cert,
+            "cert" => return Err("cert authentication is only for hostssl lines".into()),
             other => {
                 return Err(format!(
-                    "authentication method \"{other}\" is not supported: use trust, reject, md5, scram-sha-256 or peer"
+                    "authentication method \"{other}\" is not supported: use trust, reject, md5, scram-sha-256, peer or cert"
                 ));
             }
         };
@@ -461,6 +474,7 @@ mod tests {
              hostssl app,sales alice,\"Bob Smith\" 10.1.0.0/16  scram-sha-256\n\
              hostnossl sameuser all 192.168.1.0 255.255.255.0 md5\n\
              host    all       all   ::1/128    trust\n\
+             hostssl all       all   fe80::/10  cert\n\
              host    \"all\"   all   0.0.0.0/0  scram-sha-256\n",
         )
         .unwrap();
@@ -493,13 +507,18 @@ mod tests {
         // also when they arrive on a dual-stack socket.
         assert_eq!(
             line(&hba, tcp("10.9.9.9", false), "all", "z"),
-            Some((8, scram))
+            Some((9, scram))
         );
         assert_eq!(
             line(&hba, tcp("::ffff:10.9.9.9", false), "all", "z"),
-            Some((8, scram))
+            Some((9, scram))
         );
         assert_eq!(line(&hba, tcp("fe80::1", false), "all", "z"), None);
+        assert_eq!(
+            line(&hba, tcp("fe80::1", true), "all", "z"),
+            Some((8, Method::Cert))
+        );
+        assert_eq!(hba.cert_lines(), [8]);
         assert_eq!(line(&hba, tcp("10.9.9.9", false), "app", "z"), None);
         assert_eq!(hba.open_trust_lines(), Vec::<usize>::new());
     }
@@ -545,6 +564,7 @@ mod tests {
                 "method \"ldap\" is not supported",
             ),
             ("host all all 10.0.0.0/8 peer", "only for local"),
+            ("host all all 10.0.0.0/8 cert", "only for hostssl"),
             (
                 "host all all 10.0.0.0/8 md5 clientcert=verify-full",
                 "options",

@@ -8,6 +8,7 @@
 //! probed. [`backend`] holds the other direction.
 
 pub mod backend;
+pub mod cert;
 pub mod hba;
 pub mod peer;
 pub mod query;
@@ -76,8 +77,8 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         },
         (AuthMethod::Md5, None) => exchange.md5(None).await?,
         (AuthMethod::ScramSha256, c) => exchange.scram(c).await?,
-        // The login's hba line chose one of the above; nothing asks a client for "hba".
-        (AuthMethod::Hba, _) => false,
+        // Decided before any exchange: by the login's hba line, or by the certificate.
+        (AuthMethod::Hba | AuthMethod::Cert, _) => false,
     };
     if verified { Ok(()) } else { Err(failed()) }
 }

@@ -21,7 +21,7 @@ use crate::auth::hba::{Method, Origin};
 use crate::auth::query::Lookup;
 use crate::auth::{Credential, Secret};
 use crate::config::ADMIN_DATABASE;
-use crate::config::{ClientTlsMode, Config};
+use crate::config::{AuthMethod, ClientTlsMode, Config};
 use crate::error::{ClientError, sqlstate};
 use crate::health::probe::Login as ProbeLogin;
 use crate::params::{self, ParamSet};
@@ -153,6 +153,7 @@ async fn login_steps(
             .into());
         }
         (Method::Peer, _) => auth::peer::check(stream, &request.user).await,
+        (Method::Cert, _) => auth::cert::check(stream, &request.user),
         (Method::As(method), _) => {
             let credential = match shared.users.load().get(&request.user) {
                 Some(c) => Some(c),
@@ -162,7 +163,10 @@ async fn login_steps(
         }
     };
     if let Err(e) = checked {
-        if matches!(e, ClientError::AuthFailed(_) | ClientError::PeerFailed(_)) {
+        if matches!(
+            e,
+            ClientError::AuthFailed(_) | ClientError::PeerFailed(_) | ClientError::CertFailed(_)
+        ) {
             warn!(%peer, user = %request.user, db = %request.database, "authentication failed");
         }
         return Err(e.into());
@@ -324,7 +328,11 @@ fn method_for(
     request: &StartupParams,
 ) -> (Method, Option<usize>) {
     let Some(hba) = &config.auth.hba else {
-        return (Method::As(config.auth.method), None);
+        let method = match config.auth.method {
+            AuthMethod::Cert => Method::Cert,
+            other => Method::As(other),
+        };
+        return (method, None);
     };
     let origin = match peer {
         Address::Tcp(addr) => Origin::Tcp {

@@ -11,6 +11,7 @@
 mod stream;
 
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -18,6 +19,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -54,6 +56,24 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// The CA certificates in the PEM file `path` that `key` names.
+fn ca_roots(config: &Config, key: &str, path: &Path) -> Result<Arc<RootCertStore>, ConfigError> {
+    let path = config.resolve(path);
+    let err = |reason: String| ConfigError::new(&config.source, key, reason);
+    let cas = CertificateDer::pem_file_iter(&path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(cas);
+    if added == 0 {
+        return Err(err(format!(
+            "{}: no usable CA certificate in it",
+            path.display()
+        )));
+    }
+    Ok(Arc::new(roots))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -78,12 +98,24 @@ impl Tls {
                 }
                 let key = PrivateKeyDer::from_pem_file(&key_path)
                     .map_err(|e| err("tls.key_file", format!("{}: {e}", key_path.display())))?;
-                let server = ServerConfig::builder_with_provider(provider())
+                let builder = ServerConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
-                    .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-                    .map_err(|e| {
-                        err("tls.key_file", format!("does not fit the certificate: {e}"))
-                    })?;
+                    .map_err(|e| err("tls.mode", e.to_string()))?;
+                let builder = if config.tls.ca_file.as_os_str().is_empty() {
+                    builder.with_no_client_auth()
+                } else {
+                    // Asked for, checked when given, never required by the handshake:
+                    // which logins need one is for authentication to say.
+                    let roots = ca_roots(config, "tls.ca_file", &config.tls.ca_file)?;
+                    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| err("tls.ca_file", e.to_string()))?;
+                    builder.with_client_cert_verifier(verifier)
+                };
+                let server = builder.with_single_cert(certs, key).map_err(|e| {
+                    err("tls.key_file", format!("does not fit the certificate: {e}"))
+                })?;
                 Some(TlsAcceptor::from(Arc::new(server)))
             }
         };
@@ -95,26 +127,11 @@ impl Tls {
                         algorithms: provider().signature_verification_algorithms,
                     }),
                     _ => {
-                        let ca_path = config.resolve(&config.server_tls.ca_file);
-                        let mut roots = RootCertStore::empty();
-                        let cas = CertificateDer::pem_file_iter(&ca_path)
-                            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                            .map_err(|e| {
-                                err("server_tls.ca_file", format!("{}: {e}", ca_path.display()))
-                            })?;
-                        let (added, _) = roots.add_parsable_certificates(cas);
-                        if added == 0 {
-                            return Err(err(
-                                "server_tls.ca_file",
-                                format!("{}: no usable CA certificate in it", ca_path.display()),
-                            ));
-                        }
-                        let webpki = WebPkiServerVerifier::builder_with_provider(
-                            Arc::new(roots),
-                            provider(),
-                        )
-                        .build()
-                        .map_err(|e| err("server_tls.ca_file", e.to_string()))?;
+                        let roots =
+                            ca_roots(config, "server_tls.ca_file", &config.server_tls.ca_file)?;
+                        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
+                            .build()
+                            .map_err(|e| err("server_tls.ca_file", e.to_string()))?;
                         Arc::new(Verified {
                             webpki,
                             check_name: mode == ServerTlsMode::VerifyFull,

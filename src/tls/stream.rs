@@ -35,6 +35,17 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// The certificate a TLS client presented (and the handshake verified), in DER.
+    pub fn client_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Tls(s) => match &**s {
+                TlsStream::Server(s) => s.get_ref().1.peer_certificates()?.first().map(|c| &c[..]),
+                TlsStream::Client(_) => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Ready when a read may find bytes. Plain and local sockets wait for
     /// readability; TLS is ready at once (see the module docs).
     pub fn poll_ready_to_read(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
