@@ -126,7 +126,7 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
             done(
                 "RECONNECT",
                 Some(format!(
-                    "{pools} pools replace their server connections as they are released"
+                    "server connections replaced as they are released (pools: {pools})"
                 )),
             )
         }

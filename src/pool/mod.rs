@@ -274,3 +274,85 @@ pub fn settings_for(config: &Config, database: &str) -> PoolSettings {
         keepalive: Keepalive::from_config(&config.pgwarden),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::UserList;
+    use crate::backend::{Backend, Facts, Health, Role};
+
+    fn node(config: &BackendConfig, role: Role) -> Backend {
+        Backend {
+            facts: Some(Facts {
+                role,
+                timeline: Some(1),
+                lsn: Some(0),
+                replay_lsn: None,
+                replay_delay: None,
+                receiver: None,
+                replicas: Vec::new(),
+                latency: Duration::ZERO,
+            }),
+            health: Health::Up,
+            ..Backend::new(config.clone())
+        }
+    }
+
+    #[test]
+    fn warm_pools_are_those_on_the_nodes_each_database_is_routed_to_now() {
+        let config = Config::parse(
+            "[pool]\nmin_pool_size = 2\n\
+             [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\n\
+             [[backends]]\nname = \"pg2\"\nhost = \"127.0.0.1\"\nport = 5433\n\
+             [databases.app]\n[databases.reports]\ntarget = \"standby\"\n\
+             [databases.cold]\nmin_pool_size = 0\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        let secrets = Secrets {
+            users: Arc::new(ArcSwap::from_pointee(UserList::default())),
+            queried: Arc::default(),
+        };
+        let tls = Arc::new(ArcSwap::from_pointee(Tls::load(&config).unwrap()));
+        let pools = Pools::new(secrets, tls, Arc::default());
+        for db in ["app", "reports", "cold"] {
+            pools.logins(db, "alice");
+        }
+        let with_primary = |primary: usize| BackendTable {
+            generation: 1,
+            backends: (config.backends.iter().enumerate())
+                .map(|(i, b)| {
+                    node(
+                        b,
+                        if i == primary {
+                            Role::Primary
+                        } else {
+                            Role::Standby
+                        },
+                    )
+                })
+                .collect(),
+            primary: Some(primary),
+            split_brain: false,
+        };
+        let places = |warm: HashSet<PoolKey>| {
+            let mut places: Vec<(String, String)> = (warm.into_iter())
+                .map(|k| (k.database, k.target.backend.to_string()))
+                .collect();
+            places.sort();
+            places
+        };
+        let pair = |db: &str, node: &str| (db.to_owned(), node.to_owned());
+        assert_eq!(
+            places(pools.warm(&config, &with_primary(0))),
+            [pair("app", "pg1"), pair("reports", "pg2")]
+        );
+        // The roles swap: the warm places move, before any client comes; the pools
+        // on the old places stay, with no minimum to keep.
+        assert_eq!(
+            places(pools.warm(&config, &with_primary(1))),
+            [pair("app", "pg2"), pair("reports", "pg1")]
+        );
+        assert_eq!(pools.all().len(), 4);
+    }
+}
