@@ -270,7 +270,14 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
             let shutdown = shared.shutdown.clone();
             shared
                 .pools
-                .maintain_until(&shared.config, &shared.routing, shutdown)
+                .maintain_until(
+                    &shared.config,
+                    &shared.routing,
+                    |db| {
+                        shared.gate.paused().covers(db) || shared.admissions.disabled().contains(db)
+                    },
+                    shutdown,
+                )
                 .await
         })
     };

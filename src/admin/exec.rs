@@ -198,7 +198,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
     let table = shared.routing.load_full();
     let clients = shared.clients.all();
     let paused = shared.gate.paused();
-    let is_paused = |db: &str| yes_no(paused.all || paused.databases.contains(db));
+    let is_paused = |db: &str| yes_no(paused.covers(db));
     match what {
         Show::Pools => {
             let mut rs = ResultSet::new(&[

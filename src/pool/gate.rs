@@ -23,7 +23,8 @@ pub struct Paused {
 }
 
 impl Paused {
-    fn covers(&self, database: &str) -> bool {
+    /// True when `database`'s transactions wait.
+    pub fn covers(&self, database: &str) -> bool {
         self.all || self.databases.contains(database)
     }
 }

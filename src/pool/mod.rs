@@ -184,11 +184,13 @@ impl Pools {
 
     /// Every second until `shutdown`: closes idle connections past their timeouts
     /// or broken, and keeps `min_pool_size` connections open on the nodes clients are
-    /// routed to now (see [`Pools::warm`]).
+    /// routed to now (see [`Pools::warm`]), except for the databases `held` names
+    /// (paused or disabled: an operator emptying one does not want them back).
     pub async fn maintain_until(
         &self,
         config: &ArcSwap<Config>,
         routing: &Routing,
+        held: impl Fn(&str) -> bool,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -198,7 +200,7 @@ impl Pools {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
             }
-            let warm = self.warm(&config.load(), &routing.load());
+            let warm = self.warm(&config.load(), &routing.load(), &held);
             for (key, pool) in self.all() {
                 let warm = warm.contains(&key);
                 let closed = pool.reap(warm);
@@ -216,7 +218,12 @@ impl Pools {
     /// and user that has logged in, those on the nodes its transactions go to now,
     /// created if missing. So a new primary's pools fill before the first client
     /// after a failover needs them, and a node no longer routed to lets its go.
-    fn warm(&self, config: &Config, table: &BackendTable) -> HashSet<PoolKey> {
+    fn warm(
+        &self,
+        config: &Config,
+        table: &BackendTable,
+        held: impl Fn(&str) -> bool,
+    ) -> HashSet<PoolKey> {
         let logged_in: Vec<(String, String)> = self
             .logins
             .lock()
@@ -229,6 +236,9 @@ impl Pools {
             let Some(db) = config.database(&database).filter(|d| d.min_pool_size > 0) else {
                 continue;
             };
+            if held(&database) {
+                continue;
+            }
             for node in table.candidates(db.target, config.health.max_standby_lag) {
                 if let Some(key) = PoolKey::new(config, &database, &user, &node.config) {
                     self.get(&key, config);
@@ -344,15 +354,20 @@ mod tests {
         };
         let pair = |db: &str, node: &str| (db.to_owned(), node.to_owned());
         assert_eq!(
-            places(pools.warm(&config, &with_primary(0))),
+            places(pools.warm(&config, &with_primary(0), |_| false)),
             [pair("app", "pg1"), pair("reports", "pg2")]
         );
         // The roles swap: the warm places move, before any client comes; the pools
         // on the old places stay, with no minimum to keep.
         assert_eq!(
-            places(pools.warm(&config, &with_primary(1))),
+            places(pools.warm(&config, &with_primary(1), |_| false)),
             [pair("app", "pg2"), pair("reports", "pg1")]
         );
         assert_eq!(pools.all().len(), 4);
+        // A paused or disabled database keeps none.
+        assert_eq!(
+            places(pools.warm(&config, &with_primary(1), |db| db == "app")),
+            [pair("reports", "pg1")]
+        );
     }
 }
