@@ -300,32 +300,39 @@ impl Routing {
     }
 }
 
+/// A node as a probe that found it in `role` and `health` leaves it (for tests).
+#[cfg(test)]
+pub(crate) fn probed(config: BackendConfig, role: Role, health: Health) -> Backend {
+    Backend {
+        facts: Some(Facts {
+            role,
+            timeline: Some(1),
+            lsn: Some(0),
+            replay_lsn: None,
+            replay_delay: None,
+            receiver: None,
+            replicas: Vec::new(),
+            latency: Duration::ZERO,
+        }),
+        health,
+        ..Backend::new(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn backend(name: &str, role: Role, health: Health) -> Backend {
-        Backend {
-            facts: Some(Facts {
-                role,
-                timeline: Some(1),
-                lsn: Some(0),
-                replay_lsn: None,
-                replay_delay: None,
-                receiver: None,
-                replicas: Vec::new(),
-                latency: Duration::ZERO,
-            }),
-            health,
-            ..Backend::new(BackendConfig {
-                name: name.into(),
-                host: "127.0.0.1".into(),
-                port: 5432,
-                priority: 0,
-                replication_host: None,
-                replication_port: None,
-            })
-        }
+        let config = BackendConfig {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            priority: 0,
+            replication_host: None,
+            replication_port: None,
+        };
+        probed(config, role, health)
     }
 
     #[test]

@@ -289,24 +289,7 @@ pub fn settings_for(config: &Config, database: &str) -> PoolSettings {
 mod tests {
     use super::*;
     use crate::auth::UserList;
-    use crate::backend::{Backend, Facts, Health, Role};
-
-    fn node(config: &BackendConfig, role: Role) -> Backend {
-        Backend {
-            facts: Some(Facts {
-                role,
-                timeline: Some(1),
-                lsn: Some(0),
-                replay_lsn: None,
-                replay_delay: None,
-                receiver: None,
-                replicas: Vec::new(),
-                latency: Duration::ZERO,
-            }),
-            health: Health::Up,
-            ..Backend::new(config.clone())
-        }
-    }
+    use crate::backend::{Health, Role, probed};
 
     #[test]
     fn warm_pools_are_those_on_the_nodes_each_database_is_routed_to_now() {
@@ -332,14 +315,12 @@ mod tests {
             generation: 1,
             backends: (config.backends.iter().enumerate())
                 .map(|(i, b)| {
-                    node(
-                        b,
-                        if i == primary {
-                            Role::Primary
-                        } else {
-                            Role::Standby
-                        },
-                    )
+                    let role = if i == primary {
+                        Role::Primary
+                    } else {
+                        Role::Standby
+                    };
+                    probed(b.clone(), role, Health::Up)
                 })
                 .collect(),
             primary: Some(primary),
