@@ -16,7 +16,7 @@ use prometheus::{
 
 use crate::backend::{BackendTable, Health, Role};
 use crate::pool::Pools;
-use crate::registry::{ClientRegistry, longest_waits};
+use crate::registry::ClientRegistry;
 
 /// Buckets for transaction and wait durations: 100 µs to 30 s.
 const SECONDS: &[f64] = &[
@@ -387,12 +387,14 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the pool and wait gauges refreshed first.
     pub fn render(&self, pools: &Pools, clients: &ClientRegistry) -> Vec<u8> {
+        // Every pair that has had clients, so that "nobody waits" reads 0, not absent.
         self.longest_wait.reset();
-        let clients = clients.all();
-        for ((database, user), wait) in longest_waits(&clients) {
+        let waits = clients.longest_waits();
+        for ((database, user), _) in self.sessions() {
+            let wait = waits.get(&(database.clone(), user.clone()));
             self.longest_wait
-                .with_label_values(&[database, user])
-                .set(wait.as_secs_f64());
+                .with_label_values(&[database.as_str(), user.as_str()])
+                .set(wait.map_or(0.0, std::time::Duration::as_secs_f64));
         }
         self.server_connections.reset();
         for (key, pool) in pools.all() {

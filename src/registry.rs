@@ -65,19 +65,6 @@ pub struct Entry {
     pub ending: Ending,
 }
 
-/// The longest wait for a server connection among `clients`, per (database, user);
-/// zero for those with clients and none waiting.
-pub fn longest_waits(clients: &[Arc<Entry>]) -> HashMap<(&str, &str), Duration> {
-    let now = Tick::now();
-    let mut longest: HashMap<(&str, &str), Duration> = HashMap::new();
-    for c in clients {
-        let key = (c.identity.database.as_str(), c.identity.user.as_str());
-        let wait = longest.entry(key).or_default();
-        *wait = (*wait).max(c.waited(now).unwrap_or_default());
-    }
-    longest
-}
-
 /// The server connection a client is using.
 #[derive(Debug, Clone)]
 pub struct Serving {
@@ -296,6 +283,24 @@ impl ClientRegistry {
     /// The client with BackendKeyData pid `pid`, if connected.
     pub fn get(&self, pid: i32) -> Option<Arc<Entry>> {
         self.shard(pid).get(&pid).cloned()
+    }
+
+    /// The longest wait for a server connection in progress, per (database, user)
+    /// with a client waiting. Looks at each entry's state in place: a scrape among
+    /// thousands of idle clients copies nothing of theirs.
+    pub fn longest_waits(&self) -> HashMap<(String, String), Duration> {
+        let now = Tick::now();
+        let mut longest: HashMap<(String, String), Duration> = HashMap::new();
+        for shard in &self.shards {
+            for entry in lock(shard).values() {
+                if let Some(waited) = entry.waited(now) {
+                    let key = (entry.identity.database.clone(), entry.identity.user.clone());
+                    let wait = longest.entry(key).or_default();
+                    *wait = (*wait).max(waited);
+                }
+            }
+        }
+        longest
     }
 
     /// Every entry, in no particular order.

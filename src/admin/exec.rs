@@ -227,7 +227,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 };
                 rows.entry(key).or_default().0[slot] += 1;
             }
-            let longest = crate::registry::longest_waits(&clients);
+            let longest = shared.clients.longest_waits();
             for (key, pool) in shared.pools.all() {
                 let (active, idle, max) = pool.counts();
                 let entry = rows
@@ -240,7 +240,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             for ((db, user), (cl, sv)) in rows {
                 let settings = config.database(&db);
                 let wait = longest
-                    .get(&(db.as_str(), user.as_str()))
+                    .get(&(db.clone(), user.clone()))
                     .copied()
                     .unwrap_or_default();
                 rs.row(vec![
