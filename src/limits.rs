@@ -48,7 +48,7 @@ impl Admissions {
         user: &str,
         database: &str,
     ) -> Result<Option<Admitted>, ClientError> {
-        if self.any_disabled.load(Ordering::SeqCst) && self.lock_disabled().contains(database) {
+        if self.is_disabled(database) {
             return Err(ClientError::Disabled(database.to_owned()));
         }
         let (max_user, max_db) = (limits.max_user_client_conn, limits.max_db_client_conn);
@@ -105,6 +105,11 @@ impl Admissions {
         disabled.remove(database);
         self.any_disabled
             .store(!disabled.is_empty(), Ordering::SeqCst);
+    }
+
+    /// True while `database` is closed to new clients; without DISABLE, one atomic load.
+    pub fn is_disabled(&self, database: &str) -> bool {
+        self.any_disabled.load(Ordering::SeqCst) && self.lock_disabled().contains(database)
     }
 
     /// The databases closed to new clients.

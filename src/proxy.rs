@@ -273,9 +273,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
                 .maintain_until(
                     &shared.config,
                     &shared.routing,
-                    |db| {
-                        shared.gate.paused().covers(db) || shared.admissions.disabled().contains(db)
-                    },
+                    |db| shared.gate.is_paused(db) || shared.admissions.is_disabled(db),
                     shutdown,
                 )
                 .await

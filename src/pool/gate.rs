@@ -75,7 +75,7 @@ impl Gate {
             // Count first, then look: a pause that starts now either sees this
             // transaction in flight or is seen by it.
             counter.fetch_add(1, Ordering::SeqCst);
-            if !self.any.load(Ordering::SeqCst) || !self.paused.borrow().covers(database) {
+            if !self.is_paused(database) {
                 return Admission {
                     counter: counter.clone(),
                     waited,
@@ -86,6 +86,11 @@ impl Gate {
             let mut changes = self.paused.subscribe();
             let _ = changes.wait_for(|p| !p.covers(database)).await;
         }
+    }
+
+    /// True while `database`'s transactions wait; without a pause, one atomic load.
+    pub fn is_paused(&self, database: &str) -> bool {
+        self.any.load(Ordering::SeqCst) && self.paused.borrow().covers(database)
     }
 
     /// Pauses `database`, or every database.
