@@ -704,7 +704,7 @@ impl Config {
         if config.auth.method == AuthMethod::Hba {
             let path = config.resolve(&config.auth.hba_file);
             let hba = Hba::load(&path)?;
-            if let Some(line) = hba.cert_lines().first()
+            if let Some(line) = hba.cert_line()
                 && config.tls.ca_file.as_os_str().is_empty()
             {
                 return Err(ConfigError::new(

@@ -144,7 +144,8 @@ impl Ending {
 impl Entry {
     /// Idle, waiting or active.
     pub fn state(&self) -> ClientState {
-        // Acquire, paired with the Release in `set_state`: a waiting state comes with its `waiting_since`.
+        // Acquire, paired with the Release in `set_state`: a waiting state comes
+        // with its `waiting_since`.
         match self.state.load(Ordering::Acquire) {
             1 => ClientState::Waiting,
             2 => ClientState::Active,

@@ -1,6 +1,6 @@
 //! The admin console's language: PgBouncer's SHOW/PAUSE/RESUME/RELOAD/SHUTDOWN/
-//! KILL/KILL_CLIENT/RECONNECT/DISABLE/ENABLE, plus pgwarden's cluster commands. Case-insensitive, a trailing `;`
-//! optional; names may be double-quoted.
+//! KILL/KILL_CLIENT/RECONNECT/DISABLE/ENABLE, plus pgwarden's cluster commands.
+//! Case-insensitive, a trailing `;` optional; names may be double-quoted.
 
 /// What SHOW can show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

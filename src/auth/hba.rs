@@ -6,12 +6,14 @@
 //! login no line matches is refused. pgwarden reads the subset a pooler can
 //! honour: it refuses, with the line and the reason, every keyword it would
 //! otherwise have to ignore (groups, included files, host names, `samenet`,
-//! methods such as `ldap` or `cert`, options), so that a file never allows more
+//! methods such as `ldap` or `ident`, options), so that a file never allows more
 //! than it reads as allowing.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
 
+use crate::address::Address;
 use crate::config::{AuthMethod, ConfigError};
 
 /// The parsed file.
@@ -83,6 +85,26 @@ pub enum Origin {
     },
 }
 
+impl Origin {
+    /// Where a client on `peer` logs in from, over TLS or not.
+    pub fn of(peer: &Address, tls: bool) -> Origin {
+        match peer {
+            Address::Tcp(addr) => Origin::Tcp { ip: addr.ip(), tls },
+            Address::Local { .. } => Origin::Local,
+        }
+    }
+}
+
+/// As PostgreSQL names a client in its refusals: the address, or `[local]`.
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Local => f.write_str("[local]"),
+            Origin::Tcp { ip, .. } => ip.to_canonical().fmt(f),
+        }
+    }
+}
+
 impl Hba {
     /// Reads and parses the file at `path`.
     pub fn load(path: &Path) -> Result<Hba, ConfigError> {
@@ -93,6 +115,8 @@ impl Hba {
 
     /// Parses the file's text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Hba, ConfigError> {
+        let at =
+            |line: usize, reason: String| ConfigError::new(path, format!("line {line}"), reason);
         let mut rules = Vec::new();
         let mut pending: Option<(usize, String)> = None;
         for (i, raw) in text.lines().enumerate() {
@@ -107,20 +131,16 @@ impl Hba {
                 }
                 None => joined.push_str(raw),
             }
-            let fields = tokens(&joined)
-                .map_err(|reason| ConfigError::new(path, format!("line {start}"), reason))?;
+            let fields = tokens(&joined).map_err(|reason| at(start, reason))?;
             if fields.is_empty() {
                 continue;
             }
-            let rule = Rule::parse(start, &fields)
-                .map_err(|reason| ConfigError::new(path, format!("line {start}"), reason))?;
-            rules.push(rule);
+            rules.push(Rule::parse(start, &fields).map_err(|reason| at(start, reason))?);
         }
         if let Some((start, _)) = pending {
-            return Err(ConfigError::new(
-                path,
-                format!("line {start}"),
-                "the file ends inside a record continued with a backslash",
+            return Err(at(
+                start,
+                "the file ends inside a record continued with a backslash".into(),
             ));
         }
         Ok(Hba { rules })
@@ -133,13 +153,12 @@ impl Hba {
             .find(|r| r.matches(origin, database, user))
     }
 
-    /// Lines whose method is `cert`.
-    pub fn cert_lines(&self) -> Vec<usize> {
+    /// The first line whose method is `cert`.
+    pub fn cert_line(&self) -> Option<usize> {
         self.rules
             .iter()
-            .filter(|r| r.method == Method::Cert)
+            .find(|r| r.method == Method::Cert)
             .map(|r| r.line)
-            .collect()
     }
 
     /// Lines that let anyone from beyond loopback in without a password, for the
@@ -518,7 +537,7 @@ mod tests {
             line(&hba, tcp("fe80::1", true), "all", "z"),
             Some((8, Method::Cert))
         );
-        assert_eq!(hba.cert_lines(), [8]);
+        assert_eq!(hba.cert_line(), Some(8));
         assert_eq!(line(&hba, tcp("10.9.9.9", false), "app", "z"), None);
         assert_eq!(hba.open_trust_lines(), Vec::<usize>::new());
     }

@@ -137,15 +137,13 @@ async fn login_steps(
     }
 
     let config = shared.config.load_full();
-    let checked = match method_for(&config, stream, peer, &request) {
+    let origin = Origin::of(peer, stream.is_tls());
+    let checked = match method_for(&config, origin, &request) {
         (Method::Reject, line) => {
             warn!(%peer, user = %request.user, db = %request.database, line, "login refused by auth.hba_file");
             return Err(ClientError::HbaRefused {
                 line,
-                host: match peer {
-                    Address::Tcp(addr) => addr.ip().to_canonical().to_string(),
-                    Address::Local { .. } => "[local]".into(),
-                },
+                host: origin.to_string(),
                 user: request.user,
                 database: request.database,
                 tls: stream.is_tls(),
@@ -321,25 +319,13 @@ async fn negotiate(mut plain: Stream, tls: &Tls) -> Result<(Stream, StartupReque
 
 /// How a login is checked: by `auth.type`, or by the first `auth.hba_file` line that
 /// matches it (with the line's number); no matching line rejects it.
-fn method_for(
-    config: &Config,
-    stream: &Stream,
-    peer: &Address,
-    request: &StartupParams,
-) -> (Method, Option<usize>) {
+fn method_for(config: &Config, origin: Origin, request: &StartupParams) -> (Method, Option<usize>) {
     let Some(hba) = &config.auth.hba else {
         let method = match config.auth.method {
             AuthMethod::Cert => Method::Cert,
             other => Method::As(other),
         };
         return (method, None);
-    };
-    let origin = match peer {
-        Address::Tcp(addr) => Origin::Tcp {
-            ip: addr.ip(),
-            tls: stream.is_tls(),
-        },
-        Address::Local { .. } => Origin::Local,
     };
     match hba.rule_for(origin, &request.database, &request.user) {
         Some(rule) => (rule.method, Some(rule.line)),

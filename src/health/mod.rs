@@ -7,9 +7,9 @@
 //! machine (`Unknown → Up ⇄ Suspect → Down`, see [`Health`]), after which the
 //! monitor re-decides and publishes a new table when anything changed. Clients
 //! that see a server connection fail raise an alarm that makes every prober
-//! probe at once, so a crash is confirmed in a few hundred milliseconds rather than at the
-//! next interval. A coordination follower passes that alarm, and its failed
-//! probes of the primary, on to the leader, which decides.
+//! probe at once, so a crash is confirmed in a few hundred milliseconds rather
+//! than at the next interval. A coordination follower passes that alarm, and its
+//! failed probes of the primary, on to the leader, which decides.
 //!
 //! Failover modes: `auto` promotes (see [`crate::failover`]); `follow` routes to
 //! whichever node reports itself primary, newest timeline first; `off` routes to
