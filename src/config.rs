@@ -1365,17 +1365,6 @@ pub mod size {
 mod tests {
     use super::*;
 
-    /// A fresh folder for files a test's configuration names.
-    fn scratch_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "pgwarden-config-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     const MINIMAL: &str = r#"
 [[backends]]
 name = "pg1"
@@ -1716,7 +1705,7 @@ host = "127.0.0.1"
     #[test]
     #[cfg(feature = "etcd")]
     fn coordination_files_are_read_at_load() {
-        let dir = scratch_dir();
+        let dir = crate::scratch_dir("config");
         let config = dir.join("pgwarden.toml");
         let load = |scheme: &str, keys: &str| {
             Config::parse(
@@ -1811,7 +1800,7 @@ host = "127.0.0.1"
         assert_eq!(e.key, "auth.hba_file");
         assert!(e.reason.contains("type = \"hba\""), "{e}");
 
-        let dir = scratch_dir();
+        let dir = crate::scratch_dir("config");
         let config = dir.join("pgwarden.toml");
         let load = || {
             Config::parse(

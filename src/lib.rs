@@ -43,3 +43,15 @@ pub fn init_logging(level: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// A fresh folder under the system's temporary one, for a unit test's files.
+#[cfg(test)]
+fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pgwarden-{tag}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

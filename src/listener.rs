@@ -120,21 +120,9 @@ fn clear_stale(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    use std::path::PathBuf;
-
-    fn dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "pgwarden-listener-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[tokio::test]
     async fn a_socket_left_by_a_dead_process_is_replaced_and_a_live_one_refused() {
-        let dir = dir();
+        let dir = crate::scratch_dir("listener");
         let path = dir.join(".s.PGSQL.6432");
         // A bound and closed std listener leaves its file, as a killed process does.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
@@ -152,7 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_that_is_not_a_socket_is_left_alone() {
-        let dir = dir();
+        let dir = crate::scratch_dir("listener");
         let path = dir.join(".s.PGSQL.6432");
         std::fs::write(&path, "data").unwrap();
         let e = LocalSocket::bind(&path, 6432, 0o777).unwrap_err();
