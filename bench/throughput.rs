@@ -6,7 +6,8 @@
 //! Run: `cargo bench --bench throughput` (needs `apt-get install -y pgbouncer`).
 //! Knobs (environment): BENCH_ROUNDS=3, BENCH_SECONDS=10, BENCH_SCALE=10,
 //! BENCH_CLIENTS=10,50,200, BENCH_MODES=simple,extended,prepared, BENCH_SCRIPT=-S, BENCH_POOL=20,
-//! BENCH_PGWARDEN (extra `[pgwarden]` lines, e.g. "workers = 1").
+//! BENCH_PGWARDEN (extra `[pgwarden]` lines, e.g. "workers = 1"), BENCH_PGWARDEN_BIN
+//! (measure that pgwarden binary, e.g. `scripts/pgo-build`'s, instead of cargo's).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -87,7 +88,8 @@ fn main() {
     println!(
         "\n## pgbench {script}, {seconds} s runs, {rounds} rounds, pool {pool}, scale {scale}"
     );
-    println!("Machine: {}\n", support::machine());
+    println!("Machine: {}", support::machine());
+    println!("pgwarden: {}\n", support::pgwarden_binary().display());
     let mut header = String::from("| mode | clients |");
     for n in &names {
         header.push_str(&format!(" {n} TPS |"));

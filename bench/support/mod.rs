@@ -78,8 +78,18 @@ pub struct Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(pid) = self.pid {
+        // SIGTERM first: a pooler that exits by itself writes what it must on the
+        // way out (an instrumented build's profile, for `scripts/pgo-build`).
+        if let (Some(pid), Some(child)) = (self.pid, self.child.as_mut()) {
             // SAFETY: signalling a process this benchmark started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        if let Some(pid) = self.pid {
+            // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         if let Some(mut child) = self.child.take() {
@@ -169,7 +179,7 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+    let mut child = Command::new(pgwarden_binary())
         .arg("--config")
         .arg(dir.join("pgwarden.toml"))
         .stdout(Stdio::null())
@@ -185,6 +195,14 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
         child: Some(child),
         dir: Some(dir),
     }
+}
+
+/// The pgwarden to measure: `BENCH_PGWARDEN_BIN` (a build made another way, such as
+/// `scripts/pgo-build`'s), else the one cargo built for this benchmark.
+pub fn pgwarden_binary() -> PathBuf {
+    std::env::var_os("BENCH_PGWARDEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pgwarden")))
 }
 
 /// PgBouncer from the distribution, configured like pgwarden.
