@@ -83,9 +83,9 @@ impl Drop for Target {
         if let (Some(pid), Some(child)) = (self.pid, self.child.as_mut()) {
             // SAFETY: signalling a process this benchmark started.
             unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         if let Some(pid) = self.pid {
