@@ -74,6 +74,8 @@ pub struct Serving {
     pub backend: Arc<str>,
     /// the id of the pool it came from ([`crate::pool::ServerPool::id`])
     pub pool: u64,
+    /// when the connection was opened, for RECONNECT's `close_needed`
+    pub opened: Tick,
 }
 
 /// Why a session must stop what it is doing.
@@ -439,6 +441,7 @@ mod tests {
             },
             backend: "pg1".into(),
             pool,
+            opened: Tick::now(),
         }
     }
 
@@ -522,6 +525,7 @@ mod tests {
             key,
             backend: "pg1".into(),
             pool: 1,
+            opened: Tick::now(),
         }));
         reg.cancel(client.pid(), client.secret().wrapping_add(1), t)
             .await; // wrong secret

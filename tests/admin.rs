@@ -247,7 +247,8 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
 }
 
 #[tokio::test]
-async fn reconnect_replaces_server_connections_disable_refuses_logins_and_kill_client_drops_one() {
+async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_logins_and_kill_client_drops_one()
+ {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], operated(""));
     let admin = console(&pgw, ADMIN).await.unwrap();
@@ -273,7 +274,30 @@ async fn reconnect_replaces_server_connections_disable_refuses_logins_and_kill_c
         busy_pid,
         "the transaction keeps its connection"
     );
+    // SHOW SERVERS marks it close_needed, and WAIT_CLOSE waits for its release.
+    let busy_server = busy_pid.to_string();
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    let marked = servers
+        .iter()
+        .find(|r| get(r, "server_pid") == Some(busy_server.as_str()))
+        .unwrap_or_else(|| panic!("server {busy_server} not listed: {servers:?}"));
+    assert_eq!(get(marked, "close_needed"), Some("1"));
+    let waiter = console(&pgw, ADMIN).await.unwrap();
+    let waiting = tokio::spawn({
+        let name = db.name.clone();
+        async move { waiter.simple_query(&format!("WAIT_CLOSE {name}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "WAIT_CLOSE returned while the marked connection was in use"
+    );
     busy.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("WAIT_CLOSE returned once the connection was released")
+        .unwrap()
+        .unwrap();
     common::eventually(
         Duration::from_secs(5),
         "the connection released after RECONNECT closed",
@@ -282,8 +306,18 @@ async fn reconnect_replaces_server_connections_disable_refuses_logins_and_kill_c
     .await;
     let fresh = common::backend_pid(&idle).await;
     assert!(![idle_pid, busy_pid].contains(&fresh));
-    // Connections opened afterwards are kept.
+    // Connections opened afterwards are kept, and not marked.
     assert_eq!(common::backend_pid(&idle).await, fresh);
+    idle.batch_execute("BEGIN").await.unwrap();
+    let fresh_server = fresh.to_string();
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    let row = servers
+        .iter()
+        .find(|r| get(r, "server_pid") == Some(fresh_server.as_str()))
+        .unwrap_or_else(|| panic!("server {fresh_server} not listed: {servers:?}"));
+    assert_eq!(get(row, "close_needed"), Some("0"));
+    admin.simple_query("WAIT_CLOSE").await.unwrap();
+    idle.batch_execute("COMMIT").await.unwrap();
 
     // DISABLE refuses new clients with 55000; connected ones carry on; ENABLE.
     admin

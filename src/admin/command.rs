@@ -1,5 +1,6 @@
 //! The admin console's language: PgBouncer's SHOW/PAUSE/RESUME/RELOAD/SHUTDOWN/
-//! KILL/KILL_CLIENT/RECONNECT/DISABLE/ENABLE, plus pgwarden's cluster commands.
+//! KILL/KILL_CLIENT/RECONNECT/WAIT_CLOSE/DISABLE/ENABLE, plus pgwarden's cluster
+//! commands.
 //! Case-insensitive, a trailing `;` optional; names may be double-quoted.
 
 /// What SHOW can show.
@@ -46,6 +47,8 @@ pub enum Command {
     KillClient(i32),
     /// RECONNECT [db]: close each server connection when it is next released
     Reconnect(Option<String>),
+    /// WAIT_CLOSE [db]: wait until no server connection a RECONNECT marked is in use
+    WaitClose(Option<String>),
     /// DISABLE db: refuse new clients of the database
     Disable(String),
     /// ENABLE db
@@ -133,6 +136,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
                 .map_err(|_| format!("\"{pid}\" is not a client pid (SHOW CLIENTS lists them)"))
         }),
         "RECONNECT" => optional_name().map(Command::Reconnect),
+        "WAIT_CLOSE" => optional_name().map(Command::WaitClose),
         "DISABLE" => one_name("database name").map(Command::Disable),
         "ENABLE" => one_name("database name").map(Command::Enable),
         "FENCE" => one_name("node name").map(Command::Fence),
@@ -156,7 +160,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         }
         "RELOAD" | "SHUTDOWN" => Err(format!("{} takes no arguments", upper[0])),
         _ => Err(format!(
-            "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, KILL_CLIENT, RECONNECT, DISABLE, ENABLE, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
+            "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, KILL_CLIENT, RECONNECT, WAIT_CLOSE, DISABLE, ENABLE, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
             words[0]
         )),
     }
@@ -228,6 +232,12 @@ mod tests {
             parse("reconnect appdb"),
             Ok(Command::Reconnect(Some("appdb".into())))
         );
+        assert_eq!(parse("wait_close"), Ok(Command::WaitClose(None)));
+        assert_eq!(
+            parse("WAIT_CLOSE appdb;"),
+            Ok(Command::WaitClose(Some("appdb".into())))
+        );
+        assert!(parse("WAIT_CLOSE a b").is_err());
         assert_eq!(parse("DISABLE appdb"), Ok(Command::Disable("appdb".into())));
         assert_eq!(parse("enable appdb"), Ok(Command::Enable("appdb".into())));
         assert_eq!(parse("fence pg1"), Ok(Command::Fence("pg1".into())));

@@ -1,6 +1,6 @@
 //! Carrying out admin commands against the running proxy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +11,7 @@ use crate::coordination::Role;
 use crate::error::sqlstate;
 use crate::health::Request;
 use crate::metrics::ClientState;
+use crate::pool::ServerPool;
 use crate::protocol::ServerNotice;
 use crate::proxy::{Shared, report_reload};
 use crate::registry::Serving;
@@ -130,6 +131,15 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
                 )),
             )
         }
+        Command::WaitClose(db) => {
+            if let Some(db) = &db {
+                known(db)?;
+            }
+            while marked_in_use(shared, db.as_deref()) > 0 && !shared.shutdown.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done("WAIT_CLOSE", None)
+        }
         Command::Disable(db) => {
             known(&db)?;
             shared.admissions.disable(&db);
@@ -178,6 +188,37 @@ async fn cluster(
         Ok(message) => done(tag, Some(message)),
         Err(message) => Err(failed(sqlstate::NOT_IN_PREREQUISITE_STATE, message)),
     }
+}
+
+/// The pools (of `database`, or all) by id, to find the one a client's server
+/// connection came from.
+fn pools_by_id(shared: &Shared, database: Option<&str>) -> HashMap<u64, Arc<ServerPool>> {
+    shared
+        .pools
+        .all()
+        .into_iter()
+        .filter(|(key, _)| database.is_none_or(|db| key.database == db))
+        .map(|(_, pool)| (pool.id, pool))
+        .collect()
+}
+
+/// True when `serving`'s connection predates the last RECONNECT of its pool.
+fn close_needed(pools: &HashMap<u64, Arc<ServerPool>>, serving: &Serving) -> bool {
+    pools
+        .get(&serving.pool)
+        .is_some_and(|pool| pool.close_needed(serving.opened))
+}
+
+/// Server connections in use (of `database`, or all) that a RECONNECT marked to close.
+fn marked_in_use(shared: &Shared, database: Option<&str>) -> usize {
+    let pools = pools_by_id(shared, database);
+    shared
+        .clients
+        .all()
+        .iter()
+        .filter_map(|c| c.serving())
+        .filter(|s| close_needed(&pools, s))
+        .count()
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -309,9 +350,13 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 "port#",
                 "server_pid#",
                 "client_pid#",
+                "close_needed#",
             ]);
+            let pools = pools_by_id(shared, None);
             for c in &clients {
-                if let Some(Serving { key, backend, .. }) = c.serving() {
+                if let Some(serving) = c.serving() {
+                    let marked = close_needed(&pools, &serving);
+                    let Serving { key, backend, .. } = serving;
                     rs.row(vec![
                         "S".into(),
                         c.identity.user.clone().into(),
@@ -322,6 +367,7 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                         i64::from(key.addr.port()).into(),
                         i64::from(key.pid).into(),
                         i64::from(c.pid).into(),
+                        i64::from(marked).into(),
                     ]);
                 }
             }
@@ -337,6 +383,8 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                         i64::from(server.addr.port()).into(),
                         i64::from(server.pid).into(),
                         Cell::Null,
+                        // RECONNECT closes idle connections at once.
+                        0_i64.into(),
                     ]);
                 }
             }

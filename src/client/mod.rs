@@ -630,6 +630,7 @@ impl Session {
                             key: conn.cancel_key.clone(),
                             backend: pool.target.backend.clone(),
                             pool: pool.id,
+                            opened: conn.opened(),
                         }));
                         // Retired before the registry knew this client uses it: the
                         // retirement's sweep of the registry did not see it.

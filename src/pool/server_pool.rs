@@ -406,9 +406,15 @@ impl ServerPool {
     /// the last RECONNECT.
     fn expired(&self, conn: &ServerConn, now: Tick) -> bool {
         let lifetime = self.lifetime.load(Ordering::Relaxed);
-        let reconnect = self.reconnect_before.load(Ordering::Relaxed);
         (lifetime != 0 && conn.age(now) >= Duration::from_nanos(lifetime))
-            || (reconnect != 0 && conn.opened() < Tick::from_nanos(reconnect))
+            || self.close_needed(conn.opened())
+    }
+
+    /// True when a connection opened at `opened` predates the last RECONNECT: it
+    /// closes when released (SHOW SERVERS' `close_needed`, what WAIT_CLOSE waits for).
+    pub fn close_needed(&self, opened: Tick) -> bool {
+        let reconnect = self.reconnect_before.load(Ordering::Relaxed);
+        reconnect != 0 && opened < Tick::from_nanos(reconnect)
     }
 
     /// Closes the idle connections now and every other one when it is released
