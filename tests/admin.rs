@@ -190,7 +190,7 @@ async fn only_admin_users_may_change_things_and_others_may_not_log_in() {
 }
 
 #[tokio::test]
-async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
+async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients_and_pauses() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], operated(""));
     let admin = console(&pgw, ADMIN).await.unwrap();
@@ -227,7 +227,8 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
         .unwrap();
     query.await.unwrap().unwrap();
 
-    // KILL disconnects the database's clients at once.
+    // KILL disconnects the database's clients at once and pauses it, as PgBouncer's
+    // does: a client that comes back logs in, but its transaction waits for RESUME.
     let victim = pgw.connect(&db).await;
     victim.simple_query("SELECT 1").await.unwrap();
     admin
@@ -236,11 +237,18 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(victim.simple_query("SELECT 1").await.is_err());
-    pgw.connect(&db)
-        .await
-        .simple_query("SELECT 1")
+    let returning = pgw.connect(&db).await;
+    let query = tokio::spawn(async move { returning.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !query.is_finished(),
+        "a transaction ran after KILL, before RESUME"
+    );
+    admin
+        .simple_query(&format!("RESUME {}", db.name))
         .await
         .unwrap();
+    query.await.unwrap().unwrap();
     // Naming a database that does not exist is an error.
     let err = admin.simple_query("KILL nowhere").await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("3D000"));

@@ -41,7 +41,7 @@ pub enum Command {
     Reload,
     /// SHUTDOWN: stop pgwarden gracefully
     Shutdown,
-    /// KILL db: drop the database's clients and server connections now
+    /// KILL db: drop the database's clients and server connections now, and pause it
     Kill(String),
     /// KILL_CLIENT pid: drop one client now
     KillClient(i32),

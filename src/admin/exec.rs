@@ -88,6 +88,9 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
         }
         Command::Kill(db) => {
             known(&db)?;
+            // Paused first, as in PgBouncer: clients that come back (drivers retry at
+            // once) wait for RESUME instead of filling the pool just emptied.
+            shared.gate.pause(Some(&db));
             let mut killed = 0;
             for client in shared.clients.all() {
                 if client.identity.database == db {
@@ -99,7 +102,7 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
             done(
                 "KILL",
                 Some(format!(
-                    "{killed} clients of \"{db}\" disconnected, its server connections closed"
+                    "{killed} clients of \"{db}\" disconnected, its server connections closed; it stays paused until RESUME"
                 )),
             )
         }
