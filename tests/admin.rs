@@ -57,6 +57,18 @@ async fn rows(client: &Client, sql: &str) -> Vec<Vec<(String, Option<String>)>> 
         .collect()
 }
 
+/// SHOW SERVERS' `close_needed` of the server connection with backend pid `pid`.
+async fn close_needed(admin: &Client, pid: i32) -> String {
+    let servers = rows(admin, "SHOW SERVERS").await;
+    let pid = pid.to_string();
+    servers
+        .iter()
+        .find(|r| get(r, "server_pid") == Some(pid.as_str()))
+        .and_then(|r| get(r, "close_needed"))
+        .unwrap_or_else(|| panic!("server {pid} not listed: {servers:?}"))
+        .to_owned()
+}
+
 fn get<'a>(row: &'a [(String, Option<String>)], column: &str) -> Option<&'a str> {
     row.iter()
         .find(|(c, _)| c == column)
@@ -283,13 +295,7 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
         "the transaction keeps its connection"
     );
     // SHOW SERVERS marks it close_needed, and WAIT_CLOSE waits for its release.
-    let busy_server = busy_pid.to_string();
-    let servers = rows(&admin, "SHOW SERVERS").await;
-    let marked = servers
-        .iter()
-        .find(|r| get(r, "server_pid") == Some(busy_server.as_str()))
-        .unwrap_or_else(|| panic!("server {busy_server} not listed: {servers:?}"));
-    assert_eq!(get(marked, "close_needed"), Some("1"));
+    assert_eq!(close_needed(&admin, busy_pid).await, "1");
     let waiter = console(&pgw, ADMIN).await.unwrap();
     let waiting = tokio::spawn({
         let name = db.name.clone();
@@ -317,13 +323,7 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
     // Connections opened afterwards are kept, and not marked.
     assert_eq!(common::backend_pid(&idle).await, fresh);
     idle.batch_execute("BEGIN").await.unwrap();
-    let fresh_server = fresh.to_string();
-    let servers = rows(&admin, "SHOW SERVERS").await;
-    let row = servers
-        .iter()
-        .find(|r| get(r, "server_pid") == Some(fresh_server.as_str()))
-        .unwrap_or_else(|| panic!("server {fresh_server} not listed: {servers:?}"));
-    assert_eq!(get(row, "close_needed"), Some("0"));
+    assert_eq!(close_needed(&admin, fresh).await, "0");
     admin.simple_query("WAIT_CLOSE").await.unwrap();
     idle.batch_execute("COMMIT").await.unwrap();
 
