@@ -35,6 +35,8 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     let (user, password, database) = APP;
     cluster.create_user(user, password)?;
     cluster.create_database(database, user)?;
+    // The read-only database is served by the standbys: it must exist there too.
+    cluster.wait_replayed(std::time::Duration::from_secs(30))?;
 
     let port_or_free = |preferred: &str| -> Result<String, super::ClusterError> {
         if std::net::TcpListener::bind(preferred).is_ok() {
@@ -80,6 +82,12 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     let tls = crate::tls::Tls::load(&config)?;
     crate::init_logging(&config.pgwarden.log_level);
 
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Bound before the banner, so that what it says to run works at once.
+    let listener = runtime.block_on(proxy::bind(&config))?;
+
     let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6432"));
     let nodes: String = cluster
         .nodes
@@ -115,13 +123,10 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
         pidfile = pidfile.display(),
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let listener = proxy::bind(&config).await?;
-        proxy::serve(listener, proxy::Shared::new(config, users, tls)).await
-    })?;
+    runtime.block_on(proxy::serve(
+        listener,
+        proxy::Shared::new(config, users, tls),
+    ))?;
     drop(cluster);
     Ok(())
 }

@@ -13,6 +13,7 @@ mod node;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 pub use exec::Programs;
 use exec::run;
@@ -206,6 +207,30 @@ impl Cluster {
     pub fn create_database(&self, name: &str, owner: &str) -> Result<(), ClusterError> {
         self.primary()
             .sql(&format!("CREATE DATABASE \"{name}\" OWNER \"{owner}\""))?;
+        Ok(())
+    }
+
+    /// Waits until every standby has replayed what the primary has written so far
+    /// (a database just created can then be connected to on them), for at most `limit`.
+    pub fn wait_replayed(&self, limit: Duration) -> Result<(), ClusterError> {
+        let written = self.primary().sql("SELECT pg_current_wal_lsn()")?;
+        let caught_up = format!(
+            "SELECT pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
+            written.trim()
+        );
+        let deadline = Instant::now() + limit;
+        for standby in &self.nodes[1..] {
+            while standby.sql(&caught_up)?.trim() != "t" {
+                if Instant::now() > deadline {
+                    return Err(ClusterError::new(format!(
+                        "{} has not replayed the primary's WAL up to {} within {limit:?}",
+                        standby.name,
+                        written.trim()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Ok(())
     }
 
