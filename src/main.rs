@@ -98,25 +98,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime threads for `pgwarden.workers`; 0 picks one per CPU, but one on a
-/// machine of two CPUs or fewer.
-///
-/// One worker runs everything on the main thread with tokio's current-thread
-/// scheduler: no work stealing, no waking of an idle sibling. Where the pooler
-/// shares two cores with PostgreSQL and the clients, a second worker mostly adds
-/// those wakeups: measured on 2 vCPUs with pgbench -S at 10 to 200 clients, one
-/// worker cost 10-30 % less CPU per transaction than two, at the same or better
-/// throughput. With more cores, more workers carry more load.
-fn runtime_workers(configured: usize) -> usize {
-    match configured {
-        0 => match std::thread::available_parallelism().map_or(1, |n| n.get()) {
-            cpus if cpus <= 2 => 1,
-            cpus => cpus,
-        },
-        n => n,
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -264,15 +245,7 @@ fn run(path: &Path) -> ExitCode {
     for (file, key, why) in unsafe_settings(&config) {
         tracing::warn!(file = %file.display(), key, "unsafe setting: {why}");
     }
-    let mut runtime = match runtime_workers(config.pgwarden.workers) {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        workers => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(workers);
-            builder
-        }
-    };
-    let runtime = match runtime.enable_all().build() {
+    let runtime = match proxy::runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -82,9 +82,7 @@ fn start() -> Result<(), Box<dyn std::error::Error>> {
     let tls = crate::tls::Tls::load(&config)?;
     crate::init_logging(&config.pgwarden.log_level);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = proxy::runtime(&config)?;
     // Bound before the banner, so that what it says to run works at once.
     let listener = runtime.block_on(proxy::bind(&config))?;
 
