@@ -277,6 +277,10 @@ pub struct PoolConfig {
     pub min_pool_size: u32,
     /// extra connections for clients that waited `reserve_pool_timeout`
     pub reserve_pool_size: u32,
+    /// server connections of one database on one node, all users together; 0: no cap
+    pub max_db_connections: u32,
+    /// server connections of one user on one node, all databases together; 0: no cap
+    pub max_user_connections: u32,
     /// wait before a client may use the reserve pool
     #[serde(with = "duration")]
     pub reserve_pool_timeout: Duration,
@@ -319,6 +323,8 @@ impl Default for PoolConfig {
             default_pool_size: 20,
             min_pool_size: 0,
             reserve_pool_size: 0,
+            max_db_connections: 0,
+            max_user_connections: 0,
             reserve_pool_timeout: Duration::from_secs(5),
             query_wait_timeout: Duration::from_secs(30),
             server_connect_timeout: Duration::from_secs(5),
@@ -665,6 +671,8 @@ pub struct DatabaseConfig {
     pub pool_size: Option<u32>,
     /// overrides `pool.min_pool_size`
     pub min_pool_size: Option<u32>,
+    /// overrides `pool.max_db_connections`
+    pub max_db_connections: Option<u32>,
     /// overrides `pool.mode`
     pub pool_mode: Option<PoolMode>,
     /// which nodes serve this database
@@ -1179,6 +1187,9 @@ impl Config {
             dbname: db.dbname.clone().unwrap_or_else(|| name.to_owned()),
             pool_size,
             min_pool_size: min_pool_size.min(pool_size),
+            max_db_connections: db
+                .max_db_connections
+                .unwrap_or(self.pool.max_db_connections),
             pool_mode: db.pool_mode.unwrap_or(self.pool.mode),
             target: db.target,
         })
@@ -1233,6 +1244,8 @@ pub struct DatabaseSettings {
     pub pool_size: u32,
     /// of which each pool keeps this many open even when idle
     pub min_pool_size: u32,
+    /// server connections per backend for all its users together; 0: no cap
+    pub max_db_connections: u32,
     /// pooling mode
     pub pool_mode: PoolMode,
     /// which nodes serve it
@@ -1455,7 +1468,7 @@ host = "127.0.0.1"
     #[test]
     fn per_database_overrides_apply() {
         let c = parse(&format!(
-            "{MINIMAL}dbname = \"real\"\npool_size = 3\npool_mode = \"session\"\n"
+            "[pool]\nmax_db_connections = 50\n{MINIMAL}dbname = \"real\"\npool_size = 3\npool_mode = \"session\"\nmax_db_connections = 4\n[databases.other]\n"
         ))
         .unwrap();
         let db = c.database("appdb").unwrap();
@@ -1465,10 +1478,12 @@ host = "127.0.0.1"
                 dbname: "real".into(),
                 pool_size: 3,
                 min_pool_size: 0,
+                max_db_connections: 4,
                 pool_mode: PoolMode::Session,
                 target: Target::Primary,
             }
         );
+        assert_eq!(c.database("other").unwrap().max_db_connections, 50);
     }
 
     #[test]

@@ -132,10 +132,14 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert!(received > 0 && sent > 0, "{stat:?}");
 
     let dbs = rows(&admin, "SHOW DATABASES").await;
-    assert!(
-        dbs.iter()
-            .any(|r| get(r, "name") == Some(db.name.as_str()) && get(r, "primary") == Some("pg1"))
-    );
+    let listed = dbs
+        .iter()
+        .find(|r| get(r, "name") == Some(db.name.as_str()))
+        .unwrap();
+    assert_eq!(get(listed, "primary"), Some("pg1"));
+    // The same two server connections SHOW POOLS counts; no max_db_connections.
+    assert_eq!(get(listed, "current_connections"), Some("2"), "{listed:?}");
+    assert_eq!(get(listed, "max_connections"), Some("0"), "{listed:?}");
     let backends = rows(&admin, "SHOW BACKENDS").await;
     assert_eq!(get(&backends[0], "role"), Some("primary"));
     assert_eq!(get(&backends[0], "state"), Some("up"));
@@ -250,17 +254,15 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients_and_pa
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(victim.simple_query("SELECT 1").await.is_err());
     let returning = pgw.connect(&db).await;
-    let query = tokio::spawn(async move { returning.simple_query("SELECT 1").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !query.is_finished(),
-        "a transaction ran after KILL, before RESUME"
-    );
+    let query = common::waits("RESUME after KILL", async move {
+        returning.simple_query("SELECT 1").await.map(drop)
+    })
+    .await;
     admin
         .simple_query(&format!("RESUME {}", db.name))
         .await
         .unwrap();
-    query.await.unwrap().unwrap();
+    common::served(query).await.unwrap();
     // Naming a database that does not exist is an error.
     let err = admin.simple_query("KILL nowhere").await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("3D000"));
@@ -297,21 +299,13 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
     // SHOW SERVERS marks it close_needed, and WAIT_CLOSE waits for its release.
     assert_eq!(close_needed(&admin, busy_pid).await, "1");
     let waiter = console(&pgw, ADMIN).await.unwrap();
-    let waiting = tokio::spawn({
-        let name = db.name.clone();
-        async move { waiter.simple_query(&format!("WAIT_CLOSE {name}")).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "WAIT_CLOSE returned while the marked connection was in use"
-    );
+    let name = db.name.clone();
+    let waiting = common::waits("the marked connection in use", async move {
+        waiter.simple_query(&format!("WAIT_CLOSE {name}")).await
+    })
+    .await;
     busy.batch_execute("COMMIT").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("WAIT_CLOSE returned once the connection was released")
-        .unwrap()
-        .unwrap();
+    common::served(waiting).await.unwrap();
     common::eventually(
         Duration::from_secs(5),
         "the connection released after RECONNECT closed",

@@ -483,3 +483,101 @@ async fn a_client_idle_in_a_transaction_is_disconnected_and_its_transaction_roll
         pgw.log()
     );
 }
+
+/// Server connections open to `database`, whoever opened them.
+fn sessions_in(db: &Db, database: &str) -> usize {
+    db.admin_sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    ))
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// A second login role of the shared cluster (no database of its own).
+fn another_user(db: &Db, suffix: &str) -> Db {
+    let other = Db {
+        user: format!("{}_{suffix}", db.user),
+        password: format!("pw_{suffix}"),
+        ..db.clone()
+    };
+    common::with_cluster(|c| c.create_user(&other.user, &other.password).unwrap());
+    other
+}
+
+#[tokio::test]
+async fn max_db_connections_bounds_every_users_pools_of_a_database_together() {
+    let db = Db::create();
+    let second = another_user(&db, "b");
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            extra_users: format!("\"{}\" \"{}\"\n", second.user, second.password),
+            ..pool("default_pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"1s\"")
+        },
+    );
+    let open = || sessions_in(&db, &db.name);
+    // Logged in first: a pool's first login reads the server's welcome, which
+    // takes a server connection too.
+    let b = std::sync::Arc::new(pgw.connect(&second).await);
+    // Two transactions of the first user fill the cap (closing the second user's
+    // idle connection for room).
+    let a1 = pgw.connect(&db).await;
+    let a2 = pgw.connect(&db).await;
+    a1.batch_execute("BEGIN").await.unwrap();
+    a2.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(open(), 2);
+    // The second user's request waits for room ...
+    let waiting = common::waits("max_db_connections", {
+        let b = b.clone();
+        async move { b.simple_query("SELECT 1").await.map(drop) }
+    })
+    .await;
+    assert_eq!(open(), 2);
+    // ... and gets it when one of them goes idle: that connection is closed for it.
+    a1.batch_execute("COMMIT").await.unwrap();
+    common::served(waiting).await.unwrap();
+    assert_eq!(open(), 2, "{}", pgw.log());
+    // With every connection under the cap in a transaction, query_wait_timeout
+    // answers 53300 and the client stays.
+    a1.batch_execute("BEGIN").await.unwrap();
+    let started = Instant::now();
+    let err = b.batch_execute("BEGIN").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    a2.batch_execute("COMMIT").await.unwrap();
+    b.simple_query("SELECT 1").await.unwrap();
+    assert!(open() <= 2, "{}", pgw.log());
+}
+
+#[tokio::test]
+async fn max_user_connections_bounds_a_users_pools_of_every_database_together() {
+    let db = Db::create();
+    let other = Db {
+        name: format!("{}_other", db.name),
+        ..db.clone()
+    };
+    common::with_cluster(|c| c.create_database(&other.name, &db.user).unwrap());
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            databases: format!("[databases.{}]\n", other.name),
+            ..pool("default_pool_size = 5\nmax_user_connections = 1")
+        },
+    );
+    let here = pgw.connect(&db).await;
+    let there = pgw.connect(&other).await;
+    here.batch_execute("BEGIN").await.unwrap();
+    let waiting = common::waits("max_user_connections", async move {
+        there.simple_query("SELECT 1").await.map(drop)
+    })
+    .await;
+    here.batch_execute("COMMIT").await.unwrap();
+    common::served(waiting).await.unwrap();
+    assert_eq!(
+        sessions_in(&db, &db.name) + sessions_in(&db, &other.name),
+        1,
+        "{}",
+        pgw.log()
+    );
+}

@@ -2,9 +2,10 @@
 //!
 //! [`Pools`] finds or creates the pool for a key, applies reloaded settings,
 //! retires pools whose database or backend went away, and reaps idle
-//! connections. Clients look a pool up once per change of routing and then
+//! connections. It also holds the caps ([`caps`]) that bound several pools together. Clients look a pool up once per change of routing and then
 //! keep the `Arc`, so the registry's lock is off the per-transaction path.
 
+mod caps;
 mod gate;
 mod logins;
 mod server_pool;
@@ -18,6 +19,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use caps::{Cap, Caps};
 pub use gate::{Admission, Gate, Paused};
 pub use logins::Logins;
 pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
@@ -61,10 +63,32 @@ impl PoolKey {
     }
 }
 
+/// Which cap: `max_db_connections` of a client-facing database, or
+/// `max_user_connections` of a user, on one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum CapKey {
+    Database(String, Arc<str>),
+    User(String, Arc<str>),
+}
+
+impl CapKey {
+    /// The limit `config` sets for it (0: none).
+    fn limit(&self, config: &Config) -> usize {
+        let limit = match self {
+            CapKey::Database(database, _) => config
+                .database(database)
+                .map_or(0, |d| d.max_db_connections),
+            CapKey::User(..) => config.pool.max_user_connections,
+        };
+        limit as usize
+    }
+}
+
 /// Every pool of the process.
 #[derive(Debug)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<ServerPool>>>,
+    caps: Mutex<HashMap<CapKey, Arc<Cap>>>,
     logins: Mutex<HashMap<(String, String), Arc<Logins>>>,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
@@ -78,6 +102,7 @@ impl Pools {
     pub fn new(secrets: Secrets, tls: Arc<ArcSwap<Tls>>, clients: Arc<ClientRegistry>) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
+            caps: Mutex::new(HashMap::new()),
             logins: Mutex::new(HashMap::new()),
             secrets,
             tls,
@@ -91,16 +116,46 @@ impl Pools {
         if let Some(pool) = pools.get(key) {
             return pool.clone();
         }
+        let backend = &key.target.backend;
+        let caps = Caps {
+            database: self.cap(
+                CapKey::Database(key.database.clone(), backend.clone()),
+                config,
+            ),
+            user: self.cap(
+                CapKey::User(key.target.user.clone(), backend.clone()),
+                config,
+            ),
+        };
         let pool = Arc::new(ServerPool::new(
             key.target.clone(),
             settings_for(config, &key.database),
+            caps.clone(),
             self.secrets.clone(),
             self.tls.clone(),
             self.logins(&key.database, &key.target.user),
         ));
+        caps.database.join(&pool);
+        caps.user.join(&pool);
         debug!(db = %key.database, backend = %key.target.backend, user = %key.target.user, "pool created");
         pools.insert(key.clone(), pool.clone());
         pool
+    }
+
+    /// The cap `key` names, created with the limit `config` gives it.
+    fn cap(&self, key: CapKey, config: &Config) -> Arc<Cap> {
+        let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = key.limit(config);
+        caps.entry(key).or_insert_with(|| Cap::new(limit)).clone()
+    }
+
+    /// Server connections open for client-facing `database`, on every backend together.
+    pub fn database_connections(&self, database: &str) -> usize {
+        let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        caps.iter()
+            .filter(|(key, _)| matches!(key, CapKey::Database(db, _) if db == database))
+            .map(|(_, cap)| cap.open())
+            .sum()
     }
 
     /// The login facts of `user` on `database`, shared by its pools on every backend.
@@ -163,9 +218,12 @@ impl Pools {
             .collect()
     }
 
-    /// Applies a reloaded config: new sizes and timeouts; pools whose database or
-    /// backend changed or disappeared are retired (their clients move to new pools).
+    /// Applies a reloaded config: new sizes, caps and timeouts; pools whose database
+    /// or backend changed or disappeared are retired (their clients move to new pools).
     pub fn reconfigure(&self, config: &Config) {
+        for (key, cap) in self.caps.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            cap.set_limit(key.limit(config));
+        }
         self.retire_where(|key, pool| {
             let still = config
                 .backends
@@ -291,23 +349,65 @@ mod tests {
     use crate::auth::UserList;
     use crate::backend::{Health, Role, probed};
 
+    fn pools_for(config: &Config) -> Pools {
+        let secrets = Secrets {
+            users: Arc::new(ArcSwap::from_pointee(UserList::default())),
+            queried: Arc::default(),
+        };
+        let tls = Arc::new(ArcSwap::from_pointee(Tls::load(config).unwrap()));
+        Pools::new(secrets, tls, Arc::default())
+    }
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, std::path::Path::new("test.toml")).unwrap()
+    }
+
+    #[test]
+    fn pools_share_the_caps_of_their_database_and_user_per_node_and_reloads_change_them() {
+        let nodes = "[[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\n\
+                     [[backends]]\nname = \"pg2\"\nhost = \"127.0.0.1\"\nport = 5433\n";
+        let config = parse(&format!(
+            "[pool]\nmax_db_connections = 4\nmax_user_connections = 6\n{nodes}\
+             [databases.app]\n[databases.big]\nmax_db_connections = 9\n"
+        ));
+        let pools = pools_for(&config);
+        let pool = |db: &str, user: &str, node: usize| {
+            let key = PoolKey::new(&config, db, user, &config.backends[node]).unwrap();
+            pools.get(&key, &config)
+        };
+        let (alice, bob) = (pool("app", "alice", 0), pool("app", "bob", 0));
+        assert!(Arc::ptr_eq(&alice.caps.database, &bob.caps.database));
+        assert!(!Arc::ptr_eq(&alice.caps.user, &bob.caps.user));
+        let elsewhere = pool("app", "alice", 1);
+        assert!(!Arc::ptr_eq(&alice.caps.database, &elsewhere.caps.database));
+        let big = pool("big", "alice", 0);
+        assert!(Arc::ptr_eq(&alice.caps.user, &big.caps.user));
+        assert_eq!(
+            (alice.caps.database.limit(), alice.caps.user.limit()),
+            (4, 6)
+        );
+        assert_eq!(big.caps.database.limit(), 9);
+
+        pools.reconfigure(&parse(&format!(
+            "[pool]\nmax_db_connections = 2\n{nodes}[databases.app]\n[databases.big]\n"
+        )));
+        assert_eq!(
+            (alice.caps.database.limit(), alice.caps.user.limit()),
+            (2, 0)
+        );
+        assert_eq!(big.caps.database.limit(), 2);
+    }
+
     #[test]
     fn warm_pools_are_those_on_the_nodes_each_database_is_routed_to_now() {
-        let config = Config::parse(
+        let config = parse(
             "[pool]\nmin_pool_size = 2\n\
              [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\n\
              [[backends]]\nname = \"pg2\"\nhost = \"127.0.0.1\"\nport = 5433\n\
              [databases.app]\n[databases.reports]\ntarget = \"standby\"\n\
              [databases.cold]\nmin_pool_size = 0\n",
-            std::path::Path::new("test.toml"),
-        )
-        .unwrap();
-        let secrets = Secrets {
-            users: Arc::new(ArcSwap::from_pointee(UserList::default())),
-            queried: Arc::default(),
-        };
-        let tls = Arc::new(ArcSwap::from_pointee(Tls::load(&config).unwrap()));
-        let pools = Pools::new(secrets, tls, Arc::default());
+        );
+        let pools = pools_for(&config);
         for db in ["app", "reports", "cold"] {
             pools.logins(db, "alice");
         }

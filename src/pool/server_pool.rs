@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
 
+use super::caps::{Caps, Places};
 use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::Secrets;
@@ -83,7 +84,9 @@ pub struct ServerPool {
     /// Boxed, here and in [`PooledConn`]: a connection changes hands several times per
     /// transaction, and a pointer moves for less than the whole connection.
     #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
+    idle: Mutex<Vec<Box<Held>>>,
+    /// `max_db_connections` and `max_user_connections`, shared with sibling pools
+    pub(super) caps: Caps,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
@@ -104,6 +107,7 @@ impl ServerPool {
     pub fn new(
         target: ServerTarget,
         settings: PoolSettings,
+        caps: Caps,
         secrets: Secrets,
         tls: Arc<ArcSwap<Tls>>,
         logins: Arc<Logins>,
@@ -117,6 +121,7 @@ impl ServerPool {
             lifetime: AtomicU64::new(nanos(settings.lifetime)),
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
+            caps,
             secrets,
             tls,
             logins,
@@ -167,25 +172,49 @@ impl ServerPool {
             conn: None,
             slot: Some(slot),
         };
-        // Read after the wait for a slot, which may have been long.
-        if let Some(conn) = self.live_idle(Tick::now()) {
-            pooled.conn = Some(conn);
-            return Ok(pooled);
-        }
-        match self.open().await {
-            Ok(conn) => {
-                pooled.conn = Some(conn);
-                Ok(pooled)
-            }
-            Err(e) => {
+        let room = match self.room() {
+            Some(room) => room,
+            None => Box::pin(self.wait_for_room()).await,
+        }?;
+        pooled.conn = Some(match room {
+            Room::Idle(conn) => conn,
+            Room::Places(places) => self.open(places).await.map_err(|e| {
                 warn!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, error = %e, "server connection failed");
-                Err(e.into())
-            }
+                CheckoutError::from(e)
+            })?,
+        });
+        Ok(pooled)
+    }
+
+    /// What a checkout holding a slot can have now: one of the pool's idle
+    /// connections (read after the wait for the slot, which may have been long), or
+    /// places under the caps for a new one. `None` while a cap is full.
+    fn room(&self) -> Option<Result<Room, CheckoutError>> {
+        if self.is_retired() {
+            return Some(Err(CheckoutError::Retired));
+        }
+        if let Some(conn) = self.live_idle(Tick::now()) {
+            return Some(Ok(Room::Idle(conn)));
+        }
+        self.caps.take(self).map(|places| Ok(Room::Places(places)))
+    }
+
+    /// Waits, up to `query_wait_timeout`, until a cap that was full has room.
+    async fn wait_for_room(&self) -> Result<Room, CheckoutError> {
+        let wait_timeout = self.settings.load().wait_timeout;
+        debug!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, "waiting for room under max_db_connections / max_user_connections");
+        let wait = self.caps.wait_for(|| self.room());
+        if wait_timeout.is_zero() {
+            wait.await
+        } else {
+            tokio::time::timeout(wait_timeout, wait)
+                .await
+                .map_err(|_| CheckoutError::Timeout(wait_timeout))?
         }
     }
 
-    /// Opens a new server connection (the caller holds a slot for it).
-    async fn open(&self) -> Result<Box<ServerConn>, ServerError> {
+    /// Opens a new server connection under `places` (the caller holds a slot for it).
+    async fn open(&self, places: Places) -> Result<Box<Held>, ServerError> {
         let credential = self.secrets.get(&self.target.user).ok_or_else(|| {
             ServerError::Credentials(format!(
                 "user \"{}\" is not in the user list",
@@ -204,7 +233,10 @@ impl ServerPool {
         .await?;
         debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
         self.logins.remember_welcome(&conn.reported);
-        Ok(Box::new(conn))
+        Ok(Box::new(Held {
+            conn,
+            _places: places,
+        }))
     }
 
     /// When the pool has fewer connections open than its minimum and nobody is
@@ -218,7 +250,12 @@ impl ServerPool {
         let pool = self.clone();
         Some(async move {
             while pool.missing() > 0 && !pool.is_retired() && pool.main.try_acquire() {
-                match pool.open().await {
+                // Warm connections never crowd out others under a cap.
+                let Some(places) = pool.caps.take_now() else {
+                    pool.release_slot(Slot::Main);
+                    break;
+                };
+                match pool.open(places).await {
                     Ok(conn) => pool.park(conn, Slot::Main, Tick::now()),
                     Err(e) => {
                         pool.release_slot(Slot::Main);
@@ -271,7 +308,7 @@ impl ServerPool {
 
     /// Takes an idle connection that is still alive, closing the expired and broken
     /// ones met on the way.
-    fn live_idle(&self, now: Tick) -> Option<Box<ServerConn>> {
+    fn live_idle(&self, now: Tick) -> Option<Box<Held>> {
         while let Some(mut conn) = lock(&self.idle).pop() {
             if self.expired(&conn, now) {
                 debug!(server = conn.id, "closing expired server connection");
@@ -289,21 +326,46 @@ impl ServerPool {
         None
     }
 
-    fn give_back(&self, conn: Box<ServerConn>, slot: Slot, now: Tick) {
+    fn give_back(&self, conn: Box<Held>, slot: Slot, now: Tick) {
         self.answered.store(now.as_nanos(), Ordering::Relaxed);
         self.park(conn, slot, now);
     }
 
     /// Puts a connection among the idle ones (or closes it, if its pool or its
     /// lifetime is over) and frees its slot.
-    fn park(&self, mut conn: Box<ServerConn>, slot: Slot, now: Tick) {
+    fn park(&self, mut conn: Box<Held>, slot: Slot, now: Tick) {
         if self.is_retired() || self.expired(&conn, now) {
             conn.close();
         } else {
             conn.mark_idle(now);
             lock(&self.idle).push(conn);
+            // A pool waiting under a full cap may close it to make room.
+            self.caps.database.changed_now();
+            self.caps.user.changed_now();
         }
         self.release_slot(slot);
+    }
+
+    /// True when the pool has an idle connection.
+    pub(super) fn has_idle(&self) -> bool {
+        !lock(&self.idle).is_empty()
+    }
+
+    /// Closes the idle connection that waited longest, for a pool under the same
+    /// cap that needs room; false when there is none.
+    pub(super) fn close_oldest_idle(&self) -> bool {
+        let oldest = {
+            let mut idle = lock(&self.idle);
+            (!idle.is_empty()).then(|| idle.remove(0))
+        };
+        match oldest {
+            Some(conn) => {
+                debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "closing an idle server connection to make room under a cap");
+                conn.close();
+                true
+            }
+            None => false,
+        }
     }
 
     fn release_slot(&self, slot: Slot) {
@@ -337,7 +399,7 @@ impl ServerPool {
         let settings = self.settings.load();
         let min_size = if warm { settings.min_size } else { 0 };
         let in_use = self.in_use();
-        let closing: Vec<Box<ServerConn>> = {
+        let closing: Vec<Box<Held>> = {
             let mut idle = lock(&self.idle);
             let now = Tick::now();
             let mut open = in_use + idle.len();
@@ -437,7 +499,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct PooledConn {
     pool: Arc<ServerPool>,
-    conn: Option<Box<ServerConn>>,
+    conn: Option<Box<Held>>,
     /// taken when the slot goes back, so that it goes back exactly once
     slot: Option<Slot>,
 }
@@ -469,17 +531,57 @@ impl PooledConn {
 impl Deref for PooledConn {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.conn
+        &self
+            .conn
             .as_ref()
             .expect("connection present until release")
+            .conn
     }
 }
 
 impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn
+        &mut self
+            .conn
             .as_mut()
             .expect("connection present until release")
+            .conn
+    }
+}
+
+/// What a checkout found room for.
+enum Room {
+    /// an idle connection of the pool
+    Idle(Box<Held>),
+    /// places under the caps, for a new connection
+    Places(Places),
+}
+
+/// A server connection of the pool with its places under the caps, which it holds
+/// until it closes.
+#[derive(Debug)]
+struct Held {
+    conn: ServerConn,
+    _places: Places,
+}
+
+impl Held {
+    /// Closes the connection; its places go back.
+    fn close(self: Box<Self>) {
+        self.conn.close();
+    }
+}
+
+impl Deref for Held {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        &self.conn
+    }
+}
+
+impl DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        &mut self.conn
     }
 }
 

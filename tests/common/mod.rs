@@ -402,6 +402,26 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
     }
 }
 
+/// Spawns `work` and checks that it is still waiting 300 ms later, for what
+/// `blocked_by` names; [`served`] then awaits it once that is out of the way.
+pub async fn waits<T: Send + 'static>(
+    blocked_by: &str,
+    work: impl Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let task = tokio::spawn(work);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "did not wait for {blocked_by}");
+    task
+}
+
+/// Awaits a task [`waits`] started, which must finish within 5 s now.
+pub async fn served<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("still waiting 5 s after what held it back was gone")
+        .unwrap()
+}
+
 /// Quotes a libpq connection-string value.
 pub fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
