@@ -513,15 +513,15 @@ async fn max_db_connections_bounds_every_users_pools_of_a_database_together() {
         &[&db],
         Options {
             extra_users: format!("\"{}\" \"{}\"\n", second.user, second.password),
-            ..pool("default_pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"1s\"")
+            ..pool("default_pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"2s\"")
         },
     );
     let open = || sessions_in(&db, &db.name);
     // Logged in first: a pool's first login reads the server's welcome, which
     // takes a server connection too.
     let b = std::sync::Arc::new(pgw.connect(&second).await);
-    // Two transactions of the first user fill the cap (closing the second user's
-    // idle connection for room).
+    // Two transactions of the first user fill the cap: the second user's idle
+    // connection is closed for room once that user has been quiet for a second.
     let a1 = pgw.connect(&db).await;
     let a2 = pgw.connect(&db).await;
     a1.batch_execute("BEGIN").await.unwrap();
@@ -544,7 +544,7 @@ async fn max_db_connections_bounds_every_users_pools_of_a_database_together() {
     let started = Instant::now();
     let err = b.batch_execute("BEGIN").await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(started.elapsed() >= Duration::from_millis(1900));
     a2.batch_execute("COMMIT").await.unwrap();
     b.simple_query("SELECT 1").await.unwrap();
     assert!(open() <= 2, "{}", pgw.log());
@@ -579,5 +579,58 @@ async fn max_user_connections_bounds_a_users_pools_of_every_database_together() 
         1,
         "{}",
         pgw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_sharing_a_full_cap_keep_their_connections_instead_of_trading_them() {
+    let db = Db::create();
+    let second = another_user(&db, "s");
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            extra_users: format!("\"{}\" \"{}\"\n", second.user, second.password),
+            ..pool("default_pool_size = 4\nmax_db_connections = 2")
+        },
+    );
+    let stop = Instant::now() + Duration::from_secs(2);
+    let mut load = Vec::new();
+    for who in [&db, &db, &second, &second] {
+        let client = pgw.connect(who).await;
+        load.push(tokio::spawn(async move {
+            let mut done = 0;
+            while Instant::now() < stop {
+                client.simple_query("SELECT 1").await.unwrap();
+                done += 1;
+            }
+            done
+        }));
+    }
+    // Server connections seen while both users run transactions back to back: a
+    // cap traded on every transaction would show a new one at each look.
+    let mut seen = std::collections::BTreeSet::new();
+    while Instant::now() < stop {
+        seen.extend(
+            db.admin_sql(&format!(
+                "SELECT pid FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                db.name
+            ))
+            .lines()
+            .map(str::to_owned),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut done = Vec::new();
+    for task in load {
+        done.push(task.await.unwrap());
+    }
+    assert!(
+        done.iter().all(|&n| n > 0),
+        "a client was starved: {done:?}"
+    );
+    assert!(
+        seen.len() <= 6,
+        "{} server connections: {seen:?}",
+        seen.len()
     );
 }

@@ -7,16 +7,28 @@
 //! [`Place`] under each cap of its pool for as long as it is open, so every way a
 //! connection can close gives its places back. A pool that needs a connection
 //! while a cap is full closes an idle connection of another pool under the same
-//! cap (idle connections hold places nobody uses), and otherwise waits until a
-//! place frees or a connection somewhere goes idle.
+//! cap, and otherwise waits until a place frees or a connection somewhere goes
+//! idle. Only a pool that is not in use (no client waiting for it, no transaction
+//! finished on it within [`ACTIVE`]), or one holding more than its fair share (the
+//! cap divided among the pools in use), gives up an idle connection: under
+//! contention connections settle into shares instead of being closed and reopened
+//! for every transaction.
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use super::ServerPool;
+
+/// How often a pool waiting for room looks again without being woken.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// A pool that finished a transaction this recently is in use: its idle
+/// connections are between its transactions, not spare.
+const ACTIVE: Duration = Duration::from_secs(1);
 
 /// One cap: a limit on the connections its member pools have open together.
 #[derive(Debug, Default)]
@@ -99,27 +111,34 @@ impl Cap {
         limit == 0 || self.open.load(Ordering::SeqCst) < limit
     }
 
-    /// The member pools other than `asking`.
-    fn others(&self, asking: &ServerPool) -> Vec<Arc<ServerPool>> {
-        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+    /// The members other than `asking` that may give up an idle connection for it:
+    /// those not in use, and those holding more than a fair share.
+    fn yielding(&self, asking: &ServerPool) -> Vec<Arc<ServerPool>> {
+        let members: Vec<Arc<ServerPool>> = {
+            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            members.iter().filter_map(Weak::upgrade).collect()
+        };
+        let in_use = |m: &ServerPool| m.demand() > 0 || m.answered_within(ACTIVE);
+        // `asking`, with a client waiting, is one of them.
+        let sharing = members.iter().filter(|m| in_use(m)).count().max(1);
+        let share = self.limit().div_ceil(sharing);
         members
-            .iter()
-            .filter_map(Weak::upgrade)
+            .into_iter()
             .filter(|m| !std::ptr::eq(Arc::as_ptr(m), asking))
+            .filter(|m| !in_use(m) || m.open_connections() > share)
             .collect()
     }
 
-    /// True when the cap has room, or a member other than `asking` has an idle
-    /// connection to close for it.
+    /// True when the cap has room, or a member may close an idle connection for it.
     fn can_make_room(&self, asking: &ServerPool) -> bool {
-        self.has_room() || self.others(asking).iter().any(|m| m.has_idle())
+        self.has_room() || self.yielding(asking).iter().any(|m| m.has_idle())
     }
 
-    /// Closes idle connections of members other than `asking` until the cap has
+    /// Closes idle connections of members that may give them up until the cap has
     /// room; false when they run out first.
     fn make_room(&self, asking: &ServerPool) -> bool {
         while !self.has_room() {
-            if !self.others(asking).iter().any(|m| m.close_oldest_idle()) {
+            if !self.yielding(asking).iter().any(|m| m.close_oldest_idle()) {
                 return false;
             }
         }
@@ -142,6 +161,19 @@ pub struct Caps {
     pub database: Arc<Cap>,
     /// the user's, on this node
     pub user: Arc<Cap>,
+    /// the pool's own, without a limit: it counts the pool's open connections
+    pub pool: Arc<Cap>,
+}
+
+impl Caps {
+    /// The caps of a new pool: `database` and `user` shared, its own counter new.
+    pub fn new(database: Arc<Cap>, user: Arc<Cap>) -> Caps {
+        Caps {
+            database,
+            user,
+            pool: Cap::new(0),
+        }
+    }
 }
 
 /// The places one connection holds, one under each cap of its pool.
@@ -149,6 +181,7 @@ pub struct Caps {
 pub struct Places {
     _database: Place,
     _user: Place,
+    _pool: Place,
 }
 
 impl Caps {
@@ -181,15 +214,20 @@ impl Caps {
         Some(Places {
             _database: self.database.try_take()?,
             _user: self.user.try_take()?,
+            _pool: self.pool.try_take()?,
         })
     }
 
-    /// Waits until something changes under either cap (see [`Cap::changed_now`]).
-    /// `look` runs once the wait is registered, so that a change after it is not
-    /// missed; its `Some` ends the wait at once.
+    /// Waits until something changes under either cap (see [`Cap::changed_now`]),
+    /// or [`RECHECK`] passes: whether a pool may give up a connection also depends on
+    /// whether its clients wait, which wakes no one. `look` runs once the wait is
+    /// registered, so that a change after it is not missed; its `Some` ends the wait.
     pub async fn wait_for<T>(&self, mut look: impl FnMut() -> Option<T>) -> T {
         loop {
-            let _waiting = Waiting::new([&self.database, &self.user]);
+            let _waiting = [
+                Counted::new(&self.database.waiters),
+                Counted::new(&self.user.waiters),
+            ];
             let mut database = pin!(self.database.changed.notified());
             let mut user = pin!(self.user.changed.notified());
             database.as_mut().enable();
@@ -200,28 +238,26 @@ impl Caps {
             tokio::select! {
                 () = database => {}
                 () = user => {}
+                () = tokio::time::sleep(RECHECK) => {}
             }
         }
     }
 }
 
-/// Counts a waiter on both caps of a pool for as long as it lives.
-struct Waiting<'a>([&'a Cap; 2]);
+/// Counts one waiter on `counter` for as long as it lives.
+pub struct Counted<'a>(&'a AtomicUsize);
 
-impl<'a> Waiting<'a> {
-    fn new(caps: [&'a Cap; 2]) -> Self {
-        for cap in caps {
-            cap.waiters.fetch_add(1, Ordering::SeqCst);
-        }
-        Waiting(caps)
+impl<'a> Counted<'a> {
+    /// Adds the waiter.
+    pub fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Counted(counter)
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        for cap in self.0 {
-            cap.waiters.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -257,10 +293,7 @@ mod tests {
 
     #[test]
     fn a_full_cap_refuses_and_nothing_is_taken_under_the_other() {
-        let caps = Caps {
-            database: Cap::new(0),
-            user: Cap::new(1),
-        };
+        let caps = Caps::new(Cap::new(0), Cap::new(1));
         let held = caps.take_now().unwrap();
         assert!(caps.take_now().is_none());
         // Nothing was taken under the database's cap either.
@@ -271,10 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_wakes_when_a_place_is_given_back() {
-        let caps = Caps {
-            database: Cap::new(1),
-            user: Cap::new(0),
-        };
+        let caps = Caps::new(Cap::new(1), Cap::new(0));
         let held = caps.take_now().unwrap();
         let waiter = tokio::spawn({
             let caps = caps.clone();

@@ -117,16 +117,16 @@ impl Pools {
             return pool.clone();
         }
         let backend = &key.target.backend;
-        let caps = Caps {
-            database: self.cap(
+        let caps = Caps::new(
+            self.cap(
                 CapKey::Database(key.database.clone(), backend.clone()),
                 config,
             ),
-            user: self.cap(
+            self.cap(
                 CapKey::User(key.target.user.clone(), backend.clone()),
                 config,
             ),
-        };
+        );
         let pool = Arc::new(ServerPool::new(
             key.target.clone(),
             settings_for(config, &key.database),

@@ -7,14 +7,14 @@
 //! connection to the next client.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
 
-use super::caps::{Caps, Places};
+use super::caps::{Caps, Counted, Places};
 use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::Secrets;
@@ -87,6 +87,8 @@ pub struct ServerPool {
     idle: Mutex<Vec<Box<Held>>>,
     /// `max_db_connections` and `max_user_connections`, shared with sibling pools
     pub(super) caps: Caps,
+    /// checkouts that wait for a slot or for room under the caps
+    demand: AtomicUsize,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
@@ -122,6 +124,7 @@ impl ServerPool {
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
             caps,
+            demand: AtomicUsize::new(0),
             secrets,
             tls,
             logins,
@@ -159,6 +162,7 @@ impl ServerPool {
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
+        let _waiting = Counted::new(&self.demand);
         // A free slot is taken without arming the wait's timers: most checkouts. The
         // wait and the connect are boxed, so that their state does not enlarge every
         // checkout's (and every request's, which holds it).
@@ -344,6 +348,16 @@ impl ServerPool {
             self.caps.user.changed_now();
         }
         self.release_slot(slot);
+    }
+
+    /// Checkouts of the pool waiting now.
+    pub(super) fn demand(&self) -> usize {
+        self.demand.load(Ordering::SeqCst)
+    }
+
+    /// Connections the pool has open, idle or in use.
+    pub(super) fn open_connections(&self) -> usize {
+        self.caps.pool.open()
     }
 
     /// True when the pool has an idle connection.
