@@ -494,28 +494,30 @@ fn sessions_in(db: &Db, database: &str) -> usize {
     .unwrap()
 }
 
-/// A second login role of the shared cluster (no database of its own).
-fn another_user(db: &Db, suffix: &str) -> Db {
-    let other = Db {
-        user: format!("{}_{suffix}", db.user),
-        password: format!("pw_{suffix}"),
+/// A database, a second login role that may use it too, and a pgwarden in front
+/// of it that knows both users, with `pool_settings` as its `[pool]` section.
+fn two_users(pool_settings: &str) -> (Db, Db, Pgwarden) {
+    let db = Db::create();
+    let second = Db {
+        user: format!("{}_second", db.user),
+        password: "pw_second".into(),
         ..db.clone()
     };
-    common::with_cluster(|c| c.create_user(&other.user, &other.password).unwrap());
-    other
-}
-
-#[tokio::test]
-async fn max_db_connections_bounds_every_users_pools_of_a_database_together() {
-    let db = Db::create();
-    let second = another_user(&db, "b");
+    common::with_cluster(|c| c.create_user(&second.user, &second.password).unwrap());
     let pgw = Pgwarden::start_with(
         &[&db],
         Options {
             extra_users: format!("\"{}\" \"{}\"\n", second.user, second.password),
-            ..pool("default_pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"2s\"")
+            ..pool(pool_settings)
         },
     );
+    (db, second, pgw)
+}
+
+#[tokio::test]
+async fn max_db_connections_bounds_every_users_pools_of_a_database_together() {
+    let (db, second, pgw) =
+        two_users("default_pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"2s\"");
     let open = || sessions_in(&db, &db.name);
     // Logged in first: a pool's first login reads the server's welcome, which
     // takes a server connection too.
@@ -584,15 +586,7 @@ async fn max_user_connections_bounds_a_users_pools_of_every_database_together() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_sharing_a_full_cap_keep_their_connections_instead_of_trading_them() {
-    let db = Db::create();
-    let second = another_user(&db, "s");
-    let pgw = Pgwarden::start_with(
-        &[&db],
-        Options {
-            extra_users: format!("\"{}\" \"{}\"\n", second.user, second.password),
-            ..pool("default_pool_size = 4\nmax_db_connections = 2")
-        },
-    );
+    let (db, second, pgw) = two_users("default_pool_size = 4\nmax_db_connections = 2");
     let stop = Instant::now() + Duration::from_secs(2);
     let mut load = Vec::new();
     for who in [&db, &db, &second, &second] {
