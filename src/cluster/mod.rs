@@ -214,18 +214,15 @@ impl Cluster {
     /// (a database just created can then be connected to on them), for at most `limit`.
     pub fn wait_replayed(&self, limit: Duration) -> Result<(), ClusterError> {
         let written = self.primary().sql("SELECT pg_current_wal_lsn()")?;
-        let caught_up = format!(
-            "SELECT pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
-            written.trim()
-        );
+        let written = written.trim();
+        let caught_up = format!("SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn");
         let deadline = Instant::now() + limit;
         for standby in &self.nodes[1..] {
             while standby.sql(&caught_up)?.trim() != "t" {
                 if Instant::now() > deadline {
                     return Err(ClusterError::new(format!(
-                        "{} has not replayed the primary's WAL up to {} within {limit:?}",
-                        standby.name,
-                        written.trim()
+                        "{} has not replayed the primary's WAL up to {written} within {limit:?}",
+                        standby.name
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -174,17 +174,7 @@ impl Caps {
             pool: Cap::new(0),
         }
     }
-}
 
-/// The places one connection holds, one under each cap of its pool.
-#[derive(Debug)]
-pub struct Places {
-    _database: Place,
-    _user: Place,
-    _pool: Place,
-}
-
-impl Caps {
     /// Places under both caps if both have room now, without closing anything (for
     /// the connections a pool opens on its own, toward `min_pool_size`).
     pub fn take_now(&self) -> Option<Places> {
@@ -242,6 +232,14 @@ impl Caps {
             }
         }
     }
+}
+
+/// The places one connection holds, one under each cap of its pool.
+#[derive(Debug)]
+pub struct Places {
+    _database: Place,
+    _user: Place,
+    _pool: Place,
 }
 
 /// Counts one waiter on `counter` for as long as it lives.

@@ -2,8 +2,9 @@
 //!
 //! [`Pools`] finds or creates the pool for a key, applies reloaded settings,
 //! retires pools whose database or backend went away, and reaps idle
-//! connections. It also holds the caps ([`caps`]) that bound several pools together. Clients look a pool up once per change of routing and then
-//! keep the `Arc`, so the registry's lock is off the per-transaction path.
+//! connections. It also holds the caps ([`caps`]) that bound several pools
+//! together. Clients look a pool up once per change of routing and then keep the
+//! `Arc`, so the registry's lock is off the per-transaction path.
 
 mod caps;
 mod gate;
