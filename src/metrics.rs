@@ -31,8 +31,11 @@ pub struct Metrics {
     server_connections: IntGaugeVec,
     longest_wait: prometheus::GaugeVec,
     transactions: IntCounterVec,
+    server_assignments: IntCounterVec,
     queries: IntCounterVec,
+    prepared: IntCounterVec,
     transaction_seconds: HistogramVec,
+    query_seconds: prometheus::CounterVec,
     wait_seconds: HistogramVec,
     received_bytes: IntCounterVec,
     sent_bytes: IntCounterVec,
@@ -87,10 +90,20 @@ pub struct SessionMetrics {
     pub active: IntGauge,
     /// finished transactions
     pub transactions: IntCounter,
+    /// server connections given to clients
+    pub server_assignments: IntCounter,
     /// Query and Execute messages
     pub queries: IntCounter,
+    /// named statements clients prepared
+    pub client_parses: IntCounter,
+    /// statements pgwarden prepared on servers for them
+    pub server_parses: IntCounter,
+    /// Binds of clients' named statements
+    pub binds: IntCounter,
     /// time a server connection served one transaction
     pub transaction_seconds: Histogram,
+    /// time servers spent answering, within transactions
+    pub query_seconds: prometheus::Counter,
     /// time a client waited for a server connection
     pub wait_seconds: Histogram,
     /// bytes from clients
@@ -217,16 +230,40 @@ impl Metrics {
                 &["backend", "database", "state"],
             ),
             longest_wait,
-            transactions: r.counter("transactions_total", "Transactions served", &["database"]),
+            transactions: r.counter(
+                "transactions_total",
+                "Transactions finished (a ReadyForQuery with the server idle)",
+                &["database"],
+            ),
+            server_assignments: r.counter(
+                "server_assignments_total",
+                "Times a client was given a server connection",
+                &["database"],
+            ),
             queries: r.counter(
                 "queries_total",
                 "Query and Execute messages forwarded",
                 &["database"],
             ),
+            prepared: r.counter(
+                "prepared_statements_total",
+                "Named statements: prepared by clients (client_parse), prepared by pgwarden on servers (server_parse), bound (bind)",
+                &["database", "kind"],
+            ),
             transaction_seconds: r.histogram(
                 "transaction_duration_seconds",
                 "Time a server connection served one transaction",
                 &["database"],
+            ),
+            query_seconds: r.add(
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "query_seconds_total",
+                        "Time servers spent answering requests: from a request sent while nothing was owed to the last answer owed",
+                    ),
+                    &["database"],
+                )
+                .expect("valid metric"),
             ),
             wait_seconds: r.histogram(
                 "client_wait_seconds",
@@ -333,8 +370,13 @@ impl Metrics {
                     waiting: clients("waiting"),
                     active: clients("active"),
                     transactions: self.transactions.with_label_values(&[database]),
+                    server_assignments: self.server_assignments.with_label_values(&[database]),
+                    client_parses: self.prepared.with_label_values(&[database, "client_parse"]),
+                    server_parses: self.prepared.with_label_values(&[database, "server_parse"]),
+                    binds: self.prepared.with_label_values(&[database, "bind"]),
                     queries: self.queries.with_label_values(&[database]),
                     transaction_seconds: self.transaction_seconds.with_label_values(&[database]),
+                    query_seconds: self.query_seconds.with_label_values(&[database]),
                     wait_seconds: self.wait_seconds.with_label_values(&[database]),
                     received_bytes: self.received_bytes.with_label_values(&[database]),
                     sent_bytes: self.sent_bytes.with_label_values(&[database]),

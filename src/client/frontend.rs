@@ -234,18 +234,27 @@ fn refuse(cx: &mut Ctx<'_>, message: &str) {
     cx.x.unsynced = true;
 }
 
+/// A batch of named Parses answered without a server.
+pub struct Answered {
+    /// bytes of the client's buffer it took
+    pub used: usize,
+    /// statements it prepared
+    pub statements: u64,
+    /// its ParseCompletes and ReadyForQuery
+    pub answer: BytesMut,
+}
+
 /// Answers a batch of named Parses and its Sync without a server when every
-/// statement in it is one a server of this database has already accepted; returns
-/// how many bytes of `inbuf` it used and the answer. Drivers that prepare and wait
-/// (libpq's PQprepare, used by `pgbench -M prepared`) prepare between transactions,
-/// and waiting for a server there could wait on the very pool their own open
-/// transactions hold.
+/// statement in it is one a server of this database has already accepted. Drivers
+/// that prepare and wait (libpq's PQprepare, used by `pgbench -M prepared`) prepare
+/// between transactions, and waiting for a server there could wait on the very pool
+/// their own open transactions hold.
 pub fn prepare_without_server(
     inbuf: &[u8],
     statements: &mut ClientStatements,
     registry: &Registry,
     search_path: &str,
-) -> Option<(usize, BytesMut)> {
+) -> Option<Answered> {
     let mut pos = 0;
     let mut found = Vec::new();
     loop {
@@ -267,13 +276,18 @@ pub fn prepare_without_server(
             _ => return None,
         }
     }
-    let mut out = BytesMut::new();
+    let mut answer = BytesMut::new();
+    let count = found.len() as u64;
     for (name, statement) in found {
         statements.insert(name, statement);
-        put_complete(&mut out, b'1');
+        put_complete(&mut answer, b'1');
     }
-    put_ready(&mut out, b'I');
-    Some((pos, out))
+    put_ready(&mut answer, b'I');
+    Some(Answered {
+        used: pos,
+        statements: count,
+        answer,
+    })
 }
 
 fn translate(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Translation {
@@ -417,6 +431,7 @@ fn parse(body: &[u8], cx: &mut Ctx<'_>) -> Translation {
         cx.x.unsynced = true;
         return Translation::Drop;
     }
+    cx.x.traffic.client_parses += 1;
     let search_path = cx.params.get("search_path").unwrap_or_default();
     let statement = cx.registry.statement(search_path, rest);
     let shared = statement.in_use();
@@ -438,6 +453,7 @@ fn parse(body: &[u8], cx: &mut Ctx<'_>) -> Translation {
     out.extend_from_slice(&close_message(&statement.server_name));
     cx.expected.push(Expect::Close { swallow: true });
     out.extend_from_slice(&statement.parse_message());
+    cx.x.traffic.server_parses += 1;
     cx.expected.push(Expect::Parse {
         swallow: false,
         statement: Some(statement),
@@ -467,6 +483,7 @@ fn ensure_prepared(statement: &Arc<Statement>, cx: &mut Ctx<'_>) -> BytesMut {
     out.extend_from_slice(&close_message(&statement.server_name));
     cx.expected.push(Expect::Close { swallow: true });
     out.extend_from_slice(&statement.parse_message());
+    cx.x.traffic.server_parses += 1;
     cx.expected.push(Expect::Parse {
         swallow: true,
         statement: Some(statement.clone()),
@@ -534,6 +551,7 @@ fn rename_bind_with(
     cx.x.touched.extend(statement.settings.iter().cloned());
     cx.expected.push(Expect::Bind(Some(statement.clone())));
     cx.x.unsynced = true;
+    cx.x.traffic.binds += 1;
     let server_name = statement.server_name.as_bytes();
     let new_length = length - prefix + portal.len() + 1 + server_name.len() + 1;
     out.put_u8(b'B');

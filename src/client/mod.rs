@@ -348,15 +348,16 @@ impl Session {
             && self.inbuf.get(HEADER_LEN).is_some_and(|&b| b != 0)
             && self.who.mode == PoolMode::Transaction
             && self.shared.config.load().pool.max_prepared_statements > 0
-            && let Some((used, out)) = frontend::prepare_without_server(
+            && let Some(answered) = frontend::prepare_without_server(
                 &self.inbuf,
                 &mut self.who.statements,
                 &self.who.registry,
                 self.who.params.get("search_path").unwrap_or_default(),
             )
         {
-            self.inbuf.advance(used);
-            self.stream.write_all(&out).await?;
+            self.inbuf.advance(answered.used);
+            self.who.metrics.client_parses.inc_by(answered.statements);
+            self.stream.write_all(&answered.answer).await?;
             return Ok(());
         }
         let waiting = Tick::now();
@@ -392,7 +393,7 @@ impl Session {
         self.set_state(ClientState::Waiting, ClientState::Active);
         let result = self.transaction(conn, started).await;
         drop(admission);
-        self.who.metrics.transactions.inc();
+        self.who.metrics.server_assignments.inc();
         self.set_state(ClientState::Active, ClientState::Idle);
         result
     }
@@ -431,6 +432,7 @@ impl Session {
             },
             // A server that answers new connections within this answers a cancel within it.
             cancel_grace: config.pool.server_connect_timeout,
+            started,
         };
         drop(config);
         let ending = &self.who.client.entry().ending;
@@ -446,11 +448,25 @@ impl Session {
         }
         // One clock reading ends the transaction and dates the connection's return.
         let ended = Tick::now();
+        exchange.traffic.busy_until(|| ended);
+        let t = &exchange.traffic;
         let m = &self.who.metrics;
         m.transaction_seconds.observe(ended.secs_since(started));
-        m.queries.inc_by(exchange.traffic.queries);
-        m.received_bytes.inc_by(exchange.traffic.received);
-        m.sent_bytes.inc_by(exchange.traffic.sent);
+        m.query_seconds.inc_by(t.busy as f64 * 1e-9);
+        m.transactions.inc_by(t.transactions);
+        m.queries.inc_by(t.queries);
+        m.received_bytes.inc_by(t.received);
+        m.sent_bytes.inc_by(t.sent);
+        // Zero unless statements are translated: spare the atomics then.
+        for (counter, n) in [
+            (&m.client_parses, t.client_parses),
+            (&m.server_parses, t.server_parses),
+            (&m.binds, t.binds),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
         let result = match outcome {
             Outcome::Idle if hold => {
                 reset_and_release(conn).await;

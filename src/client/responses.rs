@@ -162,6 +162,7 @@ fn settle_whole(tag: u8, body: &[u8], cx: &mut Ctx<'_>) -> Result<bool, String> 
         b'Z' => {
             cx.x.answered += 1;
             *cx.status = body.first().copied().unwrap_or(b'I');
+            cx.x.traffic.transactions += u64::from(*cx.status == b'I');
             cx.x.copy_in = false;
             match cx.expected.pop() {
                 Some(Expect::Sync | Expect::Query | Expect::Function) => Ok(true),

@@ -40,6 +40,7 @@ use tokio_util::io::{poll_read_buf, poll_write_buf};
 use super::expect::Expected;
 use super::statements::{ClientStatements, Registry, ServerStatements};
 use super::{frontend, responses};
+use crate::clock::Tick;
 use crate::error::ClientError;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
@@ -125,10 +126,12 @@ pub struct Pooling<'a> {
     pub client_idle_timeout: Duration,
     /// how long the server has to act on a cancel sent for `query_timeout` and answer
     pub cancel_grace: Duration,
+    /// when the server connection was taken: the clock of what the client already sent
+    pub started: Tick,
 }
 
 /// What went through one splice, for the metrics.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub struct Traffic {
     /// Query and Execute messages from the client
     pub queries: u64,
@@ -136,6 +139,37 @@ pub struct Traffic {
     pub received: u64,
     /// bytes written to the client
     pub sent: u64,
+    /// transactions finished: ReadyForQuery with the server idle (an autocommit
+    /// statement or batch, or a COMMIT or ROLLBACK)
+    pub transactions: u64,
+    /// named statements the client prepared (with statement translation on)
+    pub client_parses: u64,
+    /// statements pgwarden prepared on the server connection for them
+    pub server_parses: u64,
+    /// Binds of the client's named statements
+    pub binds: u64,
+    /// nanoseconds the server owed answers, in the periods closed so far (PgBouncer's
+    /// query time: the server at work, not waiting for the client)
+    pub busy: u64,
+    /// when the open period of owed answers began
+    busy_since: Option<Tick>,
+}
+
+impl Traffic {
+    /// Opens a period of owed answers if the server owes some and none is open. The
+    /// clock is read only then: once per statement the client sends, not per message.
+    fn busy_from(&mut self, owes: bool, now: impl FnOnce() -> Tick) {
+        if owes && self.busy_since.is_none() {
+            self.busy_since = Some(now());
+        }
+    }
+
+    /// Closes the open period, if any, at `now`.
+    pub fn busy_until(&mut self, now: impl FnOnce() -> Tick) {
+        if let Some(since) = self.busy_since.take() {
+            self.busy += now().as_nanos().saturating_sub(since.as_nanos());
+        }
+    }
 }
 
 /// Per-splice bookkeeping of what the client has started.
@@ -334,10 +368,13 @@ pub async fn splice(
         };
     }
 
-    // Whatever the client already sent starts the exchange.
+    // Whatever the client already sent starts the exchange, and the server's work
+    // on it starts with the checkout (spares a clock reading per transaction).
     if let Err(e) = client_sent(inbuf, &mut to_server, server_in, &mut to_client, &mut cx) {
         return (Outcome::Refused(e), to_client);
     }
+    cx.x.traffic
+        .busy_from(!cx.expected.is_empty(), || pooling.started);
     // Nothing came from the server since the client's bytes last went to it. While
     // so, and the server owes whole requests, the client is not read: most answers
     // then end the transaction in one read, and the client read that would only
@@ -477,6 +514,11 @@ pub async fn splice(
                         Err(e) => lost!(e),
                     }
                 }
+                // All answered mid-transaction (or mid-session). At a transaction's
+                // end the caller closes the period with the reading that ends it.
+                if cx.expected.is_empty() {
+                    cx.x.traffic.busy_until(Tick::now);
+                }
             }
             Event::ClientRead(r) => match r {
                 Ok(0) | Err(_) => cx.x.client_done = true,
@@ -491,6 +533,7 @@ pub async fn splice(
                     {
                         return (Outcome::Refused(e), to_client);
                     }
+                    cx.x.traffic.busy_from(!cx.expected.is_empty(), Tick::now);
                     server_quiet = true;
                 }
             },
@@ -822,6 +865,21 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_is_read_only_to_open_or_close_a_period_of_owed_answers() {
+        let mut t = Traffic::default();
+        let never = || -> Tick { panic!("the clock was read") };
+        t.busy_until(never);
+        t.busy_from(false, never);
+        t.busy_from(true, || Tick::from_nanos(1_000));
+        t.busy_from(true, never);
+        t.busy_until(|| Tick::from_nanos(4_000));
+        t.busy_until(never);
+        t.busy_from(true, || Tick::from_nanos(10_000));
+        t.busy_until(|| Tick::from_nanos(10_500));
+        assert_eq!(t.busy, 3_500);
+    }
+
+    #[test]
     fn parses_of_accepted_statements_are_answered_without_a_server() {
         let mut p = Pair::new();
         let batch = |parts: &[Vec<u8>]| parts.concat();
@@ -840,15 +898,16 @@ mod tests {
         p.server(&[frame(b'3', b""), frame(b'1', b""), ready(b'I')])
             .unwrap();
         // Accepted now: s2 is answered at once, and its Sync with it.
-        let (used, out) = frontend::prepare_without_server(
+        let answered = frontend::prepare_without_server(
             &prepare_s2,
             &mut p.client_statements,
             &p.registry,
             "",
         )
         .unwrap();
-        assert_eq!(used, prepare_s2.len());
-        assert_eq!(tags(&out), b"1Z");
+        assert_eq!(answered.used, prepare_s2.len());
+        assert_eq!(answered.statements, 1);
+        assert_eq!(tags(&answered.answer), b"1Z");
         assert!(p.client_statements.contains(b"s2"));
         // A name in use, an unknown text, or anything but Parse and Sync needs a server.
         for other in [
