@@ -112,6 +112,9 @@ pub struct General {
     pub admin_users: Vec<String>,
     /// users who may run the admin console's SHOW commands
     pub stats_users: Vec<String>,
+    /// the period SHOW STATS averages over
+    #[serde(with = "duration")]
+    pub stats_period: Duration,
     /// probe idle client and server sockets with TCP keepalive
     pub tcp_keepalive: bool,
     /// idle time before the first keepalive probe, in whole seconds; "0": the system's
@@ -143,6 +146,7 @@ impl Default for General {
             http_listen: "127.0.0.1:9930".into(),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
+            stats_period: Duration::from_secs(60),
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,
             tcp_keepintvl: Duration::ZERO,
@@ -763,6 +767,9 @@ impl Config {
                 "pgwarden.max_client_conn".into(),
                 "must be at least 1".into(),
             );
+        }
+        if g.stats_period < Duration::from_secs(1) {
+            return err("pgwarden.stats_period".into(), "must be at least 1s".into());
         }
         if g.client_login_timeout.is_zero() {
             return err(
@@ -1593,6 +1600,19 @@ host = "127.0.0.1"
                 }
             }
         }
+    }
+
+    #[test]
+    fn stats_period_is_a_minute_and_at_least_a_second() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().pgwarden.stats_period,
+            Duration::from_secs(60)
+        );
+        let c = parse(&format!("[pgwarden]\nstats_period = \"5s\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.pgwarden.stats_period, Duration::from_secs(5));
+        let e = parse(&format!("[pgwarden]\nstats_period = \"500ms\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "pgwarden.stats_period");
+        assert!(e.reason.contains("at least 1s"), "{e}");
     }
 
     #[test]

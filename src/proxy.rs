@@ -66,6 +66,8 @@ pub struct Shared {
     pub gate: Gate,
     /// every metric
     pub metrics: Metrics,
+    /// SHOW STATS averages of the last `stats_period`
+    pub stats: crate::admin::stats::Averages,
     /// commands for the health monitor (FENCE, PROMOTE, SWITCHOVER, …)
     pub monitor: crate::health::Commands,
     /// when the process started
@@ -151,6 +153,7 @@ impl Shared {
             admissions: Arc::default(),
             gate: Gate::default(),
             metrics: Metrics::new(),
+            stats: Default::default(),
             monitor: crate::health::Commands::default(),
             started_at: std::time::SystemTime::now(),
             history: crate::failover::History::default(),
@@ -296,6 +299,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     let signals = tokio::spawn(handle_signals(shared.clone()));
     let monitor = tokio::spawn(health::run(shared.clone()));
     let coordination = tokio::spawn(crate::coordination::run(shared.clone()));
+    tokio::spawn(crate::admin::stats::run(shared.clone()));
     let reaper = {
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -187,6 +187,147 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// One database's row of a SHOW STATS-like command, as figures by column.
+async fn stats_row(admin: &Client, command: &str, database: &str) -> Vec<(String, i64)> {
+    let all = rows(admin, command).await;
+    let row = all
+        .iter()
+        .find(|r| get(r, "database") == Some(database))
+        .unwrap_or_else(|| panic!("{command}: no row for {database} in {all:?}"));
+    row.iter()
+        .skip(1)
+        .map(|(c, v)| (c.clone(), v.as_deref().unwrap().parse().unwrap()))
+        .collect()
+}
+
+fn figure(row: &[(String, i64)], column: &str) -> i64 {
+    row.iter()
+        .find(|(c, _)| c == column)
+        .unwrap_or_else(|| panic!("no {column} in {row:?}"))
+        .1
+}
+
+#[tokio::test]
+async fn show_stats_gives_pgbouncers_figures_and_averages_over_stats_period() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], operated("stats_period = \"1s\"\n"));
+    let client = pgw.connect(&db).await;
+    // Four autocommit statements, a block of three, one named statement prepared
+    // and run twice: 8 transactions on 8 server assignments, 9 queries.
+    for _ in 0..4 {
+        client.simple_query("SELECT pg_sleep(0.01)").await.unwrap();
+    }
+    for sql in ["BEGIN", "SELECT 1", "COMMIT"] {
+        client.simple_query(sql).await.unwrap();
+    }
+    let statement = client.prepare("SELECT $1::int").await.unwrap();
+    for i in 0..2 {
+        client.query(&statement, &[&i]).await.unwrap();
+    }
+    let admin = console(&pgw, STATS).await.unwrap();
+
+    // PgBouncer 1.24's columns, in its order: monitoring tools look them up by name.
+    let columns: Vec<String> = rows(&admin, "SHOW STATS").await[0]
+        .iter()
+        .map(|(c, _)| c.clone())
+        .collect();
+    let figures = [
+        "xact_count",
+        "query_count",
+        "server_assignment_count",
+        "received",
+        "sent",
+        "xact_time",
+        "query_time",
+        "wait_time",
+        "client_parse_count",
+        "server_parse_count",
+        "bind_count",
+    ];
+    let average_columns = figures.map(|f| match f {
+        "received" => "avg_recv".to_owned(),
+        f => format!("avg_{f}"),
+    });
+    let mut expected = vec!["database".to_owned()];
+    expected.extend(figures.iter().map(|f| format!("total_{f}")));
+    expected.extend(average_columns);
+    assert_eq!(columns, expected);
+
+    let stats = stats_row(&admin, "SHOW STATS", &db.name).await;
+    assert_eq!(figure(&stats, "total_xact_count"), 8, "{stats:?}");
+    assert_eq!(figure(&stats, "total_server_assignment_count"), 8);
+    assert_eq!(figure(&stats, "total_query_count"), 9);
+    assert_eq!(figure(&stats, "total_client_parse_count"), 1);
+    assert_eq!(figure(&stats, "total_server_parse_count"), 1);
+    assert_eq!(figure(&stats, "total_bind_count"), 2);
+    assert!(figure(&stats, "total_received") > 0 && figure(&stats, "total_sent") > 0);
+    // Four sleeps of 10 ms were the server's work, within the assignments' time.
+    let query_time = figure(&stats, "total_query_time");
+    assert!(query_time >= 40_000, "{stats:?}");
+    assert!(figure(&stats, "total_xact_time") >= query_time, "{stats:?}");
+
+    let totals = stats_row(&admin, "SHOW STATS_TOTALS", &db.name).await;
+    assert_eq!(figure(&totals, "xact_count"), 8);
+    assert_eq!(
+        figure(&totals, "bytes_received"),
+        figure(&stats, "total_received")
+    );
+    assert_eq!(figure(&totals, "query_time"), query_time);
+    let all = rows(&admin, "SHOW TOTALS").await;
+    let total = |name: &str| -> i64 {
+        let row = all.iter().find(|r| get(r, "name") == Some(name)).unwrap();
+        get(row, "value").unwrap().parse().unwrap()
+    };
+    assert_eq!(total("total_xact_count"), 8);
+    assert_eq!(total("total_query_time"), query_time);
+
+    // The same figures on /metrics.
+    let (_, body) = get_path(pgw.http_port, "/metrics");
+    let value = |line: String| -> f64 {
+        let found = body.lines().find(|l| l.starts_with(&line));
+        let found = found.unwrap_or_else(|| panic!("{line} missing"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let label = format!("database=\"{}\"", db.name);
+    assert_eq!(
+        value(format!("pgwarden_server_assignments_total{{{label}}}")),
+        8.0
+    );
+    assert!(value(format!("pgwarden_query_seconds_total{{{label}}}")) >= 0.04);
+    assert_eq!(
+        value(format!(
+            "pgwarden_prepared_statements_total{{{label},kind=\"bind\"}}"
+        )),
+        2.0
+    );
+
+    // A period with work averages it; once the work stops, a quiet period averages nothing.
+    let work = tokio::spawn(async move {
+        loop {
+            client.simple_query("SELECT 1").await.unwrap();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let busy = loop {
+        let averages = stats_row(&admin, "SHOW STATS_AVERAGES", &db.name).await;
+        if figure(&averages, "xact_count") > 0 {
+            break averages;
+        }
+        assert!(Instant::now() < deadline, "no averages: {averages:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    work.abort();
+    assert!(figure(&busy, "query_count") > 0, "{busy:?}");
+    assert!(figure(&busy, "bytes_sent") > 0, "{busy:?}");
+    assert!(figure(&busy, "xact_time") > 0, "{busy:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet = stats_row(&admin, "SHOW STATS_AVERAGES", &db.name).await;
+    assert!(quiet.iter().all(|(_, v)| *v == 0), "{quiet:?}");
+    let stats = stats_row(&admin, "SHOW STATS", &db.name).await;
+    assert_eq!(figure(&stats, "avg_xact_count"), 0, "{stats:?}");
+    assert!(figure(&stats, "total_xact_count") > 8, "{stats:?}");
+}
+
 #[tokio::test]
 async fn only_admin_users_may_change_things_and_others_may_not_log_in() {
     let db = Db::create();

@@ -14,8 +14,14 @@ pub enum Show {
     Servers,
     /// one row per configured database
     Databases,
-    /// totals per database
+    /// per database: totals, and averages of the last `stats_period`
     Stats,
+    /// the totals of SHOW STATS
+    StatsTotals,
+    /// the averages of SHOW STATS
+    StatsAverages,
+    /// SHOW STATS of every database together, one figure a row
+    Totals,
     /// every configuration key
     Config,
     /// pgwarden's version
@@ -108,6 +114,9 @@ pub fn parse(sql: &str) -> Result<Command, String> {
                 "SERVERS" => Show::Servers,
                 "DATABASES" => Show::Databases,
                 "STATS" => Show::Stats,
+                "STATS_TOTALS" => Show::StatsTotals,
+                "STATS_AVERAGES" => Show::StatsAverages,
+                "TOTALS" => Show::Totals,
                 "CONFIG" => Show::Config,
                 "VERSION" => Show::Version,
                 "BACKENDS" => Show::Backends,
@@ -115,7 +124,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
                 "COORDINATION" => Show::Coordination,
                 _ => {
                     return Err(format!(
-                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, CONFIG, VERSION, BACKENDS, FAILOVERS or COORDINATION",
+                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, STATS_TOTALS, STATS_AVERAGES, TOTALS, CONFIG, VERSION, BACKENDS, FAILOVERS or COORDINATION",
                         words.get(1).map(String::as_str).unwrap_or("")
                     ));
                 }

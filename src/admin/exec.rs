@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::command::{Command, Show};
+use super::stats;
 use super::table::{Cell, ResultSet};
 use crate::backend::Health;
 use crate::coordination::Role;
@@ -434,37 +435,52 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             }
             rs
         }
-        Show::Stats => {
-            let mut rs = ResultSet::new(&[
-                "database",
-                "total_xact_count#",
-                "total_query_count#",
-                "total_received#",
-                "total_sent#",
-                "total_xact_time_us#",
-                "total_wait_time_us#",
-                "avg_xact_time_us#",
-                "pool_wait_timeouts#",
-            ]);
-            let mut seen = std::collections::BTreeSet::new();
-            let mut sessions = shared.metrics.sessions();
-            sessions.sort_by(|a, b| a.0.cmp(&b.0));
-            for ((db, _), m) in sessions {
-                if !seen.insert(db.clone()) {
-                    continue;
+        Show::Stats | Show::StatsTotals | Show::StatsAverages => {
+            let mut totals = stats::Figures::read(&shared.metrics);
+            // Every configured database has a row, as in PgBouncer, even before its first client.
+            for name in config.databases.keys() {
+                totals.entry(name.clone()).or_default();
+            }
+            let averages = shared.stats.last().databases;
+            let mut columns = vec!["database"];
+            match what {
+                Show::Stats => {
+                    columns.extend(stats::NAMES.iter().map(|n| n.1));
+                    columns.extend(stats::NAMES.iter().map(|n| n.2));
                 }
-                let count = m.transactions.get();
-                let xact_us = (m.transaction_seconds.get_sample_sum() * 1e6) as i64;
+                _ => columns.extend(stats::NAMES.iter().map(|n| n.0)),
+            }
+            let mut rs = ResultSet::new(&columns);
+            let zero = stats::Figures::default();
+            for (db, total) in &totals {
+                let average = averages.get(db).unwrap_or(&zero);
+                let figures = match what {
+                    Show::Stats => vec![total, average],
+                    Show::StatsTotals => vec![total],
+                    _ => vec![average],
+                };
+                let mut row = vec![db.clone().into()];
+                row.extend(
+                    figures
+                        .iter()
+                        .flat_map(|f| f.values())
+                        .map(|v| Cell::from(v as i64)),
+                );
+                rs.row(row);
+            }
+            rs
+        }
+        Show::Totals => {
+            let total = stats::Figures::sum(stats::Figures::read(&shared.metrics).values());
+            let average = shared.stats.last().all;
+            let names = stats::NAMES.iter().map(|n| n.1);
+            let names = names.chain(stats::NAMES.iter().map(|n| n.2));
+            let values = total.values().into_iter().chain(average.values());
+            let mut rs = ResultSet::new(&["name", "value#"]);
+            for (name, value) in names.zip(values) {
                 rs.row(vec![
-                    db.into(),
-                    (count as i64).into(),
-                    (m.queries.get() as i64).into(),
-                    (m.received_bytes.get() as i64).into(),
-                    (m.sent_bytes.get() as i64).into(),
-                    xact_us.into(),
-                    ((m.wait_seconds.get_sample_sum() * 1e6) as i64).into(),
-                    (if count > 0 { xact_us / count as i64 } else { 0 }).into(),
-                    (m.wait_timeouts.get() as i64).into(),
+                    name.trim_end_matches('#').into(),
+                    (value as i64).into(),
                 ]);
             }
             rs

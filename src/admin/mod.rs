@@ -6,6 +6,7 @@ pub mod command;
 mod console;
 mod exec;
 pub mod http;
+pub mod stats;
 mod table;
 
 pub use console::{Console, Role};
