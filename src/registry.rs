@@ -168,7 +168,12 @@ impl Entry {
 
     /// True while a CancelRequest of this client is on its way to a server connection.
     pub fn cancel_in_flight(&self) -> bool {
-        self.cancels.load(Ordering::SeqCst) > 0
+        self.cancels_in_flight() > 0
+    }
+
+    /// CancelRequests of this client on their way to a server connection.
+    pub fn cancels_in_flight(&self) -> usize {
+        self.cancels.load(Ordering::SeqCst)
     }
 
     /// Waits until no CancelRequest of this client is on its way to a server

@@ -104,6 +104,32 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert_eq!(get(pool, "sv_active"), Some("1"), "{pool:?}");
     assert_eq!(get(pool, "sv_idle"), Some("1"), "{pool:?}");
     assert_eq!(get(pool, "pool_mode"), Some("transaction"));
+    // PgBouncer's columns first, in its order, for the tools that read them.
+    let columns: Vec<&str> = pool.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        columns[..16],
+        [
+            "database",
+            "user",
+            "cl_active",
+            "cl_waiting",
+            "cl_active_cancel_req",
+            "cl_waiting_cancel_req",
+            "sv_active",
+            "sv_active_cancel",
+            "sv_being_canceled",
+            "sv_idle",
+            "sv_used",
+            "sv_tested",
+            "sv_login",
+            "maxwait",
+            "maxwait_us",
+            "pool_mode",
+        ]
+    );
+    for quiet in ["cl_active_cancel_req", "sv_being_canceled", "sv_login"] {
+        assert_eq!(get(pool, quiet), Some("0"), "{pool:?}");
+    }
 
     let clients = rows(&admin, "show clients;").await;
     assert_eq!(clients.len(), 3);
@@ -137,6 +163,31 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
         .find(|r| get(r, "name") == Some(db.name.as_str()))
         .unwrap();
     assert_eq!(get(listed, "primary"), Some("pg1"));
+    let columns: Vec<&str> = listed.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        columns[..13],
+        [
+            "name",
+            "host",
+            "port",
+            "database",
+            "force_user",
+            "pool_size",
+            "min_pool_size",
+            "reserve_pool",
+            "pool_mode",
+            "max_connections",
+            "current_connections",
+            "paused",
+            "disabled",
+        ]
+    );
+    assert_eq!(get(listed, "host"), Some("127.0.0.1"));
+    assert_eq!(
+        get(listed, "port"),
+        Some(db.server_port.to_string().as_str())
+    );
+    assert_eq!(get(listed, "paused"), Some("0"));
     // The same two server connections SHOW POOLS counts; no max_db_connections.
     assert_eq!(get(listed, "current_connections"), Some("2"), "{listed:?}");
     assert_eq!(get(listed, "max_connections"), Some("0"), "{listed:?}");
@@ -375,7 +426,7 @@ async fn pause_holds_new_transactions_until_resume_and_kill_drops_clients_and_pa
     assert!(!query.is_finished(), "a transaction ran while paused");
     rows(&admin, "SHOW DATABASES").await.iter().for_each(|r| {
         if get(r, "name") == Some(db.name.as_str()) {
-            assert_eq!(get(r, "paused"), Some("yes"));
+            assert_eq!(get(r, "paused"), Some("1"));
         }
     });
     admin
@@ -479,7 +530,7 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
         .iter()
         .find(|r| get(r, "name") == Some(db.name.as_str()))
         .unwrap();
-    assert_eq!(get(row, "disabled"), Some("yes"));
+    assert_eq!(get(row, "disabled"), Some("1"));
     admin
         .simple_query(&format!("ENABLE {}", db.name))
         .await

@@ -225,6 +225,25 @@ fn marked_in_use(shared: &Shared, database: Option<&str>) -> usize {
         .count()
 }
 
+/// One SHOW POOLS row being counted up.
+#[derive(Default)]
+struct PoolRow {
+    /// clients by [`ClientState`]
+    clients: [usize; 3],
+    /// their CancelRequests on the way
+    cancels: usize,
+    /// server connections kept from the pool until a cancel lands
+    held_for_cancel: usize,
+    /// server connections in use or being opened
+    in_use: usize,
+    /// server connections being opened
+    opening: usize,
+    /// idle server connections
+    idle: usize,
+    /// pool size
+    max: usize,
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
@@ -243,65 +262,88 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
     let table = shared.routing.load_full();
     let clients = shared.clients.all();
     let paused = shared.gate.paused();
-    let is_paused = |db: &str| yes_no(paused.covers(db));
     match what {
         Show::Pools => {
+            // PgBouncer's columns in its order (monitoring tools read them by
+            // name), then pgwarden's own.
             let mut rs = ResultSet::new(&[
                 "database",
                 "user",
                 "cl_active#",
                 "cl_waiting#",
-                "cl_idle#",
+                "cl_active_cancel_req#",
+                "cl_waiting_cancel_req#",
                 "sv_active#",
+                "sv_active_cancel#",
+                "sv_being_canceled#",
                 "sv_idle#",
-                "sv_max#",
-                "pool_mode",
-                "target",
-                "paused",
+                "sv_used#",
+                "sv_tested#",
+                "sv_login#",
                 "maxwait#",
                 "maxwait_us#",
+                "pool_mode",
+                "cl_idle#",
+                "sv_max#",
+                "target",
+                "paused#",
             ]);
-            // (database, user) → [clients by state], [servers active, idle, max]
-            let mut rows: BTreeMap<(String, String), ([usize; 3], [usize; 3])> = BTreeMap::new();
+            let mut rows: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
             for c in &clients {
-                let key = (c.identity.database.clone(), c.identity.user.clone());
-                let slot = match c.state() {
-                    ClientState::Active => 0,
-                    ClientState::Waiting => 1,
-                    ClientState::Idle => 2,
-                };
-                rows.entry(key).or_default().0[slot] += 1;
+                let row = rows
+                    .entry((c.identity.database.clone(), c.identity.user.clone()))
+                    .or_default();
+                let state = c.state();
+                row.clients[state as usize] += 1;
+                let cancels = c.cancels_in_flight();
+                row.cancels += cancels;
+                // Its transaction is over, but its server connection waits for the
+                // cancel to land before it serves anyone else.
+                if cancels > 0 && state == ClientState::Active && c.serving().is_none() {
+                    row.held_for_cancel += 1;
+                }
             }
             let longest = shared.clients.longest_waits();
             for (key, pool) in shared.pools.all() {
-                let (active, idle, max) = pool.counts();
-                let entry = rows
+                let (in_use, idle, max) = pool.counts();
+                let row = rows
                     .entry((key.database.clone(), key.target.user.clone()))
                     .or_default();
-                entry.1[0] += active;
-                entry.1[1] += idle;
-                entry.1[2] = entry.1[2].max(max);
+                row.in_use += in_use;
+                row.opening += pool.opening();
+                row.idle += idle;
+                row.max = row.max.max(max);
             }
-            for ((db, user), (cl, sv)) in rows {
+            for ((db, user), row) in rows {
                 let settings = config.database(&db);
                 let wait = longest
                     .get(&(db.clone(), user.clone()))
                     .copied()
                     .unwrap_or_default();
+                let active = row.in_use.saturating_sub(row.opening + row.held_for_cancel);
                 rs.row(vec![
                     db.clone().into(),
                     user.into(),
-                    cl[0].into(),
-                    cl[1].into(),
-                    cl[2].into(),
-                    sv[0].into(),
-                    sv[1].into(),
-                    sv[2].into(),
-                    settings.as_ref().map(|s| s.pool_mode.to_string()).into(),
-                    settings.map(|s| s.target.name().to_owned()).into(),
-                    is_paused(&db).into(),
+                    row.clients[ClientState::Active as usize].into(),
+                    row.clients[ClientState::Waiting as usize].into(),
+                    // Cancels go out at once on their own connections: none wait.
+                    row.cancels.into(),
+                    0usize.into(),
+                    active.into(),
+                    row.cancels.into(),
+                    row.held_for_cancel.into(),
+                    row.idle.into(),
+                    // No idle connection waits for a check, or is being checked.
+                    0usize.into(),
+                    0usize.into(),
+                    row.opening.into(),
                     i64::try_from(wait.as_secs()).unwrap_or(i64::MAX).into(),
                     i64::from(wait.subsec_micros()).into(),
+                    settings.as_ref().map(|s| s.pool_mode.to_string()).into(),
+                    row.clients[ClientState::Idle as usize].into(),
+                    row.max.into(),
+                    settings.map(|s| s.target.name().to_owned()).into(),
+                    i64::from(paused.covers(&db)).into(),
                 ]);
             }
             rs
@@ -395,19 +437,25 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             rs
         }
         Show::Databases => {
+            // PgBouncer's columns in its order (monitoring tools read them by
+            // name), then pgwarden's own.
             let mut rs = ResultSet::new(&[
                 "name",
-                "dbname",
-                "target",
+                "host",
+                "port#",
+                "database",
+                "force_user",
                 "pool_size#",
+                "min_pool_size#",
                 "reserve_pool#",
                 "pool_mode",
                 "max_connections#",
                 "current_connections#",
+                "paused#",
+                "disabled#",
+                "target",
                 "primary",
                 "clients#",
-                "paused",
-                "disabled",
             ]);
             let disabled = shared.admissions.disabled();
             for name in config.databases.keys() {
@@ -418,19 +466,25 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     .iter()
                     .filter(|c| &c.identity.database == name)
                     .count();
+                // Where its next transaction would go (one of several for a standby target).
+                let node = table.route(db.target, config.health.max_standby_lag, 0);
                 rs.row(vec![
                     name.clone().into(),
+                    node.map(|n| n.config.host.clone()).into(),
+                    node.map(|n| i64::from(n.config.port)).into(),
                     db.dbname.into(),
-                    db.target.name().into(),
+                    Cell::Null,
                     i64::from(db.pool_size).into(),
+                    i64::from(db.min_pool_size).into(),
                     i64::from(config.pool.reserve_pool_size).into(),
                     db.pool_mode.to_string().into(),
                     i64::from(db.max_db_connections).into(),
                     shared.pools.database_connections(name).into(),
+                    i64::from(paused.covers(name)).into(),
+                    i64::from(disabled.contains(name)).into(),
+                    db.target.name().into(),
                     table.primary().map(|p| p.config.name.clone()).into(),
                     count.into(),
-                    is_paused(name).into(),
-                    yes_no(disabled.contains(name)).into(),
                 ]);
             }
             rs

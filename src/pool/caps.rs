@@ -242,11 +242,11 @@ pub struct Places {
     _pool: Place,
 }
 
-/// Counts one waiter on `counter` for as long as it lives.
+/// Counts one (waiter, connection being opened) on `counter` for as long as it lives.
 pub struct Counted<'a>(&'a AtomicUsize);
 
 impl<'a> Counted<'a> {
-    /// Adds the waiter.
+    /// Adds it.
     pub fn new(counter: &'a AtomicUsize) -> Self {
         counter.fetch_add(1, Ordering::SeqCst);
         Counted(counter)

@@ -89,6 +89,8 @@ pub struct ServerPool {
     pub(super) caps: Caps,
     /// checkouts that wait for a slot or for room under the caps
     demand: AtomicUsize,
+    /// connections being opened (connect, TLS, login)
+    opening: AtomicUsize,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
@@ -125,6 +127,7 @@ impl ServerPool {
             idle: Mutex::new(Vec::new()),
             caps,
             demand: AtomicUsize::new(0),
+            opening: AtomicUsize::new(0),
             secrets,
             tls,
             logins,
@@ -219,6 +222,7 @@ impl ServerPool {
 
     /// Opens a new server connection under `places` (the caller holds a slot for it).
     async fn open(&self, places: Places) -> Result<Box<Held>, ServerError> {
+        let _opening = Counted::new(&self.opening);
         let credential = self.secrets.get(&self.target.user).ok_or_else(|| {
             ServerError::Credentials(format!(
                 "user \"{}\" is not in the user list",
@@ -461,6 +465,11 @@ impl ServerPool {
     pub fn counts(&self) -> (usize, usize, usize) {
         let size = self.main.size() + self.reserve.size();
         (self.in_use(), lock(&self.idle).len(), size)
+    }
+
+    /// Connections being opened, among those [`ServerPool::counts`] calls in use.
+    pub fn opening(&self) -> usize {
+        self.opening.load(Ordering::Relaxed)
     }
 
     /// Connections in use or being opened: the slots taken, main and reserve.
