@@ -5,7 +5,7 @@
 //! operator can fix a config from the message alone. The same loader serves
 //! `run`, `check-config` and a SIGHUP reload.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,15 @@ impl ConfigError {
         }
     }
 }
+
+/// The keys of `[pgwarden]` that a reload leaves as they are until a restart (the
+/// whole of `[coordination]` too).
+pub const RESTART_ONLY: [&str; 4] = [
+    "pgwarden.listen",
+    "pgwarden.unix_socket_dir",
+    "pgwarden.unix_socket_mode",
+    "pgwarden.workers",
+];
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1148,6 +1157,19 @@ impl Config {
     /// The HTTP endpoint's address, unless disabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.pgwarden.http_listen.parse().ok()
+    }
+
+    /// Every key's default value, dotted as [`Config::flatten`] names them (keys of
+    /// backends and databases have none).
+    pub fn defaults() -> HashMap<String, String> {
+        toml::from_str::<Config>("")
+            .map(|c| c.flatten().into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// True for keys a reload cannot change: they take effect at the next restart.
+    pub fn needs_restart(key: &str) -> bool {
+        RESTART_ONLY.contains(&key) || key.starts_with("coordination.")
     }
 
     /// Every key and its value, dotted (`pool.default_pool_size`), for SHOW CONFIG.

@@ -80,7 +80,7 @@ pub struct Shared {
     pub statements: crate::client::statements::Registries,
     /// fired once on SIGTERM/SIGINT
     pub shutdown: CancellationToken,
-    /// client sessions past login
+    /// client sessions past login, admin consoles included
     pub sessions: AtomicUsize,
     /// the failover election among proxies, with `[coordination]`
     pub coordination: Option<Arc<crate::coordination::Coordinator>>,
@@ -165,6 +165,11 @@ impl Shared {
         })
     }
 
+    /// Accepted client connections, logging in or logged in.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     /// Re-reads the configuration file and the user list and applies them.
     /// On any error the running configuration stays as it is.
     pub fn reload(&self) -> Result<(), ConfigError> {
@@ -179,7 +184,8 @@ impl Shared {
             || config.pgwarden.workers != old.pgwarden.workers
         {
             warn!(
-                "pgwarden.listen, pgwarden.unix_socket_dir, pgwarden.unix_socket_mode and pgwarden.workers take effect at the next restart"
+                keys = crate::config::RESTART_ONLY.join(", "),
+                "these keys take effect at the next restart"
             );
         }
         if config.coordination != old.coordination {

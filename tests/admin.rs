@@ -195,12 +195,35 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert_eq!(get(&backends[0], "role"), Some("primary"));
     assert_eq!(get(&backends[0], "state"), Some("up"));
     let config = rows(&admin, "SHOW CONFIG").await;
-    assert!(
-        config
-            .iter()
-            .any(|r| get(r, "key") == Some("pool.default_pool_size")
-                && get(r, "value") == Some("20"))
-    );
+    let key = |name: &str| config.iter().find(|r| get(r, "key") == Some(name)).unwrap();
+    let columns: Vec<&str> = config[0].iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(columns, ["key", "value", "default", "changeable"]);
+    let pool_size = key("pool.default_pool_size");
+    assert_eq!(get(pool_size, "value"), Some("20"));
+    assert_eq!(get(pool_size, "default"), Some("20"));
+    assert_eq!(get(pool_size, "changeable"), Some("yes"));
+    assert_eq!(get(key("pgwarden.listen"), "changeable"), Some("no"));
+    assert_eq!(get(key("backends[0].name"), "default"), None);
+
+    // Three clients and this console, all past login, on two server connections;
+    // the user list holds the monitor's user, the database's, admin and watcher.
+    let lists = rows(&admin, "SHOW LISTS").await;
+    let list = |name: &str| {
+        let row = lists.iter().find(|r| get(r, "list") == Some(name)).unwrap();
+        get(row, "items").unwrap().to_owned()
+    };
+    let names: Vec<&str> = lists.iter().map(|r| get(r, "list").unwrap()).collect();
+    assert_eq!(names.len(), 12, "{names:?}");
+    for (name, items) in [
+        ("databases", "1"),
+        ("users", "4"),
+        ("pools", "1"),
+        ("used_clients", "4"),
+        ("login_clients", "0"),
+        ("used_servers", "2"),
+    ] {
+        assert_eq!(list(name), items, "{name} in {lists:?}");
+    }
     assert!(
         config
             .iter()

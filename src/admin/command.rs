@@ -22,6 +22,8 @@ pub enum Show {
     StatsAverages,
     /// SHOW STATS of every database together, one figure a row
     Totals,
+    /// counts of databases, users, pools, clients and server connections
+    Lists,
     /// every configuration key
     Config,
     /// pgwarden's version
@@ -117,6 +119,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
                 "STATS_TOTALS" => Show::StatsTotals,
                 "STATS_AVERAGES" => Show::StatsAverages,
                 "TOTALS" => Show::Totals,
+                "LISTS" => Show::Lists,
                 "CONFIG" => Show::Config,
                 "VERSION" => Show::Version,
                 "BACKENDS" => Show::Backends,
@@ -124,7 +127,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
                 "COORDINATION" => Show::Coordination,
                 _ => {
                     return Err(format!(
-                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, STATS_TOTALS, STATS_AVERAGES, TOTALS, CONFIG, VERSION, BACKENDS, FAILOVERS or COORDINATION",
+                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, STATS_TOTALS, STATS_AVERAGES, TOTALS, LISTS, CONFIG, VERSION, BACKENDS, FAILOVERS or COORDINATION",
                         words.get(1).map(String::as_str).unwrap_or("")
                     ));
                 }

@@ -7,6 +7,7 @@
 
 use crate::address::Address;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::tls::Stream;
 use bytes::BytesMut;
@@ -81,8 +82,15 @@ impl Console {
         })
     }
 
-    /// Answers commands until the client leaves.
-    pub async fn run(mut self) {
+    /// Answers commands until the client leaves, counted among the sessions (SHOW LISTS).
+    pub async fn run(self) {
+        let shared = self.shared.clone();
+        shared.sessions.fetch_add(1, Ordering::Relaxed);
+        self.serve().await;
+        shared.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn serve(mut self) {
         let mut buf = BytesMut::new();
         let mut skipping = false;
         loop {

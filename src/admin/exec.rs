@@ -540,9 +540,46 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             rs
         }
         Show::Config => {
-            let mut rs = ResultSet::new(&["key", "value"]);
+            // PgBouncer's four columns: tools that read it check their number.
+            let mut rs = ResultSet::new(&["key", "value", "default", "changeable"]);
+            let defaults = crate::config::Config::defaults();
             for (k, v) in config.flatten() {
-                rs.row(vec![k.into(), v.into()]);
+                let changeable = yes_no(!crate::config::Config::needs_restart(&k));
+                let default = defaults.get(&k).cloned();
+                rs.row(vec![k.into(), v.into(), default.into(), changeable.into()]);
+            }
+            rs
+        }
+        Show::Lists => {
+            let pools = shared.pools.all();
+            let servers: usize = pools
+                .iter()
+                .map(|(_, pool)| {
+                    let (in_use, idle, _) = pool.counts();
+                    in_use + idle
+                })
+                .sum();
+            let connections = shared.connections();
+            let logged_in = shared.sessions.load(std::sync::atomic::Ordering::Relaxed);
+            // PgBouncer's rows, in its order. pgwarden keeps no free lists of client
+            // or server records and no DNS cache, so those rows are 0.
+            let lists = [
+                ("databases", config.databases.len()),
+                ("users", shared.users.load().len()),
+                ("pools", pools.len()),
+                ("free_clients", 0),
+                ("used_clients", connections),
+                ("login_clients", connections.saturating_sub(logged_in)),
+                ("free_servers", 0),
+                ("used_servers", servers),
+                ("dns_names", 0),
+                ("dns_zones", 0),
+                ("dns_queries", 0),
+                ("dns_pending", 0),
+            ];
+            let mut rs = ResultSet::new(&["list", "items#"]);
+            for (list, items) in lists {
+                rs.row(vec![list.into(), items.into()]);
             }
             rs
         }
