@@ -696,6 +696,11 @@ pub struct DatabaseConfig {
 /// The name of the admin console's virtual database; no `[databases]` entry may take it.
 pub const ADMIN_DATABASE: &str = "pgwarden";
 
+/// PgBouncer's name for its console, which pgwarden's answers to as well unless a
+/// database of that name is configured: monitoring set up for PgBouncer then works
+/// unchanged.
+pub const PGBOUNCER_ADMIN_DATABASE: &str = "pgbouncer";
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1157,6 +1162,13 @@ impl Config {
     /// The HTTP endpoint's address, unless disabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.pgwarden.http_listen.parse().ok()
+    }
+
+    /// True when a client asking for `database` reaches the admin console.
+    pub fn is_admin_database(&self, database: &str) -> bool {
+        database == ADMIN_DATABASE
+            || (database == PGBOUNCER_ADMIN_DATABASE
+                && !self.databases.contains_key(PGBOUNCER_ADMIN_DATABASE))
     }
 
     /// Every key's default value, dotted as [`Config::flatten`] names them (keys of
@@ -1622,6 +1634,17 @@ host = "127.0.0.1"
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_console_answers_to_pgbouncers_name_unless_a_database_takes_it() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.is_admin_database("pgwarden"));
+        assert!(c.is_admin_database("pgbouncer"));
+        assert!(!c.is_admin_database("app"));
+        let c = parse(&format!("{MINIMAL}\n[databases.pgbouncer]\n")).unwrap();
+        assert!(!c.is_admin_database("pgbouncer"));
+        assert!(c.is_admin_database("pgwarden"));
     }
 
     #[test]

@@ -418,6 +418,25 @@ async fn only_admin_users_may_change_things_and_others_may_not_log_in() {
     // A wrong password is a wrong password.
     let err = console(&pgw, (ADMIN.0, "nope")).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+    // PgBouncer's console name reaches the console too, for the same users only.
+    let as_pgbouncer = |(user, password): (&str, &str)| {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=pgbouncer",
+            pgw.port
+        )
+    };
+    let bouncer = common::connect(&as_pgbouncer(STATS)).await.unwrap();
+    assert!(
+        get(&rows(&bouncer, "SHOW VERSION").await[0], "version")
+            .unwrap()
+            .starts_with("pgwarden ")
+    );
+    let err = bouncer.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    let err = common::connect(&as_pgbouncer((&db.user, &db.password)))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
 }
 
 #[tokio::test]

@@ -20,7 +20,6 @@ use crate::auth;
 use crate::auth::hba::{Method, Origin};
 use crate::auth::query::Lookup;
 use crate::auth::{Credential, Secret};
-use crate::config::ADMIN_DATABASE;
 use crate::config::{AuthMethod, ClientTlsMode, Config};
 use crate::error::{ClientError, sqlstate};
 use crate::health::probe::Login as ProbeLogin;
@@ -169,7 +168,7 @@ async fn login_steps(
         }
         return Err(e.into());
     }
-    if request.database == ADMIN_DATABASE {
+    if config.is_admin_database(&request.database) {
         let g = &config.pgwarden;
         let role = if g.admin_users.contains(&request.user) {
             Role::Admin
