@@ -69,12 +69,16 @@ async fn close_needed(admin: &Client, pid: i32) -> String {
         .to_owned()
 }
 
-fn get<'a>(row: &'a [(String, Option<String>)], column: &str) -> Option<&'a str> {
-    row.iter()
+/// The value in `column` of a row of (column, value) pairs.
+fn cell<'a, T: std::fmt::Debug>(row: &'a [(String, T)], column: &str) -> &'a T {
+    &row.iter()
         .find(|(c, _)| c == column)
         .unwrap_or_else(|| panic!("no column {column} in {row:?}"))
         .1
-        .as_deref()
+}
+
+fn get<'a>(row: &'a [(String, Option<String>)], column: &str) -> Option<&'a str> {
+    cell(row, column).as_deref()
 }
 
 #[tokio::test]
@@ -275,10 +279,7 @@ async fn stats_row(admin: &Client, command: &str, database: &str) -> Vec<(String
 }
 
 fn figure(row: &[(String, i64)], column: &str) -> i64 {
-    row.iter()
-        .find(|(c, _)| c == column)
-        .unwrap_or_else(|| panic!("no {column} in {row:?}"))
-        .1
+    *cell(row, column)
 }
 
 #[tokio::test]
