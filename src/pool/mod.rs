@@ -150,6 +150,16 @@ impl Pools {
         caps.entry(key).or_insert_with(|| Cap::new(limit)).clone()
     }
 
+    /// Forgets the caps no pool shares any more (their database, user or node left
+    /// the configuration and the last of their pools closed).
+    fn forget_unused_caps(&self) {
+        // Pools hold their caps; a cap only this registry holds has none left.
+        self.caps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, cap| Arc::strong_count(cap) > 1);
+    }
+
     /// Server connections open for client-facing `database`, on every backend together.
     pub fn database_connections(&self, database: &str) -> usize {
         let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,6 +269,7 @@ impl Pools {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
             }
+            self.forget_unused_caps();
             let warm = self.warm(&config.load(), &routing.load(), &held);
             for (key, pool) in self.all() {
                 let warm = warm.contains(&key);
@@ -397,6 +408,21 @@ mod tests {
             (2, 0)
         );
         assert_eq!(big.caps.database.limit(), 2);
+
+        // Once "big" leaves the configuration and its pool is gone, so is its cap.
+        pools.reconfigure(&parse(&format!("{nodes}[databases.app]\n")));
+        let pg1: Arc<str> = config.backends[0].name.as_str().into();
+        let big_cap = CapKey::Database("big".into(), pg1.clone());
+        pools.forget_unused_caps();
+        assert!(
+            pools.caps.lock().unwrap().contains_key(&big_cap),
+            "still in use"
+        );
+        drop(big);
+        pools.forget_unused_caps();
+        let caps = pools.caps.lock().unwrap();
+        assert!(!caps.contains_key(&big_cap));
+        assert!(caps.contains_key(&CapKey::Database("app".into(), pg1)));
     }
 
     #[test]
