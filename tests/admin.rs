@@ -103,7 +103,8 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
         .find(|r| get(r, "database") == Some(db.name.as_str()))
         .unwrap();
     assert_eq!(get(pool, "user"), Some(db.user.as_str()));
-    assert_eq!(get(pool, "cl_active"), Some("1"));
+    // As in PgBouncer, cl_active counts the idle clients too (cl_idle tells them).
+    assert_eq!(get(pool, "cl_active"), Some("3"));
     assert_eq!(get(pool, "cl_idle"), Some("2"));
     assert_eq!(get(pool, "sv_active"), Some("1"), "{pool:?}");
     assert_eq!(get(pool, "sv_idle"), Some("1"), "{pool:?}");

@@ -324,7 +324,10 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                 rs.row(vec![
                     db.clone().into(),
                     user.into(),
-                    row.clients[ClientState::Active as usize].into(),
+                    // PgBouncer's cl_active: in a transaction or idle, not waiting.
+                    (row.clients[ClientState::Active as usize]
+                        + row.clients[ClientState::Idle as usize])
+                        .into(),
                     row.clients[ClientState::Waiting as usize].into(),
                     // Cancels go out at once on their own connections: none wait.
                     row.cancels.into(),
