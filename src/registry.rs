@@ -38,10 +38,16 @@ const SHARDS: usize = 16;
 pub struct Identity {
     /// client address
     pub peer: Address,
+    /// the address it connected to (none on the Unix-domain socket)
+    pub local: Option<std::net::SocketAddr>,
     /// client-facing database
     pub database: String,
     /// user name
     pub user: String,
+    /// the settings it logged in with (shared with every client that sent the same)
+    pub startup: Arc<crate::params::ParamSet>,
+    /// TLS version and cipher suite, when encrypted
+    pub tls: Option<Box<str>>,
 }
 
 /// One client's entry.
@@ -164,6 +170,14 @@ impl Entry {
     /// The server connection serving it.
     pub fn serving(&self) -> Option<Serving> {
         lock(&self.serving).clone()
+    }
+
+    /// When its last transaction began (none before the first).
+    pub fn last_request(&self) -> Option<Tick> {
+        match self.waiting_since.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Tick::from_nanos(nanos)),
+        }
     }
 
     /// True while a CancelRequest of this client is on its way to a server connection.
@@ -427,8 +441,11 @@ mod tests {
     fn someone() -> Identity {
         Identity {
             peer: Address::Tcp("127.0.0.1:1".parse().unwrap()),
+            local: None,
             database: "db".into(),
             user: "u".into(),
+            startup: Arc::default(),
+            tls: None,
         }
     }
 

@@ -347,6 +347,11 @@ impl ServerConn {
         self.idle_since.elapsed()
     }
 
+    /// When it was last returned to the pool (when it connected, if never).
+    pub fn idle_since(&self) -> Tick {
+        self.idle_since
+    }
+
     /// Marks the moment it goes back to the pool.
     pub fn mark_idle(&mut self, now: Tick) {
         self.idle_since = now;

@@ -92,7 +92,9 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     let holder = pgw.connect(&db).await;
     holder.batch_execute("BEGIN").await.unwrap();
     // A second server connection, back in the pool once its transaction ends.
-    let other = pgw.connect(&db).await;
+    let other = common::connect(&format!("{} application_name=probe", pgw.conninfo(&db)))
+        .await
+        .unwrap();
     other.batch_execute("BEGIN").await.unwrap();
     other.batch_execute("COMMIT").await.unwrap();
     let admin = console(&pgw, ADMIN).await.unwrap();
@@ -150,6 +152,55 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
             .iter()
             .any(|s| get(s, "state") == Some("active") && get(s, "backend") == Some("pg1"))
     );
+    // PgBouncer's columns first, in its order, in both.
+    for listing in [&clients, &servers] {
+        let columns: Vec<&str> = listing[0].iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            columns[..18],
+            [
+                "type",
+                "user",
+                "database",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+            ]
+        );
+    }
+    let probe = clients
+        .iter()
+        .find(|c| get(c, "application_name") == Some("probe"))
+        .unwrap_or_else(|| panic!("no probe in {clients:?}"));
+    assert_eq!(get(probe, "local_addr"), Some("127.0.0.1"));
+    assert_eq!(
+        get(probe, "local_port"),
+        Some(pgw.port.to_string().as_str())
+    );
+    // Idle counts as active, as in PgBouncer; an idle client links to no server.
+    assert_eq!(get(probe, "state"), Some("active"));
+    assert_eq!(get(probe, "link"), None);
+    assert_eq!(get(probe, "tls"), Some(""));
+    // The client in a transaction and its server connection link to each other.
+    let linked = clients.iter().find(|c| get(c, "link").is_some()).unwrap();
+    let server = servers
+        .iter()
+        .find(|s| get(s, "ptr") == get(linked, "link"))
+        .unwrap_or_else(|| panic!("{linked:?} links to none of {servers:?}"));
+    assert_eq!(get(server, "link"), get(linked, "ptr"));
+    assert_eq!(get(server, "remote_pid"), get(linked, "server_pid"));
+    assert_eq!(get(server, "state"), Some("active"));
 
     let stats = rows(&admin, "SHOW STATS").await;
     let stat = stats

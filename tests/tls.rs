@@ -162,13 +162,57 @@ fn require_takes_tls_clients_and_refuses_plaintext() {
         &[&db],
         Options {
             sections: client_tls("require", pki),
-            pgwarden: "unix_socket_dir = \".\"".into(),
+            pgwarden: "unix_socket_dir = \".\"\nstats_users = [\"watcher\"]".into(),
+            extra_users: "\"watcher\" \"watcher-pw\"\n".into(),
             ..Default::default()
         },
     );
     let out = psql(&pgw, &db, "sslmode=require", "SELECT 40 + 2");
     assert!(out.status.success(), "{}\n{}", stderr(&out), pgw.log());
     assert_eq!(stdout(&out), "42");
+
+    // SHOW CLIENTS names the TLS version and cipher suite of a client connected now.
+    let mut sleeper = common::with_cluster(|c| {
+        c.client_program("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user={} dbname={} sslmode=require application_name=sleeper",
+                pgw.port, db.user, db.name
+            ))
+            .args(["-X", "-c", "SELECT pg_sleep(3)"])
+            .env("PGPASSWORD", &db.password)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    });
+    let show = || {
+        common::with_cluster(|c| {
+            c.client_program("psql")
+                .arg(format!(
+                    "host=127.0.0.1 port={} user=watcher dbname=pgwarden sslmode=require",
+                    pgw.port
+                ))
+                .args(["-X", "-A", "-t", "-F", " ", "-c", "SHOW CLIENTS"])
+                .env("PGPASSWORD", "watcher-pw")
+                .output()
+                .unwrap()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let row = loop {
+        let out = show();
+        assert!(out.status.success(), "{}", stderr(&out));
+        if let Some(row) = stdout(&out).lines().find(|l| l.contains("sleeper")) {
+            break row.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sleeper in {}",
+            stdout(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(row.contains(" TLSv1_3/TLS13_"), "{row}");
+    assert!(sleeper.wait().unwrap().success());
 
     // verify-full: the certificate chains to our CA and names 127.0.0.1.
     let keywords = format!("sslmode=verify-full sslrootcert={}", pki.ca.display());

@@ -8,6 +8,7 @@ use super::command::{Command, Show};
 use super::stats;
 use super::table::{Cell, ResultSet};
 use crate::backend::Health;
+use crate::clock::Tick;
 use crate::coordination::Role;
 use crate::error::sqlstate;
 use crate::health::Request;
@@ -225,6 +226,97 @@ fn marked_in_use(shared: &Shared, database: Option<&str>) -> usize {
         .count()
 }
 
+/// SHOW CLIENTS' and SHOW SERVERS' columns: PgBouncer's, in its order, then
+/// pgwarden's own (the client's pid, the backend, the server's pid).
+const CONNECTION_COLUMNS: [&str; 21] = [
+    "type",
+    "user",
+    "database",
+    "state",
+    "addr",
+    "port#",
+    "local_addr",
+    "local_port#",
+    "connect_time",
+    "request_time",
+    "wait#",
+    "wait_us#",
+    "close_needed#",
+    "ptr",
+    "link",
+    "remote_pid#",
+    "tls",
+    "application_name",
+    "pid#",
+    "backend",
+    "server_pid#",
+];
+
+/// One server connection, as SHOW SERVERS lists it.
+struct ServerRow<'a> {
+    user: &'a str,
+    database: &'a str,
+    backend: &'a str,
+    key: &'a crate::server::CancelKey,
+    /// when it connected
+    opened: Tick,
+    /// when it was last handed to a client, or returned to the pool
+    used: Tick,
+    /// the pid of the client it serves
+    client: Option<i32>,
+    /// a RECONNECT came after it opened
+    marked: bool,
+}
+
+impl ServerRow<'_> {
+    /// The row in [`CONNECTION_COLUMNS`]' order.
+    fn cells(&self, now: Tick) -> Vec<Cell> {
+        let state = if self.client.is_some() {
+            "active"
+        } else {
+            "idle"
+        };
+        vec![
+            "S".into(),
+            self.user.into(),
+            self.database.into(),
+            state.into(),
+            self.key.addr.column().into(),
+            i64::from(self.key.addr.port()).into(),
+            Cell::Null,
+            Cell::Null,
+            time(wall(self.opened, now)),
+            time(wall(self.used, now)),
+            0_i64.into(),
+            0_i64.into(),
+            i64::from(self.marked).into(),
+            server_ptr(self.key.pid).into(),
+            self.client.map(client_ptr).into(),
+            i64::from(self.key.pid).into(),
+            "".into(),
+            "".into(),
+            self.client.map(i64::from).into(),
+            self.backend.into(),
+            i64::from(self.key.pid).into(),
+        ]
+    }
+}
+
+/// A client's `ptr` in SHOW CLIENTS, and its `link` in SHOW SERVERS.
+fn client_ptr(pid: i32) -> String {
+    format!("c{pid:x}")
+}
+
+/// A server connection's `ptr` in SHOW SERVERS, and its `link` in SHOW CLIENTS.
+fn server_ptr(pid: i32) -> String {
+    format!("s{pid:x}")
+}
+
+/// The wall-clock time of a monotonic reading, `now` being the reading now.
+fn wall(t: Tick, now: Tick) -> SystemTime {
+    SystemTime::now() - now.since(t)
+}
+
 /// One SHOW POOLS row being counted up.
 #[derive(Default)]
 struct PoolRow {
@@ -352,27 +444,23 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             rs
         }
         Show::Clients => {
-            let mut rs = ResultSet::new(&[
-                "type",
-                "user",
-                "database",
-                "state",
-                "addr",
-                "port#",
-                "connect_time",
-                "pid#",
-                "backend",
-                "server_pid#",
-            ]);
+            let mut rs = ResultSet::new(&CONNECTION_COLUMNS);
             let mut clients = clients;
             clients.sort_by_key(|c| c.pid);
+            let now = Tick::now();
             for c in clients {
                 let serving = c.serving();
+                let waited = c.waited(now).unwrap_or_default();
                 let state = match c.state() {
-                    ClientState::Active => "active",
                     ClientState::Waiting => "waiting",
-                    ClientState::Idle => "idle",
+                    // PgBouncer's "active": in a transaction or idle.
+                    ClientState::Active | ClientState::Idle => "active",
                 };
+                let (local_addr, local_port) = match c.identity.local {
+                    Some(local) => (local.ip().to_string(), local.port()),
+                    None => ("unix".to_owned(), c.identity.peer.port()),
+                };
+                let requested = c.last_request().map_or(c.connected_at, |t| wall(t, now));
                 rs.row(vec![
                     "C".into(),
                     c.identity.user.clone().into(),
@@ -380,7 +468,22 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
                     state.into(),
                     c.identity.peer.column().into(),
                     i64::from(c.identity.peer.port()).into(),
+                    local_addr.into(),
+                    i64::from(local_port).into(),
                     time(c.connected_at),
+                    time(requested),
+                    i64::try_from(waited.as_secs()).unwrap_or(i64::MAX).into(),
+                    i64::from(waited.subsec_micros()).into(),
+                    0_i64.into(),
+                    client_ptr(c.pid).into(),
+                    serving.as_ref().map(|s| server_ptr(s.key.pid)).into(),
+                    0_i64.into(),
+                    c.identity.tls.as_deref().unwrap_or("").into(),
+                    c.identity
+                        .startup
+                        .get("application_name")
+                        .unwrap_or("")
+                        .into(),
                     i64::from(c.pid).into(),
                     serving.as_ref().map(|s| s.backend.to_string()).into(),
                     serving.map(|s| i64::from(s.key.pid)).into(),
@@ -389,52 +492,39 @@ fn show(shared: &Shared, what: Show) -> ResultSet {
             rs
         }
         Show::Servers => {
-            let mut rs = ResultSet::new(&[
-                "type",
-                "user",
-                "database",
-                "backend",
-                "state",
-                "addr",
-                "port#",
-                "server_pid#",
-                "client_pid#",
-                "close_needed#",
-            ]);
+            let mut rs = ResultSet::new(&CONNECTION_COLUMNS);
+            let now = Tick::now();
             let pools = pools_by_id(shared, None);
             for c in &clients {
                 if let Some(serving) = c.serving() {
                     let marked = close_needed(&pools, &serving);
-                    let Serving { key, backend, .. } = serving;
-                    rs.row(vec![
-                        "S".into(),
-                        c.identity.user.clone().into(),
-                        c.identity.database.clone().into(),
-                        backend.to_string().into(),
-                        "active".into(),
-                        key.addr.column().into(),
-                        i64::from(key.addr.port()).into(),
-                        i64::from(key.pid).into(),
-                        i64::from(c.pid).into(),
-                        i64::from(marked).into(),
-                    ]);
+                    let row = ServerRow {
+                        user: &c.identity.user,
+                        database: &c.identity.database,
+                        backend: &serving.backend,
+                        key: &serving.key,
+                        opened: serving.opened,
+                        used: c.last_request().unwrap_or(serving.opened),
+                        client: Some(c.pid),
+                        marked,
+                    };
+                    rs.row(row.cells(now));
                 }
             }
             for (key, pool) in shared.pools.all() {
-                for server in pool.idle_servers() {
-                    rs.row(vec![
-                        "S".into(),
-                        key.target.user.clone().into(),
-                        key.database.clone().into(),
-                        key.target.backend.to_string().into(),
-                        "idle".into(),
-                        server.addr.column().into(),
-                        i64::from(server.addr.port()).into(),
-                        i64::from(server.pid).into(),
-                        Cell::Null,
-                        // RECONNECT closes idle connections at once.
-                        0_i64.into(),
-                    ]);
+                for (server_key, opened, idle_since) in pool.idle_servers() {
+                    let row = ServerRow {
+                        user: &key.target.user,
+                        database: &key.database,
+                        backend: &key.target.backend,
+                        key: &server_key,
+                        opened,
+                        used: idle_since,
+                        client: None,
+                        // RECONNECT closes idle connections at once: none is marked.
+                        marked: false,
+                    };
+                    rs.row(row.cells(now));
                 }
             }
             rs

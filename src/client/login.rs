@@ -205,8 +205,11 @@ async fn login_steps(
     let startup = shared.param_sets.intern(request.settings);
     let client = shared.clients.register(Identity {
         peer: peer.clone(),
+        local: stream.local_addr(),
         database: request.database.clone(),
         user: request.user.clone(),
+        startup: startup.clone(),
+        tls: stream.tls_description().map(String::into_boxed_str),
     });
     Ok(Step::Ready(Box::new(super::LoggedIn {
         mode: db.as_ref().map_or(config.pool.mode, |d| d.pool_mode),

@@ -452,11 +452,12 @@ impl ServerPool {
         idle.into_iter().for_each(|c| c.close());
     }
 
-    /// The idle connections' keys (server pid and address), for SHOW SERVERS.
-    pub fn idle_servers(&self) -> Vec<crate::server::CancelKey> {
+    /// The idle connections, for SHOW SERVERS: key (server pid and address), when
+    /// each connected and when it was last returned.
+    pub fn idle_servers(&self) -> Vec<(crate::server::CancelKey, Tick, Tick)> {
         lock(&self.idle)
             .iter()
-            .map(|c| c.cancel_key.clone())
+            .map(|c| (c.cancel_key.clone(), c.opened(), c.idle_since()))
             .collect()
     }
 

@@ -35,6 +35,34 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// The protocol version and cipher suite of a TLS connection
+    /// (`TLSv1_3/TLS13_AES_256_GCM_SHA384`), as SHOW CLIENTS reports them.
+    pub fn tls_description(&self) -> Option<String> {
+        let Stream::Tls(s) = self else {
+            return None;
+        };
+        let (version, suite) = match &**s {
+            TlsStream::Server(s) => {
+                let c = s.get_ref().1;
+                (c.protocol_version(), c.negotiated_cipher_suite())
+            }
+            TlsStream::Client(s) => {
+                let c = s.get_ref().1;
+                (c.protocol_version(), c.negotiated_cipher_suite())
+            }
+        };
+        Some(format!("{:?}/{:?}", version?, suite?.suite()))
+    }
+
+    /// The local end of a TCP connection (none for the Unix-domain socket).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Stream::Plain(s) => s.local_addr().ok(),
+            Stream::Tls(s) => s.get_ref().0.local_addr().ok(),
+            Stream::Local(_) => None,
+        }
+    }
+
     /// The certificate a TLS client presented (and the handshake verified), in DER.
     pub fn client_certificate(&self) -> Option<&[u8]> {
         match self {
