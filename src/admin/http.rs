@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use super::exec::lsn;
+use super::show::lsn;
 use crate::backend::Role;
 use crate::proxy::Shared;
 

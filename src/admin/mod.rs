@@ -6,9 +6,10 @@ pub mod command;
 mod console;
 mod exec;
 pub mod http;
+mod show;
 pub mod stats;
 mod table;
 
 pub use console::{Console, Role};
-pub use exec::lsn;
+pub use show::lsn;
 pub use table::{Cell, ResultSet};
