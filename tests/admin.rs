@@ -261,6 +261,42 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert_eq!(get(key("pgwarden.listen"), "changeable"), Some("no"));
     assert_eq!(get(key("backends[0].name"), "default"), None);
 
+    let users = rows(&admin, "SHOW USERS").await;
+    let user = users
+        .iter()
+        .find(|r| get(r, "name") == Some(db.user.as_str()))
+        .unwrap_or_else(|| panic!("{} not in {users:?}", db.user));
+    assert_eq!(
+        get(user, "current_client_connections"),
+        Some("3"),
+        "{user:?}"
+    );
+    assert_eq!(get(user, "current_connections"), Some("2"), "{user:?}");
+    let admin_row = users
+        .iter()
+        .find(|r| get(r, "name") == Some(ADMIN.0))
+        .unwrap();
+    assert_eq!(get(admin_row, "current_client_connections"), Some("0"));
+    let state = rows(&admin, "SHOW STATE").await;
+    let states: Vec<(&str, &str)> = state
+        .iter()
+        .map(|r| (get(r, "key").unwrap(), get(r, "value").unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [("active", "yes"), ("paused", "no"), ("suspended", "no")]
+    );
+    let help = rows(&admin, "SHOW HELP").await;
+    assert!(
+        get(&help[0], "command")
+            .unwrap()
+            .starts_with("SHOW POOLS|CLIENTS|")
+    );
+    assert!(
+        help.iter()
+            .any(|r| get(r, "command") == Some("SWITCHOVER [TO node]"))
+    );
+
     // Three clients and this console, all past login, on two server connections;
     // the user list holds the monitor's user, the database's, admin and watcher.
     let lists = rows(&admin, "SHOW LISTS").await;

@@ -24,6 +24,12 @@ pub enum Show {
     Totals,
     /// counts of databases, users, pools, clients and server connections
     Lists,
+    /// the users of the user list, with their connection limits and counts
+    Users,
+    /// whether the proxy is running, paused or suspended
+    State,
+    /// the commands and listings the console knows
+    Help,
     /// every configuration key
     Config,
     /// pgwarden's version
@@ -34,6 +40,51 @@ pub enum Show {
     Failovers,
     /// the etcd election and the published cluster state
     Coordination,
+}
+
+/// Every SHOW listing, by the name it is asked for with.
+const LISTINGS: [(&str, Show); 17] = [
+    ("POOLS", Show::Pools),
+    ("CLIENTS", Show::Clients),
+    ("SERVERS", Show::Servers),
+    ("DATABASES", Show::Databases),
+    ("USERS", Show::Users),
+    ("STATS", Show::Stats),
+    ("STATS_TOTALS", Show::StatsTotals),
+    ("STATS_AVERAGES", Show::StatsAverages),
+    ("TOTALS", Show::Totals),
+    ("LISTS", Show::Lists),
+    ("STATE", Show::State),
+    ("CONFIG", Show::Config),
+    ("VERSION", Show::Version),
+    ("BACKENDS", Show::Backends),
+    ("FAILOVERS", Show::Failovers),
+    ("COORDINATION", Show::Coordination),
+    ("HELP", Show::Help),
+];
+
+/// Every command's usage but SHOW's (whose listings are in [`LISTINGS`]), for SHOW HELP.
+pub const USAGE: [&str; 15] = [
+    "PAUSE [db]",
+    "RESUME [db]",
+    "RELOAD",
+    "SHUTDOWN",
+    "KILL db",
+    "KILL_CLIENT pid",
+    "RECONNECT [db]",
+    "WAIT_CLOSE [db]",
+    "DISABLE db",
+    "ENABLE db",
+    "FENCE node",
+    "UNFENCE node",
+    "PROMOTE node",
+    "SWITCHOVER [TO node]",
+    "VERIFY [[db.]table[(key,…)] …]",
+];
+
+/// The names SHOW takes, for SHOW HELP.
+pub fn listings() -> impl Iterator<Item = &'static str> {
+    LISTINGS.iter().map(|(name, _)| *name)
 }
 
 /// One admin command.
@@ -110,27 +161,12 @@ pub fn parse(sql: &str) -> Result<Command, String> {
     match upper[0].as_str() {
         "SHOW" => {
             let what = upper.get(1).map(String::as_str).unwrap_or("");
-            let show = match what {
-                "POOLS" => Show::Pools,
-                "CLIENTS" => Show::Clients,
-                "SERVERS" => Show::Servers,
-                "DATABASES" => Show::Databases,
-                "STATS" => Show::Stats,
-                "STATS_TOTALS" => Show::StatsTotals,
-                "STATS_AVERAGES" => Show::StatsAverages,
-                "TOTALS" => Show::Totals,
-                "LISTS" => Show::Lists,
-                "CONFIG" => Show::Config,
-                "VERSION" => Show::Version,
-                "BACKENDS" => Show::Backends,
-                "FAILOVERS" => Show::Failovers,
-                "COORDINATION" => Show::Coordination,
-                _ => {
-                    return Err(format!(
-                        "unknown SHOW \"{}\"; try POOLS, CLIENTS, SERVERS, DATABASES, STATS, STATS_TOTALS, STATS_AVERAGES, TOTALS, LISTS, CONFIG, VERSION, BACKENDS, FAILOVERS or COORDINATION",
-                        words.get(1).map(String::as_str).unwrap_or("")
-                    ));
-                }
+            let Some(&(_, show)) = LISTINGS.iter().find(|(name, _)| *name == what) else {
+                return Err(format!(
+                    "unknown SHOW \"{}\"; try {}",
+                    words.get(1).map(String::as_str).unwrap_or(""),
+                    listings().collect::<Vec<_>>().join(", ")
+                ));
             };
             if words.len() > 2 {
                 return Err(format!("SHOW {what} takes no arguments"));
@@ -171,10 +207,16 @@ pub fn parse(sql: &str) -> Result<Command, String> {
             Ok(Command::Set(name.to_ascii_lowercase()))
         }
         "RELOAD" | "SHUTDOWN" => Err(format!("{} takes no arguments", upper[0])),
-        _ => Err(format!(
-            "unknown command \"{}\"; the admin console knows SHOW, PAUSE, RESUME, RELOAD, SHUTDOWN, KILL, KILL_CLIENT, RECONNECT, WAIT_CLOSE, DISABLE, ENABLE, FENCE, UNFENCE, PROMOTE, SWITCHOVER and VERIFY",
-            words[0]
-        )),
+        _ => {
+            let known: Vec<&str> = std::iter::once("SHOW")
+                .chain(USAGE.iter().filter_map(|u| u.split(' ').next()))
+                .collect();
+            Err(format!(
+                "unknown command \"{}\"; the admin console knows {} (SHOW HELP)",
+                words[0],
+                known.join(", ")
+            ))
+        }
     }
 }
 

@@ -422,6 +422,61 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             }
             rs
         }
+        Show::Users => {
+            // PgBouncer's columns; pool size and mode are per database here, not per user.
+            let mut rs = ResultSet::new(&[
+                "name",
+                "pool_size#",
+                "reserve_pool_size#",
+                "pool_mode",
+                "max_user_connections#",
+                "current_connections#",
+                "max_user_client_connections#",
+                "current_client_connections#",
+            ]);
+            let users = shared.users.load();
+            let mut names: Vec<&str> = users.names().collect();
+            names.sort_unstable();
+            for name in names {
+                let clients = clients.iter().filter(|c| c.identity.user == name).count();
+                rs.row(vec![
+                    name.into(),
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    i64::from(config.pool.max_user_connections).into(),
+                    shared.pools.user_connections(name).into(),
+                    config.pgwarden.max_user_client_conn.into(),
+                    clients.into(),
+                ]);
+            }
+            rs
+        }
+        Show::State => {
+            let mut rs = ResultSet::new(&["key", "value"]);
+            let shutting_down = shared.shutdown.is_cancelled();
+            // pgwarden has no SUSPEND: it is never suspended.
+            for (key, value) in [
+                ("active", !shutting_down),
+                ("paused", paused.all),
+                ("suspended", false),
+            ] {
+                rs.row(vec![key.into(), yes_no(value).into()]);
+            }
+            rs
+        }
+        Show::Help => {
+            let mut rs = ResultSet::new(&["command"]);
+            let show = format!(
+                "SHOW {}",
+                super::command::listings().collect::<Vec<_>>().join("|")
+            );
+            rs.row(vec![show.into()]);
+            for usage in super::command::USAGE {
+                rs.row(vec![usage.into()]);
+            }
+            rs
+        }
         Show::Config => {
             // PgBouncer's four columns: tools that read it check their number.
             let mut rs = ResultSet::new(&["key", "value", "default", "changeable"]);

@@ -281,6 +281,11 @@ impl UserList {
         self.users.get(user).cloned()
     }
 
+    /// The users' names, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+
     /// Number of users.
     pub fn len(&self) -> usize {
         self.users.len()

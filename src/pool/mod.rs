@@ -162,9 +162,19 @@ impl Pools {
 
     /// Server connections open for client-facing `database`, on every backend together.
     pub fn database_connections(&self, database: &str) -> usize {
+        self.open_under(|key| matches!(key, CapKey::Database(db, _) if db == database))
+    }
+
+    /// Server connections open for `user`, to every database and backend together.
+    pub fn user_connections(&self, user: &str) -> usize {
+        self.open_under(|key| matches!(key, CapKey::User(u, _) if u == user))
+    }
+
+    /// Server connections open under the caps `key` picks.
+    fn open_under(&self, picked: impl Fn(&CapKey) -> bool) -> usize {
         let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
         caps.iter()
-            .filter(|(key, _)| matches!(key, CapKey::Database(db, _) if db == database))
+            .filter(|(key, _)| picked(key))
             .map(|(_, cap)| cap.open())
             .sum()
     }
