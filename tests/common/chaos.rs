@@ -423,15 +423,34 @@ impl Chaos {
             .collect()
     }
 
-    /// What a failed check says: the fault, the seed and the end of pgwarden's log.
+    /// What a failed check says: the fault, the seed, the end of pgwarden's log, what
+    /// the expected primary reports of its standbys, and the end of every node's log.
     fn context(&self, what: &str) -> String {
         let log = self.pgw.log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let replication = self
+            .sql(
+                self.primary,
+                "SELECT application_name, state, sent_lsn, replay_lsn FROM pg_stat_replication",
+            )
+            .unwrap_or_else(|| "(no answer)".into());
+        let nodes: String = (0..self.cluster.nodes.len())
+            .map(|i| {
+                let node = &self.cluster.nodes[i];
+                format!(
+                    "--- {} log, last lines ---\n{}\n",
+                    node.name,
+                    node.log_tail(12)
+                )
+            })
+            .collect();
         format!(
-            "chaos fault #{} ({}): {what}\n--- pgwarden log, last lines ---\n{}",
+            "chaos fault #{} ({}): {what}\n--- pgwarden log, last lines ---\n{}\n\
+             --- pg_stat_replication on {} ---\n{replication}\n{nodes}",
             self.number,
             self.seed_note,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            self.name(self.primary),
         )
     }
 
