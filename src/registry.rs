@@ -29,6 +29,7 @@ use tracing::{debug, info};
 
 use crate::clock::Tick;
 use crate::metrics::ClientState;
+use crate::params::ParamSet;
 use crate::server::CancelKey;
 
 const SHARDS: usize = 16;
@@ -44,8 +45,6 @@ pub struct Identity {
     pub database: String,
     /// user name
     pub user: String,
-    /// the settings it logged in with (shared with every client that sent the same)
-    pub startup: Arc<crate::params::ParamSet>,
     /// TLS version and cipher suite, when encrypted
     pub tls: Option<Box<str>>,
 }
@@ -64,6 +63,8 @@ pub struct Entry {
     /// when it last began waiting for a server connection, as a [`Tick`]'s nanoseconds
     waiting_since: AtomicU64,
     serving: Mutex<Option<Serving>>,
+    /// its settings now (shared with every client that has the same), for SHOW CLIENTS
+    settings: Mutex<Arc<ParamSet>>,
     /// its CancelRequests on their way to a server connection
     cancels: AtomicUsize,
     /// the admin console's KILL, the process's shutdown and the eviction of the
@@ -172,6 +173,12 @@ impl Entry {
         lock(&self.serving).clone()
     }
 
+    /// Its `application_name` now.
+    pub fn application_name(&self) -> String {
+        let settings = lock(&self.settings);
+        settings.get("application_name").unwrap_or("").to_owned()
+    }
+
     /// When its last transaction began (none before the first).
     pub fn last_request(&self) -> Option<Tick> {
         match self.waiting_since.load(Ordering::Relaxed) {
@@ -245,7 +252,7 @@ impl Default for ClientRegistry {
 
 impl ClientRegistry {
     /// Issues a fresh (pid, secret) for a client; the entry lives as long as the handle.
-    pub fn register(self: &Arc<Self>, identity: Identity) -> ClientHandle {
+    pub fn register(self: &Arc<Self>, identity: Identity, settings: Arc<ParamSet>) -> ClientHandle {
         loop {
             // Positive, non-zero pids, as PostgreSQL's are.
             let pid =
@@ -260,6 +267,7 @@ impl ClientRegistry {
                     state: AtomicU8::new(0),
                     waiting_since: AtomicU64::new(0),
                     serving: Mutex::new(None),
+                    settings: Mutex::new(settings),
                     cancels: AtomicUsize::new(0),
                     ending: Ending::default(),
                 });
@@ -407,6 +415,11 @@ impl ClientHandle {
             .store(at.as_nanos(), Ordering::Relaxed);
     }
 
+    /// Records the client's settings after a transaction changed them.
+    pub fn set_settings(&self, settings: Arc<ParamSet>) {
+        *lock(&self.entry.settings) = settings;
+    }
+
     /// Records the client's state for the admin console.
     pub fn set_state(&self, state: ClientState) {
         let code = match state {
@@ -444,7 +457,6 @@ mod tests {
             local: None,
             database: "db".into(),
             user: "u".into(),
-            startup: Arc::default(),
             tls: None,
         }
     }
@@ -470,7 +482,10 @@ mod tests {
     #[test]
     fn an_eviction_stops_only_the_transactions_of_the_retired_pool_and_is_forgotten_after() {
         let reg = Arc::new(ClientRegistry::default());
-        let (a, b) = (reg.register(someone()), reg.register(someone()));
+        let (a, b) = (
+            reg.register(someone(), Arc::default()),
+            reg.register(someone(), Arc::default()),
+        );
         a.serving(Some(serving(1)));
         b.serving(Some(serving(2)));
         reg.evict(&[1]);
@@ -491,11 +506,11 @@ mod tests {
     #[test]
     fn a_kill_stops_at_once_and_a_shutdown_when_idle_also_for_later_logins() {
         let reg = Arc::new(ClientRegistry::default());
-        let a = reg.register(someone());
+        let a = reg.register(someone(), Arc::default());
         reg.shut_down_all();
         assert_eq!(poll(a.entry(), false, true), Poll::Pending);
         assert_eq!(poll(a.entry(), true, false), Poll::Ready(Stop::ShutDown));
-        let late = reg.register(someone());
+        let late = reg.register(someone(), Arc::default());
         assert_eq!(poll(late.entry(), true, false), Poll::Ready(Stop::ShutDown));
         late.entry().ending.kill();
         assert_eq!(poll(late.entry(), false, true), Poll::Ready(Stop::Killed));
@@ -504,7 +519,7 @@ mod tests {
     #[tokio::test]
     async fn a_signal_wakes_the_waiting_session() {
         let reg = Arc::new(ClientRegistry::default());
-        let a = reg.register(someone());
+        let a = reg.register(someone(), Arc::default());
         let entry = a.entry().clone();
         let waiting = tokio::spawn(async move {
             std::future::poll_fn(|cx| entry.ending.poll(cx, false, false)).await
@@ -518,8 +533,8 @@ mod tests {
     #[tokio::test]
     async fn keys_are_unique_and_forgotten_on_drop() {
         let reg = Arc::new(ClientRegistry::default());
-        let a = reg.register(someone());
-        let b = reg.register(someone());
+        let a = reg.register(someone(), Arc::default());
+        let b = reg.register(someone(), Arc::default());
         assert_eq!(reg.all().len(), 2);
         assert_ne!(a.pid(), b.pid());
         assert!(a.pid() > 0);
@@ -535,7 +550,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let reg = Arc::new(ClientRegistry::default());
-        let client = reg.register(someone());
+        let client = reg.register(someone(), Arc::default());
         let key = CancelKey {
             addr: Address::Tcp(addr),
             pid: 42,

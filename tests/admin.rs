@@ -192,6 +192,18 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert_eq!(get(probe, "state"), Some("active"));
     assert_eq!(get(probe, "link"), None);
     assert_eq!(get(probe, "tls"), Some(""));
+    let probe_pid = get(probe, "pid").unwrap().to_owned();
+    // A SET in a transaction shows at once, as the server reported it.
+    other
+        .batch_execute("SET application_name = 'renamed'")
+        .await
+        .unwrap();
+    let again = rows(&admin, "SHOW CLIENTS").await;
+    let renamed = again
+        .iter()
+        .find(|c| get(c, "pid") == Some(probe_pid.as_str()))
+        .unwrap();
+    assert_eq!(get(renamed, "application_name"), Some("renamed"));
     // The client in a transaction and its server connection link to each other.
     let linked = clients.iter().find(|c| get(c, "link").is_some()).unwrap();
     let server = servers

@@ -269,11 +269,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     serving.as_ref().map(|s| server_ptr(s.key.pid)).into(),
                     0_i64.into(),
                     c.identity.tls.as_deref().unwrap_or("").into(),
-                    c.identity
-                        .startup
-                        .get("application_name")
-                        .unwrap_or("")
-                        .into(),
+                    c.application_name().into(),
                     i64::from(c.pid).into(),
                     serving.as_ref().map(|s| s.backend.to_string()).into(),
                     serving.map(|s| i64::from(s.key.pid)).into(),

@@ -203,14 +203,16 @@ async fn login_steps(
     let db = config.database(&request.database);
     // The client's settings start as its startup settings: one set, shared.
     let startup = shared.param_sets.intern(request.settings);
-    let client = shared.clients.register(Identity {
-        peer: peer.clone(),
-        local: stream.local_addr(),
-        database: request.database.clone(),
-        user: request.user.clone(),
-        startup: startup.clone(),
-        tls: stream.tls_description().map(String::into_boxed_str),
-    });
+    let client = shared.clients.register(
+        Identity {
+            peer: peer.clone(),
+            local: stream.local_addr(),
+            database: request.database.clone(),
+            user: request.user.clone(),
+            tls: stream.tls_description().map(String::into_boxed_str),
+        },
+        startup.clone(),
+    );
     Ok(Step::Ready(Box::new(super::LoggedIn {
         mode: db.as_ref().map_or(config.pool.mode, |d| d.pool_mode),
         target: db.map(|d| d.target).unwrap_or_default(),

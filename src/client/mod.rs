@@ -391,7 +391,15 @@ impl Session {
             }
         };
         self.set_state(ClientState::Waiting, ClientState::Active);
+        // The settings' address tells whether the transaction replaced them, without
+        // a second reference held across it. The registry holds the settings it shows,
+        // which are these, so no new set can be allocated at their address meanwhile.
+        let settings = Arc::as_ptr(&self.who.params) as usize;
         let result = self.transaction(conn, started).await;
+        // A SET (of application_name, say) changed them: SHOW CLIENTS shows the new ones.
+        if settings != Arc::as_ptr(&self.who.params) as usize {
+            self.who.client.set_settings(self.who.params.clone());
+        }
         drop(admission);
         self.who.metrics.server_assignments.inc();
         self.set_state(ClientState::Active, ClientState::Idle);
