@@ -242,7 +242,8 @@ pub struct Places {
     _pool: Place,
 }
 
-/// Counts one (waiter, connection being opened) on `counter` for as long as it lives.
+/// Counts one of something (a waiter, a connection being opened) on `counter` for as
+/// long as it lives.
 pub struct Counted<'a>(&'a AtomicUsize);
 
 impl<'a> Counted<'a> {

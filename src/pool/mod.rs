@@ -170,7 +170,7 @@ impl Pools {
         self.open_under(|key| matches!(key, CapKey::User(u, _) if u == user))
     }
 
-    /// Server connections open under the caps `key` picks.
+    /// Server connections open under the caps `picked` chooses.
     fn open_under(&self, picked: impl Fn(&CapKey) -> bool) -> usize {
         let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
         caps.iter()
