@@ -3,7 +3,7 @@
 //! in its order, so that the tools built on them read pgwarden's unchanged.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::command::Show;
 use super::exec::{close_needed, pools_by_id};
@@ -125,6 +125,16 @@ struct PoolRow {
     max: usize,
 }
 
+/// A wait's whole seconds, as `maxwait` and `wait` give them; [`micros`] the rest.
+fn seconds(wait: Duration) -> Cell {
+    i64::try_from(wait.as_secs()).unwrap_or(i64::MAX).into()
+}
+
+/// The microseconds of a wait past its whole seconds (`maxwait_us`, `wait_us`).
+fn micros(wait: Duration) -> Cell {
+    i64::from(wait.subsec_micros()).into()
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
@@ -222,8 +232,8 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     0usize.into(),
                     0usize.into(),
                     row.opening.into(),
-                    i64::try_from(wait.as_secs()).unwrap_or(i64::MAX).into(),
-                    i64::from(wait.subsec_micros()).into(),
+                    seconds(wait),
+                    micros(wait),
                     settings.as_ref().map(|s| s.pool_mode.to_string()).into(),
                     row.clients[ClientState::Idle as usize].into(),
                     row.max.into(),
@@ -262,8 +272,8 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     i64::from(local_port).into(),
                     time(c.connected_at),
                     time(requested),
-                    i64::try_from(waited.as_secs()).unwrap_or(i64::MAX).into(),
-                    i64::from(waited.subsec_micros()).into(),
+                    seconds(waited),
+                    micros(waited),
                     0_i64.into(),
                     client_ptr(c.pid).into(),
                     serving.as_ref().map(|s| server_ptr(s.key.pid)).into(),
@@ -485,14 +495,6 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             rs
         }
         Show::Lists => {
-            let pools = shared.pools.all();
-            let servers: usize = pools
-                .iter()
-                .map(|(_, pool)| {
-                    let (in_use, idle, _) = pool.counts();
-                    in_use + idle
-                })
-                .sum();
             let connections = shared.connections();
             let logged_in = shared.sessions.load(std::sync::atomic::Ordering::Relaxed);
             // PgBouncer's rows, in its order. pgwarden keeps no free lists of client
@@ -500,12 +502,12 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             let lists = [
                 ("databases", config.databases.len()),
                 ("users", shared.users.load().len()),
-                ("pools", pools.len()),
+                ("pools", shared.pools.all().len()),
                 ("free_clients", 0),
                 ("used_clients", connections),
                 ("login_clients", connections.saturating_sub(logged_in)),
                 ("free_servers", 0),
-                ("used_servers", servers),
+                ("used_servers", shared.pools.server_connections()),
                 ("dns_names", 0),
                 ("dns_zones", 0),
                 ("dns_queries", 0),

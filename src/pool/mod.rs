@@ -170,6 +170,12 @@ impl Pools {
         self.open_under(|key| matches!(key, CapKey::User(u, _) if u == user))
     }
 
+    /// Server connections open, every database and backend together.
+    pub fn server_connections(&self) -> usize {
+        // Every connection holds one place under its database's cap.
+        self.open_under(|key| matches!(key, CapKey::Database(..)))
+    }
+
     /// Server connections open under the caps `picked` chooses.
     fn open_under(&self, picked: impl Fn(&CapKey) -> bool) -> usize {
         let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
