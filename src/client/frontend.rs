@@ -448,6 +448,18 @@ fn parse(body: &[u8], cx: &mut Ctx<'_>) -> Translation {
     if !prepared_here {
         make_room(&statement, cx, &mut out);
     }
+    prepare_on_server(statement, Some(Bytes::copy_from_slice(name)), cx, &mut out);
+    Translation::Replace(out)
+}
+
+/// Writes the Parse that prepares `statement` on the server connection, for the
+/// client's Parse of it as `client_name`, or (`None`) injected before a Bind.
+fn prepare_on_server(
+    statement: Arc<Statement>,
+    client_name: Option<Bytes>,
+    cx: &mut Ctx<'_>,
+    out: &mut BytesMut,
+) {
     // A Close first, in case the server has the name after all (after a DISCARD ALL
     // that failed, say): closing a name that does not exist is not an error.
     out.extend_from_slice(&close_message(&statement.server_name));
@@ -455,11 +467,10 @@ fn parse(body: &[u8], cx: &mut Ctx<'_>) -> Translation {
     out.extend_from_slice(&statement.parse_message());
     cx.x.traffic.server_parses += 1;
     cx.expected.push(Expect::Parse {
-        swallow: false,
+        swallow: client_name.is_none(),
         statement: Some(statement),
-        client_name: Some(Bytes::copy_from_slice(name)),
+        client_name,
     });
-    Translation::Replace(out)
 }
 
 /// Records `statement` in the server connection's cache, closing the statement it evicts.
@@ -480,15 +491,7 @@ fn ensure_prepared(statement: &Arc<Statement>, cx: &mut Ctx<'_>) -> BytesMut {
         return out;
     }
     make_room(statement, cx, &mut out);
-    out.extend_from_slice(&close_message(&statement.server_name));
-    cx.expected.push(Expect::Close { swallow: true });
-    out.extend_from_slice(&statement.parse_message());
-    cx.x.traffic.server_parses += 1;
-    cx.expected.push(Expect::Parse {
-        swallow: true,
-        statement: Some(statement.clone()),
-        client_name: None,
-    });
+    prepare_on_server(statement.clone(), None, cx, &mut out);
     out
 }
 
