@@ -94,10 +94,16 @@ impl Console {
         let mut buf = BytesMut::new();
         let mut skipping = false;
         loop {
-            let (tag, body) = match read_message(&mut self.stream, &mut buf, MAX_BUFFERED_LEN).await
-            {
-                Ok(m) => m,
-                Err(_) => return,
+            // A console waiting for its next command must not hold up a shutdown.
+            let (tag, body) = tokio::select! {
+                read = read_message(&mut self.stream, &mut buf, MAX_BUFFERED_LEN) => match read {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+                () = self.shared.shutdown.cancelled() => {
+                    crate::client::farewell(&mut self.stream, &ClientError::Shutdown.to_notice(true)).await;
+                    return;
+                }
             };
             let mut out = BytesMut::new();
             match tag {
