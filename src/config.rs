@@ -43,8 +43,9 @@ impl ConfigError {
 
 /// The keys of `[pgwarden]` that a reload leaves as they are until a restart (the
 /// whole of `[coordination]` too).
-pub const RESTART_ONLY: [&str; 4] = [
+pub const RESTART_ONLY: [&str; 5] = [
     "pgwarden.listen",
+    "pgwarden.so_reuseport",
     "pgwarden.unix_socket_dir",
     "pgwarden.unix_socket_mode",
     "pgwarden.workers",
@@ -111,6 +112,10 @@ pub struct General {
     /// how long a shutdown waits for running transactions
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// what SIGTERM does
+    pub sigterm: ShutdownMode,
+    /// let other processes listen on the same port and socket file (rolling restarts)
+    pub so_reuseport: bool,
     /// tracing filter (`info`, `debug`, `pgwarden=debug,info`, …); `RUST_LOG` overrides it
     pub log_level: String,
     /// runtime worker threads; 0: one per CPU, but one on machines of two CPUs or fewer
@@ -150,6 +155,8 @@ impl Default for General {
             max_db_client_conn: 0,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            sigterm: ShutdownMode::WaitForServers,
+            so_reuseport: false,
             log_level: "info".into(),
             workers: 0,
             http_listen: "127.0.0.1:9930".into(),
@@ -163,6 +170,16 @@ impl Default for General {
             tcp_user_timeout: Duration::ZERO,
         }
     }
+}
+
+/// How a shutdown treats connected clients (PgBouncer's SHUTDOWN modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownMode {
+    /// stop listening, let running transactions finish (up to `shutdown_timeout`), exit
+    WaitForServers,
+    /// stop listening, serve the connected clients until the last one leaves, exit
+    WaitForClients,
 }
 
 /// `[tls]`
@@ -1184,6 +1201,16 @@ impl Config {
         RESTART_ONLY.contains(&key) || key.starts_with("coordination.")
     }
 
+    /// The restart-only keys whose values differ from the running configuration's.
+    pub fn restart_keys_changed(&self, running: &Config) -> Vec<&'static str> {
+        let new: HashMap<String, String> = self.flatten().into_iter().collect();
+        let old: HashMap<String, String> = running.flatten().into_iter().collect();
+        RESTART_ONLY
+            .into_iter()
+            .filter(|key| new.get(*key) != old.get(*key))
+            .collect()
+    }
+
     /// Every key and its value, dotted (`pool.default_pool_size`), for SHOW CONFIG.
     pub fn flatten(&self) -> Vec<(String, String)> {
         fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
@@ -1658,6 +1685,33 @@ host = "127.0.0.1"
         let e = parse(&format!("[pgwarden]\nstats_period = \"500ms\"\n{MINIMAL}")).unwrap_err();
         assert_eq!(e.key, "pgwarden.stats_period");
         assert!(e.reason.contains("at least 1s"), "{e}");
+    }
+
+    #[test]
+    fn sigterm_waits_for_servers_unless_told_to_wait_for_clients() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.pgwarden.sigterm, ShutdownMode::WaitForServers);
+        assert!(!c.pgwarden.so_reuseport);
+        let text =
+            format!("[pgwarden]\nsigterm = \"wait_for_clients\"\nso_reuseport = true\n{MINIMAL}");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.pgwarden.sigterm, ShutdownMode::WaitForClients);
+        assert!(c.pgwarden.so_reuseport);
+        let e = parse(&format!("[pgwarden]\nsigterm = \"now\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "pgwarden.sigterm");
+    }
+
+    #[test]
+    fn a_reload_names_the_restart_only_keys_it_cannot_apply() {
+        let running = parse(MINIMAL).unwrap();
+        let text =
+            format!("[pgwarden]\nso_reuseport = true\nworkers = 3\nmax_client_conn = 5\n{MINIMAL}");
+        let new = parse(&text).unwrap();
+        assert_eq!(
+            new.restart_keys_changed(&running),
+            vec!["pgwarden.so_reuseport", "pgwarden.workers"]
+        );
+        assert!(running.restart_keys_changed(&running).is_empty());
     }
 
     #[test]

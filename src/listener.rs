@@ -4,15 +4,24 @@
 //! `.s.PGSQL.<port>` in a folder libpq knows (`host=/var/run/postgresql`, or no
 //! host at all with Debian's libpq), so a drop-in pooler offers one too. A socket
 //! file outlives a process that is killed; at start-up a file nobody answers on
-//! is replaced, one somebody answers on is refused (another pooler runs there).
+//! is replaced, one somebody answers on is refused (another pooler runs there),
+//! unless `so_reuseport` asks to share: then the new process takes the name over.
+//!
+//! Sharing is how a rolling restart works: a new pgwarden listens beside the old
+//! one (SO_REUSEPORT on the TCP port, a renamed-over socket file), and the old one
+//! stops listening and serves its clients until they leave. A listener that
+//! closes resets the connections still queued on it, so [`ClientListeners::close`]
+//! accepts those first.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, UnixListener};
+use socket2::{SockAddr, SockRef, Socket};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tracing::info;
 
 use crate::address::Address;
@@ -36,6 +45,27 @@ impl ClientListeners {
         self.tcp.local_addr()
     }
 
+    /// Stops listening, and returns the connections the kernel had queued already.
+    pub fn close(self) -> Vec<(Stream, Address)> {
+        let mut queued: Vec<(Stream, Address)> = waiting(&self.tcp)
+            .filter_map(|(socket, addr)| {
+                let stream = TcpStream::from_std(socket.into()).ok()?;
+                Some((Stream::Plain(stream), Address::Tcp(addr.as_socket()?)))
+            })
+            .collect();
+        if let Some(local) = &self.local {
+            queued.extend(waiting(&local.listener).filter_map(|(socket, _)| {
+                let stream = UnixStream::from_std(socket.into()).ok()?;
+                let peer = Address::Local {
+                    path: local.path.clone(),
+                    port: local.port,
+                };
+                Some((Stream::Local(stream), peer))
+            }));
+        }
+        queued
+    }
+
     /// The next client, from whichever socket has one.
     pub async fn accept(&self) -> io::Result<(Stream, Address)> {
         let tcp = async {
@@ -56,45 +86,75 @@ impl ClientListeners {
     }
 }
 
-/// A listening Unix-domain socket whose file is removed when it closes.
+/// The connections queued on a listening socket, accepted without waiting.
+fn waiting(listener: &impl AsFd) -> impl Iterator<Item = (Socket, SockAddr)> + '_ {
+    std::iter::from_fn(move || {
+        let (socket, addr) = SockRef::from(listener).accept().ok()?;
+        // Accepted sockets do not inherit the listener's O_NONBLOCK, and tokio needs it.
+        socket.set_nonblocking(true).ok()?;
+        Some((socket, addr))
+    })
+}
+
+/// A listening Unix-domain socket whose file is removed when it closes, unless
+/// another process has taken the name over by then.
 #[derive(Debug)]
 pub struct LocalSocket {
     listener: UnixListener,
     path: Arc<Path>,
     port: u16,
+    /// device and inode of the socket file this listener made
+    file: (u64, u64),
 }
 
 impl LocalSocket {
     /// Listens on `path` (named for `port`) with permissions `mode`, replacing a
-    /// socket file that a dead process left behind.
-    pub fn bind(path: &Path, port: u16, mode: u32) -> io::Result<LocalSocket> {
+    /// socket file that a dead process left behind, and with `share` one that a
+    /// live process listens on (it keeps serving the clients it has).
+    pub fn bind(path: &Path, port: u16, mode: u32, share: bool) -> io::Result<LocalSocket> {
         let failed = |e: io::Error| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on {}: {e}", path.display()),
             )
         };
-        clear_stale(path).map_err(failed)?;
-        let listener = UnixListener::bind(path).map_err(failed)?;
-        let socket = LocalSocket {
+        clear_stale(path, share).map_err(failed)?;
+        // Made under a private name and renamed into place, the file appears at
+        // once with its permissions, and replaces a live one without a gap.
+        // (No longer than `.s.PGSQL.<port>`, so within the length a socket name may have.)
+        let private = path.with_file_name(format!(".pgw.{}", std::process::id()));
+        let _ = std::fs::remove_file(&private);
+        let listener = UnixListener::bind(&private).map_err(failed)?;
+        let made = std::fs::set_permissions(&private, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::fs::metadata(&private))
+            .and_then(|meta| std::fs::rename(&private, path).map(|()| meta));
+        let meta = made.map_err(|e| {
+            let _ = std::fs::remove_file(&private);
+            failed(e)
+        })?;
+        info!(path = %path.display(), "listening on a Unix-domain socket");
+        Ok(LocalSocket {
             listener,
             path: path.into(),
             port,
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
-        info!(path = %path.display(), "listening on a Unix-domain socket");
-        Ok(socket)
+            file: (meta.dev(), meta.ino()),
+        })
     }
 }
 
 impl Drop for LocalSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
-/// Removes a socket file nobody listens on; refuses a live socket and any other file.
-fn clear_stale(path: &Path) -> io::Result<()> {
+/// Removes a socket file nobody listens on; refuses any other file, and a live
+/// socket unless it is to be shared.
+fn clear_stale(path: &Path, share: bool) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -107,9 +167,10 @@ fn clear_stale(path: &Path) -> io::Result<()> {
         ));
     }
     match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) if share => Ok(()),
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            "another process is listening on it",
+            "another process is listening on it (so_reuseport = true shares it)",
         )),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
         Err(e) => Err(e),
@@ -118,6 +179,11 @@ fn clear_stale(path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
 
     #[tokio::test]
@@ -127,10 +193,10 @@ mod tests {
         // A bound and closed std listener leaves its file, as a killed process does.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let socket = LocalSocket::bind(&path, 6432, 0o777).unwrap();
+        let socket = LocalSocket::bind(&path, 6432, 0o777, false).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o777);
-        let e = LocalSocket::bind(&path, 6432, 0o777).unwrap_err();
+        let e = LocalSocket::bind(&path, 6432, 0o777, false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         assert!(e.to_string().contains(".s.PGSQL.6432"), "{e}");
         drop(socket);
@@ -139,11 +205,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_shared_name_moves_to_the_new_listener_and_outlives_the_old_one() {
+        let dir = crate::scratch_dir("listener");
+        let path = dir.join(".s.PGSQL.6432");
+        let old = LocalSocket::bind(&path, 6432, 0o777, false).unwrap();
+        let new = LocalSocket::bind(&path, 6432, 0o770, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o770);
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(5), new.listener.accept()).await;
+        assert!(
+            matches!(accepted, Ok(Ok(_))),
+            "the new listener has the name"
+        );
+        drop(old);
+        assert!(path.exists(), "the old listener leaves the new one's file");
+        drop(new);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn closing_hands_over_the_connections_already_queued() {
+        let dir = crate::scratch_dir("listener");
+        let path = dir.join(".s.PGSQL.6432");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let local = LocalSocket::bind(&path, 6432, 0o777, false).unwrap();
+        let listeners = ClientListeners::new(tcp, Some(local));
+        let mut tcp_clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut local_clients: Vec<_> = (0..2)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        let queued = listeners.close();
+        assert_eq!(queued.len(), 5);
+        assert!(!path.exists(), "the socket file goes with the listener");
+        for (mut stream, _) in queued {
+            stream.write_all(b"S").await.unwrap();
+        }
+        for client in &mut tcp_clients {
+            let mut byte = [0; 1];
+            client.read_exact(&mut byte).unwrap();
+        }
+        for client in &mut local_clients {
+            let mut byte = [0; 1];
+            client.read_exact(&mut byte).unwrap();
+        }
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "no longer listening"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
     async fn a_file_that_is_not_a_socket_is_left_alone() {
         let dir = crate::scratch_dir("listener");
         let path = dir.join(".s.PGSQL.6432");
         std::fs::write(&path, "data").unwrap();
-        let e = LocalSocket::bind(&path, 6432, 0o777).unwrap_err();
+        let e = LocalSocket::bind(&path, 6432, 0o777, false).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
         std::fs::remove_dir_all(&dir).unwrap();

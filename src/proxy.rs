@@ -26,7 +26,7 @@ use crate::auth::{Secrets, UserList};
 use crate::backend::{BackendTable, Routing};
 use crate::client;
 use crate::clock::nanos;
-use crate::config::{Config, ConfigError, PoolConfig};
+use crate::config::{Config, ConfigError, PoolConfig, ShutdownMode};
 use crate::error::ClientError;
 use crate::health;
 use crate::listener::{ClientListeners, LocalSocket};
@@ -78,8 +78,11 @@ pub struct Shared {
     pub param_sets: crate::params::Interner,
     /// named prepared statements by database and content, shared by every client
     pub statements: crate::client::statements::Registries,
-    /// fired once on SIGTERM/SIGINT
+    /// fired once pgwarden stops: running transactions finish, then it exits
     pub shutdown: CancellationToken,
+    /// fired when pgwarden stops listening (a shutdown, or one that waits for the
+    /// clients to leave: SHUTDOWN WAIT_FOR_CLIENTS)
+    pub leaving: CancellationToken,
     /// client sessions past login, admin consoles included
     pub sessions: AtomicUsize,
     /// the failover election among proxies, with `[coordination]`
@@ -136,6 +139,7 @@ impl Shared {
         let clients = Arc::new(ClientRegistry::default());
         let limits = RequestLimits::default();
         limits.set(&config.pool);
+        let shutdown = CancellationToken::new();
         Arc::new(Shared {
             coordination,
             routing: Routing::new(BackendTable::initial(&config, 1)),
@@ -159,10 +163,32 @@ impl Shared {
             history: crate::failover::History::default(),
             param_sets: crate::params::Interner::default(),
             statements: crate::client::statements::Registries::default(),
-            shutdown: CancellationToken::new(),
+            leaving: shutdown.child_token(),
+            shutdown,
             sessions: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
         })
+    }
+
+    /// Stops listening, then either drains running transactions and exits
+    /// (`WaitForServers`) or serves the connected clients until they leave
+    /// (`WaitForClients`), and says which. A second request while the clients are
+    /// being waited for goes on to the drain, as a second SIGTERM does in PgBouncer.
+    pub fn stop(&self, mode: ShutdownMode, by: &str) -> ShutdownMode {
+        if mode == ShutdownMode::WaitForClients && !self.leaving.is_cancelled() {
+            info!(
+                by,
+                clients = self.sessions.load(Ordering::Relaxed),
+                "no longer listening: serving the connected clients until they leave"
+            );
+            self.leaving.cancel();
+            return mode;
+        }
+        if !self.shutdown.is_cancelled() {
+            info!(by, "shutdown requested");
+            self.shutdown.cancel();
+        }
+        ShutdownMode::WaitForServers
     }
 
     /// Accepted client connections, logging in or logged in.
@@ -178,13 +204,10 @@ impl Shared {
         let users = UserList::load(&config.auth_file())?;
         config.check_users(&users)?;
         let tls = Tls::load(&config)?;
-        if config.pgwarden.listen != old.pgwarden.listen
-            || config.unix_socket_path() != old.unix_socket_path()
-            || config.pgwarden.unix_socket_mode != old.pgwarden.unix_socket_mode
-            || config.pgwarden.workers != old.pgwarden.workers
-        {
+        let unapplied = config.restart_keys_changed(&old);
+        if !unapplied.is_empty() {
             warn!(
-                keys = crate::config::RESTART_ONLY.join(", "),
+                keys = unapplied.join(", "),
                 "these keys take effect at the next restart"
             );
         }
@@ -230,8 +253,9 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
 }
 
-/// Listens with a backlog deep enough for a connection storm (tokio's default is 1024).
-async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Listens with a backlog deep enough for a connection storm (tokio's default is
+/// 1024); with `share`, beside other processes that share the port too.
+async fn listen(addr: SocketAddr, share: bool) -> io::Result<TcpListener> {
     let bind = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -239,6 +263,7 @@ async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        socket.set_reuseport(share)?;
         socket.bind(addr)?;
         socket.listen(4096)
     };
@@ -279,23 +304,27 @@ pub fn runtime(config: &Config) -> io::Result<tokio::runtime::Runtime> {
 
 /// Binds the listeners; separate from [`serve`] so that callers learn about a busy port at once.
 pub async fn bind(config: &Config) -> io::Result<Listeners> {
-    let tcp = listen(config.listen_addr()).await?;
+    let share = config.pgwarden.so_reuseport;
+    let tcp = listen(config.listen_addr(), share).await?;
     let local = match config.unix_socket_path() {
         Some(path) => {
             let mode = config.unix_socket_mode().unwrap_or(0o777);
-            Some(LocalSocket::bind(&path, config.listen_addr().port(), mode)?)
+            let port = config.listen_addr().port();
+            Some(LocalSocket::bind(&path, port, mode, share)?)
         }
         None => None,
     };
     let clients = ClientListeners::new(tcp, local);
     let http = match config.http_addr() {
-        Some(addr) => Some(listen(addr).await?),
+        Some(addr) => Some(listen(addr, share).await?),
         None => None,
     };
     Ok(Listeners { clients, http })
 }
 
-/// Serves clients until SIGTERM/SIGINT (or `shared.shutdown`), then drains.
+/// Serves clients until told to stop listening (`shared.leaving`): a shutdown
+/// (`shared.shutdown`) then drains running transactions, a wait for the clients
+/// serves them until the last one leaves or a shutdown comes after all.
 pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> {
     let listener = listeners.clients;
     info!(addr = %listener.local_addr()?, "pgwarden listening");
@@ -333,19 +362,22 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
                     continue;
                 }
             },
-            () = shared.shutdown.cancelled() => break,
+            () = shared.leaving.cancelled() => break,
         };
-        let max = shared.config.load().pgwarden.max_client_conn;
-        if shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-            sessions.spawn(refuse(stream, peer, max));
-            continue;
-        }
-        sessions.spawn(client::serve(stream, peer, Slot(shared.clone())));
+        admit(&shared, &sessions, stream, peer);
     }
-    drop(listener);
-    shared.clients.shut_down_all();
+    for (stream, peer) in listener.close() {
+        admit(&shared, &sessions, stream, peer);
+    }
     sessions.close();
+    if !shared.shutdown.is_cancelled() {
+        tokio::select! {
+            () = sessions.wait() => info!("the last client left"),
+            () = shared.shutdown.cancelled() => {}
+        }
+        shared.shutdown.cancel();
+    }
+    shared.clients.shut_down_all();
     let grace = shared.config.load().pgwarden.shutdown_timeout;
     info!(
         clients = shared.sessions.load(Ordering::Relaxed),
@@ -365,6 +397,17 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     let _ = coordination.await;
     info!("pgwarden stopped");
     Ok(())
+}
+
+/// Starts a session for an accepted connection, or refuses it over `max_client_conn`.
+fn admit(shared: &Arc<Shared>, sessions: &TaskTracker, stream: Stream, peer: Address) {
+    let max = shared.config.load().pgwarden.max_client_conn;
+    if shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
+        shared.connections.fetch_sub(1, Ordering::AcqRel);
+        sessions.spawn(refuse(stream, peer, max));
+        return;
+    }
+    sessions.spawn(client::serve(stream, peer, Slot(shared.clone())));
 }
 
 async fn refuse(mut stream: Stream, peer: Address, max: usize) {
@@ -388,12 +431,29 @@ pub fn report_reload(shared: &Shared) -> Result<(), ConfigError> {
     result
 }
 
+/// SIGHUP reloads; SIGTERM stops as `pgwarden.sigterm` says, SIGINT waits for
+/// the running transactions; SIGUSR1 and SIGUSR2 pause and resume every database,
+/// as in PgBouncer.
 async fn handle_signals(shared: Arc<Shared>) {
-    let (Ok(mut hangup), Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let install = || -> io::Result<_> {
+        Ok([
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::user_defined1())?,
+            signal(SignalKind::user_defined2())?,
+        ])
+    };
+    let Ok(
+        [
+            mut hangup,
+            mut terminate,
+            mut interrupt,
+            mut pause,
+            mut resume,
+        ],
+    ) = install()
+    else {
         error!(
             "cannot install signal handlers; SIGHUP reload and graceful shutdown are unavailable"
         );
@@ -404,10 +464,20 @@ async fn handle_signals(shared: Arc<Shared>) {
             _ = hangup.recv() => {
                 let _ = report_reload(&shared);
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => {
+                shared.stop(shared.config.load().pgwarden.sigterm, "SIGTERM");
+            }
+            _ = interrupt.recv() => {
+                shared.stop(ShutdownMode::WaitForServers, "SIGINT");
+            }
+            _ = pause.recv() => {
+                info!("SIGUSR1: pausing every database");
+                shared.gate.pause(None);
+            }
+            _ = resume.recv() => {
+                info!("SIGUSR2: resuming every database");
+                shared.gate.resume(None);
+            }
         }
     }
-    info!("shutdown requested");
-    shared.shutdown.cancel();
 }

@@ -189,3 +189,181 @@ async fn sigterm_lets_running_transactions_finish_then_exits() {
     let n = db.admin_sql("SELECT count(*) FROM t");
     assert_eq!(n, "2");
 }
+
+const ADMIN: (&str, &str) = ("admin", "admin-pw");
+
+/// The admin console of the pgwarden listening on `port`.
+async fn console(port: u16) -> tokio_postgres::Client {
+    common::connect(&format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname=pgwarden",
+        ADMIN.0, ADMIN.1
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_client() {
+    let db = Db::create();
+    let sockets = std::env::temp_dir().join(format!("pgwarden-sockets-{}", std::process::id()));
+    std::fs::create_dir_all(&sockets).unwrap();
+    let old = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: format!(
+                "so_reuseport = true\nsigterm = \"wait_for_clients\"\n\
+                 unix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
+                sockets.display(),
+                ADMIN.0
+            ),
+            extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
+            ..Default::default()
+        },
+    );
+    let mut old = old;
+    let staying = old.connect(&db).await;
+    staying
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .unwrap();
+    let old_console = console(old.port).await;
+    let mut new = old.beside();
+
+    // Clients keep arriving over TCP and the socket file while the port changes hands.
+    let tcp = old.conninfo(&db);
+    let local = tcp.replace("host=127.0.0.1", &format!("host={}", sockets.display()));
+    let arriving = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        for i in 0..60 {
+            let conninfo = if i % 2 == 0 { &tcp } else { &local };
+            match common::connect(conninfo).await {
+                Ok(client) => {
+                    if let Err(e) = client.simple_query("SELECT 1").await {
+                        failures.push(format!("query {i}: {e}"));
+                    }
+                }
+                Err(e) => failures.push(format!("connect {i}: {e}")),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failures
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    old.signal(libc::SIGTERM);
+    let failures = arriving.await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}\n{}", old.log());
+
+    // Clients that arrive now are all the new process's: the old one exits with
+    // its own clients gone even while these stay connected.
+    let mut arrived = Vec::new();
+    for _ in 0..10 {
+        arrived.push(new.connect(&db).await);
+    }
+    // The old process serves the client it has, and no longer decides failovers.
+    for v in 0..3 {
+        staying
+            .batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({v}); COMMIT"))
+            .await
+            .unwrap();
+    }
+    let refused = old_console.simple_query("PROMOTE pg1").await.unwrap_err();
+    assert!(
+        common::message(&refused).contains("stopped listening"),
+        "{refused}"
+    );
+    assert!(old.alive(), "left before its clients did:\n{}", old.log());
+    drop(staying);
+    drop(old_console);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(10)),
+        Some(true),
+        "{}",
+        old.log()
+    );
+    assert!(old.log().contains("the last client left"), "{}", old.log());
+    for client in &arrived {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    // The socket file now belongs to the new process: the old one left it in place.
+    let socket = sockets.join(format!(".s.PGSQL.{}", new.port));
+    assert!(socket.exists());
+    common::connect(&local_conninfo(&new, &db, &sockets))
+        .await
+        .unwrap();
+    drop(arrived);
+    new.signal(libc::SIGTERM);
+    assert_eq!(
+        new.wait_exit(Duration::from_secs(10)),
+        Some(true),
+        "{}",
+        new.log()
+    );
+    assert!(!socket.exists(), "the last process removes the file");
+    assert_eq!(db.admin_sql("SELECT count(*) FROM t"), "3");
+    std::fs::remove_dir_all(&sockets).unwrap();
+}
+
+fn local_conninfo(pgw: &Pgwarden, db: &Db, folder: &std::path::Path) -> String {
+    pgw.conninfo(db)
+        .replace("host=127.0.0.1", &format!("host={}", folder.display()))
+}
+
+#[tokio::test]
+async fn shutdown_wait_for_clients_serves_them_until_a_second_request_drains() {
+    let db = Db::create();
+    let mut pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: format!("admin_users = [\"{}\"]", ADMIN.0),
+            extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
+            ..Default::default()
+        },
+    );
+    let client = pgw.connect(&db).await;
+    let admin = console(pgw.port).await;
+    admin
+        .simple_query("SHUTDOWN WAIT_FOR_CLIENTS")
+        .await
+        .unwrap();
+    assert!(pgw.log().contains("no longer listening"), "{}", pgw.log());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(common::connect(&pgw.conninfo(&db)).await.is_err());
+    for _ in 0..3 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(pgw.alive());
+    // SIGINT waits for running transactions only: the idle client and the idle
+    // console are let go (within the 10 s shutdown_timeout: nothing holds it up).
+    pgw.signal(libc::SIGINT);
+    assert_eq!(
+        pgw.wait_exit(Duration::from_secs(5)),
+        Some(true),
+        "{}",
+        pgw.log()
+    );
+    for session in [&client, &admin] {
+        let err = session.simple_query("SELECT 1").await.unwrap_err();
+        assert!(
+            sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigusr1_pauses_and_sigusr2_resumes_every_database() {
+    let db = Db::create();
+    let pgw = Pgwarden::start(&[&db]);
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    pgw.signal(libc::SIGUSR1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let query = common::waits("SIGUSR2", async move {
+        client.simple_query("SELECT 1").await.map(|_| ())
+    })
+    .await;
+    pgw.signal(libc::SIGUSR2);
+    common::served(query).await.unwrap();
+    assert!(pgw.log().contains("SIGUSR1: pausing"), "{}", pgw.log());
+}

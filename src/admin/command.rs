@@ -3,6 +3,8 @@
 //! commands.
 //! Case-insensitive, a trailing `;` optional; names may be double-quoted.
 
+use crate::config::ShutdownMode;
+
 /// What SHOW can show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Show {
@@ -68,7 +70,7 @@ pub const USAGE: [&str; 15] = [
     "PAUSE [db]",
     "RESUME [db]",
     "RELOAD",
-    "SHUTDOWN",
+    "SHUTDOWN [WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS]",
     "KILL db",
     "KILL_CLIENT pid",
     "RECONNECT [db]",
@@ -98,8 +100,9 @@ pub enum Command {
     Resume(Option<String>),
     /// RELOAD: re-read the configuration and the user list
     Reload,
-    /// SHUTDOWN: stop pgwarden gracefully
-    Shutdown,
+    /// SHUTDOWN [WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS]: stop listening, and exit once
+    /// the running transactions (the default), or the connected clients, are done
+    Shutdown(ShutdownMode),
     /// KILL db: drop the database's clients and server connections now, and pause it
     Kill(String),
     /// KILL_CLIENT pid: drop one client now
@@ -176,7 +179,16 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         "PAUSE" => optional_name().map(Command::Pause),
         "RESUME" => optional_name().map(Command::Resume),
         "RELOAD" if words.len() == 1 => Ok(Command::Reload),
-        "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown),
+        "SHUTDOWN" => match upper.get(1).map(String::as_str) {
+            None => Ok(Command::Shutdown(ShutdownMode::WaitForServers)),
+            Some("WAIT_FOR_SERVERS") if words.len() == 2 => {
+                Ok(Command::Shutdown(ShutdownMode::WaitForServers))
+            }
+            Some("WAIT_FOR_CLIENTS") if words.len() == 2 => {
+                Ok(Command::Shutdown(ShutdownMode::WaitForClients))
+            }
+            _ => Err("usage: SHUTDOWN [WAIT_FOR_SERVERS | WAIT_FOR_CLIENTS]".into()),
+        },
         "KILL" => one_name("database name").map(Command::Kill),
         "KILL_CLIENT" => one_name("client pid").and_then(|pid| {
             pid.parse()
@@ -206,7 +218,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
             let name = name.split('=').next().unwrap_or("");
             Ok(Command::Set(name.to_ascii_lowercase()))
         }
-        "RELOAD" | "SHUTDOWN" => Err(format!("{} takes no arguments", upper[0])),
+        "RELOAD" => Err("RELOAD takes no arguments".into()),
         _ => {
             let known: Vec<&str> = std::iter::once("SHOW")
                 .chain(USAGE.iter().filter_map(|u| u.split(' ').next()))
@@ -279,6 +291,18 @@ mod tests {
             Ok(Command::Resume(Some("My Db".into())))
         );
         assert_eq!(parse("reload"), Ok(Command::Reload));
+        assert_eq!(
+            parse("shutdown;"),
+            Ok(Command::Shutdown(ShutdownMode::WaitForServers))
+        );
+        assert_eq!(
+            parse("SHUTDOWN wait_for_servers"),
+            Ok(Command::Shutdown(ShutdownMode::WaitForServers))
+        );
+        assert_eq!(
+            parse("shutdown WAIT_FOR_CLIENTS;"),
+            Ok(Command::Shutdown(ShutdownMode::WaitForClients))
+        );
         assert_eq!(parse("KILL appdb"), Ok(Command::Kill("appdb".into())));
         assert_eq!(parse("kill_client 42"), Ok(Command::KillClient(42)));
         assert_eq!(parse("RECONNECT"), Ok(Command::Reconnect(None)));
@@ -338,6 +362,7 @@ mod tests {
         assert!(parse("PAUSE a b").is_err());
         assert!(parse("SWITCHOVER pg2").unwrap_err().contains("usage"));
         assert!(parse("RELOAD now").is_err());
+        assert!(parse("SHUTDOWN now").unwrap_err().contains("usage"));
         assert!(parse("FENCE \"pg1").unwrap_err().contains("unterminated"));
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::command::Command;
 use super::table::ResultSet;
+use crate::config::ShutdownMode;
 use crate::error::sqlstate;
 use crate::health::Request;
 use crate::pool::ServerPool;
@@ -77,11 +78,14 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
                 format!("reload failed: {e}"),
             )),
         },
-        Command::Shutdown => {
-            shared.shutdown.cancel();
+        Command::Shutdown(mode) => {
+            let what = match shared.stop(mode, "SHUTDOWN") {
+                ShutdownMode::WaitForServers => "once the running transactions finish",
+                ShutdownMode::WaitForClients => "once the connected clients have left",
+            };
             done(
                 "SHUTDOWN",
-                Some("pgwarden is shutting down gracefully".into()),
+                Some(format!("pgwarden stopped listening and exits {what}")),
             )
         }
         Command::Kill(db) => {

@@ -23,7 +23,7 @@ use super::show::lsn;
 use crate::backend::Role;
 use crate::proxy::Shared;
 
-/// Serves HTTP until shutdown.
+/// Serves HTTP until pgwarden stops listening.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "HTTP endpoint listening (/metrics, /health/live, /health/ready, /status)");
@@ -38,7 +38,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     continue;
                 }
             },
-            () = shared.shutdown.cancelled() => return,
+            () = shared.leaving.cancelled() => return,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -106,7 +106,7 @@ pub fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> 
         "/health/ready" => {
             let table = shared.routing.load();
             let (code, mut body) = match table.primary().filter(|p| p.routable()) {
-                _ if shared.shutdown.is_cancelled() => (
+                _ if shared.leaving.is_cancelled() => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"status": "not ready", "reason": "shutting down"}),
                 ),

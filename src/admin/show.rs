@@ -460,7 +460,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
         }
         Show::State => {
             let mut rs = ResultSet::new(&["key", "value"]);
-            let shutting_down = shared.shutdown.is_cancelled();
+            let shutting_down = shared.leaving.is_cancelled();
             // pgwarden has no SUSPEND: it is never suspended.
             for (key, value) in [
                 ("active", !shutting_down),

@@ -41,6 +41,12 @@ pub enum Refusal {
         /// bytes behind the old primary's last known position
         lag: u64,
     },
+    /// This process stopped listening (SHUTDOWN WAIT_FOR_CLIENTS): the one that took
+    /// its port over decides.
+    #[error(
+        "this pgwarden stopped listening and waits for its clients to leave; the process that took its port over decides"
+    )]
+    Leaving,
     /// With `[coordination]`: this proxy may not decide, or could not record its decision.
     #[error("{0}; waiting for the leader's decision")]
     Coordination(crate::coordination::Error),

@@ -95,6 +95,9 @@ impl Monitor {
 
     /// Ok when this proxy may promote: no coordination, or it is the leader.
     pub(super) fn may_promote(&self) -> Result<(), Refusal> {
+        if self.leaving {
+            return Err(Refusal::Leaving);
+        }
         match &self.shared.coordination {
             Some(c) if !c.is_leader() => Err(Refusal::Coordination(match c.snapshot().role {
                 Role::Disconnected => crate::coordination::Error::Etcd("unreachable".into()),

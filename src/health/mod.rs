@@ -14,6 +14,11 @@
 //! Failover modes: `auto` promotes (see [`crate::failover`]); `follow` routes to
 //! whichever node reports itself primary, newest timeline first; `off` routes to
 //! the first backend whatever happens.
+//!
+//! A process that waits for its clients to leave (SHUTDOWN WAIT_FOR_CLIENTS, a
+//! rolling restart) has handed its port to a new process, which now decides:
+//! without `[coordination]` to elect one of the two, the leaving one turns from
+//! `auto` to `follow`, and promotes, records and unfences nothing more.
 
 mod coordinated;
 pub mod probe;
@@ -103,6 +108,7 @@ pub async fn run(shared: Arc<Shared>) {
             Some(report) = monitor.reports.recv() => monitor.on_report(report).await,
             () = monitor.shared.alarm.notified() => monitor.on_alarm(),
             () = monitor.shared.reconfigured.notified() => monitor.reconfigure(),
+            () = monitor.shared.leaving.cancelled(), if !monitor.leaving => monitor.leave(),
             Some((request, reply)) = commands.recv() => {
                 let answer = monitor.command(request).await;
                 let _ = reply.send(answer);
@@ -137,6 +143,8 @@ struct Monitor {
     resume_at: Instant,
     /// when this proxy last passed an alarm on to the coordination leader
     relayed_at: Option<Instant>,
+    /// this process stopped listening and follows the one that took its port over
+    leaving: bool,
 }
 
 impl Monitor {
@@ -160,6 +168,7 @@ impl Monitor {
             published: None,
             resume_at: Instant::now(),
             relayed_at: None,
+            leaving: false,
             config,
             shared,
         }
@@ -219,10 +228,36 @@ impl Monitor {
         self.primary =
             primary_name.and_then(|name| self.nodes.iter().position(|n| n.config.name == name));
         self.read_only.clear();
-        self.config = config;
+        self.config = self.decider(config);
         self.start_probers();
         self.decide_static();
         self.publish();
+    }
+
+    /// Without `[coordination]`, a leaving process stops deciding: it follows.
+    fn leave(&mut self) {
+        if self.shared.coordination.is_some() {
+            return;
+        }
+        self.leaving = true;
+        if self.config.failover.mode == FailoverMode::Auto {
+            info!(
+                from = "auto",
+                to = "follow",
+                "failover mode changed: this process stopped listening, the one that took its port over decides"
+            );
+        }
+        self.config = self.decider(self.config.clone());
+    }
+
+    /// `config`, in `follow` mode once this process is leaving.
+    fn decider(&self, config: Arc<Config>) -> Arc<Config> {
+        if !self.leaving || config.failover.mode != FailoverMode::Auto {
+            return config;
+        }
+        let mut following = (*config).clone();
+        following.failover.mode = FailoverMode::Follow;
+        Arc::new(following)
     }
 
     async fn on_report(&mut self, report: Report) {

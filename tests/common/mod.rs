@@ -196,6 +196,36 @@ impl Pgwarden {
     pub fn start_with(dbs: &[&Db], options: Options) -> Pgwarden {
         let port = free_port().unwrap();
         let http_port = free_port().unwrap();
+        Self::launch(
+            port,
+            http_port,
+            &config_text(port, http_port, dbs, &options),
+            &userlist(dbs, &options),
+            options.env,
+        )
+    }
+
+    /// Starts a second pgwarden with this one's configuration and ports (which
+    /// needs `so_reuseport = true`), in a folder of its own, and waits until it
+    /// listens too.
+    pub fn beside(&self) -> Pgwarden {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap();
+        Self::launch(
+            self.port,
+            self.http_port,
+            &read("pgwarden.toml"),
+            &read("userlist.txt"),
+            self.env.clone(),
+        )
+    }
+
+    fn launch(
+        port: u16,
+        http_port: u16,
+        config_text: &str,
+        userlist: &str,
+        env: Vec<(String, String)>,
+    ) -> Pgwarden {
         let dir = std::env::temp_dir().join(format!(
             "pgwarden-test-{}-{}",
             std::process::id(),
@@ -203,10 +233,9 @@ impl Pgwarden {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("pgwarden.toml");
-        std::fs::write(&config, config_text(port, http_port, dbs, &options)).unwrap();
-        std::fs::write(dir.join("userlist.txt"), userlist(dbs, &options)).unwrap();
+        std::fs::write(&config, config_text).unwrap();
+        std::fs::write(dir.join("userlist.txt"), userlist).unwrap();
         let log = dir.join("pgwarden.log");
-        let env = options.env.clone();
         let child = spawn(&config, &log, &env);
         let mut p = Pgwarden {
             child,
@@ -217,7 +246,7 @@ impl Pgwarden {
             log,
             env,
         };
-        p.wait_ready();
+        p.wait_ready(0);
         p
     }
 
@@ -226,8 +255,9 @@ impl Pgwarden {
     pub fn restart(&mut self) {
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();
+        let logged = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         self.child = spawn(&self.config, &self.log, &self.env);
-        self.wait_ready();
+        self.wait_ready(logged);
     }
 
     /// True while the process runs.
@@ -235,15 +265,18 @@ impl Pgwarden {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the process listens, as its log says past the first `logged` bytes.
+    fn wait_ready(&mut self, logged: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("pgwarden exited with {status}:\n{}", self.log());
             }
-            // The HTTP endpoint starts just after the client listener.
-            let listening = |port| TcpStream::connect(("127.0.0.1", port)).is_ok();
-            if listening(self.port) && listening(self.http_port) {
+            // The HTTP endpoint starts just after the client listener. Its line in the
+            // log tells a process that shares its ports from the one already there.
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let new = String::from_utf8_lossy(log.get(logged..).unwrap_or_default());
+            if new.contains("HTTP endpoint listening") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
