@@ -23,6 +23,7 @@ pub mod keepalive;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod open_files;
 pub mod params;
 pub mod pool;
 pub mod protocol;

@@ -245,6 +245,7 @@ fn run(path: &Path) -> ExitCode {
     for (file, key, why) in unsafe_settings(&config) {
         tracing::warn!(file = %file.display(), key, "unsafe setting: {why}");
     }
+    pgwarden::open_files::raise_and_report(&config, users.len());
     let runtime = match proxy::runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {

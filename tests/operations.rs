@@ -367,3 +367,38 @@ async fn sigusr1_pauses_and_sigusr2_resumes_every_database() {
     common::served(query).await.unwrap();
     assert!(pgw.log().contains("SIGUSR1: pausing"), "{}", pgw.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_soft_open_files_limit_is_raised_to_the_hard_one() {
+    const SOFT: u64 = 128;
+    const HARD: u64 = 4096;
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            open_files: Some((SOFT, HARD)),
+            ..Default::default()
+        },
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pgw.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{open_files}");
+    // max_client_conn (10 000) does not fit under the hard limit: the log says so.
+    assert!(
+        pgw.log().contains("open-files limit is below"),
+        "{}",
+        pgw.log()
+    );
+    // More clients than the soft limit it started with are held and served.
+    let mut clients = Vec::new();
+    for _ in 0..SOFT + 50 {
+        clients.push(pgw.connect(&db).await);
+    }
+    for client in &clients {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+}

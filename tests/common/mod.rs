@@ -144,6 +144,8 @@ pub struct Options {
     pub sections: String,
     /// extra environment variables for the process
     pub env: Vec<(String, String)>,
+    /// soft and hard open-files limits the process starts with
+    pub open_files: Option<(u64, u64)>,
 }
 
 /// Options with `settings` as the `[pool]` section.
@@ -183,7 +185,14 @@ pub struct Pgwarden {
     pub dir: PathBuf,
     pub config: PathBuf,
     log: PathBuf,
+    launch: Launch,
+}
+
+/// How the process starts, besides its configuration.
+#[derive(Debug, Clone)]
+struct Launch {
     env: Vec<(String, String)>,
+    open_files: Option<(u64, u64)>,
 }
 
 impl Pgwarden {
@@ -201,7 +210,10 @@ impl Pgwarden {
             http_port,
             &config_text(port, http_port, dbs, &options),
             &userlist(dbs, &options),
-            options.env,
+            Launch {
+                env: options.env,
+                open_files: options.open_files,
+            },
         )
     }
 
@@ -215,7 +227,7 @@ impl Pgwarden {
             self.http_port,
             &read("pgwarden.toml"),
             &read("userlist.txt"),
-            self.env.clone(),
+            self.launch.clone(),
         )
     }
 
@@ -224,7 +236,7 @@ impl Pgwarden {
         http_port: u16,
         config_text: &str,
         userlist: &str,
-        env: Vec<(String, String)>,
+        launch: Launch,
     ) -> Pgwarden {
         let dir = std::env::temp_dir().join(format!(
             "pgwarden-test-{}-{}",
@@ -236,7 +248,7 @@ impl Pgwarden {
         std::fs::write(&config, config_text).unwrap();
         std::fs::write(dir.join("userlist.txt"), userlist).unwrap();
         let log = dir.join("pgwarden.log");
-        let child = spawn(&config, &log, &env);
+        let child = spawn(&config, &log, &launch);
         let mut p = Pgwarden {
             child,
             port,
@@ -244,7 +256,7 @@ impl Pgwarden {
             dir,
             config,
             log,
-            env,
+            launch,
         };
         p.wait_ready(0);
         p
@@ -256,7 +268,7 @@ impl Pgwarden {
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();
         let logged = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
-        self.child = spawn(&self.config, &self.log, &self.env);
+        self.child = spawn(&self.config, &self.log, &self.launch);
         self.wait_ready(logged);
     }
 
@@ -365,21 +377,37 @@ impl Drop for Pgwarden {
     }
 }
 
-fn spawn(config: &Path, log: &Path, env: &[(String, String)]) -> Child {
+fn spawn(config: &Path, log: &Path, launch: &Launch) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgwarden"));
+    command
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", "pgwarden=debug,info")
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+        .stderr(log);
+    if let Some((soft, hard)) = launch.open_files {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit is async-signal-safe, as code between fork and exec must be.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    command.spawn().unwrap()
 }
 
 fn config_text(port: u16, http_port: u16, dbs: &[&Db], o: &Options) -> String {
