@@ -402,3 +402,30 @@ async fn a_low_soft_open_files_limit_is_raised_to_the_hard_one() {
         client.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    // verify needs the program to exist: point the unit at the one just built.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/conf/pgwarden.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/pgwarden run --config "));
+    let dir = std::env::temp_dir().join(format!("pgwarden-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgwarden.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/pgwarden", env!("CARGO_BIN_EXE_pgwarden")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
