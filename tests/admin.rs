@@ -504,6 +504,43 @@ async fn show_stats_gives_pgbouncers_figures_and_averages_over_stats_period() {
 }
 
 #[tokio::test]
+async fn a_session_mode_client_shows_in_the_stats_transaction_by_transaction() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            database: "pool_mode = \"session\"".into(),
+            ..operated("")
+        },
+    );
+    let client = pgw.connect(&db).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    for sql in ["BEGIN", "SELECT pg_sleep(0.05)", "COMMIT"] {
+        client.simple_query(sql).await.unwrap();
+    }
+    // Idle between transactions, holding its server connection all along.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.simple_query("SELECT 2").await.unwrap();
+    let admin = console(&pgw, STATS).await.unwrap();
+    let stats = stats_row(&admin, "SHOW STATS", &db.name).await;
+    assert_eq!(figure(&stats, "total_xact_count"), 3, "{stats:?}");
+    assert_eq!(figure(&stats, "total_query_count"), 5, "{stats:?}");
+    assert_eq!(
+        figure(&stats, "total_server_assignment_count"),
+        1,
+        "{stats:?}"
+    );
+    assert!(figure(&stats, "total_received") > 0, "{stats:?}");
+    // The transactions' time: the block's sleep, not the session's idle 300 ms.
+    let xact_time = figure(&stats, "total_xact_time");
+    assert!((50_000..300_000).contains(&xact_time), "{stats:?}");
+    assert!(figure(&stats, "total_query_time") >= 50_000, "{stats:?}");
+    let (_, body) = get_path(pgw.http_port, "/metrics");
+    let series = format!("pgwarden_transactions_total{{database=\"{}\"}} 3", db.name);
+    assert!(body.contains(&series), "{series} in\n{body}");
+}
+
+#[tokio::test]
 async fn only_admin_users_may_change_things_and_others_may_not_log_in() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], operated(""));

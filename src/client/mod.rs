@@ -391,6 +391,7 @@ impl Session {
             }
         };
         self.set_state(ClientState::Waiting, ClientState::Active);
+        self.who.metrics.server_assignments.inc();
         // The settings' address tells whether the transaction replaced them, without
         // a second reference held across it. The registry holds the settings it shows,
         // which are these, so no new set can be allocated at their address meanwhile.
@@ -401,7 +402,6 @@ impl Session {
             self.who.client.set_settings(self.who.params.clone());
         }
         drop(admission);
-        self.who.metrics.server_assignments.inc();
         self.set_state(ClientState::Active, ClientState::Idle);
         result
     }
@@ -441,6 +441,7 @@ impl Session {
             // A server that answers new connections within this answers a cancel within it.
             cancel_grace: config.pool.server_connect_timeout,
             started,
+            metrics: &self.who.metrics,
         };
         drop(config);
         let ending = &self.who.client.entry().ending;
@@ -457,24 +458,10 @@ impl Session {
         // One clock reading ends the transaction and dates the connection's return.
         let ended = Tick::now();
         exchange.traffic.busy_until(|| ended);
-        let t = &exchange.traffic;
-        let m = &self.who.metrics;
-        m.transaction_seconds.observe(ended.secs_since(started));
-        m.query_seconds.inc_by(t.busy as f64 * 1e-9);
-        m.transactions.inc_by(t.transactions);
-        m.queries.inc_by(t.queries);
-        m.received_bytes.inc_by(t.received);
-        m.sent_bytes.inc_by(t.sent);
-        // Zero unless statements are translated: spare the atomics then.
-        for (counter, n) in [
-            (&m.client_parses, t.client_parses),
-            (&m.server_parses, t.server_parses),
-            (&m.binds, t.binds),
-        ] {
-            if n > 0 {
-                counter.inc_by(n);
-            }
-        }
+        // A held session published each transaction as it ended: what is left
+        // is figures, not a transaction.
+        let seconds = (!hold).then(|| ended.secs_since(started));
+        exchange.traffic.publish(&self.who.metrics, seconds);
         let result = match outcome {
             Outcome::Idle if hold => {
                 reset_and_release(conn).await;

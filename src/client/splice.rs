@@ -42,6 +42,7 @@ use super::statements::{ClientStatements, Registry, ServerStatements};
 use super::{frontend, responses};
 use crate::clock::Tick;
 use crate::error::ClientError;
+use crate::metrics::SessionMetrics;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::Scanner;
@@ -128,6 +129,9 @@ pub struct Pooling<'a> {
     pub cancel_grace: Duration,
     /// when the server connection was taken: the clock of what the client already sent
     pub started: Tick,
+    /// where a held session's figures go at each transaction's end, rather than
+    /// only once the session ends
+    pub metrics: &'a SessionMetrics,
 }
 
 /// What went through one splice, for the metrics.
@@ -153,6 +157,8 @@ pub struct Traffic {
     pub busy: u64,
     /// when the open period of owed answers began
     busy_since: Option<Tick>,
+    /// when the transaction under way began: its first period of owed answers
+    transaction_since: Option<Tick>,
 }
 
 impl Traffic {
@@ -160,8 +166,47 @@ impl Traffic {
     /// clock is read only then: once per statement the client sends, not per message.
     fn busy_from(&mut self, owes: bool, now: impl FnOnce() -> Tick) {
         if owes && self.busy_since.is_none() {
-            self.busy_since = Some(now());
+            let now = now();
+            self.busy_since = Some(now);
+            self.transaction_since.get_or_insert(now);
         }
+    }
+
+    /// Adds the figures gathered since the last call to `m` and starts them over,
+    /// with the duration of one transaction or server assignment when one ended.
+    pub fn publish(&mut self, m: &SessionMetrics, seconds: Option<f64>) {
+        if let Some(seconds) = seconds {
+            m.transaction_seconds.observe(seconds);
+        }
+        m.query_seconds.inc_by(self.busy as f64 * 1e-9);
+        m.transactions.inc_by(self.transactions);
+        m.queries.inc_by(self.queries);
+        m.received_bytes.inc_by(self.received);
+        m.sent_bytes.inc_by(self.sent);
+        // Zero unless statements are translated: spare the atomics then.
+        for (counter, n) in [
+            (&m.client_parses, self.client_parses),
+            (&m.server_parses, self.server_parses),
+            (&m.binds, self.binds),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
+        *self = Traffic {
+            busy_since: self.busy_since,
+            transaction_since: self.transaction_since,
+            ..Traffic::default()
+        };
+    }
+
+    /// A held session's transaction ended `now`: its figures go out, and a request
+    /// the client already sent opens the next one.
+    fn transaction_ended(&mut self, m: &SessionMetrics, owes: bool, now: Tick) {
+        self.busy_until(|| now);
+        let seconds = self.transaction_since.take().map(|t| now.secs_since(t));
+        self.publish(m, seconds);
+        self.busy_from(owes, || now);
     }
 
     /// Closes the open period, if any, at `now`.
@@ -509,6 +554,11 @@ pub async fn splice(
                     match responses::forward(server_in, &mut server_scan, &mut to_client, &mut cx) {
                         // With a cancel unconfirmed the loop's top returns once it is.
                         Ok(true) if !hold && cancel.is_none() => return (Outcome::Idle, to_client),
+                        Ok(true) if hold => cx.x.traffic.transaction_ended(
+                            pooling.metrics,
+                            !cx.expected.is_empty(),
+                            Tick::now(),
+                        ),
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => lost!(e),
