@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -27,6 +28,9 @@ const SECONDS: &[f64] = &[
 /// The registry and every metric.
 pub struct Metrics {
     registry: Registry,
+    /// CPU, memory, threads and descriptors of the process, under the unprefixed
+    /// `process_*` names every Prometheus client library gives them
+    process: Registry,
     clients: IntGaugeVec,
     server_connections: IntGaugeVec,
     longest_wait: prometheus::GaugeVec,
@@ -218,6 +222,13 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let process = Registry::new();
+        let collector = prometheus::process_collector::ProcessCollector::for_self();
+        r.names
+            .extend(collector.desc().iter().map(|d| d.fq_name.clone()));
+        process
+            .register(Box::new(collector))
+            .expect("registered once");
         Metrics {
             clients: r.gauge(
                 "clients",
@@ -353,6 +364,7 @@ impl Metrics {
                 &["result"],
             ),
             sessions: Mutex::new(HashMap::new()),
+            process,
             registry: r.registry,
             names: r.names,
         }
@@ -450,7 +462,9 @@ impl Metrics {
                 .add(idle as i64);
         }
         let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "could not encode metrics");
         }
         out

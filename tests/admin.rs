@@ -885,12 +885,19 @@ async fn the_http_endpoint_serves_metrics_health_and_status_and_survives_garbage
     client.simple_query("SELECT 1").await.unwrap();
 }
 
-/// The metric names an expression uses (histogram series mapped to their family).
+/// The metric names an expression uses (histogram series mapped to their family):
+/// pgwarden's own, and the process figures it exports.
 fn metric_names(text: &str) -> Vec<String> {
     let mut names = Vec::new();
     let bytes = text.as_bytes();
     let mut i = 0;
-    while let Some(found) = text[i..].find("pgwarden_") {
+    let next = |from: usize| {
+        ["pgwarden_", "process_"]
+            .iter()
+            .filter_map(|prefix| text[from..].find(prefix))
+            .min()
+    };
+    while let Some(found) = next(i) {
         let start = i + found;
         let mut end = start;
         while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {

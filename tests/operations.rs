@@ -393,6 +393,10 @@ async fn a_low_soft_open_files_limit_is_raised_to_the_hard_one() {
         "{}",
         pgw.log()
     );
+    // /metrics reports the limit in force, and the descriptors in use.
+    let (_, body) = pgw.http_get("/metrics");
+    assert!(body.contains("\nprocess_max_fds 4096\n"), "{body}");
+    assert!(body.contains("\nprocess_open_fds "), "{body}");
     // More clients than the soft limit it started with are held and served.
     let mut clients = Vec::new();
     for _ in 0..SOFT + 50 {
