@@ -211,6 +211,8 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
         .find(|s| get(s, "ptr") == get(linked, "link"))
         .unwrap_or_else(|| panic!("{linked:?} links to none of {servers:?}"));
     assert_eq!(get(server, "link"), get(linked, "ptr"));
+    // Named for the node too: two nodes may run server processes of the same pid.
+    assert!(get(server, "ptr").unwrap().ends_with("@pg1"), "{server:?}");
     assert_eq!(get(server, "remote_pid"), get(linked, "server_pid"));
     assert_eq!(get(server, "state"), Some("active"));
 

@@ -79,7 +79,7 @@ impl ServerRow<'_> {
             0_i64.into(),
             0_i64.into(),
             i64::from(self.marked).into(),
-            server_ptr(self.key.pid).into(),
+            server_ptr(self.backend, self.key.pid).into(),
             self.client.map(client_ptr).into(),
             i64::from(self.key.pid).into(),
             "".into(),
@@ -96,9 +96,10 @@ fn client_ptr(pid: i32) -> String {
     format!("c{pid:x}")
 }
 
-/// A server connection's `ptr` in SHOW SERVERS, and its `link` in SHOW CLIENTS.
-fn server_ptr(pid: i32) -> String {
-    format!("s{pid:x}")
+/// A server connection's `ptr` in SHOW SERVERS, and its `link` in SHOW CLIENTS:
+/// its process on its node, as two nodes may run processes of the same pid.
+fn server_ptr(backend: &str, pid: i32) -> String {
+    format!("s{pid:x}@{backend}")
 }
 
 /// The wall-clock time of a monotonic reading, `now` being the reading now.
@@ -276,7 +277,10 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     micros(waited),
                     0_i64.into(),
                     client_ptr(c.pid).into(),
-                    serving.as_ref().map(|s| server_ptr(s.key.pid)).into(),
+                    serving
+                        .as_ref()
+                        .map(|s| server_ptr(&s.backend, s.key.pid))
+                        .into(),
                     0_i64.into(),
                     c.identity.tls.as_deref().unwrap_or("").into(),
                     c.application_name().into(),
