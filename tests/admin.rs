@@ -812,7 +812,7 @@ async fn fence_and_unfence_steer_routing_and_reload_and_shutdown_work() {
     admin.simple_query("RELOAD").await.unwrap();
     assert!(pgw.log().contains("configuration reloaded"));
     admin.simple_query("SHUTDOWN").await.unwrap();
-    assert_eq!(pgw.wait_exit(Duration::from_secs(10)), Some(true));
+    pgw.exits_cleanly(Duration::from_secs(10));
 }
 
 fn get_path(port: u16, path: &str) -> (String, String) {

@@ -143,7 +143,7 @@ async fn md5_and_trust_methods_and_md5_or_scram_secrets_work() {
         "{err}"
     );
     pgw_dbs.signal(libc::SIGTERM);
-    assert_eq!(pgw_dbs.wait_exit(Duration::from_secs(10)), Some(true));
+    pgw_dbs.exits_cleanly(Duration::from_secs(10));
 }
 
 #[tokio::test]
@@ -559,7 +559,7 @@ async fn local_clients_use_the_unix_socket_which_outlives_a_crash_but_not_a_shut
 
     // A shutdown takes the file away.
     pgw.signal(libc::SIGTERM);
-    assert_eq!(pgw.wait_exit(Duration::from_secs(15)), Some(true));
+    pgw.exits_cleanly(Duration::from_secs(15));
     assert!(!socket.exists(), "{}", pgw.log());
 }
 

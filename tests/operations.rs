@@ -172,20 +172,12 @@ async fn sigterm_lets_running_transactions_finish_then_exits() {
     assert!(common::connect(&pgw.conninfo(&db)).await.is_err());
     // The idle client was told and let go.
     let err = idle.simple_query("SELECT 1").await.unwrap_err();
-    assert!(
-        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
-        "{err}"
-    );
+    common::ended_by_shutdown(&err);
     // The running transaction completes and commits.
     busy.batch_execute("INSERT INTO t VALUES (2); COMMIT")
         .await
         .unwrap();
-    assert_eq!(
-        pgw.wait_exit(Duration::from_secs(10)),
-        Some(true),
-        "{}",
-        pgw.log()
-    );
+    pgw.exits_cleanly(Duration::from_secs(10));
     let n = db.admin_sql("SELECT count(*) FROM t");
     assert_eq!(n, "2");
 }
@@ -274,12 +266,7 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
     assert!(old.alive(), "left before its clients did:\n{}", old.log());
     drop(staying);
     drop(old_console);
-    assert_eq!(
-        old.wait_exit(Duration::from_secs(10)),
-        Some(true),
-        "{}",
-        old.log()
-    );
+    old.exits_cleanly(Duration::from_secs(10));
     assert!(old.log().contains("the last client left"), "{}", old.log());
     for client in &arrived {
         client.simple_query("SELECT 1").await.unwrap();
@@ -292,12 +279,7 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         .unwrap();
     drop(arrived);
     new.signal(libc::SIGTERM);
-    assert_eq!(
-        new.wait_exit(Duration::from_secs(10)),
-        Some(true),
-        "{}",
-        new.log()
-    );
+    new.exits_cleanly(Duration::from_secs(10));
     assert!(!socket.exists(), "the last process removes the file");
     assert_eq!(db.admin_sql("SELECT count(*) FROM t"), "3");
     std::fs::remove_dir_all(&sockets).unwrap();
@@ -336,18 +318,10 @@ async fn shutdown_wait_for_clients_serves_them_until_a_second_request_drains() {
     // SIGINT waits for running transactions only: the idle client and the idle
     // console are let go (within the 10 s shutdown_timeout: nothing holds it up).
     pgw.signal(libc::SIGINT);
-    assert_eq!(
-        pgw.wait_exit(Duration::from_secs(5)),
-        Some(true),
-        "{}",
-        pgw.log()
-    );
+    pgw.exits_cleanly(Duration::from_secs(5));
     for session in [&client, &admin] {
         let err = session.simple_query("SELECT 1").await.unwrap_err();
-        assert!(
-            sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
-            "{err}"
-        );
+        common::ended_by_shutdown(&err);
     }
 }
 

@@ -355,6 +355,12 @@ impl Pgwarden {
         None
     }
 
+    /// Checks that the process exits, and successfully, within `within`.
+    pub fn exits_cleanly(&mut self, within: Duration) {
+        let exit = self.wait_exit(within);
+        assert_eq!(exit, Some(true), "exit within {within:?}:\n{}", self.log());
+    }
+
     /// Rewrites the configuration file (for reload tests).
     pub fn rewrite_config(&self, dbs: &[&Db], options: &Options) {
         std::fs::write(
@@ -481,6 +487,14 @@ pub async fn served<T>(task: tokio::task::JoinHandle<T>) -> T {
         .await
         .expect("still waiting 5 s after what held it back was gone")
         .unwrap()
+}
+
+/// Checks that a session ended for a shutdown: 57P01, or closed without a word.
+pub fn ended_by_shutdown(err: &tokio_postgres::Error) {
+    assert!(
+        sqlstate(err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
 }
 
 /// Quotes a libpq connection-string value.
