@@ -639,3 +639,56 @@ async fn a_follower_refused_the_alarm_keys_stays_in_the_election() {
     );
     assert_eq!(alarms(&follower, "sent"), 0);
 }
+
+/// CPU seconds the process has used (utime + stime, all threads).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_waiting_for_its_clients_to_leave_stays_in_the_election() {
+    let _serial = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let db = Db::create();
+    let mut p = lone_proxy(&db, &etcd, "");
+    leads(&p).await;
+    let client = p.connect(&db).await;
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user={} password={} dbname=pgwarden",
+        p.port, ADMIN.0, ADMIN.1
+    ))
+    .await
+    .unwrap();
+    console
+        .simple_query("SHUTDOWN WAIT_FOR_CLIENTS")
+        .await
+        .unwrap();
+    // Only waiting: it serves its client, leads on (the election, not the port,
+    // decides who promotes), and idles rather than spins.
+    let before = cpu_seconds(p.pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(p.pid()) - before;
+    assert!(used < 0.5, "{used} s of CPU in 2 s while waiting");
+    client.simple_query("SELECT 1").await.unwrap();
+    // Its HTTP endpoint closed with its listener: the console still answers.
+    let shown = console.simple_query("SHOW COORDINATION").await.unwrap();
+    let role = shown.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get("role").map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(role.as_deref(), Some("leader"), "{}", p.log());
+    assert!(!p.log().contains("failover mode changed"), "{}", p.log());
+    drop(client);
+    drop(console);
+    p.exits_cleanly(Duration::from_secs(10));
+}

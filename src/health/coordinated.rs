@@ -95,7 +95,7 @@ impl Monitor {
 
     /// Ok when this proxy may promote: no coordination, or it is the leader.
     pub(super) fn may_promote(&self) -> Result<(), Refusal> {
-        if self.leaving {
+        if self.hands_over() {
             return Err(Refusal::Leaving);
         }
         match &self.shared.coordination {

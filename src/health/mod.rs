@@ -143,7 +143,7 @@ struct Monitor {
     resume_at: Instant,
     /// when this proxy last passed an alarm on to the coordination leader
     relayed_at: Option<Instant>,
-    /// this process stopped listening and follows the one that took its port over
+    /// this process stopped listening (SHUTDOWN WAIT_FOR_CLIENTS)
     leaving: bool,
 }
 
@@ -234,12 +234,14 @@ impl Monitor {
         self.publish();
     }
 
-    /// Without `[coordination]`, a leaving process stops deciding: it follows.
+    /// This process stopped listening. Without `[coordination]` it stops deciding:
+    /// it follows. (Once only: the token stays cancelled.)
     fn leave(&mut self) {
-        if self.shared.coordination.is_some() {
+        self.leaving = true;
+        // A shutdown stops listening too, but then this monitor is about to stop.
+        if !self.hands_over() || self.shared.shutdown.is_cancelled() {
             return;
         }
-        self.leaving = true;
         if self.config.failover.mode == FailoverMode::Auto {
             info!(
                 from = "auto",
@@ -250,9 +252,15 @@ impl Monitor {
         self.config = self.decider(self.config.clone());
     }
 
-    /// `config`, in `follow` mode once this process is leaving.
+    /// True once this process stopped listening, with no election to leave the
+    /// decisions to: the process that took its port over makes them.
+    fn hands_over(&self) -> bool {
+        self.leaving && self.shared.coordination.is_none()
+    }
+
+    /// `config`, in `follow` mode once this process hands the decisions over.
     fn decider(&self, config: Arc<Config>) -> Arc<Config> {
-        if !self.leaving || config.failover.mode != FailoverMode::Auto {
+        if !self.hands_over() || config.failover.mode != FailoverMode::Auto {
             return config;
         }
         let mut following = (*config).clone();
