@@ -1,14 +1,16 @@
 //! Operations costs: the pause a SWITCHOVER imposes on a loaded cluster, and the
-//! failed transactions, which must be 0. (What many idle clients cost, and the
-//! time to scrape /metrics among them, is bench/connections.rs.)
+//! failed transactions, which must be 0; then rolling restarts under load, which
+//! must cost no client an error. (What many idle clients cost, and the time to
+//! scrape /metrics among them, is bench/connections.rs.)
 //!
 //! Run: `cargo bench --bench operations`.
-//! Knobs: BENCH_RUNS=5 (switchovers, each on a fresh cluster).
+//! Knobs: BENCH_RUNS=5 (switchovers, each on a fresh cluster), BENCH_HANDOVERS=4
+//! (rolling restarts, one every 2 s).
 
 #[path = "support/mod.rs"]
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgwarden::cluster::ClusterSpec;
 use support::{env_or, median};
@@ -22,6 +24,7 @@ fn main() {
         .build()
         .unwrap();
     switchovers(&runtime, env_or("BENCH_RUNS", 5));
+    rolling_restarts(env_or("BENCH_HANDOVERS", 4));
 }
 
 fn admin_extra() -> String {
@@ -120,4 +123,80 @@ async fn connect_admin(port: u16) -> tokio_postgres::Client {
         .unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// New pgwarden processes take the port over one after another (so_reuseport;
+/// each old one gets SIGTERM with `sigterm = "wait_for_clients"`) while one
+/// pgbench connects anew for every transaction and another keeps its
+/// connections, on the first process, to the end. Every transaction of both must
+/// succeed, and each old process must exit once its last client left.
+fn rolling_restarts(handovers: usize) {
+    let cluster = support::cluster(1);
+    let extra = "so_reuseport = true\nsigterm = \"wait_for_clients\"";
+    let mut first = support::pgwarden(&cluster, 20, extra, "");
+    let duration = (2 * handovers + 4).to_string();
+    let (reconnecting, persistent, mut successors) = std::thread::scope(|scope| {
+        let first = &first;
+        let load = |connect_each: bool| {
+            let (cluster, duration) = (&cluster, &duration);
+            scope.spawn(move || {
+                let mut args = vec!["-S", "-c", "4", "-j", "2", "-T", duration.as_str()];
+                if connect_each {
+                    args.push("-C");
+                }
+                support::pgbench(cluster, first, &args)
+            })
+        };
+        let reconnecting = load(true);
+        let persistent = load(false);
+        let mut successors: Vec<support::Target> = Vec::new();
+        for _ in 0..handovers {
+            std::thread::sleep(Duration::from_secs(2));
+            let leaving = successors.last().map_or(first.pid, |t| t.pid).unwrap();
+            successors.push(support::pgwarden_beside(first));
+            // SAFETY: signalling a process this benchmark started.
+            unsafe { libc::kill(leaving, libc::SIGTERM) };
+        }
+        let reconnecting = reconnecting
+            .join()
+            .expect("pgbench -C: every connection got in");
+        let persistent = persistent.join().expect("pgbench: every transaction ran");
+        (reconnecting, persistent, successors)
+    });
+    let loads_ended = Instant::now();
+    // The old processes with only reconnecting clients are gone by now; the first
+    // one goes once the persistent clients have left.
+    let others_gone = successors
+        .iter_mut()
+        .take(handovers - 1)
+        .filter_map(|t| t.exited().then_some(()))
+        .count();
+    while !first.exited() && loads_ended.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let first_gone = loads_ended.elapsed();
+    println!("\n## Rolling restarts under pgbench -S (4 clients reconnecting, 4 persistent)");
+    println!("Machine: {}\n", support::machine());
+    println!("| load | transactions | failed | tps |\n|---|---|---|---|");
+    for (name, run) in [
+        ("a new connection per transaction (-C)", reconnecting),
+        ("persistent connections", persistent),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.0} |",
+            run.transactions, run.failed, run.tps
+        );
+    }
+    println!(
+        "\n{handovers} handovers, one every 2 s; {others_gone} of {} later old processes had \
+         exited when the load ended; the first (persistent clients) exited {:.0} ms after \
+         they left{}",
+        handovers - 1,
+        first_gone.as_secs_f64() * 1e3,
+        if first.exited() {
+            ""
+        } else {
+            " (no: still running)"
+        }
+    );
 }

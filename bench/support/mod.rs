@@ -197,6 +197,51 @@ pub fn pgwarden(cluster: &Cluster, pool_size: u32, extra: &str, sections: &str) 
     }
 }
 
+/// A second pgwarden on `first`'s configuration, which must set `so_reuseport`:
+/// it listens on the same port beside it. Returns once it listens.
+pub fn pgwarden_beside(first: &Target) -> Target {
+    let dir = first.dir.as_ref().expect("a pgwarden target");
+    let log = dir.join(format!("pgwarden-{}.log", free_port().unwrap()));
+    let mut child = Command::new(pgwarden_binary())
+        .arg("--config")
+        .arg(dir.join("pgwarden.toml"))
+        // Its "listening" line is at info, above the benchmarks' log level.
+        .env("RUST_LOG", "pgwarden::proxy=info,warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("pgwarden listening")
+    {
+        let exited = child.try_wait().ok().flatten();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "the second pgwarden did not listen ({exited:?}):\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Target {
+        name: "pgwarden",
+        port: first.port,
+        pid: Some(child.id() as i32),
+        child: Some(child),
+        dir: None,
+    }
+}
+
+impl Target {
+    /// True once the pooler process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+}
+
 /// The pgwarden to measure: `BENCH_PGWARDEN_BIN` (a build made another way, such as
 /// `scripts/pgo-build`'s), else the one cargo built for this benchmark.
 pub fn pgwarden_binary() -> PathBuf {
