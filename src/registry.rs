@@ -31,6 +31,7 @@ use crate::clock::Tick;
 use crate::metrics::ClientState;
 use crate::params::ParamSet;
 use crate::server::CancelKey;
+use crate::tls::Endpoint;
 
 const SHARDS: usize = 16;
 
@@ -39,14 +40,12 @@ const SHARDS: usize = 16;
 pub struct Identity {
     /// client address
     pub peer: Address,
-    /// the address it connected to (none on the Unix-domain socket)
-    pub local: Option<std::net::SocketAddr>,
+    /// where it connected to, and its TLS
+    pub endpoint: Endpoint,
     /// client-facing database
     pub database: String,
     /// user name
     pub user: String,
-    /// TLS version and cipher suite, when encrypted
-    pub tls: Option<Box<str>>,
 }
 
 /// One client's entry.
@@ -83,6 +82,8 @@ pub struct Serving {
     pub pool: u64,
     /// when the connection was opened, for RECONNECT's `close_needed`
     pub opened: Tick,
+    /// pgwarden's end of it, and its TLS
+    pub endpoint: Endpoint,
 }
 
 /// Why a session must stop what it is doing.
@@ -454,10 +455,9 @@ mod tests {
     fn someone() -> Identity {
         Identity {
             peer: Address::Tcp("127.0.0.1:1".parse().unwrap()),
-            local: None,
+            endpoint: Endpoint::default(),
             database: "db".into(),
             user: "u".into(),
-            tls: None,
         }
     }
 
@@ -476,6 +476,7 @@ mod tests {
             backend: "pg1".into(),
             pool,
             opened: Tick::now(),
+            endpoint: Endpoint::default(),
         }
     }
 
@@ -563,6 +564,7 @@ mod tests {
             backend: "pg1".into(),
             pool: 1,
             opened: Tick::now(),
+            endpoint: Endpoint::default(),
         }));
         reg.cancel(client.pid(), client.secret().wrapping_add(1), t)
             .await; // wrong secret

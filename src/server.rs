@@ -21,7 +21,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::address::{Address, is_socket_dir, socket_file};
 use crate::clock::Tick;
-use crate::tls::{Stream, Tls};
+use crate::tls::{Endpoint, Stream, Tls};
 
 use crate::auth::Credential;
 use crate::auth::backend::BackendAuth;
@@ -105,6 +105,8 @@ pub struct ServerConn {
     pub reported: Vec<(String, String)>,
     /// process-unique id for logs
     pub id: u64,
+    /// pgwarden's end of the connection, and its TLS
+    pub endpoint: Endpoint,
     created: Tick,
     idle_since: Tick,
 }
@@ -181,6 +183,7 @@ impl ServerConn {
             key.ok_or_else(|| ServerError::Protocol("no BackendKeyData at login".into()))?;
         let now = Tick::now();
         Ok(ServerConn {
+            endpoint: stream.endpoint(),
             stream,
             inbuf,
             expected: Expected::default(),

@@ -215,6 +215,11 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert!(get(server, "ptr").unwrap().ends_with("@pg1"), "{server:?}");
     assert_eq!(get(server, "remote_pid"), get(linked, "server_pid"));
     assert_eq!(get(server, "state"), Some("active"));
+    // pgwarden's end of the server connection.
+    assert_eq!(get(server, "local_addr"), Some("127.0.0.1"), "{server:?}");
+    let local_port: u16 = get(server, "local_port").unwrap().parse().unwrap();
+    assert!(local_port > 0);
+    assert_eq!(get(server, "tls"), Some(""));
 
     let stats = rows(&admin, "SHOW STATS").await;
     let stat = stats

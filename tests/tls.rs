@@ -154,6 +154,26 @@ fn stderr(out: &Output) -> String {
 
 const CLIENT_SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
 
+/// SHOW SERVERS' `tls` of pgwarden's one server connection, read by its stats user.
+async fn server_tls_column(pgw: &Pgwarden) -> String {
+    let watcher = common::connect(&format!(
+        "host=127.0.0.1 port={} user=watcher password=watcher-pw dbname=pgwarden",
+        pgw.port
+    ))
+    .await
+    .unwrap();
+    let shown = watcher.simple_query("SHOW SERVERS").await.unwrap();
+    let rows: Vec<String> = shown
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("tls").map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    rows[0].clone()
+}
+
 #[test]
 fn require_takes_tls_clients_and_refuses_plaintext() {
     let pki = pki();
@@ -317,6 +337,8 @@ fn pgwarden_reaches_postgres_over_verified_tls() {
             &[&db],
             Options {
                 sections: server_tls(mode, &pki.ca),
+                pgwarden: "stats_users = [\"watcher\"]".into(),
+                extra_users: "\"watcher\" \"watcher-pw\"\n".into(),
                 ..Default::default()
             },
         );
@@ -328,6 +350,9 @@ fn pgwarden_reaches_postgres_over_verified_tls() {
                 .unwrap_or_else(|e| panic!("{mode}: {e}\n{}", pgw.log()))
                 .get(0);
             assert!(ssl, "{mode}: the server session is not encrypted");
+            // SHOW SERVERS names what the now idle server connection negotiated.
+            let tls = server_tls_column(&pgw).await;
+            assert!(tls.starts_with("TLSv1_"), "{mode}: {tls:?}");
         });
         // The monitor reached the backend over TLS too: it is up and routed.
         assert!(
@@ -337,11 +362,19 @@ fn pgwarden_reaches_postgres_over_verified_tls() {
         );
     }
     // Without server TLS the session is plain, so the check above can fail.
-    let pgw = Pgwarden::start(&[&db]);
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: "stats_users = [\"watcher\"]".into(),
+            extra_users: "\"watcher\" \"watcher-pw\"\n".into(),
+            ..Default::default()
+        },
+    );
     rt.block_on(async {
         let client = pgw.connect(&db).await;
         let ssl: bool = client.query_one(CLIENT_SSL, &[]).await.unwrap().get(0);
         assert!(!ssl);
+        assert_eq!(server_tls_column(&pgw).await, "");
     });
 
     // A backend certificate from a CA pgwarden does not trust: no connection, and

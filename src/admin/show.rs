@@ -14,6 +14,7 @@ use crate::clock::Tick;
 use crate::coordination::Role;
 use crate::metrics::ClientState;
 use crate::proxy::Shared;
+use crate::registry::Serving;
 
 /// SHOW CLIENTS' and SHOW SERVERS' columns: PgBouncer's, in its order, then
 /// pgwarden's own (the client's pid, the backend, the server's pid).
@@ -45,10 +46,7 @@ const CONNECTION_COLUMNS: [&str; 21] = [
 struct ServerRow<'a> {
     user: &'a str,
     database: &'a str,
-    backend: &'a str,
-    key: &'a crate::server::CancelKey,
-    /// when it connected
-    opened: Tick,
+    server: &'a Serving,
     /// when it was last handed to a client, or returned to the pool
     used: Tick,
     /// the pid of the client it serves
@@ -65,28 +63,30 @@ impl ServerRow<'_> {
         } else {
             "idle"
         };
+        let key = &self.server.key;
+        let endpoint = &self.server.endpoint;
         vec![
             "S".into(),
             self.user.into(),
             self.database.into(),
             state.into(),
-            self.key.addr.column().into(),
-            i64::from(self.key.addr.port()).into(),
-            Cell::Null,
-            Cell::Null,
-            time(wall(self.opened, now)),
+            key.addr.column().into(),
+            i64::from(key.addr.port()).into(),
+            endpoint.local.map(|a| a.ip().to_string()).into(),
+            endpoint.local.map(|a| i64::from(a.port())).into(),
+            time(wall(self.server.opened, now)),
             time(wall(self.used, now)),
             0_i64.into(),
             0_i64.into(),
             i64::from(self.marked).into(),
-            server_ptr(self.backend, self.key.pid).into(),
+            server_ptr(&self.server.backend, key.pid).into(),
             self.client.map(client_ptr).into(),
-            i64::from(self.key.pid).into(),
-            "".into(),
+            i64::from(key.pid).into(),
+            endpoint.tls_description().into(),
             "".into(),
             self.client.map(i64::from).into(),
-            self.backend.into(),
-            i64::from(self.key.pid).into(),
+            (*self.server.backend).into(),
+            i64::from(key.pid).into(),
         ]
     }
 }
@@ -257,7 +257,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     // PgBouncer's "active": in a transaction or idle.
                     ClientState::Active | ClientState::Idle => "active",
                 };
-                let (local_addr, local_port) = match c.identity.local {
+                let (local_addr, local_port) = match c.identity.endpoint.local {
                     Some(local) => (local.ip().to_string(), local.port()),
                     None => ("unix".to_owned(), c.identity.peer.port()),
                 };
@@ -282,7 +282,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                         .map(|s| server_ptr(&s.backend, s.key.pid))
                         .into(),
                     0_i64.into(),
-                    c.identity.tls.as_deref().unwrap_or("").into(),
+                    c.identity.endpoint.tls_description().into(),
                     c.application_name().into(),
                     i64::from(c.pid).into(),
                     serving.as_ref().map(|s| s.backend.to_string()).into(),
@@ -297,28 +297,23 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             let pools = pools_by_id(shared, None);
             for c in &clients {
                 if let Some(serving) = c.serving() {
-                    let marked = close_needed(&pools, &serving);
                     let row = ServerRow {
                         user: &c.identity.user,
                         database: &c.identity.database,
-                        backend: &serving.backend,
-                        key: &serving.key,
-                        opened: serving.opened,
+                        marked: close_needed(&pools, &serving),
+                        server: &serving,
                         used: c.last_request().unwrap_or(serving.opened),
                         client: Some(c.pid),
-                        marked,
                     };
                     rs.row(row.cells(now));
                 }
             }
             for (key, pool) in shared.pools.all() {
-                for (server_key, opened, idle_since) in pool.idle_servers() {
+                for (server, idle_since) in pool.idle_servers() {
                     let row = ServerRow {
                         user: &key.target.user,
                         database: &key.database,
-                        backend: &key.target.backend,
-                        key: &server_key,
-                        opened,
+                        server: &server,
                         used: idle_since,
                         client: None,
                         // RECONNECT closes idle connections at once: none is marked.

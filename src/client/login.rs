@@ -206,10 +206,9 @@ async fn login_steps(
     let client = shared.clients.register(
         Identity {
             peer: peer.clone(),
-            local: stream.local_addr(),
+            endpoint: stream.endpoint(),
             database: request.database.clone(),
             user: request.user.clone(),
-            tls: stream.tls_description().map(String::into_boxed_str),
         },
         startup.clone(),
     );

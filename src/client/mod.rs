@@ -46,7 +46,7 @@ use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::{Shared, Slot};
-use crate::registry::{ClientHandle, Serving, Stop};
+use crate::registry::{ClientHandle, Stop};
 use crate::server::SESSION_TIMEOUT;
 use crate::tls::Stream;
 use aborted::Aborted;
@@ -637,12 +637,7 @@ impl Session {
                                 }
                             };
                         let pool = conn.pool();
-                        self.who.client.serving(Some(Serving {
-                            key: conn.cancel_key.clone(),
-                            backend: pool.target.backend.clone(),
-                            pool: pool.id,
-                            opened: conn.opened(),
-                        }));
+                        self.who.client.serving(Some(pool.serving(&conn)));
                         // Retired before the registry knew this client uses it: the
                         // retirement's sweep of the registry did not see it.
                         if pool.is_retired() {

@@ -21,6 +21,7 @@ use crate::auth::Secrets;
 use crate::clock::{Tick, nanos};
 use crate::error::ServerError;
 use crate::keepalive::Keepalive;
+use crate::registry::Serving;
 use crate::server::{ServerConn, ServerTarget};
 use crate::tls::Tls;
 
@@ -452,12 +453,22 @@ impl ServerPool {
         idle.into_iter().for_each(|c| c.close());
     }
 
-    /// The idle connections, for SHOW SERVERS: key (server pid and address), when
-    /// each connected and when it was last returned.
-    pub fn idle_servers(&self) -> Vec<(crate::server::CancelKey, Tick, Tick)> {
+    /// What the registry and SHOW SERVERS keep of one of this pool's connections.
+    pub fn serving(&self, conn: &ServerConn) -> Serving {
+        Serving {
+            key: conn.cancel_key.clone(),
+            backend: self.target.backend.clone(),
+            pool: self.id,
+            opened: conn.opened(),
+            endpoint: conn.endpoint,
+        }
+    }
+
+    /// The idle connections, for SHOW SERVERS, each with when it was last returned.
+    pub fn idle_servers(&self) -> Vec<(Serving, Tick)> {
         lock(&self.idle)
             .iter()
-            .map(|c| (c.cancel_key.clone(), c.opened(), c.idle_since()))
+            .map(|c| (self.serving(c), c.idle_since()))
             .collect()
     }
 

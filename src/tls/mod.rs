@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-pub use stream::{ReadHalf, Stream, WriteHalf};
+pub use stream::{Endpoint, ReadHalf, Stream, WriteHalf};
 
 use crate::config::{ClientTlsMode, Config, ConfigError, ServerTlsMode};
 use crate::error::ServerError;

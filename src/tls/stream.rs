@@ -17,6 +17,27 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
 use tokio_rustls::TlsStream;
+use tokio_rustls::rustls::{CipherSuite, ProtocolVersion};
+
+/// The local end of a connection and what its TLS negotiated, as SHOW CLIENTS and
+/// SHOW SERVERS report them. Small and `Copy`: a session hands it on with every
+/// server connection it takes, without an allocation or a reference count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// the local address (none on a Unix-domain socket)
+    pub local: Option<std::net::SocketAddr>,
+    /// the TLS protocol version and cipher suite, when encrypted
+    pub tls: Option<(ProtocolVersion, CipherSuite)>,
+}
+
+impl Endpoint {
+    /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`, or empty when not encrypted.
+    pub fn tls_description(&self) -> String {
+        self.tls
+            .map(|(version, suite)| format!("{version:?}/{suite:?}"))
+            .unwrap_or_default()
+    }
+}
 
 /// Plain TCP, TLS, or a Unix-domain socket.
 #[derive(Debug)]
@@ -35,32 +56,27 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
-    /// The protocol version and cipher suite of a TLS connection
-    /// (`TLSv1_3/TLS13_AES_256_GCM_SHA384`), as SHOW CLIENTS reports them.
-    pub fn tls_description(&self) -> Option<String> {
-        let Stream::Tls(s) = self else {
-            return None;
-        };
-        let (version, suite) = match &**s {
-            TlsStream::Server(s) => {
-                let c = s.get_ref().1;
-                (c.protocol_version(), c.negotiated_cipher_suite())
+    /// Where this end of the connection is, and what its TLS negotiated.
+    pub fn endpoint(&self) -> Endpoint {
+        let (local, tls) = match self {
+            Stream::Plain(s) => (s.local_addr().ok(), None),
+            Stream::Tls(s) => {
+                let (version, suite) = match &**s {
+                    TlsStream::Server(s) => {
+                        let c = s.get_ref().1;
+                        (c.protocol_version(), c.negotiated_cipher_suite())
+                    }
+                    TlsStream::Client(s) => {
+                        let c = s.get_ref().1;
+                        (c.protocol_version(), c.negotiated_cipher_suite())
+                    }
+                };
+                let tls = version.zip(suite.map(|s| s.suite()));
+                (s.get_ref().0.local_addr().ok(), tls)
             }
-            TlsStream::Client(s) => {
-                let c = s.get_ref().1;
-                (c.protocol_version(), c.negotiated_cipher_suite())
-            }
+            Stream::Local(_) => (None, None),
         };
-        Some(format!("{:?}/{:?}", version?, suite?.suite()))
-    }
-
-    /// The local end of a TCP connection (none for the Unix-domain socket).
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        match self {
-            Stream::Plain(s) => s.local_addr().ok(),
-            Stream::Tls(s) => s.get_ref().0.local_addr().ok(),
-            Stream::Local(_) => None,
-        }
+        Endpoint { local, tls }
     }
 
     /// The certificate a TLS client presented (and the handshake verified), in DER.
