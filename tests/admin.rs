@@ -278,6 +278,7 @@ async fn show_commands_describe_pools_clients_servers_and_stats() {
     assert_eq!(get(pool_size, "default"), Some("20"));
     assert_eq!(get(pool_size, "changeable"), Some("yes"));
     assert_eq!(get(key("pgwarden.listen"), "changeable"), Some("no"));
+    assert_eq!(get(key("pgwarden.http_listen"), "changeable"), Some("no"));
     assert_eq!(get(key("backends[0].name"), "default"), None);
 
     let users = rows(&admin, "SHOW USERS").await;
