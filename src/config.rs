@@ -43,14 +43,13 @@ impl ConfigError {
 
 /// The keys of `[pgwarden]` that a reload leaves as they are until a restart (the
 /// whole of `[coordination]` too).
-pub const RESTART_ONLY: [&str; 7] = [
+pub const RESTART_ONLY: [&str; 6] = [
     "pgwarden.listen",
     "pgwarden.so_reuseport",
     "pgwarden.unix_socket_dir",
     "pgwarden.unix_socket_mode",
     "pgwarden.workers",
     "pgwarden.http_listen",
-    "pgwarden.log_level",
 ];
 
 /// The whole configuration file.

@@ -33,16 +33,44 @@ pub mod server;
 pub mod tls;
 pub mod verify;
 
-/// One event per line on stderr; `RUST_LOG` overrides the configured level.
+/// The handle that swaps the log filter when a reload changes `log_level`; unset
+/// while `RUST_LOG` rules instead.
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// One event per line on stderr; a non-empty `RUST_LOG` overrides the configured level.
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, reload};
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(EnvFilter::new);
+    let configured = from_env.is_none();
+    let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| EnvFilter::new(level)));
+    let output = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .is_ok();
+    if installed && configured {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Applies a reloaded `log_level` (unless `RUST_LOG` rules); says whether it did.
+pub fn set_log_level(level: &str) -> bool {
+    LOG_FILTER.get().is_some_and(|handle| {
+        handle
+            .reload(tracing_subscriber::EnvFilter::new(level))
+            .is_ok()
+    })
 }
 
 /// A fresh folder under the system's temporary one, for a unit test's files.

@@ -215,6 +215,11 @@ impl Shared {
             // Joining or leaving an election mid-flight could leave a failover half done.
             warn!("[coordination] takes effect at the next restart");
         }
+        if config.pgwarden.log_level != old.pgwarden.log_level
+            && crate::set_log_level(&config.pgwarden.log_level)
+        {
+            info!(log_level = %config.pgwarden.log_level, "log level changed");
+        }
         self.users.store(Arc::new(users));
         self.tls.store(Arc::new(tls));
         self.pools.reconfigure(&config);

@@ -407,3 +407,34 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_reload_applies_a_new_log_level() {
+    let db = Db::create();
+    // Quiet but for the line that says it listens (the harness waits for it); no
+    // RUST_LOG, which would rule over log_level.
+    let options = |level: &str| Options {
+        pgwarden: format!("log_level = \"{level},pgwarden::admin::http=info\""),
+        env: vec![("RUST_LOG".into(), String::new())],
+        ..Default::default()
+    };
+    let pgw = Pgwarden::start_with(&[&db], options("warn"));
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    assert!(!pgw.log().contains("client logged in"), "{}", pgw.log());
+    pgw.rewrite_config(&[&db], &options("info"));
+    pgw.signal(libc::SIGHUP);
+    common::eventually(Duration::from_secs(5), "the log level changed", || {
+        pgw.log().contains("log level changed")
+    })
+    .await;
+    pgw.connect(&db)
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    assert!(pgw.log().contains("client logged in"), "{}", pgw.log());
+}
