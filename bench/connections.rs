@@ -20,7 +20,8 @@ use support::{Target, env_list, env_or, median};
 const BATCH: usize = 250;
 
 fn main() {
-    raise_open_files();
+    // This process holds every client socket: let it hold 10 000 and more.
+    pgwarden::open_files::raise().expect("the open-files limit can be read");
     let idle: Vec<usize> = env_list("BENCH_IDLE", "1000,10000")
         .iter()
         .filter_map(|c| c.parse().ok())
@@ -221,19 +222,4 @@ async fn scrape(port: u16) -> usize {
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     out.len()
-}
-
-/// This process holds every client socket: let it hold 10 000 and more.
-fn raise_open_files() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }

@@ -26,21 +26,11 @@ const POOL_SIZE: usize = 3;
 /// Raises the soft descriptor limit to the hard one (pgwarden inherits it) and
 /// returns how many half-open connections fit.
 fn raise_fd_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    let room = (limit.rlim_cur as usize).saturating_sub(500);
+    let limit = pgwarden::open_files::raise().expect("the open-files limit can be read");
+    let room = (limit as usize).saturating_sub(500);
     if room < HALF_OPEN {
         eprintln!(
-            "file descriptor limit {}: holding {room} half-open connections instead of {HALF_OPEN}",
-            limit.rlim_cur
+            "file descriptor limit {limit}: holding {room} half-open connections instead of {HALF_OPEN}"
         );
     }
     room.min(HALF_OPEN)
