@@ -27,6 +27,7 @@ use crate::backend::{BackendTable, Routing};
 use crate::client;
 use crate::clock::nanos;
 use crate::config::{Config, ConfigError, PoolConfig, ShutdownMode};
+use crate::coordination::local::DeciderLock;
 use crate::error::ClientError;
 use crate::health;
 use crate::listener::{ClientListeners, LocalSocket};
@@ -249,13 +250,16 @@ impl Drop for Slot {
     }
 }
 
-/// The sockets pgwarden listens on.
+/// The sockets pgwarden listens on, and on a shared port the lock that says
+/// whether this process decides failovers.
 #[derive(Debug)]
 pub struct Listeners {
     /// PostgreSQL clients (and the admin console)
     pub clients: ClientListeners,
     /// /metrics, /health/*, /status
     pub http: Option<TcpListener>,
+    /// with `so_reuseport` and no `[coordination]`: which process on the port decides failovers
+    pub decider: Option<DeciderLock>,
 }
 
 /// Listens with a backlog deep enough for a connection storm (tokio's default is
@@ -324,7 +328,16 @@ pub async fn bind(config: &Config) -> io::Result<Listeners> {
         Some(addr) => Some(listen(addr, share).await?),
         None => None,
     };
-    Ok(Listeners { clients, http })
+    let decider = if share && config.coordination.is_none() {
+        Some(DeciderLock::open(config)?)
+    } else {
+        None
+    };
+    Ok(Listeners {
+        clients,
+        http,
+        decider,
+    })
 }
 
 /// Serves clients until told to stop listening (`shared.leaving`): a shutdown
@@ -337,7 +350,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
         tokio::spawn(crate::admin::http::serve(http, shared.clone()));
     }
     let signals = tokio::spawn(handle_signals(shared.clone()));
-    let monitor = tokio::spawn(health::run(shared.clone()));
+    let monitor = tokio::spawn(health::run(shared.clone(), listeners.decider));
     let coordination = tokio::spawn(crate::coordination::run(shared.clone()));
     tokio::spawn(crate::admin::stats::run(shared.clone()));
     let reaper = {

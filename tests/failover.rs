@@ -268,6 +268,60 @@ async fn a_pgwarden_restarted_while_the_primary_is_down_fails_over_from_its_stat
     assert_eq!(status["backends"][0]["fenced"], true, "{status}");
 }
 
+/// A rolling restart's overlap: two pgwardens on one port, both in `auto` mode.
+/// Only the holder of the decider lock promotes; the other follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pgwardens_sharing_a_port_fail_over_once() {
+    let sockets = std::env::temp_dir().join(format!("pgwarden-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&sockets).unwrap();
+    let mut options = fast("");
+    options.pgwarden = format!(
+        "so_reuseport = true\nunix_socket_dir = \"{}\"",
+        sockets.display()
+    );
+    let env = start(three_nodes(true), options);
+    let beside = env.pgw.beside();
+    let client = env.pgw.connect(&env.db).await;
+    client
+        .batch_execute("CREATE TABLE ledger (id int)")
+        .await
+        .unwrap();
+    drop(client);
+
+    env.cluster.nodes[0].signal_all(libc::SIGKILL).unwrap();
+    // Every client lands on a primary again, whichever process the kernel picks.
+    let mut wrote = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wrote < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "writes did not resume:\n{}",
+            env.pgw.log()
+        );
+        let write = async {
+            let client = common::connect(&env.pgw.conninfo(&env.db)).await?;
+            client.batch_execute("INSERT INTO ledger VALUES (1)").await
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), write).await {
+            wrote += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let primaries = env.primaries();
+    assert_eq!(primaries.len(), 1);
+    assert_ne!(primaries[0], 0);
+    assert!(
+        env.pgw.log().contains("step=\"promoted\""),
+        "{}",
+        env.pgw.log()
+    );
+    let follower = beside.log();
+    assert!(follower.contains("holds the decider lock"), "{follower}");
+    assert!(!follower.contains("step=\"promoted\""), "{follower}");
+    drop(beside);
+    std::fs::remove_dir_all(&sockets).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_off_never_moves_the_primary() {
     let env = start(

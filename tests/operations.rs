@@ -220,6 +220,19 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         .unwrap();
     let old_console = console(old.port).await;
     let mut new = old.beside();
+    // Until the old process stops listening, it alone decides failovers; the new
+    // one (whose console the socket file now reaches) follows.
+    assert!(
+        old.log().contains("this pgwarden decides failovers"),
+        "{}",
+        old.log()
+    );
+    let new_console = local_console(&new, &sockets).await;
+    let refused = new_console.simple_query("PROMOTE pg1").await.unwrap_err();
+    assert!(
+        common::message(&refused).contains("another pgwarden on this port decides"),
+        "{refused}"
+    );
 
     // Clients keep arriving over TCP and the socket file while the port changes hands.
     let tcp = old.conninfo(&db);
@@ -244,6 +257,7 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
     old.signal(libc::SIGTERM);
     let failures = arriving.await.unwrap();
     assert!(failures.is_empty(), "{failures:?}\n{}", old.log());
+    takes_the_decisions(&new);
 
     // Clients that arrive now are all the new process's: the old one exits with
     // its own clients gone even while these stay connected.
@@ -278,10 +292,75 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         .await
         .unwrap();
     drop(arrived);
+    drop(new_console);
     new.signal(libc::SIGTERM);
     new.exits_cleanly(Duration::from_secs(10));
     assert!(!socket.exists(), "the last process removes the file");
     assert_eq!(db.admin_sql("SELECT count(*) FROM t"), "3");
+    std::fs::remove_dir_all(&sockets).unwrap();
+}
+
+/// The admin console of the pgwarden whose socket file is in `folder`.
+async fn local_console(pgw: &Pgwarden, folder: &std::path::Path) -> tokio_postgres::Client {
+    common::connect(&format!(
+        "host={} port={} user={} password={} dbname=pgwarden",
+        folder.display(),
+        pgw.port,
+        ADMIN.0,
+        ADMIN.1
+    ))
+    .await
+    .unwrap()
+}
+
+/// Waits until `pgw` says it took the decider lock over.
+fn takes_the_decisions(pgw: &Pgwarden) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pgw.log().contains("this one decides") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not take the decisions over:\n{}",
+            pgw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
+    let db = Db::create();
+    let sockets = std::env::temp_dir().join(format!("pgwarden-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&sockets).unwrap();
+    let first = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: format!(
+                "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
+                sockets.display(),
+                ADMIN.0
+            ),
+            extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
+            ..Default::default()
+        },
+    );
+    let second = first.beside();
+    let lock = sockets.join(format!("pgwarden-{}.lock", first.port));
+    assert!(
+        second.log().contains(&lock.display().to_string()),
+        "{}",
+        second.log()
+    );
+    // However the holder ends, the kernel releases its lock.
+    first.signal(libc::SIGKILL);
+    takes_the_decisions(&second);
+    let console = local_console(&second, &sockets).await;
+    // It decides now: PROMOTE gets past the decider check to the node itself.
+    let answer = console.simple_query("PROMOTE pg1").await;
+    if let Err(e) = &answer {
+        assert!(!common::message(e).contains("another pgwarden"), "{e}");
+    }
+    drop(console);
+    drop(second);
     std::fs::remove_dir_all(&sockets).unwrap();
 }
 

@@ -17,11 +17,14 @@
 //!
 //! This module owns the [`Snapshot`] (role, lease, last state) that the monitor,
 //! SHOW COORDINATION, /health/ready and the metrics read. Without `[coordination]`
-//! there is no [`Coordinator`] and the monitor decides alone, as before.
+//! there is no [`Coordinator`] and the monitor decides alone, as before; when two
+//! processes share one port for a rolling restart, a lock file ([`local`]) picks
+//! which of them decides.
 
 #[cfg(feature = "etcd")]
 mod etcd;
 pub mod file;
+pub mod local;
 pub mod state;
 
 use std::sync::Arc;

@@ -98,6 +98,11 @@ impl Monitor {
         if self.hands_over() {
             return Err(Refusal::Leaving);
         }
+        if let Some(lock) = self.decider_lock.as_ref().filter(|l| !l.held()) {
+            return Err(Refusal::AnotherDecides {
+                lock: lock.file().display().to_string(),
+            });
+        }
         match &self.shared.coordination {
             Some(c) if !c.is_leader() => Err(Refusal::Coordination(match c.snapshot().role {
                 Role::Disconnected => crate::coordination::Error::Etcd("unreachable".into()),

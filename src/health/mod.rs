@@ -18,7 +18,9 @@
 //! A process that waits for its clients to leave (SHUTDOWN WAIT_FOR_CLIENTS, a
 //! rolling restart) has handed its port to a new process, which now decides:
 //! without `[coordination]` to elect one of the two, the leaving one turns from
-//! `auto` to `follow`, and promotes, records and unfences nothing more.
+//! `auto` to `follow`, and promotes, records and unfences nothing more. Until
+//! then the new process follows: on a shared port only the holder of the
+//! decider lock ([`crate::coordination::local`]) decides.
 
 mod coordinated;
 pub mod probe;
@@ -33,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::backend::{Backend, BackendTable, Health, Role};
 use crate::config::{Config, FailoverMode};
 use crate::coordination::Step;
+use crate::coordination::local::{self, DeciderLock};
 use crate::failover::hooks::{self, Event, EventKind};
 use crate::failover::{self, Kind, Record, Refusal};
 use crate::proxy::Shared;
@@ -91,17 +94,21 @@ impl Commands {
     }
 }
 
-/// Runs the monitor until shutdown.
-pub async fn run(shared: Arc<Shared>) {
+/// Runs the monitor until shutdown; with `decider`, it decides failovers only
+/// while it holds that lock.
+pub async fn run(shared: Arc<Shared>, decider: Option<DeciderLock>) {
     let Some(mut commands) = shared.monitor.take() else {
         error!("the health monitor is already running");
         return;
     };
     let mut published = shared.coordination.as_ref().map(|c| c.subscribe());
-    let mut monitor = Monitor::new(shared);
+    let mut monitor = Monitor::new(shared, decider);
     monitor.start_probers();
     monitor.restore();
+    monitor.announce_lock();
     monitor.publish();
+    let mut lock_retry = tokio::time::interval(local::RETRY);
+    lock_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             snapshot = crate::coordination::changed(&mut published) => monitor.adopt(snapshot).await,
@@ -109,6 +116,7 @@ pub async fn run(shared: Arc<Shared>) {
             () = monitor.shared.alarm.notified() => monitor.on_alarm(),
             () = monitor.shared.reconfigured.notified() => monitor.reconfigure(),
             () = monitor.shared.leaving.cancelled(), if !monitor.leaving => monitor.leave(),
+            _ = lock_retry.tick(), if monitor.waits_for_lock() => monitor.retry_lock(),
             Some((request, reply)) = commands.recv() => {
                 let answer = monitor.command(request).await;
                 let _ = reply.send(answer);
@@ -145,10 +153,12 @@ struct Monitor {
     relayed_at: Option<Instant>,
     /// this process stopped listening (SHUTDOWN WAIT_FOR_CLIENTS)
     leaving: bool,
+    /// on a shared port without `[coordination]`: decide only while holding it
+    decider_lock: Option<DeciderLock>,
 }
 
 impl Monitor {
-    fn new(shared: Arc<Shared>) -> Monitor {
+    fn new(shared: Arc<Shared>, decider_lock: Option<DeciderLock>) -> Monitor {
         let config = shared.config.load_full();
         let table = shared.routing.load_full();
         let (report_sender, reports) = mpsc::unbounded_channel();
@@ -169,6 +179,7 @@ impl Monitor {
             resume_at: Instant::now(),
             relayed_at: None,
             leaving: false,
+            decider_lock,
             config,
             shared,
         }
@@ -238,6 +249,8 @@ impl Monitor {
     /// it follows. (Once only: the token stays cancelled.)
     fn leave(&mut self) {
         self.leaving = true;
+        // Closing the file lets the process that took the port over decide.
+        self.decider_lock = None;
         // A shutdown stops listening too, but then this monitor is about to stop.
         if !self.hands_over() || self.shared.shutdown.is_cancelled() {
             return;
@@ -258,9 +271,65 @@ impl Monitor {
         self.leaving && self.shared.coordination.is_none()
     }
 
-    /// `config`, in `follow` mode once this process hands the decisions over.
+    /// True while another process on this port holds the decider lock.
+    fn waits_for_lock(&self) -> bool {
+        self.decider_lock.as_ref().is_some_and(|l| !l.held())
+    }
+
+    /// At start-up, with a shared port: says which process decides.
+    fn announce_lock(&mut self) {
+        let Some(lock) = &self.decider_lock else {
+            return;
+        };
+        let file = lock.file().display().to_string();
+        if lock.held() {
+            info!(lock = %file, "this pgwarden decides failovers for its port (it holds the decider lock)");
+            return;
+        }
+        if self.config.failover.mode == FailoverMode::Auto {
+            info!(
+                from = "auto",
+                to = "follow",
+                lock = %file,
+                "failover mode changed: another pgwarden on this port holds the decider lock; this one follows until that one stops listening"
+            );
+        }
+        self.config = self.decider(self.config.clone());
+    }
+
+    /// Tries the decider lock again; once it is taken this process decides, from
+    /// the state file the previous holder left.
+    fn retry_lock(&mut self) {
+        let Some(lock) = &mut self.decider_lock else {
+            return;
+        };
+        match lock.try_take() {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                warn!(lock = %lock.file().display(), error = %e, "cannot take the decider lock; still following");
+                return;
+            }
+        }
+        let config = self.shared.config.load_full();
+        if config.failover.mode == FailoverMode::Auto {
+            info!(
+                from = "follow",
+                to = "auto",
+                lock = %lock.file().display(),
+                "failover mode changed: the pgwarden that held the decider lock let go of it (it stopped listening or exited); this one decides"
+            );
+        }
+        self.config = self.decider(config);
+        self.restore();
+    }
+
+    /// `config`, in `follow` mode while this process does not decide: it handed
+    /// the decisions over, or another process on its port holds the decider lock.
     fn decider(&self, config: Arc<Config>) -> Arc<Config> {
-        if !self.hands_over() || config.failover.mode != FailoverMode::Auto {
+        if !(self.hands_over() || self.waits_for_lock())
+            || config.failover.mode != FailoverMode::Auto
+        {
             return config;
         }
         let mut following = (*config).clone();
