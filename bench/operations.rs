@@ -133,7 +133,9 @@ async fn connect_admin(port: u16) -> tokio_postgres::Client {
 fn rolling_restarts(handovers: usize) {
     let cluster = support::cluster(1);
     let extra = "so_reuseport = true\nsigterm = \"wait_for_clients\"";
-    let mut first = support::pgwarden(&cluster, 20, extra, "");
+    // The state file, in the first process's folder, keeps the decider lock there too.
+    let state = "[failover]\nstate_file = \"state.json\"";
+    let mut first = support::pgwarden(&cluster, 20, extra, state);
     let duration = (2 * handovers + 4).to_string();
     let (reconnecting, persistent, mut successors) = std::thread::scope(|scope| {
         let first = &first;
