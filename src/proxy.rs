@@ -27,7 +27,7 @@ use crate::backend::{BackendTable, Routing};
 use crate::client;
 use crate::clock::nanos;
 use crate::config::{Config, ConfigError, PoolConfig, ShutdownMode};
-use crate::coordination::local::DeciderLock;
+use crate::coordination::local::{self, DeciderLock};
 use crate::error::ClientError;
 use crate::health;
 use crate::listener::{ClientListeners, LocalSocket};
@@ -314,6 +314,20 @@ pub fn runtime(config: &Config) -> io::Result<tokio::runtime::Runtime> {
 /// Binds the listeners; separate from [`serve`] so that callers learn about a busy port at once.
 pub async fn bind(config: &Config) -> io::Result<Listeners> {
     let share = config.pgwarden.so_reuseport;
+    // Before binding: a listener on the port then is another process's.
+    let decider = if share && config.coordination.is_none() {
+        let beside_another = local::port_listened_on(config.listen_addr().port());
+        let lock = DeciderLock::open(config)?;
+        if beside_another && lock.held() {
+            warn!(
+                lock = %lock.file().display(),
+                "another process already listens on this port, yet this pgwarden took the decider lock: if that is a pgwarden, it does not use this lock file (a version without one, or another failover.state_file or unix_socket_dir), and both will fail over on their own; give both the same lock file"
+            );
+        }
+        Some(lock)
+    } else {
+        None
+    };
     let tcp = listen(config.listen_addr(), share).await?;
     let local = match config.unix_socket_path() {
         Some(path) => {
@@ -327,11 +341,6 @@ pub async fn bind(config: &Config) -> io::Result<Listeners> {
     let http = match config.http_addr() {
         Some(addr) => Some(listen(addr, share).await?),
         None => None,
-    };
-    let decider = if share && config.coordination.is_none() {
-        Some(DeciderLock::open(config)?)
-    } else {
-        None
     };
     Ok(Listeners {
         clients,

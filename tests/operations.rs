@@ -227,6 +227,7 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         "{}",
         old.log()
     );
+    assert!(!new.log().contains("yet this pgwarden took the decider lock"));
     let new_console = local_console(&new, &sockets).await;
     let refused = new_console.simple_query("PROMOTE pg1").await.unwrap_err();
     assert!(
@@ -362,6 +363,45 @@ async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
     drop(console);
     drop(second);
     std::fs::remove_dir_all(&sockets).unwrap();
+}
+
+/// An older pgwarden (or one told of another lock file) beside a new one: each
+/// would hold a lock of its own and decide. The one that starts second says so.
+#[tokio::test]
+async fn a_process_beside_one_with_another_lock_file_warns() {
+    let db = Db::create();
+    let folder = |name: &str| {
+        let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let (one, other) = (folder("lock-one"), folder("lock-other"));
+    let options = |dir: &std::path::Path| Options {
+        pgwarden: format!(
+            "so_reuseport = true\nunix_socket_dir = \"{}\"",
+            dir.display()
+        ),
+        ..Default::default()
+    };
+    let first = Pgwarden::start_with(&[&db], options(&one));
+    assert!(
+        !first
+            .log()
+            .contains("yet this pgwarden took the decider lock")
+    );
+    first.rewrite_config(&[&db], &options(&other));
+    let second = first.beside();
+    assert!(
+        second
+            .log()
+            .contains("yet this pgwarden took the decider lock"),
+        "{}",
+        second.log()
+    );
+    drop((first, second));
+    for dir in [one, other] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
 
 fn local_conninfo(pgw: &Pgwarden, db: &Db, folder: &std::path::Path) -> String {

@@ -98,6 +98,30 @@ impl DeciderLock {
     }
 }
 
+/// True when some socket already listens on TCP `port` (read from
+/// /proc/net/tcp and tcp6; false where those cannot be read). Before this process
+/// binds, that is the process it shares the port with; if this one still got the
+/// lock, the other does not use the same lock file.
+pub fn port_listened_on(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .any(|table| std::fs::read_to_string(table).is_ok_and(|text| listens_in(&text, port)))
+}
+
+/// Whether a /proc/net/tcp table has a socket in state LISTEN (0A) on `port`.
+fn listens_in(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let local = fields.next().unwrap_or("");
+        let state = fields.nth(1).unwrap_or("");
+        state == "0A"
+            && local
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+                == Some(port)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +167,20 @@ mod tests {
         assert!(second.try_take().unwrap());
         assert!(second.held());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_listening_socket_is_found_by_its_port() {
+        let table = "  sl  local_address rem_address   st tx_queue\n\
+            0: 00000000:07E8 00000000:0000 0A 00000000:00000000\n\
+            1: 0100007F:1F90 0100007F:D888 01 00000000:00000000\n";
+        assert!(listens_in(table, 0x07E8));
+        assert!(
+            !listens_in(table, 0x1F90),
+            "an established connection, not a listener"
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(port_listened_on(listener.local_addr().unwrap().port()));
     }
 
     #[test]
