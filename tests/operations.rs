@@ -227,7 +227,10 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         "{}",
         old.log()
     );
-    assert!(!new.log().contains("yet this pgwarden took the decider lock"));
+    assert!(
+        !new.log()
+            .contains("yet this pgwarden took the decider lock")
+    );
     let new_console = local_console(&new, &sockets).await;
     let refused = new_console.simple_query("PROMOTE pg1").await.unwrap_err();
     assert!(
