@@ -173,3 +173,45 @@ fn psycopg_settings_made_by_prepared_set_statements_stay_with_their_connection()
     let out = run_script(python(), "psycopg_settings.py", &pgw, &db);
     assert!(out.contains("psycopg_settings: ok"), "{out}");
 }
+
+/// spreaker's PgBouncer exporter scrapes pgwarden's console as it scrapes
+/// PgBouncer's: all its SHOW queries answer, and its gauges carry pgwarden's figures.
+#[test]
+fn a_pgbouncer_exporter_scrapes_the_console() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            pgwarden: format!("stats_users = [\"{}\"]", db.user),
+            pool: "default_pool_size = 2".into(),
+            ..Default::default()
+        },
+    );
+    let out = run_script(python(), "pgbouncer_exporter.py", &pgw, &db);
+    let value = |metric: &str| -> f64 {
+        out.lines()
+            .find_map(|line| line.strip_prefix(metric)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {metric} in:\n{out}"))
+    };
+    let (name, user) = (&db.name, &db.user);
+    assert!(
+        value(&format!(
+            "pgbouncer_stats_transactions_total{{database={name}}}"
+        )) >= 3.0
+    );
+    assert!(value(&format!("pgbouncer_stats_queries_total{{database={name}}}")) >= 3.0);
+    assert_eq!(
+        value(&format!(
+            "pgbouncer_databases_database_pool_size{{backend_database={name},database={name}}}"
+        )),
+        2.0
+    );
+    assert_eq!(
+        value(&format!(
+            "pgbouncer_pools_server_idle_connections{{database={name},user={user}}}"
+        )),
+        1.0
+    );
+    assert_eq!(value("pgbouncer_config_max_client_conn{}"), 10_000.0);
+    assert_eq!(value("pgbouncer_config_max_user_connections{}"), 0.0);
+}

@@ -3,6 +3,7 @@
 //! endpoint with Prometheus metrics, container health checks and status.
 
 pub mod command;
+mod compat;
 mod console;
 mod exec;
 pub mod http;

@@ -486,10 +486,26 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             // PgBouncer's four columns: tools that read it check their number.
             let mut rs = ResultSet::new(&["key", "value", "default", "changeable"]);
             let defaults = crate::config::Config::defaults();
-            for (k, v) in config.flatten() {
-                let changeable = yes_no(!crate::config::Config::needs_restart(&k));
-                let default = defaults.get(&k).cloned();
-                rs.row(vec![k.into(), v.into(), default.into(), changeable.into()]);
+            let running = config.flatten();
+            for (k, v) in &running {
+                let changeable = yes_no(!crate::config::Config::needs_restart(k));
+                let default = defaults.get(k).cloned();
+                rs.row(vec![
+                    k.clone().into(),
+                    v.clone().into(),
+                    default.into(),
+                    changeable.into(),
+                ]);
+            }
+            let running = running.into_iter().collect();
+            for row in super::compat::rows(&running, &defaults) {
+                let changeable = yes_no(!crate::config::Config::needs_restart(row.pgwarden_key));
+                rs.row(vec![
+                    row.key.into(),
+                    row.value.into(),
+                    row.default.into(),
+                    changeable.into(),
+                ]);
             }
             rs
         }
