@@ -894,11 +894,12 @@ impl Session {
                 return Poll::Ready(Ok(Err(e)));
             }
             if inbuf.capacity() - inbuf.len() < splice::MIN_READ_ROOM {
-                inbuf.reserve(if inbuf.is_empty() {
-                    FIRST_READ
+                if inbuf.is_empty() {
+                    // Made at its size: growing an empty buffer takes the long way.
+                    *inbuf = BytesMut::with_capacity(FIRST_READ);
                 } else {
-                    READ_CHUNK
-                });
+                    inbuf.reserve(READ_CHUNK);
+                }
             }
             // A poll-based read (rather than try_read) lets tokio note that a short read
             // drained the socket, which spares the splice a read that would find nothing.
