@@ -486,26 +486,24 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             // PgBouncer's four columns: tools that read it check their number.
             let mut rs = ResultSet::new(&["key", "value", "default", "changeable"]);
             let defaults = crate::config::Config::defaults();
+            // `restart_key`: the pgwarden key that decides whether a reload changes it.
+            let mut row =
+                |key: String, value: String, default: Option<String>, restart_key: &str| {
+                    let changeable = yes_no(!crate::config::Config::needs_restart(restart_key));
+                    rs.row(vec![
+                        key.into(),
+                        value.into(),
+                        default.into(),
+                        changeable.into(),
+                    ]);
+                };
             let running = config.flatten();
             for (k, v) in &running {
-                let changeable = yes_no(!crate::config::Config::needs_restart(k));
-                let default = defaults.get(k).cloned();
-                rs.row(vec![
-                    k.clone().into(),
-                    v.clone().into(),
-                    default.into(),
-                    changeable.into(),
-                ]);
+                row(k.clone(), v.clone(), defaults.get(k).cloned(), k);
             }
             let running = running.into_iter().collect();
-            for row in super::compat::rows(&running, &defaults) {
-                let changeable = yes_no(!crate::config::Config::needs_restart(row.pgwarden_key));
-                rs.row(vec![
-                    row.key.into(),
-                    row.value.into(),
-                    row.default.into(),
-                    changeable.into(),
-                ]);
+            for r in super::compat::rows(&running, &defaults) {
+                row(r.key.into(), r.value, r.default, r.pgwarden_key);
             }
             rs
         }

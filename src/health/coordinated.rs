@@ -98,7 +98,7 @@ impl Monitor {
         if self.hands_over() {
             return Err(Refusal::Leaving);
         }
-        if let Some(lock) = self.decider_lock.as_ref().filter(|l| !l.held()) {
+        if let Some(lock) = self.waiting_lock() {
             return Err(Refusal::AnotherDecides {
                 lock: lock.file().display().to_string(),
             });

@@ -271,9 +271,14 @@ impl Monitor {
         self.leaving && self.shared.coordination.is_none()
     }
 
+    /// The decider lock while another process on this port holds it.
+    fn waiting_lock(&self) -> Option<&DeciderLock> {
+        self.decider_lock.as_ref().filter(|l| !l.held())
+    }
+
     /// True while another process on this port holds the decider lock.
     fn waits_for_lock(&self) -> bool {
-        self.decider_lock.as_ref().is_some_and(|l| !l.held())
+        self.waiting_lock().is_some()
     }
 
     /// At start-up, with a shared port: says which process decides.
