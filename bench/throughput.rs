@@ -128,7 +128,12 @@ fn main() {
                 .sum();
             let mut line = format!("| {mode} | {c} |");
             for n in &names {
-                line.push_str(&format!(" {:.0} |", tps(n)));
+                // No runs: PgBouncer before 1.21 in `-M prepared`.
+                if runs(n).is_empty() {
+                    line.push_str(" – |");
+                } else {
+                    line.push_str(&format!(" {:.0} |", tps(n)));
+                }
             }
             line.push_str(&format!(
                 " {} | {} | {} | {} | {failed} |",

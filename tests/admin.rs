@@ -996,3 +996,73 @@ async fn a_backend_behind_its_unix_socket_is_pooled_probed_and_cancelled() {
     assert_eq!(get(&backends[0], "role"), Some("primary"), "{backends:?}");
     assert_eq!(get(&backends[0], "state"), Some("up"), "{backends:?}");
 }
+
+#[tokio::test]
+async fn show_servers_lists_a_connection_being_opened_as_new() {
+    // A node of the test's own: its postmaster is stopped below.
+    let cluster = pgwarden::cluster::Cluster::start(&Default::default()).unwrap();
+    let node = cluster.primary();
+    let db = Db::create_on(&cluster);
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            backends: vec![(node.name.clone(), node.port)],
+            pool: "server_connect_timeout = \"30s\"".into(),
+            ..operated("")
+        },
+    );
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    // The pool's first connection stays in a transaction: the next one must be opened.
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let client = pgw.connect(&db).await;
+    // A stopped postmaster: the kernel completes the TCP handshake, nobody forks a
+    // server process to answer the startup packet.
+    node.signal(libc::SIGSTOP).unwrap();
+    let query = tokio::spawn(async move { client.simple_query("SELECT 1").await.map(|_| ()) });
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let opening = loop {
+        let servers = rows(&admin, "SHOW SERVERS").await;
+        if let Some(row) = servers.into_iter().find(|r| get(r, "state") == Some("new")) {
+            break row;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server connection listed as new"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(get(&opening, "type"), Some("S"));
+    assert_eq!(get(&opening, "user"), Some(db.user.as_str()));
+    assert_eq!(get(&opening, "database"), Some(db.name.as_str()));
+    assert_eq!(get(&opening, "addr"), Some("127.0.0.1"));
+    assert_eq!(get(&opening, "port"), Some(node.port.to_string().as_str()));
+    assert_eq!(get(&opening, "backend"), Some(node.name.as_str()));
+    // No process and no local end yet; PgBouncer shows remote_pid 0 then.
+    assert_eq!(get(&opening, "remote_pid"), Some("0"));
+    assert_eq!(get(&opening, "server_pid"), None);
+    assert_eq!(get(&opening, "local_addr"), None);
+    assert_eq!(get(&opening, "link"), None);
+    assert!(get(&opening, "connect_time").is_some());
+    let pools = rows(&admin, "SHOW POOLS").await;
+    let pool = pools
+        .iter()
+        .find(|r| get(r, "database") == Some(db.name.as_str()))
+        .unwrap();
+    assert_eq!(get(pool, "sv_login"), Some("1"), "{pool:?}");
+
+    node.signal(libc::SIGCONT).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), query)
+        .await
+        .expect("the query completes once the server answers")
+        .unwrap()
+        .unwrap();
+    // Logged in, it is listed as the idle connection it now is, and no longer as new.
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    let mut states: Vec<_> = servers.iter().map(|r| get(r, "state")).collect();
+    states.sort();
+    assert_eq!(states, [Some("active"), Some("idle")], "{servers:?}");
+    assert!(servers.iter().all(|r| get(r, "server_pid").is_some()));
+    holder.batch_execute("COMMIT").await.unwrap();
+}

@@ -9,12 +9,14 @@ use super::command::Show;
 use super::exec::{close_needed, pools_by_id};
 use super::stats;
 use super::table::{Cell, ResultSet};
+use crate::address::is_socket_dir;
 use crate::backend::Health;
 use crate::clock::Tick;
 use crate::coordination::Role;
 use crate::metrics::ClientState;
 use crate::proxy::Shared;
 use crate::registry::Serving;
+use crate::server::ServerTarget;
 
 /// SHOW CLIENTS' and SHOW SERVERS' columns: PgBouncer's, in its order, then
 /// pgwarden's own (the client's pid, the backend, the server's pid).
@@ -46,8 +48,9 @@ const CONNECTION_COLUMNS: [&str; 21] = [
 struct ServerRow<'a> {
     user: &'a str,
     database: &'a str,
-    server: &'a Serving,
-    /// when it was last handed to a client, or returned to the pool
+    server: Server<'a>,
+    /// when it was last handed to a client, or returned to the pool (or began
+    /// to open)
     used: Tick,
     /// the pid of the client it serves
     client: Option<i32>,
@@ -55,38 +58,79 @@ struct ServerRow<'a> {
     marked: bool,
 }
 
+/// A server connection open, or being opened.
+enum Server<'a> {
+    /// open: its process, its ends and its TLS are known
+    Open(&'a Serving),
+    /// being opened (connect, TLS, login) to `target`, PgBouncer's state `new`:
+    /// no process and no local end yet; `number` tells it from its pool's others
+    New {
+        target: &'a ServerTarget,
+        number: u64,
+    },
+}
+
 impl ServerRow<'_> {
     /// The row in [`CONNECTION_COLUMNS`]' order.
     fn cells(&self, now: Tick) -> Vec<Cell> {
-        let state = if self.client.is_some() {
-            "active"
-        } else {
-            "idle"
+        let (state, addr, port, opened, backend) = match &self.server {
+            Server::Open(s) => (
+                if self.client.is_some() {
+                    "active"
+                } else {
+                    "idle"
+                },
+                s.key.addr.column(),
+                s.key.addr.port(),
+                s.opened,
+                &*s.backend,
+            ),
+            Server::New { target, .. } => (
+                "new",
+                if is_socket_dir(&target.host) {
+                    "unix".to_owned()
+                } else {
+                    target.host.clone()
+                },
+                target.port,
+                self.used,
+                &*target.backend,
+            ),
         };
-        let key = &self.server.key;
-        let endpoint = &self.server.endpoint;
+        let (local, ptr, pid, tls) = match &self.server {
+            Server::Open(s) => (
+                s.endpoint.local,
+                server_ptr(backend, s.key.pid),
+                Some(s.key.pid),
+                s.endpoint.tls_description(),
+            ),
+            Server::New { number, .. } => {
+                (None, format!("n{number:x}@{backend}"), None, String::new())
+            }
+        };
         vec![
             "S".into(),
             self.user.into(),
             self.database.into(),
             state.into(),
-            key.addr.column().into(),
-            i64::from(key.addr.port()).into(),
-            endpoint.local.map(|a| a.ip().to_string()).into(),
-            endpoint.local.map(|a| i64::from(a.port())).into(),
-            time(wall(self.server.opened, now)),
+            addr.into(),
+            i64::from(port).into(),
+            local.map(|a| a.ip().to_string()).into(),
+            local.map(|a| i64::from(a.port())).into(),
+            time(wall(opened, now)),
             time(wall(self.used, now)),
             0_i64.into(),
             0_i64.into(),
             i64::from(self.marked).into(),
-            server_ptr(&self.server.backend, key.pid).into(),
+            ptr.into(),
             self.client.map(client_ptr).into(),
-            i64::from(key.pid).into(),
-            endpoint.tls_description().into(),
+            // PgBouncer's remote_pid is 0 until the server names its process.
+            i64::from(pid.unwrap_or(0)).into(),
+            tls.into(),
             "".into(),
             self.client.map(i64::from).into(),
-            (*self.server.backend).into(),
-            i64::from(key.pid).into(),
+            backend.into(),
+            pid.map(i64::from).into(),
         ]
     }
 }
@@ -301,7 +345,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                         user: &c.identity.user,
                         database: &c.identity.database,
                         marked: close_needed(&pools, &serving),
-                        server: &serving,
+                        server: Server::Open(&serving),
                         used: c.last_request().unwrap_or(serving.opened),
                         client: Some(c.pid),
                     };
@@ -313,10 +357,26 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     let row = ServerRow {
                         user: &key.target.user,
                         database: &key.database,
-                        server: &server,
+                        server: Server::Open(&server),
                         used: idle_since,
                         client: None,
                         // RECONNECT closes idle connections at once: none is marked.
+                        marked: false,
+                    };
+                    rs.row(row.cells(now));
+                }
+                for (number, began) in pool.opening_servers() {
+                    let row = ServerRow {
+                        user: &key.target.user,
+                        database: &key.database,
+                        server: Server::New {
+                            target: &pool.target,
+                            number,
+                        },
+                        used: began,
+                        client: None,
+                        // It counts as opened when its login completes, after
+                        // any RECONNECT so far.
                         marked: false,
                     };
                     rs.row(row.cells(now));

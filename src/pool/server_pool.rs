@@ -90,8 +90,10 @@ pub struct ServerPool {
     pub(super) caps: Caps,
     /// checkouts that wait for a slot or for room under the caps
     demand: AtomicUsize,
-    /// connections being opened (connect, TLS, login)
-    opening: AtomicUsize,
+    /// connections being opened (connect, TLS, login), each with when it began
+    opening: Mutex<Vec<(u64, Tick)>>,
+    /// the number the next connection opened takes in `opening`
+    next_opening: AtomicU64,
     secrets: Secrets,
     tls: Arc<ArcSwap<Tls>>,
     logins: Arc<Logins>,
@@ -128,7 +130,8 @@ impl ServerPool {
             idle: Mutex::new(Vec::new()),
             caps,
             demand: AtomicUsize::new(0),
-            opening: AtomicUsize::new(0),
+            opening: Mutex::new(Vec::new()),
+            next_opening: AtomicU64::new(1),
             secrets,
             tls,
             logins,
@@ -223,7 +226,7 @@ impl ServerPool {
 
     /// Opens a new server connection under `places` (the caller holds a slot for it).
     async fn open(&self, places: Places) -> Result<Box<Held>, ServerError> {
-        let _opening = Counted::new(&self.opening);
+        let _opening = Opening::new(self);
         let credential = self.secrets.get(&self.target.user).ok_or_else(|| {
             ServerError::Credentials(format!(
                 "user \"{}\" is not in the user list",
@@ -481,7 +484,13 @@ impl ServerPool {
 
     /// Connections being opened, among those [`ServerPool::counts`] calls in use.
     pub fn opening(&self) -> usize {
-        self.opening.load(Ordering::Relaxed)
+        lock(&self.opening).len()
+    }
+
+    /// The connections being opened, for SHOW SERVERS: each one's number in this
+    /// pool and when it began.
+    pub fn opening_servers(&self) -> Vec<(u64, Tick)> {
+        lock(&self.opening).clone()
     }
 
     /// Connections in use or being opened: the slots taken, main and reserve.
@@ -522,6 +531,27 @@ impl ServerPool {
             .store(now.as_nanos(), Ordering::Relaxed);
         let idle = std::mem::take(&mut *lock(&self.idle));
         idle.into_iter().for_each(|c| c.close());
+    }
+}
+
+/// A connection being opened, listed in its pool's `opening` until dropped.
+struct Opening<'a> {
+    pool: &'a ServerPool,
+    number: u64,
+}
+
+impl<'a> Opening<'a> {
+    /// Lists a connection `pool` begins to open now.
+    fn new(pool: &'a ServerPool) -> Self {
+        let number = pool.next_opening.fetch_add(1, Ordering::Relaxed);
+        lock(&pool.opening).push((number, Tick::now()));
+        Opening { pool, number }
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        lock(&self.pool.opening).retain(|(n, _)| *n != self.number);
     }
 }
 
