@@ -237,7 +237,7 @@ impl Metrics {
             ),
             server_connections: r.gauge(
                 "server_connections",
-                "Server connections by state (active, idle)",
+                "Server connections by state (active, login: being opened, idle)",
                 &["backend", "database", "state"],
             ),
             longest_wait,
@@ -452,14 +452,18 @@ impl Metrics {
         }
         self.server_connections.reset();
         for (key, pool) in pools.all() {
-            let (active, idle, _) = pool.counts();
-            let labels = |state| [&*key.target.backend, key.database.as_str(), state];
-            self.server_connections
-                .with_label_values(&labels("active"))
-                .add(active as i64);
-            self.server_connections
-                .with_label_values(&labels("idle"))
-                .add(idle as i64);
+            let (in_use, idle, _) = pool.counts();
+            let login = pool.opening();
+            // As SHOW POOLS splits them: sv_active, sv_login, sv_idle.
+            for (state, count) in [
+                ("active", in_use.saturating_sub(login)),
+                ("login", login),
+                ("idle", idle),
+            ] {
+                self.server_connections
+                    .with_label_values(&[&*key.target.backend, key.database.as_str(), state])
+                    .add(count as i64);
+            }
         }
         let mut out = Vec::new();
         let mut families = self.registry.gather();

@@ -1051,6 +1051,15 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
         .find(|r| get(r, "database") == Some(db.name.as_str()))
         .unwrap();
     assert_eq!(get(pool, "sv_login"), Some("1"), "{pool:?}");
+    let logins = |scrape: &str| {
+        let series = format!(
+            "pgwarden_server_connections{{backend=\"{}\",database=\"{}\",state=\"login\"}} ",
+            node.name, db.name
+        );
+        let line = scrape.lines().find(|l| l.starts_with(&series));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+    };
+    assert_eq!(logins(&pgw.http_get("/metrics").1), Some(1));
 
     node.signal(libc::SIGCONT).unwrap();
     tokio::time::timeout(Duration::from_secs(20), query)
@@ -1064,5 +1073,6 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
     states.sort();
     assert_eq!(states, [Some("active"), Some("idle")], "{servers:?}");
     assert!(servers.iter().all(|r| get(r, "server_pid").is_some()));
+    assert_eq!(logins(&pgw.http_get("/metrics").1), Some(0));
     holder.batch_execute("COMMIT").await.unwrap();
 }
