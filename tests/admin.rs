@@ -1008,6 +1008,8 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
         Options {
             backends: vec![(node.name.clone(), node.port)],
             pool: "server_connect_timeout = \"30s\"".into(),
+            // The hang must not be long enough for the monitor to call the node down.
+            health: "interval = \"1min\"\ntimeout = \"30s\"".into(),
             ..operated("")
         },
     );
