@@ -320,7 +320,7 @@ pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let lock = DeciderLock::open(config)?;
         if beside_another && lock.held() {
             warn!(
-                lock = %lock.file().display(),
+                lock = %lock.files(),
                 "another process already listens on this port, yet this pgwarden took the decider lock: if that is a pgwarden, it does not use this lock file (a version without one, or another failover.state_file or unix_socket_dir), and both will fail over on their own; give both the same lock file"
             );
         }

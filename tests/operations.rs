@@ -368,6 +368,61 @@ async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
     std::fs::remove_dir_all(&sockets).unwrap();
 }
 
+/// A reload that moves the lock file (here: a state file set where there was none)
+/// makes the holder take the new file too, so that a process started with the new
+/// configuration follows instead of deciding beside it.
+#[tokio::test]
+async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
+    let db = Db::create();
+    let dir = std::env::temp_dir().join(format!("pgwarden-relock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = |state_file: bool| Options {
+        pgwarden: format!(
+            "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
+            dir.display(),
+            ADMIN.0
+        ),
+        failover: if state_file {
+            format!("state_file = \"{}\"", dir.join("state.json").display())
+        } else {
+            String::new()
+        },
+        extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
+        ..Default::default()
+    };
+    let first = Pgwarden::start_with(&[&db], options(false));
+    first.rewrite_config(&[&db], &options(true));
+    first.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !first.log().contains("state.json.lock") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload took no new lock file:\n{}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = first.beside();
+    assert!(
+        !second
+            .log()
+            .contains("yet this pgwarden took the decider lock"),
+        "{}",
+        second.log()
+    );
+    let console = local_console(&second, &dir).await;
+    let refused = console.simple_query("PROMOTE pg1").await.unwrap_err();
+    assert!(
+        common::message(&refused).contains("another pgwarden on this port decides"),
+        "{refused}"
+    );
+    drop(console);
+    first.signal(libc::SIGKILL);
+    takes_the_decisions(&second);
+    drop((first, second));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An older pgwarden (or one told of another lock file) beside a new one: each
 /// would hold a lock of its own and decide. The one that starts second says so.
 #[tokio::test]

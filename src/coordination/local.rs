@@ -8,6 +8,12 @@
 //! primary) and tries again every [`RETRY`]. The holder lets go when it stops
 //! listening, and the kernel lets go for it when it exits however it exits, so
 //! a crashed process never keeps the decisions.
+//!
+//! Where the file is depends on the configuration, which a reload may change. A
+//! process keeps every lock file its configurations named since it started:
+//! the holder takes a newly named file too, so that a process started with the
+//! new configuration finds it taken; a process that waits takes all its files
+//! at once or none, so that two waiting processes never each hold a part.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -21,12 +27,24 @@ use crate::config::Config;
 /// which nobody decides after the holder stops listening.
 pub const RETRY: Duration = Duration::from_millis(250);
 
-/// The lock file of one port, open, held or not.
+/// The lock files of one port, open, held or not.
 #[derive(Debug)]
 pub struct DeciderLock {
-    path: PathBuf,
-    file: File,
+    /// in the order the configurations named them, each with whether it is locked
+    files: Vec<(PathBuf, File, bool)>,
+    /// this process took them all once: it decides until it lets go
     held: bool,
+}
+
+/// What a reload's lock file did to the decider lock.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Added {
+    /// the file was among the lock's already
+    Known,
+    /// the holder took it too, or a waiting process will take it with the others
+    Taken,
+    /// the holder could not take it: another process decides through it
+    HeldElsewhere,
 }
 
 impl DeciderLock {
@@ -52,36 +70,56 @@ impl DeciderLock {
     /// Opens (creating it) the lock file of `config`'s port and tries to take the
     /// lock; an error names the file.
     pub fn open(config: &Config) -> io::Result<DeciderLock> {
-        let path = Self::path(config);
-        let named = |e: io::Error| {
-            io::Error::new(
-                e.kind(),
-                format!("decider lock {} (so_reuseport): {e}", path.display()),
-            )
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(named)?;
         let mut lock = DeciderLock {
-            path: path.clone(),
-            file,
+            files: vec![Self::open_file(&Self::path(config))?],
             held: false,
         };
-        lock.try_take().map_err(named)?;
+        lock.try_take()?;
         Ok(lock)
     }
 
-    /// Takes the lock if nobody holds it; true while this process holds it.
+    /// Adds the lock file a reloaded `config` names. The holder takes it at once;
+    /// a waiting process takes it with the others.
+    pub fn add(&mut self, config: &Config) -> io::Result<Added> {
+        let path = Self::path(config);
+        if self.files.iter().any(|(p, _, _)| *p == path) {
+            return Ok(Added::Known);
+        }
+        let mut file = Self::open_file(&path)?;
+        let added = if self.held {
+            if lock_file(&file.1).map_err(|e| named(&path, e))? {
+                file.2 = true;
+                Added::Taken
+            } else {
+                Added::HeldElsewhere
+            }
+        } else {
+            Added::Taken
+        };
+        self.files.push(file);
+        Ok(added)
+    }
+
+    /// Takes the lock if nobody holds any of its files; true while this process
+    /// holds it. Files taken by an attempt that fails are let go again.
     pub fn try_take(&mut self) -> io::Result<bool> {
-        if !self.held {
-            match self.file.try_lock() {
-                Ok(()) => self.held = true,
-                Err(TryLockError::WouldBlock) => {}
-                Err(TryLockError::Error(e)) => return Err(e),
+        if self.held {
+            return Ok(true);
+        }
+        let mut complete = true;
+        for (path, file, locked) in &mut self.files {
+            if !*locked {
+                *locked = lock_file(file).map_err(|e| named(path, e))?;
+                complete &= *locked;
+            }
+        }
+        if complete {
+            self.held = true;
+        } else {
+            for (_, file, locked) in &mut self.files {
+                if std::mem::take(locked) {
+                    file.unlock()?;
+                }
             }
         }
         Ok(self.held)
@@ -92,10 +130,43 @@ impl DeciderLock {
         self.held
     }
 
-    /// The lock file.
-    pub fn file(&self) -> &Path {
-        &self.path
+    /// The lock files, for the log.
+    pub fn files(&self) -> String {
+        let paths: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _, _)| p.display().to_string())
+            .collect();
+        paths.join(", ")
     }
+
+    fn open_file(path: &Path) -> io::Result<(PathBuf, File, bool)> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| named(path, e))?;
+        Ok((path.to_owned(), file, false))
+    }
+}
+
+/// Takes `file`'s exclusive lock if nobody holds it.
+fn lock_file(file: &File) -> io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// `e`, naming the lock file it is about.
+fn named(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("decider lock {} (so_reuseport): {e}", path.display()),
+    )
 }
 
 /// True when some socket already listens on TCP `port` (read from
@@ -155,9 +226,7 @@ mod tests {
 
     #[test]
     fn one_holder_at_a_time_and_the_next_takes_over_when_it_lets_go() {
-        let dir = std::env::temp_dir().join(format!("pgwarden-decider-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = config(&format!("unix_socket_dir = \"{}\"", dir.display()));
+        let (dir, config) = folder("decider");
         let first = DeciderLock::open(&config).unwrap();
         assert!(first.held());
         let mut second = DeciderLock::open(&config).unwrap();
@@ -167,6 +236,71 @@ mod tests {
         assert!(second.try_take().unwrap());
         assert!(second.held());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A scratch folder of its own for a test, and a configuration locking in it.
+    fn folder(name: &str) -> (PathBuf, Config) {
+        let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = config(&format!("unix_socket_dir = \"{}\"", dir.display()));
+        (dir, config)
+    }
+
+    #[test]
+    fn the_holder_takes_a_reloaded_configurations_file_too() {
+        let (dir_a, old) = folder("reload-old");
+        let (dir_b, new) = folder("reload-new");
+        let mut holder = DeciderLock::open(&old).unwrap();
+        assert_eq!(holder.add(&old).unwrap(), Added::Known);
+        assert_eq!(holder.add(&new).unwrap(), Added::Taken);
+        assert!(holder.files().contains(&dir_b.display().to_string()));
+        // A process started with either configuration finds the lock taken.
+        let mut started_new = DeciderLock::open(&new).unwrap();
+        assert!(!started_new.held());
+        assert!(!DeciderLock::open(&old).unwrap().held());
+        drop(holder);
+        assert!(started_new.try_take().unwrap());
+        for dir in [dir_a, dir_b] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_waiting_process_takes_all_its_files_or_none() {
+        let (dir_a, one) = folder("all-one");
+        let (dir_b, other) = folder("all-other");
+        let holder = DeciderLock::open(&one).unwrap();
+        let mut waiting = DeciderLock::open(&one).unwrap();
+        assert_eq!(waiting.add(&other).unwrap(), Added::Taken);
+        assert!(!waiting.try_take().unwrap());
+        // The failed attempt let go of the file it could take.
+        let third = DeciderLock::open(&other).unwrap();
+        assert!(third.held());
+        drop(holder);
+        assert!(
+            !waiting.try_take().unwrap(),
+            "the third holds the other file"
+        );
+        drop(third);
+        assert!(waiting.try_take().unwrap());
+        for dir in [dir_a, dir_b] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_holder_is_told_when_another_decides_through_the_reloaded_file() {
+        let (dir_a, one) = folder("elsewhere-one");
+        let (dir_b, other) = folder("elsewhere-other");
+        let mut holder = DeciderLock::open(&one).unwrap();
+        let other_holder = DeciderLock::open(&other).unwrap();
+        assert!(other_holder.held());
+        assert_eq!(holder.add(&other).unwrap(), Added::HeldElsewhere);
+        assert!(holder.held(), "it keeps deciding, as the other does");
+        drop((holder, other_holder));
+        for dir in [dir_a, dir_b] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 
     #[test]

@@ -99,9 +99,7 @@ impl Monitor {
             return Err(Refusal::Leaving);
         }
         if let Some(lock) = self.waiting_lock() {
-            return Err(Refusal::AnotherDecides {
-                lock: lock.file().display().to_string(),
-            });
+            return Err(Refusal::AnotherDecides { lock: lock.files() });
         }
         match &self.shared.coordination {
             Some(c) if !c.is_leader() => Err(Refusal::Coordination(match c.snapshot().role {

@@ -35,7 +35,7 @@ use tracing::{error, info, warn};
 use crate::backend::{Backend, BackendTable, Health, Role};
 use crate::config::{Config, FailoverMode};
 use crate::coordination::Step;
-use crate::coordination::local::{self, DeciderLock};
+use crate::coordination::local::{self, Added, DeciderLock};
 use crate::failover::hooks::{self, Event, EventKind};
 use crate::failover::{self, Kind, Record, Refusal};
 use crate::proxy::Shared;
@@ -239,10 +239,32 @@ impl Monitor {
         self.primary =
             primary_name.and_then(|name| self.nodes.iter().position(|n| n.config.name == name));
         self.read_only.clear();
+        self.add_lock_file(&config);
         self.config = self.decider(config);
         self.start_probers();
         self.decide_static();
         self.publish();
+    }
+
+    /// After a reload: the decider lock also covers the file the new configuration
+    /// names, where a process started with it will look.
+    fn add_lock_file(&mut self, config: &Config) {
+        let Some(lock) = &mut self.decider_lock else {
+            return;
+        };
+        let path = DeciderLock::path(config);
+        match lock.add(config) {
+            Ok(Added::Known) => {}
+            Ok(Added::Taken) => {
+                info!(lock = %lock.files(), added = %path.display(), "the decider lock now covers the lock file of the reloaded configuration too");
+            }
+            Ok(Added::HeldElsewhere) => {
+                warn!(lock = %lock.files(), added = %path.display(), "another process holds the lock file of the reloaded configuration and decides failovers through it, as this one does: both will fail over on their own until one of them stops");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot open the lock file of the reloaded configuration; a pgwarden started with it will decide beside this one");
+            }
+        }
     }
 
     /// This process stopped listening. Without `[coordination]` it stops deciding:
@@ -286,7 +308,7 @@ impl Monitor {
         let Some(lock) = &self.decider_lock else {
             return;
         };
-        let file = lock.file().display().to_string();
+        let file = lock.files();
         if lock.held() {
             info!(lock = %file, "this pgwarden decides failovers for its port (it holds the decider lock)");
             return;
@@ -312,7 +334,7 @@ impl Monitor {
             Ok(false) => return,
             Ok(true) => {}
             Err(e) => {
-                warn!(lock = %lock.file().display(), error = %e, "cannot take the decider lock; still following");
+                warn!(lock = %lock.files(), error = %e, "cannot take the decider lock; still following");
                 return;
             }
         }
@@ -321,7 +343,7 @@ impl Monitor {
             info!(
                 from = "follow",
                 to = "auto",
-                lock = %lock.file().display(),
+                lock = %lock.files(),
                 "failover mode changed: the pgwarden that held the decider lock let go of it (it stopped listening or exited); this one decides"
             );
         }
