@@ -393,15 +393,10 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
     let first = Pgwarden::start_with(&[&db], options(false));
     first.rewrite_config(&[&db], &options(true));
     first.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !first.log().contains("state.json.lock") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the reload took no new lock file:\n{}",
-            first.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::eventually(Duration::from_secs(5), "the reload's lock file", || {
+        first.log().contains("state.json.lock")
+    })
+    .await;
     let second = first.beside();
     assert!(
         !second
