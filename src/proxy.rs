@@ -314,21 +314,38 @@ pub fn runtime(config: &Config) -> io::Result<tokio::runtime::Runtime> {
 /// Binds the listeners; separate from [`serve`] so that callers learn about a busy port at once.
 pub async fn bind(config: &Config) -> io::Result<Listeners> {
     let share = config.pgwarden.so_reuseport;
-    // Before binding: a listener on the port then is another process's.
-    let decider = if share && config.coordination.is_none() {
-        let beside_another = local::port_listened_on(config.listen_addr().port());
-        let lock = DeciderLock::open(config)?;
-        if beside_another && lock.held() {
-            warn!(
-                lock = %lock.files(),
-                "another process already listens on this port, yet this pgwarden took the decider lock: if that is a pgwarden, it does not use this lock file (a version without one, or another failover.state_file or unix_socket_dir), and both will fail over on their own; give both the same lock file"
-            );
-        }
-        Some(lock)
+    let addr = config.listen_addr();
+    // Before binding: a listener on the address then is another process's.
+    let mut decider = if share && config.coordination.is_none() {
+        Some((
+            DeciderLock::open(config)?,
+            local::listened_by_another(addr, None),
+        ))
     } else {
         None
     };
-    let tcp = listen(config.listen_addr(), share).await?;
+    let tcp = listen(addr, share).await?;
+    if let Some((lock, true)) = &mut decider
+        && lock.held()
+    {
+        match local::socket_inode(&tcp) {
+            Ok(own) => {
+                lock.follow_while_listened(addr, own);
+                warn!(
+                    %addr,
+                    lock = %lock.files(),
+                    "another process already listens here, yet this pgwarden took the decider lock: it does not use this lock file (a pgwarden version without one, another failover.state_file or unix_socket_dir, or another program); this one follows until that process stops listening"
+                );
+            }
+            Err(e) => warn!(
+                %addr,
+                lock = %lock.files(),
+                error = %e,
+                "another process already listens here, yet this pgwarden took the decider lock, and cannot tell its own socket from it: both will fail over on their own; give both the same lock file"
+            ),
+        }
+    }
+    let decider = decider.map(|(lock, _)| lock);
     let local = match config.unix_socket_path() {
         Some(path) => {
             let mode = config.unix_socket_mode().unwrap_or(0o777);

@@ -419,9 +419,10 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
 }
 
 /// An older pgwarden (or one told of another lock file) beside a new one: each
-/// would hold a lock of its own and decide. The one that starts second says so.
+/// would hold a lock of its own and decide. The one that starts second finds the
+/// other listening, says so, and follows until it stops.
 #[tokio::test]
-async fn a_process_beside_one_with_another_lock_file_warns() {
+async fn a_process_beside_one_with_another_lock_file_follows_until_it_stops() {
     let db = Db::create();
     let folder = |name: &str| {
         let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
@@ -431,12 +432,14 @@ async fn a_process_beside_one_with_another_lock_file_warns() {
     let (one, other) = (folder("lock-one"), folder("lock-other"));
     let options = |dir: &std::path::Path| Options {
         pgwarden: format!(
-            "so_reuseport = true\nunix_socket_dir = \"{}\"",
-            dir.display()
+            "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
+            dir.display(),
+            ADMIN.0
         ),
+        extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
         ..Default::default()
     };
-    let first = Pgwarden::start_with(&[&db], options(&one));
+    let mut first = Pgwarden::start_with(&[&db], options(&one));
     assert!(
         !first
             .log()
@@ -451,7 +454,16 @@ async fn a_process_beside_one_with_another_lock_file_warns() {
         "{}",
         second.log()
     );
-    drop((first, second));
+    let console = local_console(&second, &other).await;
+    let refused = console.simple_query("PROMOTE pg1").await.unwrap_err();
+    assert!(
+        common::message(&refused).contains("listened on"),
+        "{refused}"
+    );
+    first.signal(libc::SIGTERM);
+    first.exits_cleanly(Duration::from_secs(10));
+    takes_the_decisions(&second);
+    drop((console, second));
     for dir in [one, other] {
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -17,7 +17,9 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,6 +36,17 @@ pub struct DeciderLock {
     files: Vec<(PathBuf, File, bool)>,
     /// this process took them all once: it decides until it lets go
     held: bool,
+    /// another process listened on this process's address before it, without these
+    /// files (a version without the lock, or one told of other files): this one
+    /// follows while that one listens
+    beside: Option<Listener>,
+}
+
+/// A listening address, and the inode of this process's own socket on it.
+#[derive(Debug, Clone, Copy)]
+struct Listener {
+    addr: SocketAddr,
+    own: u64,
 }
 
 /// What a reload's lock file did to the decider lock.
@@ -73,6 +86,7 @@ impl DeciderLock {
         let mut lock = DeciderLock {
             files: vec![Self::open_file(&Self::path(config))?],
             held: false,
+            beside: None,
         };
         lock.try_take()?;
         Ok(lock)
@@ -100,12 +114,31 @@ impl DeciderLock {
         Ok(added)
     }
 
-    /// Takes the lock if nobody holds any of its files; true while this process
+    /// Makes this process follow while another one listens on `addr` (besides
+    /// `own`, this process's socket there): one that listened first without taking
+    /// these files, which decides failovers on its own.
+    pub fn follow_while_listened(&mut self, addr: SocketAddr, own: u64) {
+        self.beside = Some(Listener { addr, own });
+    }
+
+    /// Takes the lock if nobody holds any of its files (and no process found
+    /// listening beside this one at start still listens); true while this process
     /// holds it. Files taken by an attempt that fails are let go again.
     pub fn try_take(&mut self) -> io::Result<bool> {
-        if self.held {
-            return Ok(true);
+        if !self.held {
+            self.take_files()?;
         }
+        if self.held
+            && let Some(beside) = self.beside
+            && !listened_by_another(beside.addr, Some(beside.own))
+        {
+            self.beside = None;
+        }
+        Ok(self.held())
+    }
+
+    /// Takes every file, or none.
+    fn take_files(&mut self) -> io::Result<()> {
         let mut complete = true;
         for (path, file, locked) in &mut self.files {
             if !*locked {
@@ -122,12 +155,25 @@ impl DeciderLock {
                 }
             }
         }
-        Ok(self.held)
+        Ok(())
     }
 
-    /// True while this process holds the lock.
+    /// True while this process decides: it holds the lock, and no process that
+    /// listened beside it without the lock at start still listens.
     pub fn held(&self) -> bool {
-        self.held
+        self.held && self.beside.is_none()
+    }
+
+    /// Who decides while this process does not, for the log and for refusals.
+    pub fn who_decides(&self) -> String {
+        match self.beside {
+            Some(beside) if self.held => format!(
+                "it listened on {} first, without the decider lock {}",
+                beside.addr,
+                self.files()
+            ),
+            _ => format!("it holds the decider lock {}", self.files()),
+        }
     }
 
     /// The lock files, for the log.
@@ -169,28 +215,47 @@ fn named(path: &Path, e: io::Error) -> io::Error {
     )
 }
 
-/// True when some socket already listens on TCP `port` (read from
-/// /proc/net/tcp and tcp6; false where those cannot be read). Before this process
-/// binds, that is the process it shares the port with; if this one still got the
-/// lock, the other does not use the same lock file.
-pub fn port_listened_on(port: u16) -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .any(|table| std::fs::read_to_string(table).is_ok_and(|text| listens_in(&text, port)))
+/// True when a socket other than `own` (an inode) listens on TCP `addr`, as
+/// /proc/net/tcp or tcp6 lists them (false where they cannot be read). Before this
+/// process binds, that is the process it shares the port with.
+pub fn listened_by_another(addr: SocketAddr, own: Option<u64>) -> bool {
+    let table = if addr.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    std::fs::read_to_string(table)
+        .is_ok_and(|text| listeners_in(&text, addr).any(|inode| Some(inode) != own))
 }
 
-/// Whether a /proc/net/tcp table has a socket in state LISTEN (0A) on `port`.
-fn listens_in(table: &str, port: u16) -> bool {
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        let local = fields.next().unwrap_or("");
-        let state = fields.nth(1).unwrap_or("");
-        state == "0A"
-            && local
-                .rsplit_once(':')
-                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
-                == Some(port)
+/// The inode of a socket, as /proc/net/tcp names it.
+pub fn socket_inode(socket: &impl AsRawFd) -> io::Result<u64> {
+    std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd())).map(|m| m.ino())
+}
+
+/// The inodes of the sockets in state LISTEN (0A) on `addr` in a /proc/net/tcp table.
+fn listeners_in(table: &str, addr: SocketAddr) -> impl Iterator<Item = u64> + '_ {
+    let local = proc_address(addr);
+    table.lines().skip(1).filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+            .then(|| fields.get(9)?.parse().ok())
+            .flatten()
     })
+}
+
+/// `addr` as /proc/net/tcp writes a local address: each 32-bit word of the IP in
+/// the machine's byte order, in hex, then the port.
+fn proc_address(addr: SocketAddr) -> String {
+    let octets = match addr.ip() {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    let words: String = octets
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    format!("{words}:{:04X}", addr.port())
 }
 
 #[cfg(test)]
@@ -304,17 +369,36 @@ mod tests {
     }
 
     #[test]
-    fn a_listening_socket_is_found_by_its_port() {
-        let table = "  sl  local_address rem_address   st tx_queue\n\
-            0: 00000000:07E8 00000000:0000 0A 00000000:00000000\n\
-            1: 0100007F:1F90 0100007F:D888 01 00000000:00000000\n";
-        assert!(listens_in(table, 0x07E8));
-        assert!(
-            !listens_in(table, 0x1F90),
-            "an established connection, not a listener"
-        );
+    fn a_listener_is_found_by_its_address_and_told_from_this_process_own() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1\n\
+            1: 0100007F:1F90 0100007F:D888 01 00000000:00000000 00:00000000 00000000     0        0 4343 1\n\
+            2: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1\n";
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        // Not the connection (state 01), not the wildcard address: a listener of its own.
+        assert_eq!(listeners_in(table, addr).collect::<Vec<_>>(), [4242]);
+        assert_eq!(proc_address("[::1]:8080".parse().unwrap()).len(), 32 + 5);
+
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(port_listened_on(listener.local_addr().unwrap().port()));
+        let addr = listener.local_addr().unwrap();
+        let own = socket_inode(&listener).unwrap();
+        assert!(listened_by_another(addr, None));
+        assert!(!listened_by_another(addr, Some(own)));
+    }
+
+    #[test]
+    fn a_holder_beside_an_earlier_listener_follows_until_it_stops() {
+        let (dir, config) = folder("beside");
+        let earlier = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = earlier.local_addr().unwrap();
+        let mut lock = DeciderLock::open(&config).unwrap();
+        lock.follow_while_listened(addr, 0);
+        assert!(!lock.held());
+        assert!(!lock.try_take().unwrap());
+        assert!(lock.who_decides().contains("listened on"));
+        drop(earlier);
+        assert!(lock.try_take().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

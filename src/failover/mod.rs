@@ -47,13 +47,13 @@ pub enum Refusal {
         "this pgwarden stopped listening and waits for its clients to leave; the process that took its port over decides"
     )]
     Leaving,
-    /// Another pgwarden on this port holds the decider lock (a rolling restart).
+    /// Another pgwarden on this port decides (a rolling restart).
     #[error(
-        "another pgwarden on this port decides failovers (it holds the lock {lock}); this one follows until that one stops listening"
+        "another pgwarden on this port decides failovers ({decider}); this one follows until that one stops listening"
     )]
     AnotherDecides {
-        /// the lock file
-        lock: String,
+        /// which, and why it does
+        decider: String,
     },
     /// With `[coordination]`: this proxy may not decide, or could not record its decision.
     #[error("{0}; waiting for the leader's decision")]

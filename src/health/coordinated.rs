@@ -99,7 +99,9 @@ impl Monitor {
             return Err(Refusal::Leaving);
         }
         if let Some(lock) = self.waiting_lock() {
-            return Err(Refusal::AnotherDecides { lock: lock.files() });
+            return Err(Refusal::AnotherDecides {
+                decider: lock.who_decides(),
+            });
         }
         match &self.shared.coordination {
             Some(c) if !c.is_leader() => Err(Refusal::Coordination(match c.snapshot().role {

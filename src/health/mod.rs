@@ -308,17 +308,16 @@ impl Monitor {
         let Some(lock) = &self.decider_lock else {
             return;
         };
-        let file = lock.files();
         if lock.held() {
-            info!(lock = %file, "this pgwarden decides failovers for its port (it holds the decider lock)");
+            info!(lock = %lock.files(), "this pgwarden decides failovers for its port (it holds the decider lock)");
             return;
         }
         if self.config.failover.mode == FailoverMode::Auto {
             info!(
                 from = "auto",
                 to = "follow",
-                lock = %file,
-                "failover mode changed: another pgwarden on this port holds the decider lock; this one follows until that one stops listening"
+                decider = %lock.who_decides(),
+                "failover mode changed: another pgwarden on this port decides; this one follows until that one stops listening"
             );
         }
         self.config = self.decider(self.config.clone());
@@ -344,7 +343,7 @@ impl Monitor {
                 from = "follow",
                 to = "auto",
                 lock = %lock.files(),
-                "failover mode changed: the pgwarden that held the decider lock let go of it (it stopped listening or exited); this one decides"
+                "failover mode changed: the pgwarden that decided let go of the decider lock or stopped listening (or exited); this one decides"
             );
         }
         self.config = self.decider(config);
