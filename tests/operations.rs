@@ -231,12 +231,7 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         !new.log()
             .contains("yet this pgwarden took the decider lock")
     );
-    let new_console = local_console(&new, &sockets).await;
-    let refused = new_console.simple_query("PROMOTE pg1").await.unwrap_err();
-    assert!(
-        common::message(&refused).contains("another pgwarden on this port decides"),
-        "{refused}"
-    );
+    promote_refused(&new, &sockets, "another pgwarden on this port decides").await;
 
     // Clients keep arriving over TCP and the socket file while the port changes hands.
     let tcp = old.conninfo(&db);
@@ -296,7 +291,6 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         .await
         .unwrap();
     drop(arrived);
-    drop(new_console);
     new.signal(libc::SIGTERM);
     new.exits_cleanly(Duration::from_secs(10));
     assert!(!socket.exists(), "the last process removes the file");
@@ -317,6 +311,28 @@ async fn local_console(pgw: &Pgwarden, folder: &std::path::Path) -> tokio_postgr
     .unwrap()
 }
 
+/// The options of a pgwarden that shares its port and its socket folder `dir`,
+/// with an admin for its console.
+fn sharing(dir: &std::path::Path) -> Options {
+    Options {
+        pgwarden: format!(
+            "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
+            dir.display(),
+            ADMIN.0
+        ),
+        extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
+        ..Default::default()
+    }
+}
+
+/// Checks that `pgw`'s console (through its socket file in `folder`) refuses
+/// PROMOTE, saying `why`.
+async fn promote_refused(pgw: &Pgwarden, folder: &std::path::Path, why: &str) {
+    let console = local_console(pgw, folder).await;
+    let refused = console.simple_query("PROMOTE pg1").await.unwrap_err();
+    assert!(common::message(&refused).contains(why), "{refused}");
+}
+
 /// Waits until `pgw` says it took the decider lock over.
 fn takes_the_decisions(pgw: &Pgwarden) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -335,18 +351,7 @@ async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
     let db = Db::create();
     let sockets = std::env::temp_dir().join(format!("pgwarden-crash-{}", std::process::id()));
     std::fs::create_dir_all(&sockets).unwrap();
-    let first = Pgwarden::start_with(
-        &[&db],
-        Options {
-            pgwarden: format!(
-                "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
-                sockets.display(),
-                ADMIN.0
-            ),
-            extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
-            ..Default::default()
-        },
-    );
+    let first = Pgwarden::start_with(&[&db], sharing(&sockets));
     let second = first.beside();
     let lock = sockets.join(format!("pgwarden-{}.lock", first.port));
     assert!(
@@ -376,22 +381,12 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
     let db = Db::create();
     let dir = std::env::temp_dir().join(format!("pgwarden-relock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let options = |state_file: bool| Options {
-        pgwarden: format!(
-            "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
-            dir.display(),
-            ADMIN.0
-        ),
-        failover: if state_file {
-            format!("state_file = \"{}\"", dir.join("state.json").display())
-        } else {
-            String::new()
-        },
-        extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
-        ..Default::default()
+    let first = Pgwarden::start_with(&[&db], sharing(&dir));
+    let with_state_file = Options {
+        failover: format!("state_file = \"{}\"", dir.join("state.json").display()),
+        ..sharing(&dir)
     };
-    let first = Pgwarden::start_with(&[&db], options(false));
-    first.rewrite_config(&[&db], &options(true));
+    first.rewrite_config(&[&db], &with_state_file);
     first.signal(libc::SIGHUP);
     common::eventually(Duration::from_secs(5), "the reload's lock file", || {
         first.log().contains("state.json.lock")
@@ -405,13 +400,7 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
         "{}",
         second.log()
     );
-    let console = local_console(&second, &dir).await;
-    let refused = console.simple_query("PROMOTE pg1").await.unwrap_err();
-    assert!(
-        common::message(&refused).contains("another pgwarden on this port decides"),
-        "{refused}"
-    );
-    drop(console);
+    promote_refused(&second, &dir, "another pgwarden on this port decides").await;
     first.signal(libc::SIGKILL);
     takes_the_decisions(&second);
     drop((first, second));
@@ -430,22 +419,13 @@ async fn a_process_beside_one_with_another_lock_file_follows_until_it_stops() {
         dir
     };
     let (one, other) = (folder("lock-one"), folder("lock-other"));
-    let options = |dir: &std::path::Path| Options {
-        pgwarden: format!(
-            "so_reuseport = true\nunix_socket_dir = \"{}\"\nadmin_users = [\"{}\"]",
-            dir.display(),
-            ADMIN.0
-        ),
-        extra_users: format!("\"{}\" \"{}\"\n", ADMIN.0, ADMIN.1),
-        ..Default::default()
-    };
-    let mut first = Pgwarden::start_with(&[&db], options(&one));
+    let mut first = Pgwarden::start_with(&[&db], sharing(&one));
     assert!(
         !first
             .log()
             .contains("yet this pgwarden took the decider lock")
     );
-    first.rewrite_config(&[&db], &options(&other));
+    first.rewrite_config(&[&db], &sharing(&other));
     let second = first.beside();
     assert!(
         second
@@ -454,16 +434,11 @@ async fn a_process_beside_one_with_another_lock_file_follows_until_it_stops() {
         "{}",
         second.log()
     );
-    let console = local_console(&second, &other).await;
-    let refused = console.simple_query("PROMOTE pg1").await.unwrap_err();
-    assert!(
-        common::message(&refused).contains("listened on"),
-        "{refused}"
-    );
+    promote_refused(&second, &other, "listened on").await;
     first.signal(libc::SIGTERM);
     first.exits_cleanly(Duration::from_secs(10));
     takes_the_decisions(&second);
-    drop((console, second));
+    drop(second);
     for dir in [one, other] {
         std::fs::remove_dir_all(dir).unwrap();
     }
