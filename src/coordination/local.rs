@@ -14,6 +14,11 @@
 //! the holder takes a newly named file too, so that a process started with the
 //! new configuration finds it taken; a process that waits takes all its files
 //! at once or none, so that two waiting processes never each hold a part.
+//!
+//! A process that finds its address already listened on, and still gets the
+//! lock, shares the port with one that does not take its files (a version
+//! without the lock, or one told of other files), which decides on its own: it
+//! follows until that listener is gone.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -34,7 +39,8 @@ pub const RETRY: Duration = Duration::from_millis(250);
 pub struct DeciderLock {
     /// in the order the configurations named them, each with whether it is locked
     files: Vec<(PathBuf, File, bool)>,
-    /// this process took them all once: it decides until it lets go
+    /// this process took them all: it keeps them until it lets go, and decides
+    /// unless `beside`
     held: bool,
     /// another process listened on this process's address before it, without these
     /// files (a version without the lock, or one told of other files): this one
