@@ -27,7 +27,7 @@ use crate::backend::{BackendTable, Routing};
 use crate::client;
 use crate::clock::nanos;
 use crate::config::{Config, ConfigError, PoolConfig, ShutdownMode};
-use crate::coordination::local::{self, DeciderLock};
+use crate::coordination::local::DeciderLock;
 use crate::error::ClientError;
 use crate::health;
 use crate::listener::{ClientListeners, LocalSocket};
@@ -315,28 +315,20 @@ pub fn runtime(config: &Config) -> io::Result<tokio::runtime::Runtime> {
 pub async fn bind(config: &Config) -> io::Result<Listeners> {
     let share = config.pgwarden.so_reuseport;
     let addr = config.listen_addr();
-    // Before binding: a listener on the address then is another process's.
     let mut decider = if share && config.coordination.is_none() {
-        Some((
-            DeciderLock::open(config)?,
-            local::listened_by_another(addr, None),
-        ))
+        Some(DeciderLock::open(config)?)
     } else {
         None
     };
     let tcp = listen(addr, share).await?;
-    if let Some((lock, true)) = &mut decider
-        && lock.held()
-    {
-        match local::socket_inode(&tcp) {
-            Ok(own) => {
-                lock.follow_while_listened(addr, own);
-                warn!(
-                    %addr,
-                    lock = %lock.files(),
-                    "another process already listens here, yet this pgwarden took the decider lock: it does not use this lock file (a pgwarden version without one, another failover.state_file or unix_socket_dir, or another program); this one follows until that process stops listening"
-                );
-            }
+    if let Some(lock) = &mut decider {
+        match lock.bound(&tcp) {
+            Ok(false) => {}
+            Ok(true) => warn!(
+                %addr,
+                lock = %lock.files(),
+                "another process already listens here, yet this pgwarden took the decider lock: it does not use this lock file (a pgwarden version without one, another failover.state_file or unix_socket_dir, or another program); this one follows until that process stops listening"
+            ),
             Err(e) => warn!(
                 %addr,
                 lock = %lock.files(),
@@ -345,7 +337,6 @@ pub async fn bind(config: &Config) -> io::Result<Listeners> {
             ),
         }
     }
-    let decider = decider.map(|(lock, _)| lock);
     let local = match config.unix_socket_path() {
         Some(path) => {
             let mode = config.unix_socket_mode().unwrap_or(0o777);

@@ -37,22 +37,34 @@ pub const RETRY: Duration = Duration::from_millis(250);
 /// The lock files of one port, open, held or not.
 #[derive(Debug)]
 pub struct DeciderLock {
-    /// in the order the configurations named them, each with whether it is locked
-    files: Vec<(PathBuf, File, bool)>,
+    /// in the order the configurations named them
+    files: Vec<LockFile>,
     /// this process took them all: it keeps them until it lets go, and decides
-    /// unless `beside`
-    held: bool,
-    /// another process listened on this process's address before it, without these
-    /// files (a version without the lock, or one told of other files): this one
-    /// follows while that one listens
-    beside: Option<Listener>,
+    /// unless it follows another listener (`beside`)
+    taken: bool,
+    /// another process on this process's address
+    beside: Beside,
 }
 
-/// A listening address, and the inode of this process's own socket on it.
+/// One lock file, open.
+#[derive(Debug)]
+struct LockFile {
+    path: PathBuf,
+    file: File,
+    /// this process holds its lock
+    locked: bool,
+}
+
+/// What this process knows of another listener on its own address.
 #[derive(Debug, Clone, Copy)]
-struct Listener {
-    addr: SocketAddr,
-    own: u64,
+enum Beside {
+    /// none, or one that shares these files (it holds them, or waits for them)
+    Nobody,
+    /// one listened there when the lock was opened, before this process bound
+    Before(SocketAddr),
+    /// one listened there first without these files, and decides on its own: this
+    /// process follows while a socket other than its own (`own`, an inode) listens
+    Following { addr: SocketAddr, own: u64 },
 }
 
 /// What a reload's lock file did to the decider lock.
@@ -87,58 +99,70 @@ impl DeciderLock {
     }
 
     /// Opens (creating it) the lock file of `config`'s port and tries to take the
-    /// lock; an error names the file.
+    /// lock; an error names the file. Called before binding, so that a listener
+    /// found on the address then is another process's (see [`DeciderLock::bound`]).
     pub fn open(config: &Config) -> io::Result<DeciderLock> {
+        let addr = config.listen_addr();
         let mut lock = DeciderLock {
-            files: vec![Self::open_file(&Self::path(config))?],
-            held: false,
-            beside: None,
+            files: vec![LockFile::open(&Self::path(config))?],
+            taken: false,
+            beside: if listened_by_another(addr, None) {
+                Beside::Before(addr)
+            } else {
+                Beside::Nobody
+            },
         };
         lock.try_take()?;
         Ok(lock)
     }
 
-    /// Adds the lock file a reloaded `config` names. The holder takes it at once;
-    /// a waiting process takes it with the others.
-    pub fn add(&mut self, config: &Config) -> io::Result<Added> {
-        let path = Self::path(config);
-        if self.files.iter().any(|(p, _, _)| *p == path) {
+    /// Once this process listens on its address (`listener`): true when it took
+    /// the lock though another process listened there before it. That one does not
+    /// share these files and decides on its own, so this one follows while it
+    /// listens. An error means this process cannot tell its own socket from the
+    /// other's, and decides beside it.
+    pub fn bound(&mut self, listener: &impl AsRawFd) -> io::Result<bool> {
+        let Beside::Before(addr) = std::mem::replace(&mut self.beside, Beside::Nobody) else {
+            return Ok(false);
+        };
+        if !self.taken {
+            // The other holds these files: it shares them, as in a rolling restart.
+            return Ok(false);
+        }
+        let own = socket_inode(listener)?;
+        self.beside = Beside::Following { addr, own };
+        Ok(true)
+    }
+
+    /// Adds the lock file at `path`, which a reloaded configuration names. The
+    /// holder takes it at once; a waiting process takes it with the others.
+    pub fn add(&mut self, path: &Path) -> io::Result<Added> {
+        if self.files.iter().any(|f| f.path == path) {
             return Ok(Added::Known);
         }
-        let mut file = Self::open_file(&path)?;
-        let added = if self.held {
-            if lock_file(&file.1).map_err(|e| named(&path, e))? {
-                file.2 = true;
-                Added::Taken
-            } else {
-                Added::HeldElsewhere
-            }
-        } else {
+        let mut file = LockFile::open(path)?;
+        // A waiting process takes it later, with the others.
+        let added = if !self.taken || file.lock()? {
             Added::Taken
+        } else {
+            Added::HeldElsewhere
         };
         self.files.push(file);
         Ok(added)
     }
 
-    /// Makes this process follow while another one listens on `addr` (besides
-    /// `own`, this process's socket there): one that listened first without taking
-    /// these files, which decides failovers on its own.
-    pub fn follow_while_listened(&mut self, addr: SocketAddr, own: u64) {
-        self.beside = Some(Listener { addr, own });
-    }
-
-    /// Takes the lock if nobody holds any of its files (and no process found
-    /// listening beside this one at start still listens); true while this process
-    /// holds it. Files taken by an attempt that fails are let go again.
+    /// Takes the lock if nobody holds any of its files (and the listener this
+    /// process follows is gone); true while this process decides. Files taken by
+    /// an attempt that fails are let go again.
     pub fn try_take(&mut self) -> io::Result<bool> {
-        if !self.held {
+        if !self.taken {
             self.take_files()?;
         }
-        if self.held
-            && let Some(beside) = self.beside
-            && !listened_by_another(beside.addr, Some(beside.own))
+        if self.taken
+            && let Beside::Following { addr, own } = self.beside
+            && !listened_by_another(addr, Some(own))
         {
-            self.beside = None;
+            self.beside = Beside::Nobody;
         }
         Ok(self.held())
     }
@@ -146,36 +170,34 @@ impl DeciderLock {
     /// Takes every file, or none.
     fn take_files(&mut self) -> io::Result<()> {
         let mut complete = true;
-        for (path, file, locked) in &mut self.files {
-            if !*locked {
-                *locked = lock_file(file).map_err(|e| named(path, e))?;
-                complete &= *locked;
+        for file in &mut self.files {
+            if !file.locked {
+                complete &= file.lock()?;
             }
         }
         if complete {
-            self.held = true;
+            self.taken = true;
         } else {
-            for (_, file, locked) in &mut self.files {
-                if std::mem::take(locked) {
-                    file.unlock()?;
+            for file in &mut self.files {
+                if std::mem::take(&mut file.locked) {
+                    file.file.unlock()?;
                 }
             }
         }
         Ok(())
     }
 
-    /// True while this process decides: it holds the lock, and no process that
-    /// listened beside it without the lock at start still listens.
+    /// True while this process decides: it holds the lock, and follows no
+    /// listener that was on its address first.
     pub fn held(&self) -> bool {
-        self.held && self.beside.is_none()
+        self.taken && !matches!(self.beside, Beside::Following { .. })
     }
 
     /// Who decides while this process does not, for the log and for refusals.
     pub fn who_decides(&self) -> String {
         match self.beside {
-            Some(beside) if self.held => format!(
-                "it listened on {} first, without the decider lock {}",
-                beside.addr,
+            Beside::Following { addr, .. } if self.taken => format!(
+                "it listened on {addr} first, without the decider lock {}",
                 self.files()
             ),
             _ => format!("it holds the decider lock {}", self.files()),
@@ -187,12 +209,15 @@ impl DeciderLock {
         let paths: Vec<String> = self
             .files
             .iter()
-            .map(|(p, _, _)| p.display().to_string())
+            .map(|f| f.path.display().to_string())
             .collect();
         paths.join(", ")
     }
+}
 
-    fn open_file(path: &Path) -> io::Result<(PathBuf, File, bool)> {
+impl LockFile {
+    /// Opens (creating it) the file at `path`, not locked yet.
+    fn open(path: &Path) -> io::Result<LockFile> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -200,16 +225,21 @@ impl DeciderLock {
             .mode(0o600)
             .open(path)
             .map_err(|e| named(path, e))?;
-        Ok((path.to_owned(), file, false))
+        Ok(LockFile {
+            path: path.to_owned(),
+            file,
+            locked: false,
+        })
     }
-}
 
-/// Takes `file`'s exclusive lock if nobody holds it.
-fn lock_file(file: &File) -> io::Result<bool> {
-    match file.try_lock() {
-        Ok(()) => Ok(true),
-        Err(TryLockError::WouldBlock) => Ok(false),
-        Err(TryLockError::Error(e)) => Err(e),
+    /// Takes the file's exclusive lock if nobody holds it; true once this process does.
+    fn lock(&mut self) -> io::Result<bool> {
+        self.locked = match self.file.try_lock() {
+            Ok(()) => true,
+            Err(TryLockError::WouldBlock) => false,
+            Err(TryLockError::Error(e)) => return Err(named(&self.path, e)),
+        };
+        Ok(self.locked)
     }
 }
 
@@ -224,7 +254,7 @@ fn named(path: &Path, e: io::Error) -> io::Error {
 /// True when a socket other than `own` (an inode) listens on TCP `addr`, as
 /// /proc/net/tcp or tcp6 lists them (false where they cannot be read). Before this
 /// process binds, that is the process it shares the port with.
-pub fn listened_by_another(addr: SocketAddr, own: Option<u64>) -> bool {
+fn listened_by_another(addr: SocketAddr, own: Option<u64>) -> bool {
     let table = if addr.is_ipv4() {
         "/proc/net/tcp"
     } else {
@@ -235,7 +265,7 @@ pub fn listened_by_another(addr: SocketAddr, own: Option<u64>) -> bool {
 }
 
 /// The inode of a socket, as /proc/net/tcp names it.
-pub fn socket_inode(socket: &impl AsRawFd) -> io::Result<u64> {
+fn socket_inode(socket: &impl AsRawFd) -> io::Result<u64> {
     std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd())).map(|m| m.ino())
 }
 
@@ -268,13 +298,18 @@ fn proc_address(addr: SocketAddr) -> String {
 mod tests {
     use super::*;
 
-    fn config(extra: &str) -> Config {
+    /// A configuration listening on `listen`, with `extra` in `[pgwarden]`.
+    fn config_on(listen: &str, extra: &str) -> Config {
         let text = format!(
-            "[pgwarden]\nlisten = \"127.0.0.1:7432\"\nso_reuseport = true\n{extra}\n\
+            "[pgwarden]\nlisten = \"{listen}\"\nso_reuseport = true\n{extra}\n\
              [[backends]]\nname = \"pg1\"\nhost = \"127.0.0.1\"\nport = 5432\n\
              [databases.app]\n"
         );
         Config::parse(&text, Path::new("/etc/pgwarden/pgwarden.toml")).unwrap()
+    }
+
+    fn config(extra: &str) -> Config {
+        config_on("127.0.0.1:7432", extra)
     }
 
     #[test]
@@ -309,6 +344,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A configuration listening on `addr`, its lock file in `dir`.
+    fn listening_on(addr: SocketAddr, dir: &Path) -> Config {
+        config_on(
+            &addr.to_string(),
+            &format!("unix_socket_dir = \"{}\"", dir.display()),
+        )
+    }
+
     /// A scratch folder of its own for a test, and a configuration locking in it.
     fn folder(name: &str) -> (PathBuf, Config) {
         let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
@@ -322,8 +365,8 @@ mod tests {
         let (dir_a, old) = folder("reload-old");
         let (dir_b, new) = folder("reload-new");
         let mut holder = DeciderLock::open(&old).unwrap();
-        assert_eq!(holder.add(&old).unwrap(), Added::Known);
-        assert_eq!(holder.add(&new).unwrap(), Added::Taken);
+        assert_eq!(holder.add(&DeciderLock::path(&old)).unwrap(), Added::Known);
+        assert_eq!(holder.add(&DeciderLock::path(&new)).unwrap(), Added::Taken);
         assert!(holder.files().contains(&dir_b.display().to_string()));
         // A process started with either configuration finds the lock taken.
         let mut started_new = DeciderLock::open(&new).unwrap();
@@ -342,7 +385,10 @@ mod tests {
         let (dir_b, other) = folder("all-other");
         let holder = DeciderLock::open(&one).unwrap();
         let mut waiting = DeciderLock::open(&one).unwrap();
-        assert_eq!(waiting.add(&other).unwrap(), Added::Taken);
+        assert_eq!(
+            waiting.add(&DeciderLock::path(&other)).unwrap(),
+            Added::Taken
+        );
         assert!(!waiting.try_take().unwrap());
         // The failed attempt let go of the file it could take.
         let third = DeciderLock::open(&other).unwrap();
@@ -366,7 +412,10 @@ mod tests {
         let mut holder = DeciderLock::open(&one).unwrap();
         let other_holder = DeciderLock::open(&other).unwrap();
         assert!(other_holder.held());
-        assert_eq!(holder.add(&other).unwrap(), Added::HeldElsewhere);
+        assert_eq!(
+            holder.add(&DeciderLock::path(&other)).unwrap(),
+            Added::HeldElsewhere
+        );
         assert!(holder.held(), "it keeps deciding, as the other does");
         drop((holder, other_holder));
         for dir in [dir_a, dir_b] {
@@ -394,16 +443,33 @@ mod tests {
 
     #[test]
     fn a_holder_beside_an_earlier_listener_follows_until_it_stops() {
-        let (dir, config) = folder("beside");
+        let (dir, _) = folder("beside");
         let earlier = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = earlier.local_addr().unwrap();
+        let config = listening_on(earlier.local_addr().unwrap(), &dir);
         let mut lock = DeciderLock::open(&config).unwrap();
-        lock.follow_while_listened(addr, 0);
+        // Any socket of this process's stands for its own listener: only its inode counts.
+        let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(lock.bound(&own).unwrap());
         assert!(!lock.held());
         assert!(!lock.try_take().unwrap());
         assert!(lock.who_decides().contains("listened on"));
         drop(earlier);
         assert!(lock.try_take().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_listener_that_holds_the_lock_is_waited_for_not_followed() {
+        let (dir, _) = folder("waits");
+        let holder_listens = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = listening_on(holder_listens.local_addr().unwrap(), &dir);
+        let holder = DeciderLock::open(&config).unwrap();
+        let mut waiting = DeciderLock::open(&config).unwrap();
+        let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!waiting.bound(&own).unwrap());
+        assert!(waiting.who_decides().contains("holds the decider lock"));
+        drop(holder);
+        assert!(waiting.try_take().unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

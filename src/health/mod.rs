@@ -253,7 +253,7 @@ impl Monitor {
             return;
         };
         let path = DeciderLock::path(config);
-        match lock.add(config) {
+        match lock.add(&path) {
             Ok(Added::Known) => {}
             Ok(Added::Taken) => {
                 info!(lock = %lock.files(), added = %path.display(), "the decider lock now covers the lock file of the reloaded configuration too");
