@@ -227,10 +227,7 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
         "{}",
         old.log()
     );
-    assert!(
-        !new.log()
-            .contains("yet this pgwarden took the decider lock")
-    );
+    assert!(!warned_of_another_lock_file(&new));
     promote_refused(&new, &sockets, "another pgwarden on this port decides").await;
 
     // Clients keep arriving over TCP and the socket file while the port changes hands.
@@ -333,6 +330,13 @@ async fn promote_refused(pgw: &Pgwarden, folder: &std::path::Path, why: &str) {
     assert!(common::message(&refused).contains(why), "{refused}");
 }
 
+/// True when `pgw` said at start that another process listened on its address
+/// without sharing its lock file.
+fn warned_of_another_lock_file(pgw: &Pgwarden) -> bool {
+    pgw.log()
+        .contains("yet this pgwarden took the decider lock")
+}
+
 /// Waits until `pgw` says it took the decider lock over.
 fn takes_the_decisions(pgw: &Pgwarden) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -393,13 +397,7 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
     })
     .await;
     let second = first.beside();
-    assert!(
-        !second
-            .log()
-            .contains("yet this pgwarden took the decider lock"),
-        "{}",
-        second.log()
-    );
+    assert!(!warned_of_another_lock_file(&second), "{}", second.log());
     promote_refused(&second, &dir, "another pgwarden on this port decides").await;
     first.signal(libc::SIGKILL);
     takes_the_decisions(&second);
@@ -420,20 +418,10 @@ async fn a_process_beside_one_with_another_lock_file_follows_until_it_stops() {
     };
     let (one, other) = (folder("lock-one"), folder("lock-other"));
     let mut first = Pgwarden::start_with(&[&db], sharing(&one));
-    assert!(
-        !first
-            .log()
-            .contains("yet this pgwarden took the decider lock")
-    );
+    assert!(!warned_of_another_lock_file(&first));
     first.rewrite_config(&[&db], &sharing(&other));
     let second = first.beside();
-    assert!(
-        second
-            .log()
-            .contains("yet this pgwarden took the decider lock"),
-        "{}",
-        second.log()
-    );
+    assert!(warned_of_another_lock_file(&second), "{}", second.log());
     promote_refused(&second, &other, "listened on").await;
     first.signal(libc::SIGTERM);
     first.exits_cleanly(Duration::from_secs(10));
