@@ -272,8 +272,7 @@ async fn a_pgwarden_restarted_while_the_primary_is_down_fails_over_from_its_stat
 /// Only the holder of the decider lock promotes; the other follows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pgwardens_sharing_a_port_fail_over_once() {
-    let sockets = std::env::temp_dir().join(format!("pgwarden-shared-{}", std::process::id()));
-    std::fs::create_dir_all(&sockets).unwrap();
+    let sockets = common::Folder::new("shared");
     let mut options = fast("");
     options.pgwarden = format!(
         "so_reuseport = true\nunix_socket_dir = \"{}\"",
@@ -319,7 +318,6 @@ async fn two_pgwardens_sharing_a_port_fail_over_once() {
     assert!(follower.contains("holds the decider lock"), "{follower}");
     assert!(!follower.contains("step=\"promoted\""), "{follower}");
     drop(beside);
-    std::fs::remove_dir_all(&sockets).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

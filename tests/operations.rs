@@ -30,8 +30,7 @@ fn check_config_names_file_key_and_reason() {
     assert!(ok, "{out}");
     assert!(out.contains("OK"), "{out}");
 
-    let dir = std::env::temp_dir().join(format!("pgwarden-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Folder::new("check");
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
@@ -66,14 +65,12 @@ fn check_config_names_file_key_and_reason() {
     let (ok, out) = check_config(&bad);
     assert!(!ok);
     assert!(out.contains("users.txt: line 2"), "{out}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn check_config_lists_unsafe_settings_as_warnings() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("pgwarden-unsafe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Folder::new("unsafe");
     let users = dir.join("users.txt");
     std::fs::write(&users, "\"postgres\" \"secret-pw\"\n").unwrap();
     std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -106,7 +103,6 @@ fn check_config_lists_unsafe_settings_as_warnings() {
     .unwrap();
     let (ok, out) = check_config(&config);
     assert!(ok && !out.contains("warning"), "{out}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
@@ -197,8 +193,7 @@ async fn console(port: u16) -> tokio_postgres::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_client() {
     let db = Db::create();
-    let sockets = std::env::temp_dir().join(format!("pgwarden-sockets-{}", std::process::id()));
-    std::fs::create_dir_all(&sockets).unwrap();
+    let sockets = common::Folder::new("sockets");
     let old = Pgwarden::start_with(
         &[&db],
         Options {
@@ -292,7 +287,6 @@ async fn a_rolling_restart_hands_the_port_over_without_refusing_or_cutting_a_cli
     new.exits_cleanly(Duration::from_secs(10));
     assert!(!socket.exists(), "the last process removes the file");
     assert_eq!(db.admin_sql("SELECT count(*) FROM t"), "3");
-    std::fs::remove_dir_all(&sockets).unwrap();
 }
 
 /// The admin console of the pgwarden whose socket file is in `folder`.
@@ -353,8 +347,7 @@ fn takes_the_decisions(pgw: &Pgwarden) {
 #[tokio::test]
 async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
     let db = Db::create();
-    let sockets = std::env::temp_dir().join(format!("pgwarden-crash-{}", std::process::id()));
-    std::fs::create_dir_all(&sockets).unwrap();
+    let sockets = common::Folder::new("crash");
     let first = Pgwarden::start_with(&[&db], sharing(&sockets));
     let second = first.beside();
     let lock = sockets.join(format!("pgwarden-{}.lock", first.port));
@@ -374,7 +367,6 @@ async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
     }
     drop(console);
     drop(second);
-    std::fs::remove_dir_all(&sockets).unwrap();
 }
 
 /// A reload that moves the lock file (here: a state file set where there was none)
@@ -383,8 +375,7 @@ async fn a_crashed_decider_leaves_the_decisions_to_the_process_beside_it() {
 #[tokio::test]
 async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
     let db = Db::create();
-    let dir = std::env::temp_dir().join(format!("pgwarden-relock-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Folder::new("relock");
     let first = Pgwarden::start_with(&[&db], sharing(&dir));
     let with_state_file = Options {
         failover: format!("state_file = \"{}\"", dir.join("state.json").display()),
@@ -402,7 +393,6 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
     first.signal(libc::SIGKILL);
     takes_the_decisions(&second);
     drop((first, second));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// An older pgwarden (or one told of another lock file) beside a new one: each
@@ -411,12 +401,10 @@ async fn a_reload_that_moves_the_lock_file_keeps_one_decider() {
 #[tokio::test]
 async fn a_process_beside_one_with_another_lock_file_follows_until_it_stops() {
     let db = Db::create();
-    let folder = |name: &str| {
-        let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    };
-    let (one, other) = (folder("lock-one"), folder("lock-other"));
+    let (one, other) = (
+        common::Folder::new("lock-one"),
+        common::Folder::new("lock-other"),
+    );
     let mut first = Pgwarden::start_with(&[&db], sharing(&one));
     assert!(!warned_of_another_lock_file(&first));
     first.rewrite_config(&[&db], &sharing(&other));
@@ -426,10 +414,6 @@ async fn a_process_beside_one_with_another_lock_file_follows_until_it_stops() {
     first.signal(libc::SIGTERM);
     first.exits_cleanly(Duration::from_secs(10));
     takes_the_decisions(&second);
-    drop(second);
-    for dir in [one, other] {
-        std::fs::remove_dir_all(dir).unwrap();
-    }
 }
 
 fn local_conninfo(pgw: &Pgwarden, db: &Db, folder: &std::path::Path) -> String {
@@ -537,8 +521,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     ))
     .unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/pgwarden run --config "));
-    let dir = std::env::temp_dir().join(format!("pgwarden-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Folder::new("unit");
     let path = dir.join("pgwarden.service");
     std::fs::write(
         &path,
@@ -551,7 +534,6 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .output()
         .expect("systemd-analyze (Debian's systemd package) runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
 

@@ -694,3 +694,30 @@ impl Sleeping {
         client
     }
 }
+
+/// A folder of the test's own in the temporary folder (`pgwarden-<name>-<pid>`),
+/// removed when dropped, also when the test panics.
+pub struct Folder(PathBuf);
+
+impl Folder {
+    /// Creates it.
+    pub fn new(name: &str) -> Folder {
+        let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Folder(dir)
+    }
+}
+
+impl std::ops::Deref for Folder {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
