@@ -86,12 +86,6 @@ impl std::fmt::Debug for Metrics {
 /// The handles one (database, user) updates on its hot path.
 #[derive(Debug)]
 pub struct SessionMetrics {
-    /// clients between transactions
-    pub idle: IntGauge,
-    /// clients waiting for a server connection
-    pub waiting: IntGauge,
-    /// clients holding a server connection
-    pub active: IntGauge,
     /// finished transactions
     pub transactions: IntCounter,
     /// server connections given to clients
@@ -129,19 +123,17 @@ pub enum ClientState {
     Active,
 }
 
-impl SessionMetrics {
-    /// Moves one client from state `from` to `to`.
-    pub fn transition(&self, from: ClientState, to: ClientState) {
-        self.gauge(from).dec();
-        self.gauge(to).inc();
-    }
+impl ClientState {
+    /// Every state, in the order of their discriminants.
+    pub const ALL: [ClientState; 3] =
+        [ClientState::Idle, ClientState::Waiting, ClientState::Active];
 
-    /// The gauge counting clients in `state`.
-    pub fn gauge(&self, state: ClientState) -> &IntGauge {
-        match state {
-            ClientState::Idle => &self.idle,
-            ClientState::Waiting => &self.waiting,
-            ClientState::Active => &self.active,
+    /// Its `state` label on `pgwarden_clients`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
         }
     }
 }
@@ -376,11 +368,7 @@ impl Metrics {
         sessions
             .entry((database.to_owned(), user.to_owned()))
             .or_insert_with(|| {
-                let clients = |state| self.clients.with_label_values(&[database, user, state]);
                 Arc::new(SessionMetrics {
-                    idle: clients("idle"),
-                    waiting: clients("waiting"),
-                    active: clients("active"),
                     transactions: self.transactions.with_label_values(&[database]),
                     server_assignments: self.server_assignments.with_label_values(&[database]),
                     client_parses: self.prepared.with_label_values(&[database, "client_parse"]),
@@ -439,16 +427,25 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition, with the pool and wait gauges refreshed first.
+    /// The Prometheus text exposition, with the client, pool and wait gauges refreshed
+    /// first: the registry and the pools hold those figures, so the hot path keeps no
+    /// gauge of its own.
     pub fn render(&self, pools: &Pools, clients: &ClientRegistry) -> Vec<u8> {
-        // Every pair that has had clients, so that "nobody waits" reads 0, not absent.
-        self.longest_wait.reset();
-        let waits = clients.longest_waits();
+        let tallies = clients.tally();
+        // Every pair that has had clients, so that "none" reads 0, not absent.
         for ((database, user), _) in self.sessions() {
-            let wait = waits.get(&(database.clone(), user.clone()));
+            let tally = tallies
+                .get(&(database.clone(), user.clone()))
+                .copied()
+                .unwrap_or_default();
             self.longest_wait
                 .with_label_values(&[database.as_str(), user.as_str()])
-                .set(wait.map_or(0.0, std::time::Duration::as_secs_f64));
+                .set(tally.longest_wait.as_secs_f64());
+            for state in ClientState::ALL {
+                self.clients
+                    .with_label_values(&[database.as_str(), user.as_str(), state.label()])
+                    .set(tally.states[state as usize] as i64);
+            }
         }
         self.server_connections.reset();
         for (key, pool) in pools.all() {

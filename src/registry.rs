@@ -21,10 +21,9 @@ use crate::address::Address;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
-use futures_util::task::AtomicWaker;
 use tracing::{debug, info};
 
 use crate::clock::Tick;
@@ -71,6 +70,15 @@ pub struct Entry {
     pub ending: Ending,
 }
 
+/// What the clients of one (database, user) are doing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    /// how many are in each state, indexed by `ClientState as usize`
+    pub states: [usize; 3],
+    /// the longest wait for a server connection in progress (zero when none waits)
+    pub longest_wait: Duration,
+}
+
 /// The server connection a client is using.
 #[derive(Debug, Clone)]
 pub struct Serving {
@@ -99,13 +107,21 @@ pub enum Stop {
 }
 
 /// What stops a session from outside, in one waker slot: a session waits on this
-/// and on its sockets, nothing else. Inline in the entry and lock-free, where
-/// cancellation tokens or a `Notify` would cost every client an allocation, and
-/// every read a waiter queued and dequeued under a lock.
+/// and on its sockets, nothing else. Inline in the entry, where cancellation tokens
+/// or a `Notify` would cost every client an allocation, and every read a waiter
+/// queued and dequeued under a lock.
+///
+/// Only the session polls it, several times per transaction, always with its task's
+/// waker. A signal wakes that waker and leaves it in the slot, so the session
+/// registers once: a later poll compares its waker with the notes of the last
+/// registration, which costs no locked instruction, and takes the lock only when the
+/// waker changed.
 #[derive(Debug, Default)]
 pub struct Ending {
     state: AtomicU8,
-    waker: AtomicWaker,
+    waker: Mutex<Option<Waker>>,
+    /// the data and vtable addresses of the waker in `waker`, written by the session alone
+    registered: [AtomicUsize; 2],
 }
 
 const KILLED: u8 = 1;
@@ -128,16 +144,50 @@ impl Ending {
         self.set(EVICTED);
     }
 
+    /// Clears an eviction, which concerned the transaction that just ended. Called
+    /// under the serving lock, as [`ClientRegistry::evict`] sets it: the flag cannot
+    /// be set between the look and the clearing, and the look spares the hot path a
+    /// locked instruction when, as nearly always, there is nothing to clear.
+    fn forget_eviction(&self) {
+        if self.state.load(Ordering::SeqCst) & EVICTED != 0 {
+            self.state.fetch_and(!EVICTED, Ordering::SeqCst);
+        }
+    }
+
     fn set(&self, bit: u8) {
         self.state.fetch_or(bit, Ordering::SeqCst);
-        self.waker.wake();
+        self.wake();
+    }
+
+    /// Wakes the session; its waker stays registered.
+    fn wake(&self) {
+        if let Some(waker) = &*lock(&self.waker) {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Makes `waker` the one a signal wakes, taking the lock only if it is not already.
+    fn register(&self, waker: &Waker) {
+        let id = [
+            waker.data() as usize,
+            std::ptr::from_ref(waker.vtable()) as usize,
+        ];
+        if self.registered[0].load(Ordering::Relaxed) != id[0]
+            || self.registered[1].load(Ordering::Relaxed) != id[1]
+        {
+            // The slot holds the waker it names, so no other waker can have its addresses.
+            *lock(&self.waker) = Some(waker.clone());
+            self.registered[0].store(id[0], Ordering::Relaxed);
+            self.registered[1].store(id[1], Ordering::Relaxed);
+        }
     }
 
     /// Ready when the session is killed, shut down while `idle`, or evicted while
     /// `running` a transaction; otherwise the task is woken when one of those happens.
     pub fn poll(&self, cx: &mut Context<'_>, idle: bool, running: bool) -> Poll<Stop> {
-        // Registered before the check, so a signal in between is not missed.
-        self.waker.register(cx.waker());
+        // Registered before the check, so a signal in between is not missed: its
+        // setter looks at the slot after setting its bit.
+        self.register(cx.waker());
         let state = self.state.load(Ordering::SeqCst);
         if state & KILLED != 0 {
             Poll::Ready(Stop::Killed)
@@ -165,8 +215,12 @@ impl Entry {
 
     /// How long it has been waiting for a server connection at `now`; `None` unless waiting.
     pub fn waited(&self, now: Tick) -> Option<Duration> {
-        (self.state() == ClientState::Waiting)
-            .then(|| now.since(Tick::from_nanos(self.waiting_since.load(Ordering::Relaxed))))
+        (self.state() == ClientState::Waiting).then(|| self.since_waiting(now))
+    }
+
+    /// The time from its last wait's start to `now`, whatever its state.
+    fn since_waiting(&self, now: Tick) -> Duration {
+        now.since(Tick::from_nanos(self.waiting_since.load(Ordering::Relaxed)))
     }
 
     /// The server connection serving it.
@@ -203,7 +257,7 @@ impl Entry {
     pub async fn cancels_landed(&self) {
         std::future::poll_fn(|cx| {
             // Registered before the check, so a landing in between is not missed.
-            self.ending.waker.register(cx.waker());
+            self.ending.register(cx.waker());
             if self.cancel_in_flight() {
                 Poll::Pending
             } else {
@@ -228,7 +282,7 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.cancels.fetch_sub(1, Ordering::SeqCst);
-        self.0.ending.waker.wake();
+        self.0.ending.wake();
     }
 }
 
@@ -316,22 +370,37 @@ impl ClientRegistry {
         self.shard(pid).get(&pid).cloned()
     }
 
-    /// The longest wait for a server connection in progress, per (database, user)
-    /// with a client waiting. Looks at each entry's state in place: a scrape among
-    /// thousands of idle clients copies nothing of theirs.
-    pub fn longest_waits(&self) -> HashMap<(String, String), Duration> {
+    /// What the clients of each (database, user) are doing now. Looks at each entry's
+    /// state in place: a scrape among thousands of idle clients copies nothing of
+    /// theirs, and each shard names a pair once.
+    pub fn tally(&self) -> HashMap<(String, String), Tally> {
         let now = Tick::now();
-        let mut longest: HashMap<(String, String), Duration> = HashMap::new();
+        let mut tallies: HashMap<(String, String), Tally> = HashMap::new();
         for shard in &self.shards {
-            for entry in lock(shard).values() {
-                if let Some(waited) = entry.waited(now) {
-                    let key = (entry.identity.database.clone(), entry.identity.user.clone());
-                    let wait = longest.entry(key).or_default();
-                    *wait = (*wait).max(waited);
+            let shard = lock(shard);
+            let mut here: HashMap<(&str, &str), Tally> = HashMap::new();
+            for entry in shard.values() {
+                let identity = &entry.identity;
+                let tally = here
+                    .entry((identity.database.as_str(), identity.user.as_str()))
+                    .or_default();
+                let state = entry.state();
+                tally.states[state as usize] += 1;
+                if state == ClientState::Waiting {
+                    tally.longest_wait = tally.longest_wait.max(entry.since_waiting(now));
                 }
             }
+            for ((database, user), tally) in here {
+                let total = tallies
+                    .entry((database.to_owned(), user.to_owned()))
+                    .or_default();
+                for (sum, n) in total.states.iter_mut().zip(tally.states) {
+                    *sum += n;
+                }
+                total.longest_wait = total.longest_wait.max(tally.longest_wait);
+            }
         }
-        longest
+        tallies
     }
 
     /// Every entry, in no particular order.
@@ -400,10 +469,7 @@ impl ClientHandle {
     /// nothing), and forgets an eviction of the transaction before.
     pub fn serving(&self, serving: Option<Serving>) {
         let mut slot = lock(&self.entry.serving);
-        self.entry
-            .ending
-            .state
-            .fetch_and(!EVICTED, Ordering::SeqCst);
+        self.entry.ending.forget_eviction();
         *slot = serving;
     }
 
@@ -464,6 +530,50 @@ mod tests {
     fn poll(entry: &Entry, idle: bool, running: bool) -> Poll<Stop> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         entry.ending.poll(&mut cx, idle, running)
+    }
+
+    /// A waker that counts its wakes.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_signal_wakes_the_session_and_leaves_its_waker_registered_for_the_next() {
+        let ending = Ending::default();
+        let first = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(first.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(ending.poll(&mut cx, false, true).is_pending());
+        // Not idle: the shutdown waits, but the session was told.
+        ending.shut_down();
+        assert_eq!(first.0.load(Ordering::SeqCst), 1);
+        assert!(ending.poll(&mut cx, false, true).is_pending());
+        ending.kill();
+        assert_eq!(first.0.load(Ordering::SeqCst), 2);
+        assert_eq!(ending.poll(&mut cx, false, true), Poll::Ready(Stop::Killed));
+
+        // Polled with another waker, the slot takes that one.
+        let ending = Ending::default();
+        assert!(ending.poll(&mut cx, true, false).is_pending());
+        let second = Arc::new(Wakes(AtomicUsize::new(0)));
+        let other = Waker::from(second.clone());
+        assert!(
+            ending
+                .poll(&mut Context::from_waker(&other), true, false)
+                .is_pending()
+        );
+        ending.evict();
+        assert_eq!(
+            (
+                first.0.load(Ordering::SeqCst),
+                second.0.load(Ordering::SeqCst)
+            ),
+            (2, 1)
+        );
     }
 
     fn serving(pool: u64) -> Serving {

@@ -749,7 +749,7 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
 }
 
 #[tokio::test]
-async fn show_pools_and_metrics_report_how_long_the_longest_waiting_client_waits() {
+async fn show_pools_and_metrics_report_clients_by_state_and_the_longest_wait() {
     let db = Db::create();
     let mut options = operated("");
     options.pool = "default_pool_size = 1".into();
@@ -758,7 +758,12 @@ async fn show_pools_and_metrics_report_how_long_the_longest_waiting_client_waits
     let holder = pgw.connect(&db).await;
     holder.batch_execute("BEGIN").await.unwrap();
     let waiter = pgw.connect(&db).await;
-    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    // The task gives the client back, so that it stays connected.
+    let waiting = tokio::spawn(async move {
+        let done = waiter.simple_query("SELECT 1").await.map(|_| ());
+        (waiter, done)
+    });
+    let _idle = pgw.connect(&db).await;
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let pools = rows(&admin, "SHOW POOLS").await;
     let row = pools
@@ -767,23 +772,31 @@ async fn show_pools_and_metrics_report_how_long_the_longest_waiting_client_waits
         .unwrap();
     assert_eq!(get(row, "cl_waiting"), Some("1"), "{row:?}");
     assert_eq!(get(row, "maxwait"), Some("1"), "{row:?}");
-    let series = format!(
-        "pgwarden_client_longest_wait_seconds{{database=\"{}\",user=\"{}\"}}",
-        db.name, db.user
-    );
-    let longest = |scrape: &str| -> f64 {
+    // A sample of the pair's series whose labels include `label`.
+    let sample = |scrape: &str, name: &str, label: &str| -> f64 {
+        let pair = [
+            format!("database=\"{}\"", db.name),
+            format!("user=\"{}\"", db.user),
+        ];
         scrape
             .lines()
-            .find(|l| l.starts_with(&series))
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| l.contains(label) && pair.iter().all(|p| l.contains(p.as_str())))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(f64::NAN)
     };
+    let clients = |scrape: &str| -> [f64; 3] {
+        ["active", "waiting", "idle"]
+            .map(|state| sample(scrape, "pgwarden_clients", &format!("state=\"{state}\"")))
+    };
     let (_, scrape) = pgw.http_get("/metrics");
-    let waited = longest(&scrape);
+    let waited = sample(&scrape, "pgwarden_client_longest_wait_seconds", "");
     assert!((1.3..5.0).contains(&waited), "{waited}");
+    assert_eq!(clients(&scrape), [1.0, 1.0, 1.0], "active, waiting, idle");
 
     holder.batch_execute("COMMIT").await.unwrap();
-    waiting.await.unwrap().unwrap();
+    let (_waiter, done) = waiting.await.unwrap();
+    done.unwrap();
     let pools = rows(&admin, "SHOW POOLS").await;
     let row = pools
         .iter()
@@ -794,7 +807,21 @@ async fn show_pools_and_metrics_report_how_long_the_longest_waiting_client_waits
         (Some("0"), Some("0"))
     );
     let (_, scrape) = pgw.http_get("/metrics");
-    assert_eq!(longest(&scrape), 0.0);
+    assert_eq!(
+        sample(&scrape, "pgwarden_client_longest_wait_seconds", ""),
+        0.0
+    );
+    assert_eq!(clients(&scrape), [0.0, 0.0, 3.0], "active, waiting, idle");
+    drop(holder);
+    // A client that left is no longer counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while clients(&pgw.http_get("/metrics").1) != [0.0, 0.0, 2.0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the departed client is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -240,7 +240,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                     row.held_for_cancel += 1;
                 }
             }
-            let longest = shared.clients.longest_waits();
+            let tallies = shared.clients.tally();
             for (key, pool) in shared.pools.all() {
                 let (in_use, idle, max) = pool.counts();
                 let row = rows
@@ -253,10 +253,9 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             }
             for ((db, user), row) in rows {
                 let settings = config.database(&db);
-                let wait = longest
+                let wait = tallies
                     .get(&(db.clone(), user.clone()))
-                    .copied()
-                    .unwrap_or_default();
+                    .map_or(Duration::ZERO, |t| t.longest_wait);
                 let active = row.in_use.saturating_sub(row.opening + row.held_for_cancel);
                 rs.row(vec![
                     db.clone().into(),

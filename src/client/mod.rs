@@ -244,9 +244,7 @@ impl Session {
 
     async fn run(mut self: Box<Self>) {
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
-        self.who.metrics.idle.inc();
         let end = self.serve_requests().await;
-        self.who.metrics.idle.dec();
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
         let pid = self.who.client.pid();
         match end {
@@ -362,7 +360,7 @@ impl Session {
         }
         let waiting = Tick::now();
         self.who.client.wait_from(waiting);
-        self.set_state(ClientState::Idle, ClientState::Waiting);
+        self.who.client.set_state(ClientState::Waiting);
         let admission = self
             .shared
             .gate
@@ -383,14 +381,14 @@ impl Session {
             Ok(a) => a.conn,
             Err(e) => {
                 drop(admission);
-                self.set_state(ClientState::Waiting, ClientState::Idle);
+                self.who.client.set_state(ClientState::Idle);
                 if matches!(e, ClientError::PoolTimeout { .. }) {
                     self.who.metrics.wait_timeouts.inc();
                 }
                 return self.refuse(tag, e).await;
             }
         };
-        self.set_state(ClientState::Waiting, ClientState::Active);
+        self.who.client.set_state(ClientState::Active);
         self.who.metrics.server_assignments.inc();
         // The settings' address tells whether the transaction replaced them, without
         // a second reference held across it. The registry holds the settings it shows,
@@ -402,14 +400,8 @@ impl Session {
             self.who.client.set_settings(self.who.params.clone());
         }
         drop(admission);
-        self.set_state(ClientState::Active, ClientState::Idle);
+        self.who.client.set_state(ClientState::Idle);
         result
-    }
-
-    /// Moves the client from one state to another, in the metrics and in the registry.
-    fn set_state(&self, from: ClientState, to: ClientState) {
-        self.who.metrics.transition(from, to);
-        self.who.client.set_state(to);
     }
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
