@@ -401,8 +401,7 @@ fn pgwarden_reaches_postgres_over_verified_tls() {
 #[test]
 fn bad_certificate_files_are_config_errors() {
     let pki = pki();
-    let dir = std::env::temp_dir().join(format!("pgwarden-tls-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Folder::new("tls-check");
     std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"postgres\"\n").unwrap();
     let check = |tls: &str| {
         let config = dir.join("pgwarden.toml");
@@ -445,7 +444,6 @@ fn bad_certificate_files_are_config_errors() {
     ));
     assert!(!ok);
     assert!(err.contains("server_tls.ca_file"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

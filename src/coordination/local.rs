@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn one_holder_at_a_time_and_the_next_takes_over_when_it_lets_go() {
-        let (dir, config) = folder("decider");
+        let (_dir, config) = folder("decider");
         let first = DeciderLock::open(&config).unwrap();
         assert!(first.held());
         let mut second = DeciderLock::open(&config).unwrap();
@@ -341,7 +341,6 @@ mod tests {
         drop(first);
         assert!(second.try_take().unwrap());
         assert!(second.held());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A configuration listening on `addr`, its lock file in `dir`.
@@ -352,37 +351,37 @@ mod tests {
         )
     }
 
-    /// A scratch folder of its own for a test, and a configuration locking in it.
-    fn folder(name: &str) -> (PathBuf, Config) {
-        let dir = std::env::temp_dir().join(format!("pgwarden-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = config(&format!("unix_socket_dir = \"{}\"", dir.display()));
+    /// A scratch folder of its own for a test, removed when dropped (also when the
+    /// test panics), and a configuration locking in it.
+    fn folder(name: &str) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("pgwarden-{name}-"))
+            .tempdir()
+            .unwrap();
+        let config = config(&format!("unix_socket_dir = \"{}\"", dir.path().display()));
         (dir, config)
     }
 
     #[test]
     fn the_holder_takes_a_reloaded_configurations_file_too() {
-        let (dir_a, old) = folder("reload-old");
+        let (_dir_a, old) = folder("reload-old");
         let (dir_b, new) = folder("reload-new");
         let mut holder = DeciderLock::open(&old).unwrap();
         assert_eq!(holder.add(&DeciderLock::path(&old)).unwrap(), Added::Known);
         assert_eq!(holder.add(&DeciderLock::path(&new)).unwrap(), Added::Taken);
-        assert!(holder.files().contains(&dir_b.display().to_string()));
+        assert!(holder.files().contains(&dir_b.path().display().to_string()));
         // A process started with either configuration finds the lock taken.
         let mut started_new = DeciderLock::open(&new).unwrap();
         assert!(!started_new.held());
         assert!(!DeciderLock::open(&old).unwrap().held());
         drop(holder);
         assert!(started_new.try_take().unwrap());
-        for dir in [dir_a, dir_b] {
-            std::fs::remove_dir_all(dir).unwrap();
-        }
     }
 
     #[test]
     fn a_waiting_process_takes_all_its_files_or_none() {
-        let (dir_a, one) = folder("all-one");
-        let (dir_b, other) = folder("all-other");
+        let (_dir_a, one) = folder("all-one");
+        let (_dir_b, other) = folder("all-other");
         let holder = DeciderLock::open(&one).unwrap();
         let mut waiting = DeciderLock::open(&one).unwrap();
         assert_eq!(
@@ -400,15 +399,12 @@ mod tests {
         );
         drop(third);
         assert!(waiting.try_take().unwrap());
-        for dir in [dir_a, dir_b] {
-            std::fs::remove_dir_all(dir).unwrap();
-        }
     }
 
     #[test]
     fn a_holder_is_told_when_another_decides_through_the_reloaded_file() {
-        let (dir_a, one) = folder("elsewhere-one");
-        let (dir_b, other) = folder("elsewhere-other");
+        let (_dir_a, one) = folder("elsewhere-one");
+        let (_dir_b, other) = folder("elsewhere-other");
         let mut holder = DeciderLock::open(&one).unwrap();
         let other_holder = DeciderLock::open(&other).unwrap();
         assert!(other_holder.held());
@@ -418,9 +414,6 @@ mod tests {
         );
         assert!(holder.held(), "it keeps deciding, as the other does");
         drop((holder, other_holder));
-        for dir in [dir_a, dir_b] {
-            std::fs::remove_dir_all(dir).unwrap();
-        }
     }
 
     #[test]
@@ -445,7 +438,7 @@ mod tests {
     fn a_holder_beside_an_earlier_listener_follows_until_it_stops() {
         let (dir, _) = folder("beside");
         let earlier = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let config = listening_on(earlier.local_addr().unwrap(), &dir);
+        let config = listening_on(earlier.local_addr().unwrap(), dir.path());
         let mut lock = DeciderLock::open(&config).unwrap();
         // Any socket of this process's stands for its own listener: only its inode counts.
         let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -455,14 +448,13 @@ mod tests {
         assert!(lock.who_decides().contains("listened on"));
         drop(earlier);
         assert!(lock.try_take().unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_listener_that_holds_the_lock_is_waited_for_not_followed() {
         let (dir, _) = folder("waits");
         let holder_listens = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let config = listening_on(holder_listens.local_addr().unwrap(), &dir);
+        let config = listening_on(holder_listens.local_addr().unwrap(), dir.path());
         let holder = DeciderLock::open(&config).unwrap();
         let mut waiting = DeciderLock::open(&config).unwrap();
         let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -470,7 +462,6 @@ mod tests {
         assert!(waiting.who_decides().contains("holds the decider lock"));
         drop(holder);
         assert!(waiting.try_take().unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
