@@ -261,6 +261,8 @@ impl Session {
     }
 
     async fn serve_requests(&mut self) -> End {
+        // Each request's admission at the gate borrows this counter.
+        let gate = self.who.gate.clone();
         loop {
             let tag = match self.next_tag().await {
                 Ok(tag) => tag,
@@ -271,14 +273,15 @@ impl Session {
             }
             // Boxed for the same reason: a request (checkout, splice) needs far more
             // state than waiting for the next one, which is what most sessions do.
-            if let Err(end) = boxed_in_place(|| self.request(tag)).await {
+            if let Err(end) = boxed_in_place(|| self.request(tag, &gate)).await {
                 return end;
             }
         }
     }
 
-    /// Serves one client request that starts with a frame of type `tag`.
-    async fn request(&mut self, tag: u8) -> Result<(), End> {
+    /// Serves one client request that starts with a frame of type `tag`, admitted
+    /// through the gate with its database's counter `gate`.
+    async fn request(&mut self, tag: u8, gate: &AtomicUsize) -> Result<(), End> {
         if !frontend::is_frontend_message(tag) {
             return Err(End::Fatal(ClientError::Protocol(format!(
                 "invalid frontend message type '{}'",
@@ -361,11 +364,7 @@ impl Session {
         let waiting = Tick::now();
         self.who.client.wait_from(waiting);
         self.who.client.set_state(ClientState::Waiting);
-        let admission = self
-            .shared
-            .gate
-            .enter(self.who.database(), &self.who.gate)
-            .await;
+        let admission = self.shared.gate.enter(self.who.database(), gate).await;
         let attached = self.attach(waiting).await;
         // The wait ends when it began unless something was awaited: most transactions
         // find an idle connection in line with their settings, and skip a clock reading.
