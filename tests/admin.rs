@@ -483,6 +483,18 @@ async fn show_stats_gives_pgbouncers_figures_and_averages_over_stats_period() {
         )),
         2.0
     );
+    // One wait and one duration per assignment; the bytes as SHOW STATS counts them.
+    for histogram in ["client_wait_seconds", "transaction_duration_seconds"] {
+        let count = value(format!("pgwarden_{histogram}_count{{{label}}}"));
+        let all = value(format!(
+            "pgwarden_{histogram}_bucket{{{label},le=\"+Inf\"}}"
+        ));
+        assert_eq!((count, all), (8.0, 8.0), "{histogram}");
+    }
+    assert_eq!(
+        value(format!("pgwarden_client_received_bytes_total{{{label}}}")),
+        figure(&stats, "total_received") as f64
+    );
 
     // A period with work averages it; once the work stops, a quiet period averages nothing.
     let work = tokio::spawn(async move {

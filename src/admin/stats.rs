@@ -107,24 +107,26 @@ impl Figures {
     /// Every database's totals, read from the metrics.
     pub fn read(metrics: &Metrics) -> BTreeMap<String, Figures> {
         let micros = |seconds: f64| (seconds * 1e6) as u64;
-        let mut all = BTreeMap::new();
-        // The counters are per database; every user's handles share them.
-        for ((database, _), m) in metrics.sessions() {
-            all.entry(database).or_insert_with(|| Figures {
-                server_assignment_count: m.server_assignments.get(),
-                xact_count: m.transactions.get(),
-                query_count: m.queries.get(),
-                received: m.received_bytes.get(),
-                sent: m.sent_bytes.get(),
-                xact_time: micros(m.transaction_seconds.get_sample_sum()),
-                query_time: micros(m.query_seconds.get()),
-                wait_time: micros(m.wait_seconds.get_sample_sum()),
-                client_parse_count: m.client_parses.get(),
-                server_parse_count: m.server_parses.get(),
-                bind_count: m.binds.get(),
-            });
-        }
-        all
+        metrics
+            .traffic()
+            .into_iter()
+            .map(|(database, t)| {
+                let figures = Figures {
+                    server_assignment_count: t.server_assignments,
+                    xact_count: t.transactions,
+                    query_count: t.queries,
+                    received: t.received_bytes,
+                    sent: t.sent_bytes,
+                    xact_time: micros(t.transaction_seconds.sum),
+                    query_time: micros(t.query_seconds),
+                    wait_time: micros(t.wait_seconds.sum),
+                    client_parse_count: t.client_parses,
+                    server_parse_count: t.server_parses,
+                    bind_count: t.binds,
+                };
+                (database, figures)
+            })
+            .collect()
     }
 
     /// The averages of the period that went from `before` to these totals in `period`.

@@ -39,7 +39,7 @@ use crate::clock::Tick;
 use crate::config::{PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::keepalive::Keepalive;
-use crate::metrics::{ClientState, SessionMetrics};
+use crate::metrics::{ClientState, DatabaseTraffic};
 use crate::params::{ParamSet, literal, sync_statement};
 use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
 use crate::protocol::ServerNotice;
@@ -150,7 +150,8 @@ pub struct LoggedIn {
     /// its database's statements by content
     registry: Arc<Registry>,
     client: ClientHandle,
-    metrics: Arc<SessionMetrics>,
+    /// its database's traffic figures
+    traffic: Arc<DatabaseTraffic>,
     /// this database's in-flight counter at the admission gate
     gate: Arc<AtomicUsize>,
     /// the primary's pool and the routing generation it was chosen in
@@ -222,6 +223,8 @@ pub struct Session {
     /// transaction status as the client last saw it
     status: u8,
     between: Between,
+    /// bytes read between transactions, published with the next one's figures
+    received: u64,
 }
 
 impl Session {
@@ -235,6 +238,7 @@ impl Session {
             scanner: Scanner::new(max_message),
             status: b'I',
             between: Between::Ready,
+            received: 0,
         }
     }
 
@@ -245,6 +249,7 @@ impl Session {
     async fn run(mut self: Box<Self>) {
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         let end = self.serve_requests().await;
+        self.publish_received();
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
         let pid = self.who.client.pid();
         match end {
@@ -276,6 +281,16 @@ impl Session {
             if let Err(end) = boxed_in_place(|| self.request(tag, &gate)).await {
                 return end;
             }
+            // A request answered without a server published nothing.
+            self.publish_received();
+        }
+    }
+
+    /// Adds the bytes read since the last transaction to the figures now.
+    fn publish_received(&mut self) {
+        let received = std::mem::take(&mut self.received);
+        if received > 0 {
+            self.who.traffic.add(|t| t.received_bytes += received);
         }
     }
 
@@ -357,7 +372,9 @@ impl Session {
             )
         {
             self.inbuf.advance(answered.used);
-            self.who.metrics.client_parses.inc_by(answered.statements);
+            self.who
+                .traffic
+                .add(|t| t.client_parses += answered.statements);
             self.stream.write_all(&answered.answer).await?;
             return Ok(());
         }
@@ -372,28 +389,26 @@ impl Session {
             Ok(a) if !a.waited && !admission.waited => waiting,
             _ => Tick::now(),
         };
-        self.who
-            .metrics
-            .wait_seconds
-            .observe(started.secs_since(waiting));
+        let waited = started.secs_since(waiting);
         let conn = match attached {
             Ok(a) => a.conn,
             Err(e) => {
                 drop(admission);
                 self.who.client.set_state(ClientState::Idle);
-                if matches!(e, ClientError::PoolTimeout { .. }) {
-                    self.who.metrics.wait_timeouts.inc();
-                }
+                let timed_out = matches!(e, ClientError::PoolTimeout { .. });
+                self.who.traffic.add(|t| {
+                    t.wait_seconds.observe(waited);
+                    t.wait_timeouts += u64::from(timed_out);
+                });
                 return self.refuse(tag, e).await;
             }
         };
         self.who.client.set_state(ClientState::Active);
-        self.who.metrics.server_assignments.inc();
         // The settings' address tells whether the transaction replaced them, without
         // a second reference held across it. The registry holds the settings it shows,
         // which are these, so no new set can be allocated at their address meanwhile.
         let settings = Arc::as_ptr(&self.who.params) as usize;
-        let result = self.transaction(conn, started).await;
+        let result = self.transaction(conn, started, waited).await;
         // A SET (of application_name, say) changed them: SHOW CLIENTS shows the new ones.
         if settings != Arc::as_ptr(&self.who.params) as usize {
             self.who.client.set_settings(self.who.params.clone());
@@ -404,8 +419,14 @@ impl Session {
     }
 
     /// Splices the client onto `conn` for one transaction (or, in session mode, for
-    /// the rest of the session) that `started` then, and settles what the splice leaves.
-    async fn transaction(&mut self, mut conn: PooledConn, started: Tick) -> Result<(), End> {
+    /// the rest of the session) that `started` then after `waited` seconds for the
+    /// connection, and settles what the splice leaves.
+    async fn transaction(
+        &mut self,
+        mut conn: PooledConn,
+        started: Tick,
+        waited: f64,
+    ) -> Result<(), End> {
         let hold = self.who.mode == PoolMode::Session;
         let client = ClientSide {
             stream: &mut self.stream,
@@ -432,11 +453,14 @@ impl Session {
             // A server that answers new connections within this answers a cancel within it.
             cancel_grace: config.pool.server_connect_timeout,
             started,
-            metrics: &self.who.metrics,
+            traffic: &self.who.traffic,
         };
         drop(config);
         let ending = &self.who.client.entry().ending;
         let mut exchange = Exchange::default();
+        // Its figures go out with the transaction's: one lock for all of them.
+        exchange.traffic.assigned_after = Some(waited);
+        exchange.traffic.received = std::mem::take(&mut self.received);
         let (outcome, to_client) =
             splice::splice(client, &mut conn, pooling, ending, &mut exchange).await;
         self.who.client.serving(None);
@@ -452,7 +476,9 @@ impl Session {
         // A held session published each transaction as it ended: what is left
         // is figures, not a transaction.
         let seconds = (!hold).then(|| ended.secs_since(started));
-        exchange.traffic.publish(&self.who.metrics, seconds);
+        // Counted as sent now, since it is written below (unless the client is gone).
+        exchange.traffic.sent += to_client.len() as u64;
+        exchange.traffic.publish(&self.who.traffic, seconds);
         let result = match outcome {
             Outcome::Idle if hold => {
                 reset_and_release(conn).await;
@@ -521,7 +547,6 @@ impl Session {
         };
         if !to_client.is_empty() {
             self.stream.write_all(&to_client).await?;
-            self.who.metrics.sent_bytes.inc_by(to_client.len() as u64);
         }
         result
     }
@@ -899,7 +924,7 @@ impl Session {
         match read.await {
             Ok(Ok(0) | Err(_)) => Err(End::Gone),
             Ok(Ok(n)) => {
-                self.who.metrics.received_bytes.inc_by(n as u64);
+                self.received += n as u64;
                 Ok(())
             }
             Err(Stop::Killed) => Err(End::Fatal(ClientError::Killed)),

@@ -42,7 +42,7 @@ use super::statements::{ClientStatements, Registry, ServerStatements};
 use super::{frontend, responses};
 use crate::clock::Tick;
 use crate::error::ClientError;
-use crate::metrics::SessionMetrics;
+use crate::metrics::DatabaseTraffic;
 use crate::params::ParamSet;
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::Scanner;
@@ -131,12 +131,15 @@ pub struct Pooling<'a> {
     pub started: Tick,
     /// where a held session's figures go at each transaction's end, rather than
     /// only once the session ends
-    pub metrics: &'a SessionMetrics,
+    pub traffic: &'a DatabaseTraffic,
 }
 
 /// What went through one splice, for the metrics.
 #[derive(Debug, Default)]
 pub struct Traffic {
+    /// the wait for the server connection, in seconds, while its assignment is
+    /// unpublished
+    pub assigned_after: Option<f64>,
     /// Query and Execute messages from the client
     pub queries: u64,
     /// bytes read from the client
@@ -172,27 +175,26 @@ impl Traffic {
         }
     }
 
-    /// Adds the figures gathered since the last call to `m` and starts them over,
+    /// Adds the figures gathered since the last call to `to` and starts them over,
     /// with the duration of one transaction or server assignment when one ended.
-    pub fn publish(&mut self, m: &SessionMetrics, seconds: Option<f64>) {
-        if let Some(seconds) = seconds {
-            m.transaction_seconds.observe(seconds);
-        }
-        m.query_seconds.inc_by(self.busy as f64 * 1e-9);
-        m.transactions.inc_by(self.transactions);
-        m.queries.inc_by(self.queries);
-        m.received_bytes.inc_by(self.received);
-        m.sent_bytes.inc_by(self.sent);
-        // Zero unless statements are translated: spare the atomics then.
-        for (counter, n) in [
-            (&m.client_parses, self.client_parses),
-            (&m.server_parses, self.server_parses),
-            (&m.binds, self.binds),
-        ] {
-            if n > 0 {
-                counter.inc_by(n);
+    pub fn publish(&mut self, to: &DatabaseTraffic, seconds: Option<f64>) {
+        to.add(|t| {
+            if let Some(waited) = self.assigned_after {
+                t.server_assignments += 1;
+                t.wait_seconds.observe(waited);
             }
-        }
+            if let Some(seconds) = seconds {
+                t.transaction_seconds.observe(seconds);
+            }
+            t.query_seconds += self.busy as f64 * 1e-9;
+            t.transactions += self.transactions;
+            t.queries += self.queries;
+            t.received_bytes += self.received;
+            t.sent_bytes += self.sent;
+            t.client_parses += self.client_parses;
+            t.server_parses += self.server_parses;
+            t.binds += self.binds;
+        });
         *self = Traffic {
             busy_since: self.busy_since,
             transaction_since: self.transaction_since,
@@ -202,10 +204,10 @@ impl Traffic {
 
     /// A held session's transaction ended `now`: its figures go out, and a request
     /// the client already sent opens the next one.
-    fn transaction_ended(&mut self, m: &SessionMetrics, owes: bool, now: Tick) {
+    fn transaction_ended(&mut self, to: &DatabaseTraffic, owes: bool, now: Tick) {
         self.busy_until(|| now);
         let seconds = self.transaction_since.take().map(|t| now.secs_since(t));
-        self.publish(m, seconds);
+        self.publish(to, seconds);
         self.busy_from(owes, || now);
     }
 
@@ -555,7 +557,7 @@ pub async fn splice(
                         // With a cancel unconfirmed the loop's top returns once it is.
                         Ok(true) if !hold && cancel.is_none() => return (Outcome::Idle, to_client),
                         Ok(true) if hold => cx.x.traffic.transaction_ended(
-                            pooling.metrics,
+                            pooling.traffic,
                             !cx.expected.is_empty(),
                             Tick::now(),
                         ),

@@ -1,23 +1,27 @@
 //! Every Prometheus metric pgwarden exports, in one place.
 //!
 //! Names start with `pgwarden_` and carry their unit; labels are bounded
-//! (database, user, backend, state — never a client). Sessions resolve their
-//! label children once per (database, user) through [`Metrics::session`], so the
-//! per-transaction cost is a few atomic increments. Gauges that describe pools
-//! are filled in at scrape time from the pools themselves.
+//! (database, user, backend, state — never a client). Sessions add each
+//! transaction's figures to their database's [`DatabaseTraffic`] under one lock
+//! ([`traffic`]). Gauges that describe clients and pools are filled in at scrape
+//! time from the client registry and the pools themselves.
 
-use std::collections::HashMap;
+pub mod traffic;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::backend::{BackendTable, Health, Role};
 use crate::pool::Pools;
 use crate::registry::ClientRegistry;
+use traffic::Traffic;
+pub use traffic::{DatabaseTraffic, Totals};
 
 /// Buckets for transaction and wait durations: 100 µs to 30 s.
 const SECONDS: &[f64] = &[
@@ -34,16 +38,7 @@ pub struct Metrics {
     clients: IntGaugeVec,
     server_connections: IntGaugeVec,
     longest_wait: prometheus::GaugeVec,
-    transactions: IntCounterVec,
-    server_assignments: IntCounterVec,
-    queries: IntCounterVec,
-    prepared: IntCounterVec,
-    transaction_seconds: HistogramVec,
-    query_seconds: prometheus::CounterVec,
-    wait_seconds: HistogramVec,
-    received_bytes: IntCounterVec,
-    sent_bytes: IntCounterVec,
-    wait_timeouts: IntCounterVec,
+    traffic: Traffic,
     /// failed logins by reason (`password`, `database`, `protocol`, …)
     pub login_failures: IntCounterVec,
     backend_up: IntGaugeVec,
@@ -73,7 +68,8 @@ pub struct Metrics {
     pub coordination_alarms: IntCounterVec,
     /// configuration reloads by result (`ok`, `error`)
     pub reloads: IntCounterVec,
-    sessions: Mutex<HashMap<(String, String), Arc<SessionMetrics>>>,
+    /// every (database, user) that has had a client
+    pairs: Mutex<BTreeSet<(String, String)>>,
     names: Vec<String>,
 }
 
@@ -81,35 +77,6 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
     }
-}
-
-/// The handles one (database, user) updates on its hot path.
-#[derive(Debug)]
-pub struct SessionMetrics {
-    /// finished transactions
-    pub transactions: IntCounter,
-    /// server connections given to clients
-    pub server_assignments: IntCounter,
-    /// Query and Execute messages
-    pub queries: IntCounter,
-    /// named statements clients prepared
-    pub client_parses: IntCounter,
-    /// statements pgwarden prepared on servers for them
-    pub server_parses: IntCounter,
-    /// Binds of clients' named statements
-    pub binds: IntCounter,
-    /// time a server connection served one transaction
-    pub transaction_seconds: Histogram,
-    /// time servers spent answering, within transactions
-    pub query_seconds: prometheus::Counter,
-    /// time a client waited for a server connection
-    pub wait_seconds: Histogram,
-    /// bytes from clients
-    pub received_bytes: IntCounter,
-    /// bytes to clients
-    pub sent_bytes: IntCounter,
-    /// `query_wait_timeout` expirations
-    pub wait_timeouts: IntCounter,
 }
 
 /// The state a client is counted in.
@@ -233,61 +200,7 @@ impl Metrics {
                 &["backend", "database", "state"],
             ),
             longest_wait,
-            transactions: r.counter(
-                "transactions_total",
-                "Transactions finished (a ReadyForQuery with the server idle)",
-                &["database"],
-            ),
-            server_assignments: r.counter(
-                "server_assignments_total",
-                "Times a client was given a server connection",
-                &["database"],
-            ),
-            queries: r.counter(
-                "queries_total",
-                "Query and Execute messages forwarded",
-                &["database"],
-            ),
-            prepared: r.counter(
-                "prepared_statements_total",
-                "Named statements: prepared by clients (client_parse), prepared by pgwarden on servers (server_parse), bound (bind)",
-                &["database", "kind"],
-            ),
-            transaction_seconds: r.histogram(
-                "transaction_duration_seconds",
-                "Time a server connection served one transaction",
-                &["database"],
-            ),
-            query_seconds: r.add(
-                prometheus::CounterVec::new(
-                    Opts::new(
-                        "query_seconds_total",
-                        "Time servers spent answering requests: from a request sent while nothing was owed to the last answer owed",
-                    ),
-                    &["database"],
-                )
-                .expect("valid metric"),
-            ),
-            wait_seconds: r.histogram(
-                "client_wait_seconds",
-                "Time a client waited for a server connection",
-                &["database"],
-            ),
-            received_bytes: r.counter(
-                "client_received_bytes_total",
-                "Bytes received from clients",
-                &["database"],
-            ),
-            sent_bytes: r.counter(
-                "client_sent_bytes_total",
-                "Bytes sent to clients",
-                &["database"],
-            ),
-            wait_timeouts: r.counter(
-                "pool_wait_timeouts_total",
-                "Requests refused after query_wait_timeout",
-                &["database"],
-            ),
+            traffic: r.add(Traffic::new()),
             login_failures: r.counter(
                 "login_failures_total",
                 "Failed client logins by reason",
@@ -355,44 +268,31 @@ impl Metrics {
                 "Configuration reloads by result",
                 &["result"],
             ),
-            sessions: Mutex::new(HashMap::new()),
+            pairs: Mutex::default(),
             process,
             registry: r.registry,
             names: r.names,
         }
     }
 
-    /// The hot-path handles of `user` on `database`, created on first use.
-    pub fn session(&self, database: &str, user: &str) -> Arc<SessionMetrics> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions
-            .entry((database.to_owned(), user.to_owned()))
-            .or_insert_with(|| {
-                Arc::new(SessionMetrics {
-                    transactions: self.transactions.with_label_values(&[database]),
-                    server_assignments: self.server_assignments.with_label_values(&[database]),
-                    client_parses: self.prepared.with_label_values(&[database, "client_parse"]),
-                    server_parses: self.prepared.with_label_values(&[database, "server_parse"]),
-                    binds: self.prepared.with_label_values(&[database, "bind"]),
-                    queries: self.queries.with_label_values(&[database]),
-                    transaction_seconds: self.transaction_seconds.with_label_values(&[database]),
-                    query_seconds: self.query_seconds.with_label_values(&[database]),
-                    wait_seconds: self.wait_seconds.with_label_values(&[database]),
-                    received_bytes: self.received_bytes.with_label_values(&[database]),
-                    sent_bytes: self.sent_bytes.with_label_values(&[database]),
-                    wait_timeouts: self.wait_timeouts.with_label_values(&[database]),
-                })
-            })
-            .clone()
+    /// The traffic figures a client of `user` on `database` adds to; the pair is
+    /// counted among those that have had clients from now on.
+    pub fn session(&self, database: &str, user: &str) -> Arc<DatabaseTraffic> {
+        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        pairs.insert((database.to_owned(), user.to_owned()));
+        drop(pairs);
+        self.traffic.of(database)
     }
 
-    /// Every (database, user) that has had a client, with its handles.
-    pub fn sessions(&self) -> Vec<((String, String), Arc<SessionMetrics>)> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    /// Every (database, user) that has had a client.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        pairs.iter().cloned().collect()
+    }
+
+    /// Every database's traffic totals.
+    pub fn traffic(&self) -> BTreeMap<String, Totals> {
+        self.traffic.totals()
     }
 
     /// Mirrors the routing table into the backend gauges.
@@ -433,7 +333,7 @@ impl Metrics {
     pub fn render(&self, pools: &Pools, clients: &ClientRegistry) -> Vec<u8> {
         let tallies = clients.tally();
         // Every pair that has had clients, so that "none" reads 0, not absent.
-        for ((database, user), _) in self.sessions() {
+        for (database, user) in self.pairs() {
             let tally = tallies
                 .get(&(database.clone(), user.clone()))
                 .copied()
