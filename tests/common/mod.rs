@@ -203,18 +203,30 @@ impl Pgwarden {
 
     /// Starts pgwarden for `dbs` and waits until it accepts connections.
     pub fn start_with(dbs: &[&Db], options: Options) -> Pgwarden {
-        let port = free_port().unwrap();
-        let http_port = free_port().unwrap();
-        Self::launch(
-            port,
-            http_port,
-            &config_text(port, http_port, dbs, &options),
-            &userlist(dbs, &options),
-            Launch {
-                env: options.env,
-                open_files: options.open_files,
-            },
-        )
+        let launch = Launch {
+            env: options.env.clone(),
+            open_files: options.open_files,
+        };
+        // A port found free can be taken before pgwarden binds it, by another test's
+        // outgoing connection (both come from the ephemeral range): such a start is
+        // tried again on other ports.
+        for _ in 0..3 {
+            let port = free_port().unwrap();
+            let http_port = free_port().unwrap();
+            let config = config_text(port, http_port, dbs, &options);
+            match Self::launch(
+                port,
+                http_port,
+                &config,
+                &userlist(dbs, &options),
+                launch.clone(),
+            ) {
+                Ok(p) => return p,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("pgwarden found its ports taken three times");
     }
 
     /// Starts a second pgwarden with this one's configuration and ports (which
@@ -229,6 +241,7 @@ impl Pgwarden {
             &read("userlist.txt"),
             self.launch.clone(),
         )
+        .unwrap_or_else(|log| panic!("{log}"))
     }
 
     fn launch(
@@ -237,7 +250,7 @@ impl Pgwarden {
         config_text: &str,
         userlist: &str,
         launch: Launch,
-    ) -> Pgwarden {
+    ) -> Result<Pgwarden, String> {
         let dir = std::env::temp_dir().join(format!(
             "pgwarden-test-{}-{}",
             std::process::id(),
@@ -258,8 +271,8 @@ impl Pgwarden {
             log,
             launch,
         };
-        p.wait_ready(0);
-        p
+        p.wait_ready(0)?;
+        Ok(p)
     }
 
     /// Kills pgwarden with SIGKILL (a crash: no shutdown) and starts it again with
@@ -269,7 +282,8 @@ impl Pgwarden {
         let _ = self.child.wait();
         let logged = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         self.child = spawn(&self.config, &self.log, &self.launch);
-        self.wait_ready(logged);
+        self.wait_ready(logged)
+            .unwrap_or_else(|log| panic!("{log}"));
     }
 
     /// True while the process runs.
@@ -277,19 +291,20 @@ impl Pgwarden {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Waits until the process listens, as its log says past the first `logged` bytes.
-    fn wait_ready(&mut self, logged: usize) {
+    /// Waits until the process listens, as its log says past the first `logged`
+    /// bytes; what it logged if it exited first.
+    fn wait_ready(&mut self, logged: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pgwarden exited with {status}:\n{}", self.log());
+                return Err(format!("pgwarden exited with {status}:\n{}", self.log()));
             }
             // The HTTP endpoint starts just after the client listener. Its line in the
             // log tells a process that shares its ports from the one already there.
             let log = std::fs::read(&self.log).unwrap_or_default();
             let new = String::from_utf8_lossy(log.get(logged..).unwrap_or_default());
             if new.contains("HTTP endpoint listening") {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
