@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Cache};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -36,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::BackendTable;
 use crate::clock::Tick;
-use crate::config::{PoolMode, Target};
+use crate::config::{Config, PoolMode, Target};
 use crate::error::{ClientError, ServerError};
 use crate::keepalive::Keepalive;
 use crate::metrics::{ClientState, DatabaseTraffic};
@@ -213,10 +214,25 @@ impl From<std::io::Error> for End {
     }
 }
 
+/// The running configuration, as a session's cache sees it.
+struct ConfigOf(Arc<Shared>);
+
+impl std::ops::Deref for ConfigOf {
+    type Target = ArcSwap<Config>;
+
+    fn deref(&self) -> &ArcSwap<Config> {
+        &self.0.config
+    }
+}
+
 /// An authenticated client.
 pub struct Session {
     stream: Stream,
     shared: Arc<Shared>,
+    /// the running configuration, cached: a transaction's look at it is one plain
+    /// load where `ArcSwap::load` takes two locked instructions. An idle session
+    /// keeps the configuration of its last transaction alive until its next.
+    config: Cache<ConfigOf, Arc<Config>>,
     who: LoggedIn,
     inbuf: BytesMut,
     scanner: Scanner,
@@ -232,6 +248,7 @@ impl Session {
         let max_message = shared.limits.max_message();
         Session {
             stream,
+            config: Cache::new(ConfigOf(shared.clone())),
             shared,
             who,
             inbuf: BytesMut::new(),
@@ -363,7 +380,7 @@ impl Session {
         if tag == b'P'
             && self.inbuf.get(HEADER_LEN).is_some_and(|&b| b != 0)
             && self.who.mode == PoolMode::Transaction
-            && self.shared.config.load().pool.max_prepared_statements > 0
+            && self.config.load().pool.max_prepared_statements > 0
             && let Some(answered) = frontend::prepare_without_server(
                 &self.inbuf,
                 &mut self.who.statements,
@@ -436,7 +453,7 @@ impl Session {
             status: &mut self.status,
             statements: &mut self.who.statements,
         };
-        let config = self.shared.config.load();
+        let config = self.config.load();
         let pooling = Pooling {
             registry: &self.who.registry,
             max_prepared: config.pool.max_prepared_statements,
@@ -455,7 +472,6 @@ impl Session {
             started,
             traffic: &self.who.traffic,
         };
-        drop(config);
         let ending = &self.who.client.entry().ending;
         let mut exchange = Exchange::default();
         // Its figures go out with the transaction's: one lock for all of them.
