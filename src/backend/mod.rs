@@ -8,6 +8,7 @@
 //! can keep what they derived from a table (their pool) until it does.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -244,6 +245,8 @@ impl BackendTable {
 #[derive(Debug)]
 pub struct Routing {
     table: ArcSwap<BackendTable>,
+    /// the table's generation, stored after it
+    generation: AtomicU64,
     changed: watch::Sender<u64>,
 }
 
@@ -253,6 +256,7 @@ impl Routing {
         let generation = table.generation;
         Routing {
             table: ArcSwap::from_pointee(table),
+            generation: AtomicU64::new(generation),
             changed: watch::Sender::new(generation),
         }
     }
@@ -267,10 +271,17 @@ impl Routing {
         self.table.load_full()
     }
 
+    /// The current snapshot's generation: one plain load, for a session that routed
+    /// that generation already and needs nothing else of the table.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Publishes a new snapshot; waiters are woken when its generation is new.
     pub fn store(&self, table: BackendTable) {
         let generation = table.generation;
         self.table.store(Arc::new(table));
+        self.generation.store(generation, Ordering::Release);
         self.changed.send_if_modified(|g| {
             let newer = *g != generation;
             *g = generation;

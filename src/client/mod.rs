@@ -643,9 +643,15 @@ impl Session {
             if let Some((changes, ..)) = &mut wait {
                 changes.borrow_and_update();
             }
-            let (routed, pool) = {
-                let table = self.shared.routing.load();
-                (table.generation, self.route(&table)?)
+            // A primary's pool, routed in this generation already, needs no look at
+            // the table (only primary routes are kept).
+            let generation = self.shared.routing.generation();
+            let (routed, pool) = match &self.who.route {
+                Some((routed, pool)) if *routed == generation => (generation, Some(pool.clone())),
+                _ => {
+                    let table = self.shared.routing.load();
+                    (table.generation, self.route(&table)?)
+                }
             };
             if let Some(pool) = pool {
                 // The fast paths are tried before awaiting: each future polled costs.
@@ -739,12 +745,6 @@ impl Session {
     /// no node can serve it right now.
     fn route(&mut self, table: &BackendTable) -> Result<Option<Arc<ServerPool>>, ClientError> {
         let primary = self.who.target == Target::Primary;
-        if primary
-            && let Some((generation, pool)) = &self.who.route
-            && *generation == table.generation
-        {
-            return Ok(Some(pool.clone()));
-        }
         let config = self.shared.config.load();
         let turn = if primary {
             0
