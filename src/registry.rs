@@ -55,6 +55,9 @@ pub struct Entry {
     secret: i32,
     /// who it is
     pub identity: Identity,
+    /// its (database, user) pair's number in the registry, for counting without
+    /// reading or hashing the names
+    pair: u32,
     /// when it logged in
     pub connected_at: SystemTime,
     state: AtomicU8,
@@ -77,6 +80,27 @@ pub struct Tally {
     pub states: [usize; 3],
     /// the longest wait for a server connection in progress (zero when none waits)
     pub longest_wait: Duration,
+}
+
+/// The (database, user) pairs clients have had, each numbered once.
+#[derive(Debug, Default)]
+struct Pairs {
+    names: Vec<(String, String)>,
+    numbers: HashMap<(String, String), u32>,
+}
+
+impl Pairs {
+    /// The number of the pair, given on its first client.
+    fn number(&mut self, database: &str, user: &str) -> u32 {
+        let key = (database.to_owned(), user.to_owned());
+        if let Some(&n) = self.numbers.get(&key) {
+            return n;
+        }
+        let n = self.names.len() as u32;
+        self.names.push(key.clone());
+        self.numbers.insert(key, n);
+        n
+    }
 }
 
 /// The server connection a client is using.
@@ -290,6 +314,8 @@ impl Drop for InFlight<'_> {
 #[derive(Debug)]
 pub struct ClientRegistry {
     shards: [Mutex<HashMap<i32, Arc<Entry>>>; SHARDS],
+    /// every (database, user) pair that has had a client, numbered in order
+    pairs: Mutex<Pairs>,
     next_pid: AtomicU32,
     /// set by [`ClientRegistry::shut_down_all`]: later registrations start shut down
     closing: AtomicBool,
@@ -299,6 +325,7 @@ impl Default for ClientRegistry {
     fn default() -> Self {
         ClientRegistry {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            pairs: Mutex::default(),
             next_pid: AtomicU32::new(rand::random::<u32>()),
             closing: AtomicBool::new(false),
         }
@@ -308,6 +335,7 @@ impl Default for ClientRegistry {
 impl ClientRegistry {
     /// Issues a fresh (pid, secret) for a client; the entry lives as long as the handle.
     pub fn register(self: &Arc<Self>, identity: Identity, settings: Arc<ParamSet>) -> ClientHandle {
+        let pair = lock(&self.pairs).number(&identity.database, &identity.user);
         loop {
             // Positive, non-zero pids, as PostgreSQL's are.
             let pid =
@@ -318,6 +346,7 @@ impl ClientRegistry {
                     pid,
                     secret: rand::random(),
                     identity,
+                    pair,
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(0),
                     waiting_since: AtomicU64::new(0),
@@ -371,36 +400,34 @@ impl ClientRegistry {
     }
 
     /// What the clients of each (database, user) are doing now. Looks at each entry's
-    /// state in place: a scrape among thousands of idle clients copies nothing of
-    /// theirs, and each shard names a pair once.
+    /// state and pair number in place: a scrape among thousands of idle clients
+    /// neither copies nor hashes anything of theirs.
     pub fn tally(&self) -> HashMap<(String, String), Tally> {
         let now = Tick::now();
-        let mut tallies: HashMap<(String, String), Tally> = HashMap::new();
+        let mut tallies: Vec<Tally> = Vec::new();
         for shard in &self.shards {
-            let shard = lock(shard);
-            let mut here: HashMap<(&str, &str), Tally> = HashMap::new();
-            for entry in shard.values() {
-                let identity = &entry.identity;
-                let tally = here
-                    .entry((identity.database.as_str(), identity.user.as_str()))
-                    .or_default();
+            for entry in lock(shard).values() {
+                let pair = entry.pair as usize;
+                if pair >= tallies.len() {
+                    tallies.resize(pair + 1, Tally::default());
+                }
+                let tally = &mut tallies[pair];
                 let state = entry.state();
                 tally.states[state as usize] += 1;
                 if state == ClientState::Waiting {
                     tally.longest_wait = tally.longest_wait.max(entry.since_waiting(now));
                 }
             }
-            for ((database, user), tally) in here {
-                let total = tallies
-                    .entry((database.to_owned(), user.to_owned()))
-                    .or_default();
-                for (sum, n) in total.states.iter_mut().zip(tally.states) {
-                    *sum += n;
-                }
-                total.longest_wait = total.longest_wait.max(tally.longest_wait);
-            }
         }
-        tallies
+        // Numbered before their entries were inserted: every number seen is named.
+        let pairs = lock(&self.pairs);
+        pairs
+            .names
+            .iter()
+            .zip(tallies)
+            .filter(|(_, tally)| tally.states.iter().any(|&n| n > 0))
+            .map(|(pair, tally)| (pair.clone(), tally))
+            .collect()
     }
 
     /// Every entry, in no particular order.
@@ -530,6 +557,36 @@ mod tests {
     fn poll(entry: &Entry, idle: bool, running: bool) -> Poll<Stop> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         entry.ending.poll(&mut cx, idle, running)
+    }
+
+    #[test]
+    fn the_tally_counts_each_pair_by_state_with_its_longest_wait() {
+        let reg = Arc::new(ClientRegistry::default());
+        let of = |database: &str, user: &str| {
+            let mut identity = someone();
+            identity.database = database.into();
+            identity.user = user.into();
+            reg.register(identity, Arc::default())
+        };
+        let idle = of("db", "u");
+        let active = of("db", "u");
+        active.set_state(ClientState::Active);
+        let waiting = of("other", "u");
+        waiting.wait_from(Tick::now());
+        waiting.set_state(ClientState::Waiting);
+        let gone = of("third", "v");
+        drop(gone);
+        let tallies = reg.tally();
+        let pair = |d: &str, u: &str| tallies.get(&(d.to_owned(), u.to_owned())).copied();
+        assert_eq!(pair("db", "u").map(|t| t.states), Some([1, 0, 1]));
+        let other = pair("other", "u").unwrap();
+        assert_eq!(other.states, [0, 1, 0]);
+        assert!(other.longest_wait < Duration::from_secs(5));
+        assert!(
+            pair("third", "v").is_none(),
+            "a pair without clients is left out"
+        );
+        drop((idle, active, waiting));
     }
 
     /// A waker that counts its wakes.
