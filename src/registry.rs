@@ -430,6 +430,11 @@ impl ClientRegistry {
             .collect()
     }
 
+    /// Every (database, user) pair that has had a client, in the order of their first.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        lock(&self.pairs).names.clone()
+    }
+
     /// Every entry, in no particular order.
     pub fn all(&self) -> Vec<Arc<Entry>> {
         self.shards

@@ -108,7 +108,7 @@ impl Figures {
     pub fn read(metrics: &Metrics) -> BTreeMap<String, Figures> {
         let micros = |seconds: f64| (seconds * 1e6) as u64;
         metrics
-            .traffic()
+            .traffic_totals()
             .into_iter()
             .map(|(database, t)| {
                 let figures = Figures {

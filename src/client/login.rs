@@ -215,7 +215,7 @@ async fn login_steps(
     Ok(Step::Ready(Box::new(super::LoggedIn {
         mode: db.as_ref().map_or(config.pool.mode, |d| d.pool_mode),
         target: db.map(|d| d.target).unwrap_or_default(),
-        traffic: shared.metrics.session(&request.database, &request.user),
+        traffic: shared.metrics.traffic_of(&request.database),
         gate: shared.gate.counter(&request.database),
         registry: shared.statements.of(&request.database),
         startup: startup.clone(),

@@ -8,8 +8,8 @@
 
 pub mod traffic;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -68,8 +68,6 @@ pub struct Metrics {
     pub coordination_alarms: IntCounterVec,
     /// configuration reloads by result (`ok`, `error`)
     pub reloads: IntCounterVec,
-    /// every (database, user) that has had a client
-    pairs: Mutex<BTreeSet<(String, String)>>,
     names: Vec<String>,
 }
 
@@ -268,30 +266,19 @@ impl Metrics {
                 "Configuration reloads by result",
                 &["result"],
             ),
-            pairs: Mutex::default(),
             process,
             registry: r.registry,
             names: r.names,
         }
     }
 
-    /// The traffic figures a client of `user` on `database` adds to; the pair is
-    /// counted among those that have had clients from now on.
-    pub fn session(&self, database: &str, user: &str) -> Arc<DatabaseTraffic> {
-        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-        pairs.insert((database.to_owned(), user.to_owned()));
-        drop(pairs);
+    /// The traffic figures the clients of `database` add to.
+    pub fn traffic_of(&self, database: &str) -> Arc<DatabaseTraffic> {
         self.traffic.of(database)
     }
 
-    /// Every (database, user) that has had a client.
-    pub fn pairs(&self) -> Vec<(String, String)> {
-        let pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-        pairs.iter().cloned().collect()
-    }
-
     /// Every database's traffic totals.
-    pub fn traffic(&self) -> BTreeMap<String, Totals> {
+    pub fn traffic_totals(&self) -> BTreeMap<String, Totals> {
         self.traffic.totals()
     }
 
@@ -333,7 +320,7 @@ impl Metrics {
     pub fn render(&self, pools: &Pools, clients: &ClientRegistry) -> Vec<u8> {
         let tallies = clients.tally();
         // Every pair that has had clients, so that "none" reads 0, not absent.
-        for (database, user) in self.pairs() {
+        for (database, user) in clients.pairs() {
             let tally = tallies
                 .get(&(database.clone(), user.clone()))
                 .copied()
