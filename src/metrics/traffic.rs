@@ -112,18 +112,19 @@ impl DatabaseTraffic {
 #[derive(Clone)]
 pub struct Traffic {
     databases: Arc<Mutex<BTreeMap<String, Arc<DatabaseTraffic>>>>,
-    descs: Arc<[Family; 12]>,
+    families: Arc<[Family; 10]>,
 }
+
+/// A figure of one database's totals.
+type Figure = fn(&Totals) -> Sample;
 
 /// One Prometheus family of the totals.
 struct Family {
     desc: Desc,
     kind: MetricType,
-    /// the `kind` label's value, for the three families of prepared statements that
-    /// share one name
-    label: Option<&'static str>,
-    /// its sample for one database's totals
-    sample: fn(&Totals) -> Sample,
+    /// its samples of one database's totals: one, or one per value of the `kind`
+    /// label (the prepared statements)
+    samples: Vec<(Option<&'static str>, Figure)>,
 }
 
 enum Sample {
@@ -140,31 +141,28 @@ impl Default for Traffic {
 impl Traffic {
     /// No database yet, and the descriptions of the families.
     pub fn new() -> Traffic {
-        let counter = |name: &str, help: &str, sample| Family {
+        let counter = |name: &str, help: &str, sample: Figure| Family {
             desc: desc(name, help, &["database"]),
             kind: MetricType::COUNTER,
-            label: None,
-            sample,
+            samples: vec![(None, sample)],
         };
-        let prepared = |kind, sample| Family {
-            desc: desc(
-                "prepared_statements_total",
-                "Named statements: prepared by clients (client_parse), prepared by pgwarden on servers (server_parse), bound (bind)",
-                &["database", "kind"],
-            ),
-            kind: MetricType::COUNTER,
-            label: Some(kind),
-            sample,
-        };
-        let histogram = |name: &str, help: &str, sample| Family {
+        let histogram = |name: &str, help: &str, sample: Figure| Family {
             desc: desc(name, help, &["database"]),
             kind: MetricType::HISTOGRAM,
-            label: None,
-            sample,
+            samples: vec![(None, sample)],
         };
+        let prepared: Vec<(Option<&'static str>, Figure)> = vec![
+            (Some("client_parse"), |t| {
+                Sample::Count(t.client_parses as f64)
+            }),
+            (Some("server_parse"), |t| {
+                Sample::Count(t.server_parses as f64)
+            }),
+            (Some("bind"), |t| Sample::Count(t.binds as f64)),
+        ];
         Traffic {
             databases: Arc::default(),
-            descs: Arc::new([
+            families: Arc::new([
                 counter(
                     "transactions_total",
                     "Transactions finished (a ReadyForQuery with the server idle)",
@@ -180,9 +178,15 @@ impl Traffic {
                     "Query and Execute messages forwarded",
                     |t| Sample::Count(t.queries as f64),
                 ),
-                prepared("client_parse", |t| Sample::Count(t.client_parses as f64)),
-                prepared("server_parse", |t| Sample::Count(t.server_parses as f64)),
-                prepared("bind", |t| Sample::Count(t.binds as f64)),
+                Family {
+                    desc: desc(
+                        "prepared_statements_total",
+                        "Named statements: prepared by clients (client_parse), prepared by pgwarden on servers (server_parse), bound (bind)",
+                        &["database", "kind"],
+                    ),
+                    kind: MetricType::COUNTER,
+                    samples: prepared,
+                },
                 histogram(
                     "transaction_duration_seconds",
                     "Time a server connection served one transaction",
@@ -248,50 +252,38 @@ fn label(name: &str, value: &str) -> LabelPair {
 
 impl Collector for Traffic {
     fn desc(&self) -> Vec<&Desc> {
-        // The prepared-statement families share one description.
-        let mut descs: Vec<&Desc> = Vec::new();
-        for family in self.descs.iter() {
-            if !descs.iter().any(|d| d.fq_name == family.desc.fq_name) {
-                descs.push(&family.desc);
-            }
-        }
-        descs
+        self.families.iter().map(|f| &f.desc).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let totals = self.totals();
-        let mut families: Vec<MetricFamily> = Vec::new();
-        for family in self.descs.iter() {
-            let metrics = totals.iter().map(|(database, t)| {
-                let mut labels = vec![label("database", database)];
-                labels.extend(family.label.map(|kind| label("kind", kind)));
-                let mut m = proto::Metric::from_label(labels);
-                match (family.sample)(t) {
-                    Sample::Count(value) => {
-                        let mut counter = proto::Counter::default();
-                        counter.set_value(value);
-                        m.set_counter(counter);
-                    }
-                    Sample::Histogram(h) => m.set_histogram(h),
-                }
-                m
-            });
-            match families
-                .iter_mut()
-                .find(|f| f.name() == family.desc.fq_name)
-            {
-                Some(shared) => shared.mut_metric().extend(metrics),
-                None => {
-                    let mut f = MetricFamily::default();
-                    f.set_name(family.desc.fq_name.clone());
-                    f.set_help(family.desc.help.clone());
-                    f.set_field_type(family.kind);
-                    f.set_metric(metrics.collect());
-                    families.push(f);
-                }
-            }
-        }
-        families
+        self.families
+            .iter()
+            .map(|family| {
+                let metrics = totals.iter().flat_map(|(database, t)| {
+                    family.samples.iter().map(move |(kind, figure)| {
+                        let mut labels = vec![label("database", database)];
+                        labels.extend(kind.map(|kind| label("kind", kind)));
+                        let mut m = proto::Metric::from_label(labels);
+                        match figure(t) {
+                            Sample::Count(value) => {
+                                let mut counter = proto::Counter::default();
+                                counter.set_value(value);
+                                m.set_counter(counter);
+                            }
+                            Sample::Histogram(h) => m.set_histogram(h),
+                        }
+                        m
+                    })
+                });
+                let mut f = MetricFamily::default();
+                f.set_name(family.desc.fq_name.clone());
+                f.set_help(family.desc.help.clone());
+                f.set_field_type(family.kind);
+                f.set_metric(metrics.collect());
+                f
+            })
+            .collect()
     }
 }
 
