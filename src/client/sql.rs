@@ -36,9 +36,8 @@ pub fn glance(sql: &[u8]) -> Glance {
         b"create",
     ];
     let first = first_word(sql);
-    let interesting = WORTH_READING.iter().any(|w| first.eq_ignore_ascii_case(w))
-        || has_second_statement(sql)
-        || mentions_advisory(sql);
+    let interesting =
+        WORTH_READING.iter().any(|w| first.eq_ignore_ascii_case(w)) || needs_reading(sql);
     if !interesting {
         return Glance::default();
     }
@@ -64,26 +63,28 @@ fn first_word(sql: &[u8]) -> &[u8] {
     &sql[start..end]
 }
 
-fn has_second_statement(sql: &[u8]) -> bool {
-    match memchr::memchr(b';', sql) {
-        Some(i) => sql[i + 1..]
-            .iter()
-            .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0),
-        None => false,
-    }
-}
-
-/// True when the text names an advisory lock function. Every query text is
-/// searched: the scan is for the word's rarest letter, its `v`, which memchr finds
-/// many bytes per instruction, and only where one occurs is the word compared.
-fn mentions_advisory(sql: &[u8]) -> bool {
+/// True when the text holds a second statement or names an advisory lock
+/// function. Every query text is searched, in one scan for both: for a `;` and for
+/// the rarest letter of "advisory", its `v`, which memchr finds many bytes per
+/// instruction. Only where one occurs is more read; after the first `;` that ends
+/// the text (only blanks follow) there is no `v` left to find.
+fn needs_reading(sql: &[u8]) -> bool {
     const WORD: &[u8] = b"advisory";
-    memchr::memchr2_iter(b'v', b'V', sql).any(|v| {
-        v >= 2
+    for at in memchr::memchr3_iter(b';', b'v', b'V', sql) {
+        if sql[at] == b';' {
+            return sql[at + 1..]
+                .iter()
+                .any(|b| !b.is_ascii_whitespace() && *b != b';' && *b != 0);
+        }
+        if at >= 2
             && sql
-                .get(v - 2..v - 2 + WORD.len())
+                .get(at - 2..at - 2 + WORD.len())
                 .is_some_and(|w| w.eq_ignore_ascii_case(WORD))
-    })
+        {
+            return true;
+        }
+    }
+    false
 }
 
 fn read(sql: &[u8]) -> Glance {
@@ -313,8 +314,12 @@ mod tests {
         assert!(glance(b"SELECT pg_advisory_lock(1)").notice.is_some());
         assert!(glance(b"SELECT pg_advisory_xact_lock(1)").notice.is_none());
         assert!(glance(b"select PG_ADVISORY_LOCK(1)").notice.is_some());
-        assert!(mentions_advisory(b"an Advisory"));
-        assert!(!mentions_advisory(b"v ad visory advisor"));
+        assert!(needs_reading(b"an Advisory"));
+        assert!(!needs_reading(b"v ad visory advisor"));
+        assert!(needs_reading(b"select pg_advisory_lock(1);"));
+        assert!(!needs_reading(b"select avg(v) from t; \n;\0"));
+        assert!(needs_reading(b"select avg(v) from t; select 2"));
+        assert!(needs_reading(b"select 1;;v"));
         assert!(glance(b"DECLARE c CURSOR FOR SELECT 1").notice.is_none());
         assert!(
             glance(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1")
