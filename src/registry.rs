@@ -63,7 +63,7 @@ pub struct Entry {
     state: AtomicU8,
     /// when it last began waiting for a server connection, as a [`Tick`]'s nanoseconds
     waiting_since: AtomicU64,
-    serving: Mutex<Option<Serving>>,
+    serving: Mutex<Option<Arc<Serving>>>,
     /// its settings now (shared with every client that has the same), for SHOW CLIENTS
     settings: Mutex<Arc<ParamSet>>,
     /// its CancelRequests on their way to a server connection
@@ -248,7 +248,7 @@ impl Entry {
     }
 
     /// The server connection serving it.
-    pub fn serving(&self) -> Option<Serving> {
+    pub fn serving(&self) -> Option<Arc<Serving>> {
         lock(&self.serving).clone()
     }
 
@@ -453,10 +453,11 @@ impl ClientRegistry {
         // Counted before the lookup: a transaction that ends after it sees the count
         // and keeps its server connection until the cancel has landed.
         let _in_flight = InFlight::new(&entry);
-        let Some(Serving { key, .. }) = entry.serving() else {
+        let Some(serving) = entry.serving() else {
             debug!(pid, "cancel request matches no running query");
             return;
         };
+        let key = &serving.key;
         let sent = tokio::time::timeout(connect_timeout, key.clone().send()).await;
         match sent {
             Ok(Ok(())) => {
@@ -499,7 +500,7 @@ impl ClientHandle {
 
     /// Points cancels at the server connection now serving the client (or at
     /// nothing), and forgets an eviction of the transaction before.
-    pub fn serving(&self, serving: Option<Serving>) {
+    pub fn serving(&self, serving: Option<Arc<Serving>>) {
         let mut slot = lock(&self.entry.serving);
         self.entry.ending.forget_eviction();
         *slot = serving;
@@ -659,20 +660,20 @@ mod tests {
             reg.register(someone(), Arc::default()),
             reg.register(someone(), Arc::default()),
         );
-        a.serving(Some(serving(1)));
-        b.serving(Some(serving(2)));
+        a.serving(Some(Arc::new(serving(1))));
+        b.serving(Some(Arc::new(serving(2))));
         reg.evict(&[1]);
         assert_eq!(poll(a.entry(), false, true), Poll::Ready(Stop::Evicted));
         assert_eq!(poll(b.entry(), false, true), Poll::Pending);
         // Between transactions an eviction means nothing, and the next one starts clean.
         assert_eq!(poll(a.entry(), true, false), Poll::Pending);
         a.serving(None);
-        a.serving(Some(serving(3)));
+        a.serving(Some(Arc::new(serving(3))));
         assert_eq!(poll(a.entry(), false, true), Poll::Pending);
         // Nothing served, nothing evicted.
         a.serving(None);
         reg.evict(&[3]);
-        a.serving(Some(serving(3)));
+        a.serving(Some(Arc::new(serving(3))));
         assert_eq!(poll(a.entry(), false, true), Poll::Pending);
     }
 
@@ -731,13 +732,13 @@ mod tests {
         };
         let t = Duration::from_secs(1);
         reg.cancel(client.pid(), client.secret(), t).await; // idle: nothing
-        client.serving(Some(Serving {
+        client.serving(Some(Arc::new(Serving {
             key,
             backend: "pg1".into(),
             pool: 1,
             opened: Tick::now(),
             endpoint: Endpoint::default(),
-        }));
+        })));
         reg.cancel(client.pid(), client.secret().wrapping_add(1), t)
             .await; // wrong secret
         assert!(

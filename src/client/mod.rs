@@ -675,7 +675,7 @@ impl Session {
                                 }
                             };
                         let pool = conn.pool();
-                        self.who.client.serving(Some(pool.serving(&conn)));
+                        self.who.client.serving(Some(conn.serving().clone()));
                         // Retired before the registry knew this client uses it: the
                         // retirement's sweep of the registry did not see it.
                         if pool.is_retired() {

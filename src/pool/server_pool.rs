@@ -246,6 +246,7 @@ impl ServerPool {
         debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "server connection opened");
         self.logins.remember_welcome(&conn.reported);
         Ok(Box::new(Held {
+            serving: Arc::new(self.serving(&conn)),
             conn,
             _places: places,
         }))
@@ -457,7 +458,7 @@ impl ServerPool {
     }
 
     /// What the registry and SHOW SERVERS keep of one of this pool's connections.
-    pub fn serving(&self, conn: &ServerConn) -> Serving {
+    fn serving(&self, conn: &ServerConn) -> Serving {
         Serving {
             key: conn.cancel_key.clone(),
             backend: self.target.backend.clone(),
@@ -468,10 +469,10 @@ impl ServerPool {
     }
 
     /// The idle connections, for SHOW SERVERS, each with when it was last returned.
-    pub fn idle_servers(&self) -> Vec<(Serving, Tick)> {
+    pub fn idle_servers(&self) -> Vec<(Arc<Serving>, Tick)> {
         lock(&self.idle)
             .iter()
-            .map(|c| (self.serving(c), c.idle_since()))
+            .map(|c| (c.serving.clone(), c.idle_since()))
             .collect()
     }
 
@@ -575,6 +576,15 @@ impl PooledConn {
         &self.pool
     }
 
+    /// What the registry shows of it while a client uses it.
+    pub fn serving(&self) -> &Arc<Serving> {
+        &self
+            .conn
+            .as_ref()
+            .expect("connection present until release")
+            .serving
+    }
+
     /// Returns a clean connection (idle, nothing owed to anyone) to the pool.
     pub fn release(self) {
         self.release_at(Tick::now());
@@ -627,6 +637,9 @@ enum Room {
 #[derive(Debug)]
 struct Held {
     conn: ServerConn,
+    /// what the registry and SHOW SERVERS show of it: made once, so that each
+    /// transaction that takes the connection shares it instead of building a copy
+    serving: Arc<Serving>,
     _places: Places,
 }
 
