@@ -104,7 +104,7 @@ impl Pairs {
 }
 
 /// The server connection a client is using.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Serving {
     /// its cancel key
     pub key: CancelKey,
