@@ -644,13 +644,16 @@ impl Session {
                 changes.borrow_and_update();
             }
             // A primary's pool, routed in this generation already, needs no look at
-            // the table (only primary routes are kept).
+            // the table (only primary routes are kept); it is borrowed, not cloned, as
+            // the checkout clones it already.
             let generation = self.shared.routing.generation();
+            let fresh;
             let (routed, pool) = match &self.who.route {
-                Some((routed, pool)) if *routed == generation => (generation, Some(pool.clone())),
+                Some((routed, pool)) if *routed == generation => (generation, Some(pool)),
                 _ => {
                     let table = self.shared.routing.load();
-                    (table.generation, self.route(&table)?)
+                    fresh = self.route(&table)?;
+                    (table.generation, fresh.as_ref())
                 }
             };
             if let Some(pool) = pool {

@@ -6,6 +6,7 @@
 //! going back.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Semaphore;
 
@@ -13,13 +14,12 @@ use tokio::sync::Semaphore;
 #[derive(Debug)]
 pub struct Slots {
     semaphore: Semaphore,
-    state: Mutex<Sizing>,
-}
-
-#[derive(Debug)]
-struct Sizing {
-    size: usize,
-    deficit: usize,
+    /// the configured number; the lock also serializes resizes
+    size: Mutex<usize>,
+    /// slots to retire as they come back, after a shrink. An atomic rather than a
+    /// field under `size`'s lock: every transaction's release reads it, and a release
+    /// racing a shrink at worst adds a permit that the next release retires instead.
+    deficit: AtomicUsize,
 }
 
 /// The slots are closed: the pool was retired.
@@ -31,7 +31,8 @@ impl Slots {
     pub fn new(size: usize) -> Slots {
         Slots {
             semaphore: Semaphore::new(size),
-            state: Mutex::new(Sizing { size, deficit: 0 }),
+            size: Mutex::new(size),
+            deficit: AtomicUsize::new(0),
         }
     }
 
@@ -55,39 +56,48 @@ impl Slots {
 
     /// Gives a slot back (or retires it, while the size is above its target).
     pub fn release(&self) {
-        let mut s = self.lock();
-        if s.deficit > 0 {
-            s.deficit -= 1;
-        } else {
+        let retired = self.deficit.load(Ordering::Relaxed) > 0
+            && self
+                .deficit
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1))
+                .is_ok();
+        if !retired {
             self.semaphore.add_permits(1);
         }
     }
 
     /// Changes the number of slots; a shrink takes effect as slots come back.
     pub fn resize(&self, size: usize) {
-        let mut s = self.lock();
-        if size >= s.size {
-            let grow = size - s.size;
-            let repaid = grow.min(s.deficit);
-            s.deficit -= repaid;
-            self.semaphore.add_permits(grow - repaid);
+        let mut current = self.lock();
+        if size >= *current {
+            let grow = size - *current;
+            // Growth repays a deficit still owed before it adds slots.
+            let owed = self
+                .deficit
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    Some(d.saturating_sub(grow))
+                })
+                .unwrap_or_else(|d| d);
+            self.semaphore.add_permits(grow.saturating_sub(owed));
         } else {
-            let shrink = s.size - size;
+            let shrink = *current - size;
             let forgotten = self.semaphore.forget_permits(shrink);
-            s.deficit += shrink - forgotten;
+            self.deficit
+                .fetch_add(shrink - forgotten, Ordering::Relaxed);
         }
-        s.size = size;
+        *current = size;
     }
 
     /// The configured number of slots.
     pub fn size(&self) -> usize {
-        self.lock().size
+        *self.lock()
     }
 
     /// Slots held right now (after a shrink, possibly more than the size).
     pub fn taken(&self) -> usize {
-        let s = self.lock();
-        (s.size + s.deficit).saturating_sub(self.semaphore.available_permits())
+        let size = *self.lock();
+        (size + self.deficit.load(Ordering::Relaxed))
+            .saturating_sub(self.semaphore.available_permits())
     }
 
     /// Wakes every waiter with [`Closed`] and refuses new ones.
@@ -95,10 +105,9 @@ impl Slots {
         self.semaphore.close();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Sizing> {
-        // The guarded data is two counters updated together; a panic elsewhere
-        // cannot leave them half-written, so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        // The guarded data is one number, written whole: a poisoned lock is still usable.
+        self.size.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
