@@ -37,12 +37,18 @@ impl Tick {
 
     /// The time from `earlier` to this reading; zero if `earlier` is later.
     pub fn since(self, earlier: Tick) -> Duration {
-        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+        Duration::from_nanos(self.nanos_since(earlier))
+    }
+
+    /// [`Tick::since`] in nanoseconds, to compare with a limit kept by [`nanos`]
+    /// without splitting both into seconds and nanoseconds first.
+    pub fn nanos_since(self, earlier: Tick) -> u64 {
+        self.0.saturating_sub(earlier.0)
     }
 
     /// [`Tick::since`] in seconds, as histograms take it.
     pub fn secs_since(self, earlier: Tick) -> f64 {
-        self.0.saturating_sub(earlier.0) as f64 * 1e-9
+        self.nanos_since(earlier) as f64 * 1e-9
     }
 
     /// The time since this reading.
@@ -79,5 +85,7 @@ mod tests {
         assert_eq!(Tick::from_nanos(4_000).since(t), Duration::ZERO);
         assert_eq!(t.since(Tick::from_nanos(4_000)), Duration::from_micros(1));
         assert_eq!(Tick::from_nanos(4_000).secs_since(t), 0.0);
+        assert_eq!(t.nanos_since(Tick::from_nanos(4_000)), 1_000);
+        assert_eq!(Tick::from_nanos(4_000).nanos_since(t), 0);
     }
 }

@@ -335,11 +335,6 @@ impl ServerConn {
         Ok(())
     }
 
-    /// Age at `now` since connect.
-    pub fn age(&self, now: Tick) -> Duration {
-        now.since(self.created)
-    }
-
     /// When it connected.
     pub fn opened(&self) -> Tick {
         self.created

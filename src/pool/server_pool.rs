@@ -513,7 +513,7 @@ impl ServerPool {
     /// the last RECONNECT.
     fn expired(&self, conn: &ServerConn, now: Tick) -> bool {
         let lifetime = self.lifetime.load(Ordering::Relaxed);
-        (lifetime != 0 && conn.age(now) >= Duration::from_nanos(lifetime))
+        (lifetime != 0 && now.nanos_since(conn.opened()) >= lifetime)
             || self.close_needed(conn.opened())
     }
 
