@@ -1,7 +1,9 @@
 //! Throughput and pooler CPU per transaction: pgbench against direct PostgreSQL,
 //! pgwarden and PgBouncer, alternating the targets in every round so that a
 //! noisy machine affects all three alike. Prints median TPS, the ratios
-//! pgwarden/PgBouncer and pgwarden/direct, and each pooler's CPU µs per transaction.
+//! pgwarden/PgBouncer and pgwarden/direct, and each pooler's CPU µs per transaction;
+//! then, per target, where the whole machine's CPU went per transaction (the
+//! pooler, pgbench, the rest) and how much stayed idle.
 //!
 //! Run: `cargo bench --bench throughput` (needs `apt-get install -y pgbouncer`).
 //! Knobs (environment): BENCH_ROUNDS=3, BENCH_SECONDS=10, BENCH_SCALE=10,
@@ -97,43 +99,33 @@ fn main() {
     header.push_str(" pgwarden/pgbouncer | pgwarden/direct | pgwarden CPU µs/tx | pgbouncer CPU µs/tx | failed |");
     println!("{header}");
     println!("|{}", "---|".repeat(header.matches('|').count() - 1));
+    let runs = |mode: &str, c: &str, name: &str| {
+        results
+            .get(&(mode.to_owned(), c.to_owned(), name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    // The median of one figure over a cell's runs of `name`; `None` without runs.
+    let figure = |mode: &str, c: &str, name: &str, f: &dyn Fn(&Run) -> Option<f64>| {
+        let mut v: Vec<f64> = runs(mode, c, name).iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&mut v))
+    };
+    let shown =
+        |v: Option<f64>, digits: usize| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
     for mode in &modes {
         for c in &clients {
-            let runs = |name: &str| {
-                results
-                    .get(&(mode.clone(), c.clone(), name))
-                    .cloned()
-                    .unwrap_or_default()
-            };
-            let tps =
-                |name: &str| median(&mut runs(name).iter().map(|r| r.tps).collect::<Vec<_>>());
-            let cpu = |name: &str| {
-                let mut v: Vec<f64> = runs(name).iter().filter_map(|r| r.cpu_us_per_tx).collect();
-                if v.is_empty() {
-                    "–".to_owned()
-                } else {
-                    format!("{:.1}", median(&mut v))
-                }
-            };
-            let ratio = |a: f64, b: f64| {
-                if b > 0.0 {
-                    format!("{:.2}", a / b)
-                } else {
-                    "–".into()
-                }
-            };
+            let tps = |name: &str| figure(mode, c, name, &|r| Some(r.tps)).unwrap_or(0.0);
+            let cpu = |name: &str| shown(figure(mode, c, name, &|r| r.cpu_us_per_tx), 1);
+            let ratio = |a: f64, b: f64| shown((b > 0.0).then(|| a / b), 2);
             let failed: u64 = names
                 .iter()
-                .map(|n| runs(n).iter().map(|r| r.failed).sum::<u64>())
+                .map(|n| runs(mode, c, n).iter().map(|r| r.failed).sum::<u64>())
                 .sum();
             let mut line = format!("| {mode} | {c} |");
             for n in &names {
                 // No runs: PgBouncer before 1.21 in `-M prepared`.
-                if runs(n).is_empty() {
-                    line.push_str(" – |");
-                } else {
-                    line.push_str(&format!(" {:.0} |", tps(n)));
-                }
+                let median_tps = figure(mode, c, n, &|r| Some(r.tps));
+                line.push_str(&format!(" {} |", shown(median_tps, 0)));
             }
             line.push_str(&format!(
                 " {} | {} | {} | {} | {failed} |",
@@ -143,6 +135,40 @@ fn main() {
                 cpu("pgbouncer"),
             ));
             println!("{line}");
+        }
+    }
+
+    // Where the machine's CPU went: on two shared CPUs the pooler competes with
+    // pgbench and the servers, so TPS follows the whole machine's cost per
+    // transaction, and idle time shows waits that no process filled.
+    println!(
+        "\nCPU µs per transaction across the machine (medians; pgbench's includes its logins):\n"
+    );
+    println!(
+        "| mode | clients | target | pooler | pgbench | rest (PostgreSQL, kernel) | machine busy | idle |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for mode in &modes {
+        for c in &clients {
+            for n in &names {
+                let of = |f: &dyn Fn(&Run) -> Option<f64>| figure(mode, c, n, f);
+                let (pooler, client, busy) = (
+                    of(&|r| r.cpu_us_per_tx),
+                    of(&|r| Some(r.client_us_per_tx)),
+                    of(&|r| Some(r.machine_us_per_tx)),
+                );
+                let Some(busy) = busy else { continue };
+                let rest = of(&|r| {
+                    Some(r.machine_us_per_tx - r.client_us_per_tx - r.cpu_us_per_tx.unwrap_or(0.0))
+                });
+                println!(
+                    "| {mode} | {c} | {n} | {} | {} | {} | {busy:.1} | {} |",
+                    shown(pooler, 1),
+                    shown(client, 1),
+                    shown(rest, 1),
+                    shown(of(&|r| Some(r.idle_us_per_tx)), 1),
+                );
+            }
         }
     }
 }

@@ -318,9 +318,42 @@ pub fn cpu_time(pid: i32) -> Duration {
             .unwrap_or(0)
     };
     // utime and stime are fields 14 and 15 of /proc/PID/stat; 12 and 13 after the name.
+    from_ticks(ticks(11) + ticks(12))
+}
+
+/// The whole machine's CPU time so far, all CPUs: (busy, idle), from `/proc/stat`.
+/// Busy is user, nice, system, irq and softirq; idle is idle and iowait; steal,
+/// time the hypervisor gave to others, is neither.
+pub fn machine_cpu() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let sum = |ix: &[usize]| from_ticks(ix.iter().filter_map(|&i| fields.get(i)).sum());
+    (sum(&[0, 1, 2, 5, 6]), sum(&[3, 4]))
+}
+
+/// User + system CPU time of this process's children that have been waited for.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Clock ticks (`/proc`'s unit) as a duration.
+fn from_ticks(ticks: u64) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz)
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// Resident memory of a process, in KiB.
@@ -352,11 +385,18 @@ pub struct Run {
     pub latency_ms: f64,
     /// pooler CPU microseconds per transaction
     pub cpu_us_per_tx: Option<f64>,
+    /// pgbench's own CPU microseconds per transaction (its logins included)
+    pub client_us_per_tx: f64,
+    /// the whole machine's busy CPU microseconds per transaction, every process
+    pub machine_us_per_tx: f64,
+    /// CPU microseconds per transaction that no process used
+    pub idle_us_per_tx: f64,
 }
 
 /// Runs pgbench against `target` with `args` and accounts the pooler's CPU.
 pub fn pgbench(cluster: &Cluster, target: &Target, args: &[&str]) -> Run {
     let before = target.pid.map(cpu_time);
+    let (client_before, (busy_before, idle_before)) = (children_cpu(), machine_cpu());
     let out = cluster
         .client_program("pgbench")
         .args(["-n"])
@@ -374,6 +414,7 @@ pub fn pgbench(cluster: &Cluster, target: &Target, args: &[&str]) -> Run {
         .output()
         .unwrap();
     let after = target.pid.map(cpu_time);
+    let (client_after, (busy_after, idle_after)) = (children_cpu(), machine_cpu());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -395,18 +436,21 @@ pub fn pgbench(cluster: &Cluster, target: &Target, args: &[&str]) -> Run {
             .unwrap_or(0.0)
     };
     let transactions = number(field("number of transactions actually processed: ")) as u64;
-    let cpu_us_per_tx = match (before, after) {
-        (Some(b), Some(a)) if transactions > 0 => {
-            Some(a.saturating_sub(b).as_secs_f64() * 1e6 / transactions as f64)
-        }
-        _ => None,
+    let per_tx = |after: Duration, before: Duration| {
+        after.saturating_sub(before).as_secs_f64() * 1e6 / transactions.max(1) as f64
     };
     Run {
         tps: number(field("tps = ")),
         transactions,
         failed: number(field("number of failed transactions: ")) as u64,
         latency_ms: number(field("latency average = ")),
-        cpu_us_per_tx,
+        cpu_us_per_tx: before
+            .zip(after)
+            .filter(|_| transactions > 0)
+            .map(|(b, a)| per_tx(a, b)),
+        client_us_per_tx: per_tx(client_after, client_before),
+        machine_us_per_tx: per_tx(busy_after, busy_before),
+        idle_us_per_tx: per_tx(idle_after, idle_before),
     }
 }
 
