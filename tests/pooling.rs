@@ -99,6 +99,35 @@ async fn a_held_pool_makes_waiters_time_out_with_53300_and_they_stay_connected()
 }
 
 #[tokio::test]
+async fn the_reserve_serves_a_client_that_waited_reserve_pool_timeout_and_no_more_than_its_size() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        pool(
+            "default_pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = \"500ms\"\nquery_wait_timeout = \"2s\"",
+        ),
+    );
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    // The only pool connection is held: the next client gets the reserve's, after the wait.
+    let second = pgw.connect(&db).await;
+    let started = Instant::now();
+    second.batch_execute("BEGIN").await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    assert!(waited < Duration::from_millis(1900), "{waited:?}");
+    assert_ne!(backend_pid(&second).await, backend_pid(&holder).await);
+    // Main and reserve both held: a third waits out query_wait_timeout.
+    let third = pgw.connect(&db).await;
+    let err = third.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    second.batch_execute("COMMIT").await.unwrap();
+    let row = third.query_one("SELECT 7", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
+}
+
+#[tokio::test]
 async fn waiting_clients_are_served_in_arrival_order() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
