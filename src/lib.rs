@@ -10,6 +10,7 @@ pub mod address;
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod boxed;
 pub mod client;
 pub mod clock;
 pub mod cluster;

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::backend::BackendTable;
+use crate::boxed::boxed_in_place;
 use crate::clock::Tick;
 use crate::config::{Config, PoolMode, Target};
 use crate::error::{ClientError, ServerError};
@@ -959,15 +960,6 @@ impl Session {
             && self.scanner.at_boundary()
             && matches!(self.between, Between::Ready)
     }
-}
-
-/// `Box::pin(make())` without building the future on the stack first: a request's
-/// future is large, and copying it into its box cost 2 % of a transaction's instructions.
-fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
-    let mut slot = Box::<F>::new_uninit();
-    slot.write(make());
-    // SAFETY: written on the line above.
-    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 /// Brings a server connection's settings in line with the client's `params` by

@@ -18,6 +18,7 @@ use super::caps::{Caps, Counted, Places};
 use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::Secrets;
+use crate::boxed::boxed_in_place;
 use crate::clock::{Tick, nanos};
 use crate::error::ServerError;
 use crate::keepalive::Keepalive;
@@ -67,6 +68,25 @@ pub enum CheckoutError {
 enum Slot {
     Main,
     Reserve,
+}
+
+/// The settings a wait for a slot follows, copied out of the pool's settings so that
+/// a long wait holds no reference to them.
+#[derive(Debug, Clone, Copy)]
+struct WaitBounds {
+    wait_timeout: Duration,
+    reserve_size: usize,
+    reserve_timeout: Duration,
+}
+
+impl WaitBounds {
+    fn of(settings: &PoolSettings) -> Self {
+        WaitBounds {
+            wait_timeout: settings.wait_timeout,
+            reserve_size: settings.reserve_size,
+            reserve_timeout: settings.reserve_timeout,
+        }
+    }
 }
 
 /// The server connections to one target.
@@ -176,7 +196,8 @@ impl ServerPool {
         let slot = if self.main.try_acquire() {
             Slot::Main
         } else {
-            Box::pin(self.acquire(&self.settings.load_full())).await?
+            let bounds = WaitBounds::of(&self.settings.load());
+            boxed_in_place(|| self.acquire(bounds)).await?
         };
         let mut pooled = PooledConn {
             pool: self.clone(),
@@ -287,34 +308,46 @@ impl ServerPool {
         self.settings.load().min_size.saturating_sub(in_use + idle)
     }
 
-    async fn acquire(&self, settings: &PoolSettings) -> Result<Slot, CheckoutError> {
-        let wait = async {
-            let main = self.main.acquire();
-            tokio::pin!(main);
-            if settings.reserve_size > 0 {
-                tokio::select! {
-                    r = &mut main => return r.map(|()| Slot::Main),
-                    () = tokio::time::sleep(settings.reserve_timeout) => {}
-                }
-                tokio::select! {
+    /// Waits for a main slot, or after `reserve_timeout` for whichever of a main and a
+    /// reserve slot comes first, up to `wait_timeout`; a slot that comes as the bound
+    /// expires is taken. The bound is the last branch of the same `select!` rather
+    /// than a `tokio::time::timeout` around the wait, which copied the wait's whole
+    /// state twice before polling it.
+    async fn acquire(&self, bounds: WaitBounds) -> Result<Slot, CheckoutError> {
+        let main = self.main.acquire();
+        tokio::pin!(main);
+        let expiry = async {
+            if bounds.wait_timeout.is_zero() {
+                std::future::pending().await
+            } else {
+                tokio::time::sleep(bounds.wait_timeout).await
+            }
+        };
+        tokio::pin!(expiry);
+        let expired = CheckoutError::Timeout(bounds.wait_timeout);
+        let slot = if bounds.reserve_size == 0 {
+            tokio::select! {
+                biased;
+                r = &mut main => r.map(|()| Slot::Main),
+                () = &mut expiry => return Err(expired),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                r = &mut main => r.map(|()| Slot::Main),
+                () = tokio::time::sleep(bounds.reserve_timeout) => tokio::select! {
                     biased;
-                    r = &mut main => return r.map(|()| Slot::Main),
+                    r = &mut main => r.map(|()| Slot::Main),
                     r = self.reserve.acquire() => {
                         if r.is_ok() {
                             info!(backend = %self.target.backend, db = %self.target.dbname, "using the reserve pool");
                         }
-                        return r.map(|()| Slot::Reserve);
+                        r.map(|()| Slot::Reserve)
                     }
-                }
+                    () = &mut expiry => return Err(expired),
+                },
+                () = &mut expiry => return Err(expired),
             }
-            main.await.map(|()| Slot::Main)
-        };
-        let slot = if settings.wait_timeout.is_zero() {
-            wait.await
-        } else {
-            tokio::time::timeout(settings.wait_timeout, wait)
-                .await
-                .map_err(|_| CheckoutError::Timeout(settings.wait_timeout))?
         };
         slot.map_err(|_| CheckoutError::Retired)
     }
