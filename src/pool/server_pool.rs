@@ -309,13 +309,26 @@ impl ServerPool {
     }
 
     /// Waits for a main slot, or after `reserve_timeout` for whichever of a main and a
-    /// reserve slot comes first, up to `wait_timeout`; a slot that comes as the bound
-    /// expires is taken. The bound is the last branch of the same `select!` rather
-    /// than a `tokio::time::timeout` around the wait, which copied the wait's whole
-    /// state twice before polling it.
+    /// reserve slot comes first, up to `wait_timeout`; a main slot wins a tie, and a
+    /// slot that comes as the bound expires is taken. The reserve and the bound are
+    /// branches of one `select!`, each pending forever when unset, rather than a
+    /// `tokio::time::timeout` around the wait, which copied the wait's whole state
+    /// twice before polling it.
     async fn acquire(&self, bounds: WaitBounds) -> Result<Slot, CheckoutError> {
         let main = self.main.acquire();
         tokio::pin!(main);
+        let reserve = async {
+            if bounds.reserve_size == 0 {
+                return std::future::pending().await;
+            }
+            tokio::time::sleep(bounds.reserve_timeout).await;
+            let r = self.reserve.acquire().await;
+            if r.is_ok() {
+                info!(backend = %self.target.backend, db = %self.target.dbname, "using the reserve pool");
+            }
+            r
+        };
+        tokio::pin!(reserve);
         let expiry = async {
             if bounds.wait_timeout.is_zero() {
                 std::future::pending().await
@@ -324,30 +337,11 @@ impl ServerPool {
             }
         };
         tokio::pin!(expiry);
-        let expired = CheckoutError::Timeout(bounds.wait_timeout);
-        let slot = if bounds.reserve_size == 0 {
-            tokio::select! {
-                biased;
-                r = &mut main => r.map(|()| Slot::Main),
-                () = &mut expiry => return Err(expired),
-            }
-        } else {
-            tokio::select! {
-                biased;
-                r = &mut main => r.map(|()| Slot::Main),
-                () = tokio::time::sleep(bounds.reserve_timeout) => tokio::select! {
-                    biased;
-                    r = &mut main => r.map(|()| Slot::Main),
-                    r = self.reserve.acquire() => {
-                        if r.is_ok() {
-                            info!(backend = %self.target.backend, db = %self.target.dbname, "using the reserve pool");
-                        }
-                        r.map(|()| Slot::Reserve)
-                    }
-                    () = &mut expiry => return Err(expired),
-                },
-                () = &mut expiry => return Err(expired),
-            }
+        let slot = tokio::select! {
+            biased;
+            r = &mut main => r.map(|()| Slot::Main),
+            r = &mut reserve => r.map(|()| Slot::Reserve),
+            () = &mut expiry => return Err(CheckoutError::Timeout(bounds.wait_timeout)),
         };
         slot.map_err(|_| CheckoutError::Retired)
     }
