@@ -51,6 +51,11 @@ impl Tick {
         self.nanos_since(earlier) as f64 * 1e-9
     }
 
+    /// The reading `d` after this one (saturating).
+    pub fn after(self, d: Duration) -> Tick {
+        Tick(self.0.saturating_add(nanos(d)))
+    }
+
     /// The time since this reading.
     pub fn elapsed(self) -> Duration {
         Tick::now().since(self)

@@ -370,6 +370,7 @@ pub async fn serve(listeners: Listeners, shared: Arc<Shared>) -> io::Result<()> 
     let monitor = tokio::spawn(health::run(shared.clone(), listeners.decider));
     let coordination = tokio::spawn(crate::coordination::run(shared.clone()));
     tokio::spawn(crate::admin::stats::run(shared.clone()));
+    tokio::spawn(shared.clients.clone().sweep_waits());
     let reaper = {
         let shared = shared.clone();
         tokio::spawn(async move {

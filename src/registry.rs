@@ -63,6 +63,9 @@ pub struct Entry {
     state: AtomicU8,
     /// when it last began waiting for a server connection, as a [`Tick`]'s nanoseconds
     waiting_since: AtomicU64,
+    /// when its bounded wait for a server connection in progress must end, as a
+    /// [`Tick`]'s nanoseconds; 0 while none is, [`OVERDUE`] once one was ended
+    wait_deadline: AtomicU64,
     serving: Mutex<Option<Arc<Serving>>>,
     /// its settings now (shared with every client that has the same), for SHOW CLIENTS
     settings: Mutex<Arc<ParamSet>>,
@@ -310,6 +313,53 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How often the registry ends overdue waits: a wait ends at most this late.
+pub const WAIT_SWEEP: Duration = Duration::from_millis(100);
+
+/// [`Entry::wait_deadline`] of a wait that [`ClientRegistry::end_overdue_waits`] ended.
+const OVERDUE: u64 = u64::MAX;
+
+/// A client's wait for a server connection, bounded by `query_wait_timeout`; the
+/// bound lifts when this drops.
+///
+/// No timer per wait: when most transactions wait for a connection (more clients
+/// than the pool has), arming and disarming one in tokio's timer wheel each time
+/// costs more than the rest of the wait's bookkeeping. The deadline is a word in
+/// the entry instead, and one sweep over the registry a few times a second
+/// ([`ClientRegistry::end_overdue_waits`]) ends the waits past theirs through the
+/// session's waker, as PgBouncer's periodic maintenance does.
+#[derive(Debug)]
+pub struct WaitBound<'a>(&'a Entry);
+
+impl Entry {
+    /// Bounds the wait for a server connection that begins now to end at `deadline`.
+    pub fn bound_wait(&self, deadline: Tick) -> WaitBound<'_> {
+        let deadline = deadline.as_nanos().min(OVERDUE - 1);
+        self.wait_deadline.store(deadline, Ordering::SeqCst);
+        WaitBound(self)
+    }
+}
+
+impl WaitBound<'_> {
+    /// Ready once the wait is past its deadline; otherwise the task is woken then.
+    pub fn poll_overdue(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the check, as in `Ending::poll`: the sweep wakes the slot
+        // after it marks the wait overdue.
+        self.0.ending.register(cx.waker());
+        if self.0.wait_deadline.load(Ordering::SeqCst) == OVERDUE {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for WaitBound<'_> {
+    fn drop(&mut self) {
+        self.0.wait_deadline.store(0, Ordering::SeqCst);
+    }
+}
+
 /// Every connected client.
 #[derive(Debug)]
 pub struct ClientRegistry {
@@ -350,6 +400,7 @@ impl ClientRegistry {
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(0),
                     waiting_since: AtomicU64::new(0),
+                    wait_deadline: AtomicU64::new(0),
                     serving: Mutex::new(None),
                     settings: Mutex::new(settings),
                     cancels: AtomicUsize::new(0),
@@ -389,6 +440,38 @@ impl ClientRegistry {
                 let serving = lock(&entry.serving);
                 if serving.as_ref().is_some_and(|s| pools.contains(&s.pool)) {
                     entry.ending.evict();
+                }
+            }
+        }
+    }
+
+    /// Ends overdue waits every [`WAIT_SWEEP`], for as long as the process runs: the
+    /// drain of a shutdown bounds its waits too.
+    pub async fn sweep_waits(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(WAIT_SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.end_overdue_waits(Tick::now());
+        }
+    }
+
+    /// Ends the bounded waits for a server connection whose deadline is not after `now`
+    /// (see [`WaitBound`]).
+    pub fn end_overdue_waits(&self, now: Tick) {
+        for shard in &self.shards {
+            for entry in lock(shard).values() {
+                let deadline = entry.wait_deadline.load(Ordering::Relaxed);
+                // Compared and swapped: a wait that ended since the load, and the next
+                // one that began (a later deadline), are left alone.
+                if deadline != 0
+                    && deadline <= now.as_nanos()
+                    && entry
+                        .wait_deadline
+                        .compare_exchange(deadline, OVERDUE, Ordering::SeqCst, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    entry.ending.wake();
                 }
             }
         }
@@ -602,6 +685,37 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn the_sweep_ends_a_wait_past_its_deadline_and_leaves_the_next_alone() {
+        let reg = Arc::new(ClientRegistry::default());
+        let client = reg.register(someone(), Arc::default());
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let start = Tick::now();
+        let deadline = start.after(Duration::from_secs(1));
+        let bound = client.entry().bound_wait(deadline);
+        assert!(bound.poll_overdue(&mut cx).is_pending());
+        reg.end_overdue_waits(start);
+        assert!(bound.poll_overdue(&mut cx).is_pending(), "not due yet");
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        reg.end_overdue_waits(deadline);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the session is woken");
+        assert!(bound.poll_overdue(&mut cx).is_ready());
+        drop(bound);
+        // The next wait starts unbounded by the last one's end ...
+        let next = client
+            .entry()
+            .bound_wait(deadline.after(Duration::from_secs(1)));
+        assert!(next.poll_overdue(&mut cx).is_pending());
+        reg.end_overdue_waits(deadline);
+        assert!(next.poll_overdue(&mut cx).is_pending());
+        drop(next);
+        // ... and a sweep after a wait ended finds nothing to end.
+        reg.end_overdue_waits(deadline.after(Duration::from_secs(5)));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
     }
 
     #[test]

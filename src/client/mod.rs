@@ -665,7 +665,7 @@ impl Session {
                     Some(conn) => Ok(conn),
                     None => {
                         waited = true;
-                        pool.checkout().await
+                        pool.checkout(self.who.client.entry()).await
                     }
                 };
                 match checkout {

@@ -9,6 +9,7 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,7 +23,7 @@ use crate::boxed::boxed_in_place;
 use crate::clock::{Tick, nanos};
 use crate::error::ServerError;
 use crate::keepalive::Keepalive;
-use crate::registry::Serving;
+use crate::registry::{Entry, Serving, WaitBound};
 use crate::server::{ServerConn, ServerTarget};
 use crate::tls::Tls;
 
@@ -70,22 +71,38 @@ enum Slot {
     Reserve,
 }
 
-/// The settings a wait for a slot follows, copied out of the pool's settings so that
+/// The reserve a wait for a slot may use, copied out of the pool's settings so that
 /// a long wait holds no reference to them.
 #[derive(Debug, Clone, Copy)]
-struct WaitBounds {
-    wait_timeout: Duration,
-    reserve_size: usize,
-    reserve_timeout: Duration,
+struct Reserve {
+    size: usize,
+    timeout: Duration,
 }
 
-impl WaitBounds {
-    fn of(settings: &PoolSettings) -> Self {
-        WaitBounds {
-            wait_timeout: settings.wait_timeout,
-            reserve_size: settings.reserve_size,
-            reserve_timeout: settings.reserve_timeout,
+/// A checkout's bound on its waits (for a slot, then for room under the caps):
+/// `query_wait_timeout` from the first, or none when that is zero.
+struct Patience<'a> {
+    timeout: Duration,
+    bound: Option<WaitBound<'a>>,
+}
+
+impl<'a> Patience<'a> {
+    fn begin(timeout: Duration, waiter: &'a Entry) -> Self {
+        Patience {
+            timeout,
+            bound: (!timeout.is_zero()).then(|| waiter.bound_wait(Tick::now().after(timeout))),
         }
+    }
+
+    /// Ends with [`CheckoutError::Timeout`] once the bound has passed; pending
+    /// forever without one.
+    async fn exhausted(&self) -> CheckoutError {
+        std::future::poll_fn(|cx| match &self.bound {
+            Some(bound) => bound.poll_overdue(cx),
+            None => Poll::Pending,
+        })
+        .await;
+        CheckoutError::Timeout(self.timeout)
     }
 }
 
@@ -188,16 +205,25 @@ impl ServerPool {
     }
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
-    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, CheckoutError> {
+    /// A wait for one is bounded by `query_wait_timeout` through `waiter`, the
+    /// client's registry entry.
+    pub async fn checkout(self: &Arc<Self>, waiter: &Entry) -> Result<PooledConn, CheckoutError> {
         let _waiting = Counted::new(&self.demand);
-        // A free slot is taken without arming the wait's timers: most checkouts. The
+        let mut patience = None;
+        // A free slot is taken without arming the wait's bound: most checkouts. The
         // wait and the connect are boxed, so that their state does not enlarge every
         // checkout's (and every request's, which holds it).
         let slot = if self.main.try_acquire() {
             Slot::Main
         } else {
-            let bounds = WaitBounds::of(&self.settings.load());
-            boxed_in_place(|| self.acquire(bounds)).await?
+            let settings = self.settings.load();
+            let reserve = Reserve {
+                size: settings.reserve_size,
+                timeout: settings.reserve_timeout,
+            };
+            let patience = patience.insert(Patience::begin(settings.wait_timeout, waiter));
+            drop(settings);
+            boxed_in_place(|| self.acquire(reserve, patience)).await?
         };
         let mut pooled = PooledConn {
             pool: self.clone(),
@@ -206,7 +232,12 @@ impl ServerPool {
         };
         let room = match self.room() {
             Some(room) => room,
-            None => Box::pin(self.wait_for_room()).await,
+            None => {
+                let patience = patience.get_or_insert_with(|| {
+                    Patience::begin(self.settings.load().wait_timeout, waiter)
+                });
+                Box::pin(self.wait_for_room(patience)).await
+            }
         }?;
         pooled.conn = Some(match room {
             Room::Idle(conn) => conn,
@@ -231,17 +262,13 @@ impl ServerPool {
         self.caps.take(self).map(|places| Ok(Room::Places(places)))
     }
 
-    /// Waits, up to `query_wait_timeout`, until a cap that was full has room.
-    async fn wait_for_room(&self) -> Result<Room, CheckoutError> {
-        let wait_timeout = self.settings.load().wait_timeout;
+    /// Waits, within `patience`, until a cap that was full has room.
+    async fn wait_for_room(&self, patience: &Patience<'_>) -> Result<Room, CheckoutError> {
         debug!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, "waiting for room under max_db_connections / max_user_connections");
-        let wait = self.caps.wait_for(|| self.room());
-        if wait_timeout.is_zero() {
-            wait.await
-        } else {
-            tokio::time::timeout(wait_timeout, wait)
-                .await
-                .map_err(|_| CheckoutError::Timeout(wait_timeout))?
+        tokio::select! {
+            biased;
+            room = self.caps.wait_for(|| self.room()) => room,
+            e = patience.exhausted() => Err(e),
         }
     }
 
@@ -309,19 +336,21 @@ impl ServerPool {
     }
 
     /// Waits for a main slot, or after `reserve_timeout` for whichever of a main and a
-    /// reserve slot comes first, up to `wait_timeout`; a main slot wins a tie, and a
-    /// slot that comes as the bound expires is taken. The reserve and the bound are
-    /// branches of one `select!`, each pending forever when unset, rather than a
-    /// `tokio::time::timeout` around the wait, which copied the wait's whole state
-    /// twice before polling it.
-    async fn acquire(&self, bounds: WaitBounds) -> Result<Slot, CheckoutError> {
+    /// reserve slot comes first, within `patience`; a main slot wins a tie, and a slot
+    /// that comes as the bound expires is taken. The reserve is a branch of the same
+    /// `select!`, pending forever when unset.
+    async fn acquire(
+        &self,
+        reserve: Reserve,
+        patience: &Patience<'_>,
+    ) -> Result<Slot, CheckoutError> {
         let main = self.main.acquire();
         tokio::pin!(main);
         let reserve = async {
-            if bounds.reserve_size == 0 {
+            if reserve.size == 0 {
                 return std::future::pending().await;
             }
-            tokio::time::sleep(bounds.reserve_timeout).await;
+            tokio::time::sleep(reserve.timeout).await;
             let r = self.reserve.acquire().await;
             if r.is_ok() {
                 info!(backend = %self.target.backend, db = %self.target.dbname, "using the reserve pool");
@@ -329,19 +358,11 @@ impl ServerPool {
             r
         };
         tokio::pin!(reserve);
-        let expiry = async {
-            if bounds.wait_timeout.is_zero() {
-                std::future::pending().await
-            } else {
-                tokio::time::sleep(bounds.wait_timeout).await
-            }
-        };
-        tokio::pin!(expiry);
         let slot = tokio::select! {
             biased;
             r = &mut main => r.map(|()| Slot::Main),
             r = &mut reserve => r.map(|()| Slot::Reserve),
-            () = &mut expiry => return Err(CheckoutError::Timeout(bounds.wait_timeout)),
+            e = patience.exhausted() => return Err(e),
         };
         slot.map_err(|_| CheckoutError::Retired)
     }
