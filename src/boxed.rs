@@ -1,8 +1,8 @@
 //! Boxing a future without building it on the stack first.
 //!
 //! `Box::pin(make())` builds the future, then copies all of it into the box: for
-//! the large futures of a request or of a wait for a server connection, that copy
-//! cost 2 % of a transaction's instructions. Writing the future straight into an
+//! the large future of a request, that copy cost 2 % of a transaction's
+//! instructions. Writing the future straight into an
 //! uninitialised box lets the compiler build it in place.
 
 use std::pin::Pin;

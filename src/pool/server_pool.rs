@@ -19,7 +19,6 @@ use super::caps::{Caps, Counted, Places};
 use super::logins::Logins;
 use super::slots::Slots;
 use crate::auth::Secrets;
-use crate::boxed::boxed_in_place;
 use crate::clock::{Tick, nanos};
 use crate::error::ServerError;
 use crate::keepalive::Keepalive;
@@ -211,8 +210,9 @@ impl ServerPool {
         let _waiting = Counted::new(&self.demand);
         let mut patience = None;
         // A free slot is taken without arming the wait's bound: most checkouts. The
-        // wait and the connect are boxed, so that their state does not enlarge every
-        // checkout's (and every request's, which holds it).
+        // wait is not boxed: the request it belongs to is (see `Session::request`),
+        // and a box of its own cost a malloc and free per wait, more than the request
+        // box's growth costs a transaction that does not wait.
         let slot = if self.main.try_acquire() {
             Slot::Main
         } else {
@@ -223,7 +223,7 @@ impl ServerPool {
             };
             let patience = patience.insert(Patience::begin(settings.wait_timeout, waiter));
             drop(settings);
-            boxed_in_place(|| self.acquire(reserve, patience)).await?
+            self.acquire(reserve, patience).await?
         };
         let mut pooled = PooledConn {
             pool: self.clone(),
