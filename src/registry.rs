@@ -319,8 +319,9 @@ pub const WAIT_SWEEP: Duration = Duration::from_millis(100);
 /// [`Entry::wait_deadline`] of a wait that [`ClientRegistry::end_overdue_waits`] ended.
 const OVERDUE: u64 = u64::MAX;
 
-/// A client's wait for a server connection, bounded by `query_wait_timeout`; the
-/// bound lifts when this drops.
+/// A client's wait for a server connection in progress: it ends early when the
+/// client is killed, or once past its deadline (`query_wait_timeout`). The
+/// deadline lifts when this drops.
 ///
 /// No timer per wait: when most transactions wait for a connection (more clients
 /// than the pool has), arming and disarming one in tokio's timer wheel each time
@@ -329,32 +330,46 @@ const OVERDUE: u64 = u64::MAX;
 /// ([`ClientRegistry::end_overdue_waits`]) ends the waits past theirs through the
 /// session's waker, as PgBouncer's periodic maintenance does.
 #[derive(Debug)]
-pub struct WaitBound<'a>(&'a Entry);
+pub struct Wait<'a>(&'a Entry);
+
+/// Why a wait for a server connection ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// past its deadline
+    Overdue,
+    /// the admin console's KILL
+    Killed,
+}
 
 impl Entry {
-    /// Bounds the wait for a server connection that begins now to end at `deadline`.
-    pub fn bound_wait(&self, deadline: Tick) -> WaitBound<'_> {
-        let deadline = deadline.as_nanos().min(OVERDUE - 1);
-        self.wait_deadline.store(deadline, Ordering::SeqCst);
-        WaitBound(self)
+    /// Begins a wait for a server connection, to end at `deadline` unless it is `None`.
+    pub fn begin_wait(&self, deadline: Option<Tick>) -> Wait<'_> {
+        if let Some(deadline) = deadline {
+            let deadline = deadline.as_nanos().min(OVERDUE - 1);
+            self.wait_deadline.store(deadline, Ordering::SeqCst);
+        }
+        Wait(self)
     }
 }
 
-impl WaitBound<'_> {
-    /// Ready once the wait is past its deadline; otherwise the task is woken then.
-    pub fn poll_overdue(&self, cx: &mut Context<'_>) -> Poll<()> {
-        // Registered before the check, as in `Ending::poll`: the sweep wakes the slot
-        // after it marks the wait overdue.
+impl Wait<'_> {
+    /// Ready once the client is killed or the wait is past its deadline; otherwise the
+    /// task is woken then.
+    pub fn poll_end(&self, cx: &mut Context<'_>) -> Poll<WaitEnd> {
+        // Registered before the checks, as in `Ending::poll`: KILL and the sweep wake
+        // the slot after they set their mark.
         self.0.ending.register(cx.waker());
-        if self.0.wait_deadline.load(Ordering::SeqCst) == OVERDUE {
-            Poll::Ready(())
+        if self.0.ending.state.load(Ordering::SeqCst) & KILLED != 0 {
+            Poll::Ready(WaitEnd::Killed)
+        } else if self.0.wait_deadline.load(Ordering::SeqCst) == OVERDUE {
+            Poll::Ready(WaitEnd::Overdue)
         } else {
             Poll::Pending
         }
     }
 }
 
-impl Drop for WaitBound<'_> {
+impl Drop for Wait<'_> {
     fn drop(&mut self) {
         self.0.wait_deadline.store(0, Ordering::SeqCst);
     }
@@ -456,8 +471,8 @@ impl ClientRegistry {
         }
     }
 
-    /// Ends the bounded waits for a server connection whose deadline is not after `now`
-    /// (see [`WaitBound`]).
+    /// Ends the waits for a server connection whose deadline is not after `now` (see
+    /// [`Wait`]).
     pub fn end_overdue_waits(&self, now: Tick) {
         for shard in &self.shards {
             for entry in lock(shard).values() {
@@ -688,7 +703,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sweep_ends_a_wait_past_its_deadline_and_leaves_the_next_alone() {
+    fn a_wait_ends_past_its_deadline_or_when_killed_and_leaves_the_next_alone() {
         let reg = Arc::new(ClientRegistry::default());
         let client = reg.register(someone(), Arc::default());
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
@@ -696,26 +711,32 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let start = Tick::now();
         let deadline = start.after(Duration::from_secs(1));
-        let bound = client.entry().bound_wait(deadline);
-        assert!(bound.poll_overdue(&mut cx).is_pending());
+        let wait = client.entry().begin_wait(Some(deadline));
+        assert!(wait.poll_end(&mut cx).is_pending());
         reg.end_overdue_waits(start);
-        assert!(bound.poll_overdue(&mut cx).is_pending(), "not due yet");
+        assert!(wait.poll_end(&mut cx).is_pending(), "not due yet");
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
         reg.end_overdue_waits(deadline);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the session is woken");
-        assert!(bound.poll_overdue(&mut cx).is_ready());
-        drop(bound);
+        assert_eq!(wait.poll_end(&mut cx), Poll::Ready(WaitEnd::Overdue));
+        drop(wait);
         // The next wait starts unbounded by the last one's end ...
-        let next = client
-            .entry()
-            .bound_wait(deadline.after(Duration::from_secs(1)));
-        assert!(next.poll_overdue(&mut cx).is_pending());
+        let later = deadline.after(Duration::from_secs(1));
+        let next = client.entry().begin_wait(Some(later));
+        assert!(next.poll_end(&mut cx).is_pending());
         reg.end_overdue_waits(deadline);
-        assert!(next.poll_overdue(&mut cx).is_pending());
+        assert!(next.poll_end(&mut cx).is_pending());
         drop(next);
         // ... and a sweep after a wait ended finds nothing to end.
         reg.end_overdue_waits(deadline.after(Duration::from_secs(5)));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        // A wait without a deadline is never overdue, and ends when the client is killed.
+        let unbounded = client.entry().begin_wait(None);
+        reg.end_overdue_waits(deadline.after(Duration::from_secs(3600)));
+        assert!(unbounded.poll_end(&mut cx).is_pending());
+        client.entry().ending.kill();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(unbounded.poll_end(&mut cx), Poll::Ready(WaitEnd::Killed));
     }
 
     #[test]

@@ -761,6 +761,40 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
 }
 
 #[tokio::test]
+async fn kill_client_ends_a_wait_for_a_server_connection_at_once() {
+    let db = Db::create();
+    let mut options = operated("");
+    options.pool = "default_pool_size = 1\nquery_wait_timeout = \"60s\"".into();
+    let pgw = Pgwarden::start_with(&[&db], options);
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiter = pgw.connect(&db).await;
+    let waiting = common::waits("the pool's only connection", async move {
+        waiter.simple_query("SELECT 1").await.map(drop)
+    })
+    .await;
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    let pid = clients
+        .iter()
+        .find(|r| get(r, "state") == Some("waiting"))
+        .and_then(|r| get(r, "pid"))
+        .unwrap_or_else(|| panic!("no waiting client: {clients:?}"))
+        .to_owned();
+    admin
+        .simple_query(&format!("KILL_CLIENT {pid}"))
+        .await
+        .unwrap();
+    let err = common::served(waiting).await.unwrap_err();
+    assert!(
+        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+    // The transaction that held the pool is not disturbed.
+    holder.batch_execute("SELECT 1; COMMIT").await.unwrap();
+}
+
+#[tokio::test]
 async fn show_pools_and_metrics_report_clients_by_state_and_the_longest_wait() {
     let db = Db::create();
     let mut options = operated("");

@@ -418,6 +418,9 @@ impl Session {
                     t.wait_seconds.observe(waited);
                     t.wait_timeouts += u64::from(timed_out);
                 });
+                if matches!(e, ClientError::Killed) {
+                    return Err(End::Fatal(e));
+                }
                 return self.refuse(tag, e).await;
             }
         };
@@ -696,6 +699,7 @@ impl Session {
                         self.who.route = None;
                         continue;
                     }
+                    Err(CheckoutError::Killed) => return Err(ClientError::Killed),
                     Err(CheckoutError::Timeout(timeout)) => {
                         warn!(peer = %self.who.peer(), db = %self.who.database(), user = %self.who.user(), ?timeout, "query_wait_timeout: no server connection");
                         return Err(ClientError::PoolTimeout {

@@ -9,7 +9,6 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,7 +21,7 @@ use crate::auth::Secrets;
 use crate::clock::{Tick, nanos};
 use crate::error::ServerError;
 use crate::keepalive::Keepalive;
-use crate::registry::{Entry, Serving, WaitBound};
+use crate::registry::{Entry, Serving, Wait, WaitEnd};
 use crate::server::{ServerConn, ServerTarget};
 use crate::tls::Tls;
 
@@ -61,6 +60,9 @@ pub enum CheckoutError {
     /// The pool was retired while waiting (its backend left the routing table).
     #[error("pool retired")]
     Retired,
+    /// The client was killed (the admin console's KILL) while waiting.
+    #[error("killed while waiting")]
+    Killed,
 }
 
 /// Which slots a checkout took, so that it gives back to the same ones.
@@ -78,30 +80,29 @@ struct Reserve {
     timeout: Duration,
 }
 
-/// A checkout's bound on its waits (for a slot, then for room under the caps):
-/// `query_wait_timeout` from the first, or none when that is zero.
+/// A checkout's waits (for a slot, then for room under the caps), registered with
+/// the client's entry so that KILL ends them, and bounded together by
+/// `query_wait_timeout` (zero: unbounded) from the first.
 struct Patience<'a> {
     timeout: Duration,
-    bound: Option<WaitBound<'a>>,
+    wait: Wait<'a>,
 }
 
 impl<'a> Patience<'a> {
     fn begin(timeout: Duration, waiter: &'a Entry) -> Self {
+        let deadline = (!timeout.is_zero()).then(|| Tick::now().after(timeout));
         Patience {
             timeout,
-            bound: (!timeout.is_zero()).then(|| waiter.bound_wait(Tick::now().after(timeout))),
+            wait: waiter.begin_wait(deadline),
         }
     }
 
-    /// Ends with [`CheckoutError::Timeout`] once the bound has passed; pending
-    /// forever without one.
+    /// The error that ends the wait: the bound passed or the client was killed.
     async fn exhausted(&self) -> CheckoutError {
-        std::future::poll_fn(|cx| match &self.bound {
-            Some(bound) => bound.poll_overdue(cx),
-            None => Poll::Pending,
-        })
-        .await;
-        CheckoutError::Timeout(self.timeout)
+        match std::future::poll_fn(|cx| self.wait.poll_end(cx)).await {
+            WaitEnd::Overdue => CheckoutError::Timeout(self.timeout),
+            WaitEnd::Killed => CheckoutError::Killed,
+        }
     }
 }
 
@@ -204,8 +205,8 @@ impl ServerPool {
     }
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
-    /// A wait for one is bounded by `query_wait_timeout` through `waiter`, the
-    /// client's registry entry.
+    /// A wait for one is bounded by `query_wait_timeout`, and ended by KILL, through
+    /// `waiter`, the client's registry entry.
     pub async fn checkout(self: &Arc<Self>, waiter: &Entry) -> Result<PooledConn, CheckoutError> {
         let _waiting = Counted::new(&self.demand);
         let mut patience = None;
