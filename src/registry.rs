@@ -209,6 +209,11 @@ impl Ending {
         }
     }
 
+    /// Completes when the session is killed; for a wait that nothing else ends then.
+    pub async fn killed(&self) {
+        std::future::poll_fn(|cx| self.poll(cx, false, false).map(drop)).await
+    }
+
     /// Ready when the session is killed, shut down while `idle`, or evicted while
     /// `running` a transaction; otherwise the task is woken when one of those happens.
     pub fn poll(&self, cx: &mut Context<'_>, idle: bool, running: bool) -> Poll<Stop> {
@@ -356,10 +361,9 @@ impl Wait<'_> {
     /// Ready once the client is killed or the wait is past its deadline; otherwise the
     /// task is woken then.
     pub fn poll_end(&self, cx: &mut Context<'_>) -> Poll<WaitEnd> {
-        // Registered before the checks, as in `Ending::poll`: KILL and the sweep wake
-        // the slot after they set their mark.
-        self.0.ending.register(cx.waker());
-        if self.0.ending.state.load(Ordering::SeqCst) & KILLED != 0 {
+        // The ending's poll registers the waker before the deadline is read: the sweep
+        // wakes it after it marks the wait overdue.
+        if self.0.ending.poll(cx, false, false).is_ready() {
             Poll::Ready(WaitEnd::Killed)
         } else if self.0.wait_deadline.load(Ordering::SeqCst) == OVERDUE {
             Poll::Ready(WaitEnd::Overdue)

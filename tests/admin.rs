@@ -761,7 +761,7 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
 }
 
 #[tokio::test]
-async fn kill_client_ends_a_wait_for_a_server_connection_at_once() {
+async fn kill_client_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_once() {
     let db = Db::create();
     let mut options = operated("");
     options.pool = "default_pool_size = 1\nquery_wait_timeout = \"60s\"".into();
@@ -774,7 +774,54 @@ async fn kill_client_ends_a_wait_for_a_server_connection_at_once() {
         waiter.simple_query("SELECT 1").await.map(drop)
     })
     .await;
-    let clients = rows(&admin, "SHOW CLIENTS").await;
+    kill_the_waiting_client(&admin).await;
+    killed(common::served(waiting).await);
+    // The transaction that held the pool is not disturbed.
+    holder.batch_execute("SELECT 1; COMMIT").await.unwrap();
+
+    // The same at a paused database's gate.
+    admin
+        .simple_query(&format!("PAUSE {}", db.name))
+        .await
+        .unwrap();
+    let paused = pgw.connect(&db).await;
+    let waiting = common::waits("the pause", async move {
+        paused.simple_query("SELECT 1").await.map(drop)
+    })
+    .await;
+    kill_the_waiting_client(&admin).await;
+    killed(common::served(waiting).await);
+    admin
+        .simple_query(&format!("RESUME {}", db.name))
+        .await
+        .unwrap();
+
+    // And while no node can serve it (here: its only node fenced), within
+    // failover.client_wait_timeout.
+    admin.simple_query("FENCE pg1").await.unwrap();
+    let unrouted = pgw.connect(&db).await;
+    let waiting = common::waits("a node to route to", async move {
+        unrouted.simple_query("SELECT 1").await.map(drop)
+    })
+    .await;
+    kill_the_waiting_client(&admin).await;
+    killed(common::served(waiting).await);
+    admin.simple_query("UNFENCE pg1").await.unwrap();
+    holder.simple_query("SELECT 1").await.unwrap();
+}
+
+/// Checks that a request ended because its client was killed.
+fn killed(result: Result<(), tokio_postgres::Error>) {
+    let err = result.unwrap_err();
+    assert!(
+        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+}
+
+/// KILL_CLIENT of the one client SHOW CLIENTS lists as waiting.
+async fn kill_the_waiting_client(admin: &Client) {
+    let clients = rows(admin, "SHOW CLIENTS").await;
     let pid = clients
         .iter()
         .find(|r| get(r, "state") == Some("waiting"))
@@ -785,13 +832,6 @@ async fn kill_client_ends_a_wait_for_a_server_connection_at_once() {
         .simple_query(&format!("KILL_CLIENT {pid}"))
         .await
         .unwrap();
-    let err = common::served(waiting).await.unwrap_err();
-    assert!(
-        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
-        "{err}"
-    );
-    // The transaction that held the pool is not disturbed.
-    holder.batch_execute("SELECT 1; COMMIT").await.unwrap();
 }
 
 #[tokio::test]

@@ -399,7 +399,16 @@ impl Session {
         let waiting = Tick::now();
         self.who.client.wait_from(waiting);
         self.who.client.set_state(ClientState::Waiting);
-        let admission = self.shared.gate.enter(self.who.database(), gate).await;
+        let ending = &self.who.client.entry().ending;
+        let Some(admission) = self
+            .shared
+            .gate
+            .enter(self.who.database(), gate, ending)
+            .await
+        else {
+            self.who.client.set_state(ClientState::Idle);
+            return Err(End::Fatal(ClientError::Killed));
+        };
         let attached = self.attach(waiting).await;
         // The wait ends when it began unless something was awaited: most transactions
         // find an idle connection in line with their settings, and skip a clock reading.
@@ -736,10 +745,11 @@ impl Session {
             }
             waited = true;
             let (changes, deadline, limit) = wait.as_mut().expect("subscribed above");
-            if tokio::time::timeout_at(*deadline, changes.changed())
-                .await
-                .is_err()
-            {
+            let changed = tokio::select! {
+                changed = tokio::time::timeout_at(*deadline, changes.changed()) => changed.is_ok(),
+                () = self.who.client.entry().ending.killed() => return Err(ClientError::Killed),
+            };
+            if !changed {
                 return Err(last_error.unwrap_or(ClientError::Unavailable {
                     database: self.who.database().to_owned(),
                     what: self.who.target.name(),

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::registry::Ending;
+
 /// What is paused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Paused {
@@ -70,20 +72,29 @@ impl Gate {
         counters.entry(database.to_owned()).or_default().clone()
     }
 
-    /// Admits a transaction of `database`, waiting while it is paused.
-    pub async fn enter<'a>(&self, database: &str, counter: &'a AtomicUsize) -> Admission<'a> {
+    /// Admits a transaction of `database`, waiting while it is paused; `None` when the
+    /// session's `ending` says it was killed meanwhile.
+    pub async fn enter<'a>(
+        &self,
+        database: &str,
+        counter: &'a AtomicUsize,
+        ending: &Ending,
+    ) -> Option<Admission<'a>> {
         let mut waited = false;
         loop {
             // Count first, then look: a pause that starts now either sees this
             // transaction in flight or is seen by it.
             counter.fetch_add(1, Ordering::SeqCst);
             if !self.is_paused(database) {
-                return Admission { counter, waited };
+                return Some(Admission { counter, waited });
             }
             counter.fetch_sub(1, Ordering::SeqCst);
             waited = true;
             let mut changes = self.paused.subscribe();
-            let _ = changes.wait_for(|p| !p.covers(database)).await;
+            tokio::select! {
+                _ = changes.wait_for(|p| !p.covers(database)) => {}
+                _ = ending.killed() => return None,
+            }
         }
     }
 
@@ -154,7 +165,8 @@ mod tests {
     async fn a_pause_holds_new_transactions_and_waits_for_running_ones() {
         let gate = Arc::new(Gate::default());
         let counter = gate.counter("db");
-        let running = gate.enter("db", &counter).await;
+        let ending = Arc::new(Ending::default());
+        let running = gate.enter("db", &counter, &ending).await.unwrap();
         assert!(!running.waited);
         gate.pause(Some("db"));
         assert!(!gate.drained(Some("db"), Duration::from_millis(20)).await);
@@ -163,8 +175,9 @@ mod tests {
         let waiter = {
             let gate = gate.clone();
             let counter = counter.clone();
+            let ending = ending.clone();
             tokio::spawn(async move {
-                let admitted = gate.enter("db", &counter).await;
+                let admitted = gate.enter("db", &counter, &ending).await.unwrap();
                 let _ = released.await;
                 admitted.waited
             })
@@ -175,7 +188,7 @@ mod tests {
         assert!(gate.drained(Some("db"), Duration::from_millis(100)).await);
         // Other databases are not paused.
         let other = gate.counter("other");
-        drop(gate.enter("other", &other).await);
+        drop(gate.enter("other", &other, &ending).await);
         gate.resume(Some("db"));
         let admitted = tokio::time::timeout(Duration::from_secs(5), async {
             while gate.in_flight(None) != 1 {
@@ -186,5 +199,23 @@ mod tests {
         release.send(()).unwrap();
         assert!(waiter.await.unwrap(), "it waited");
         assert_eq!(gate.in_flight(None), 0);
+    }
+
+    #[tokio::test]
+    async fn a_killed_session_stops_waiting_at_a_paused_gate() {
+        let gate = Arc::new(Gate::default());
+        let counter = gate.counter("db");
+        gate.pause(None);
+        let ending = Arc::new(Ending::default());
+        let waiter = {
+            let (gate, counter, ending) = (gate.clone(), counter.clone(), ending.clone());
+            tokio::spawn(async move { gate.enter("db", &counter, &ending).await.is_none() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        ending.kill();
+        let refused = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(refused.expect("still waiting after KILL").unwrap());
+        assert_eq!(gate.in_flight(None), 0, "a refused session is not counted");
     }
 }
