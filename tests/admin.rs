@@ -769,13 +769,7 @@ async fn kill_client_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_onc
     let admin = console(&pgw, ADMIN).await.unwrap();
     let holder = pgw.connect(&db).await;
     holder.batch_execute("BEGIN").await.unwrap();
-    let waiter = pgw.connect(&db).await;
-    let waiting = common::waits("the pool's only connection", async move {
-        waiter.simple_query("SELECT 1").await.map(drop)
-    })
-    .await;
-    kill_the_waiting_client(&admin).await;
-    killed(common::served(waiting).await);
+    kill_while_waiting(&pgw, &db, &admin, "the pool's only connection").await;
     // The transaction that held the pool is not disturbed.
     holder.batch_execute("SELECT 1; COMMIT").await.unwrap();
 
@@ -784,13 +778,7 @@ async fn kill_client_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_onc
         .simple_query(&format!("PAUSE {}", db.name))
         .await
         .unwrap();
-    let paused = pgw.connect(&db).await;
-    let waiting = common::waits("the pause", async move {
-        paused.simple_query("SELECT 1").await.map(drop)
-    })
-    .await;
-    kill_the_waiting_client(&admin).await;
-    killed(common::served(waiting).await);
+    kill_while_waiting(&pgw, &db, &admin, "the pause").await;
     admin
         .simple_query(&format!("RESUME {}", db.name))
         .await
@@ -799,28 +787,19 @@ async fn kill_client_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_onc
     // And while no node can serve it (here: its only node fenced), within
     // failover.client_wait_timeout.
     admin.simple_query("FENCE pg1").await.unwrap();
-    let unrouted = pgw.connect(&db).await;
-    let waiting = common::waits("a node to route to", async move {
-        unrouted.simple_query("SELECT 1").await.map(drop)
-    })
-    .await;
-    kill_the_waiting_client(&admin).await;
-    killed(common::served(waiting).await);
+    kill_while_waiting(&pgw, &db, &admin, "a node to route to").await;
     admin.simple_query("UNFENCE pg1").await.unwrap();
     holder.simple_query("SELECT 1").await.unwrap();
 }
 
-/// Checks that a request ended because its client was killed.
-fn killed(result: Result<(), tokio_postgres::Error>) {
-    let err = result.unwrap_err();
-    assert!(
-        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
-        "{err}"
-    );
-}
-
-/// KILL_CLIENT of the one client SHOW CLIENTS lists as waiting.
-async fn kill_the_waiting_client(admin: &Client) {
+/// A new client's `SELECT 1` waits for `blocked_by`; KILL_CLIENT of it (the one
+/// client SHOW CLIENTS lists as waiting) ends the request at once with 57P01.
+async fn kill_while_waiting(pgw: &Pgwarden, db: &Db, admin: &Client, blocked_by: &str) {
+    let client = pgw.connect(db).await;
+    let waiting = common::waits(blocked_by, async move {
+        client.simple_query("SELECT 1").await.map(drop)
+    })
+    .await;
     let clients = rows(admin, "SHOW CLIENTS").await;
     let pid = clients
         .iter()
@@ -832,6 +811,7 @@ async fn kill_the_waiting_client(admin: &Client) {
         .simple_query(&format!("KILL_CLIENT {pid}"))
         .await
         .unwrap();
+    common::ended_by_admin_shutdown(&common::served(waiting).await.unwrap_err());
 }
 
 #[tokio::test]

@@ -168,7 +168,7 @@ async fn sigterm_lets_running_transactions_finish_then_exits() {
     assert!(common::connect(&pgw.conninfo(&db)).await.is_err());
     // The idle client was told and let go.
     let err = idle.simple_query("SELECT 1").await.unwrap_err();
-    common::ended_by_shutdown(&err);
+    common::ended_by_admin_shutdown(&err);
     // The running transaction completes and commits.
     busy.batch_execute("INSERT INTO t VALUES (2); COMMIT")
         .await
@@ -452,7 +452,7 @@ async fn shutdown_wait_for_clients_serves_them_until_a_second_request_drains() {
     pgw.exits_cleanly(Duration::from_secs(5));
     for session in [&client, &admin] {
         let err = session.simple_query("SELECT 1").await.unwrap_err();
-        common::ended_by_shutdown(&err);
+        common::ended_by_admin_shutdown(&err);
     }
 }
 

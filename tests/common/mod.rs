@@ -504,8 +504,9 @@ pub async fn served<T>(task: tokio::task::JoinHandle<T>) -> T {
         .unwrap()
 }
 
-/// Checks that a session ended for a shutdown: 57P01, or closed without a word.
-pub fn ended_by_shutdown(err: &tokio_postgres::Error) {
+/// Checks that pgwarden ended a session (a shutdown, KILL): 57P01 admin_shutdown,
+/// or closed without a word.
+pub fn ended_by_admin_shutdown(err: &tokio_postgres::Error) {
     assert!(
         sqlstate(err).as_deref() == Some("57P01") || err.is_closed(),
         "{err}"
