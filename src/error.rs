@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::FrameError;
+use crate::registry::WaitEnd;
 
 /// SQLSTATE codes pgwarden itself emits.
 pub mod sqlstate {
@@ -223,6 +224,10 @@ pub enum ClientError {
     /// the server confirmed the cancel, so the client and the server connection stay.
     #[error("canceling statement due to query_timeout (pool.query_timeout = {0:?})")]
     QueryTimeout(std::time::Duration),
+    /// The client's CancelRequest ended its request's wait for a server connection:
+    /// the request never reached a server.
+    #[error("canceling statement due to user request (it was waiting for a server connection)")]
+    Canceled,
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -235,6 +240,17 @@ impl From<FrameError> for ClientError {
         match e {
             FrameError::TooLong { tag, len, max } => ClientError::MessageTooLarge { tag, len, max },
             FrameError::BadLength { .. } => ClientError::Protocol(e.to_string()),
+        }
+    }
+}
+
+impl From<WaitEnd> for ClientError {
+    /// Why a wait without a bound of its own ended: a deadline passed only where the
+    /// waiter set one, which maps it to its own error first.
+    fn from(end: WaitEnd) -> Self {
+        match end {
+            WaitEnd::Canceled => ClientError::Canceled,
+            WaitEnd::Killed | WaitEnd::Overdue => ClientError::Killed,
         }
     }
 }
@@ -284,7 +300,7 @@ impl ClientError {
             ClientError::AuthLookup { .. } => CANNOT_CONNECT,
             ClientError::Disabled(_) => NOT_IN_PREREQUISITE_STATE,
             ClientError::TransactionAborted => IN_FAILED_TRANSACTION,
-            ClientError::QueryTimeout(_) => QUERY_CANCELED,
+            ClientError::QueryTimeout(_) | ClientError::Canceled => QUERY_CANCELED,
             ClientError::IdleInTransaction(_) => IDLE_IN_TRANSACTION_TIMEOUT,
             ClientError::IdleSession(_) => IDLE_SESSION_TIMEOUT,
         }

@@ -63,8 +63,9 @@ pub struct Entry {
     state: AtomicU8,
     /// when it last began waiting for a server connection, as a [`Tick`]'s nanoseconds
     waiting_since: AtomicU64,
-    /// when its bounded wait for a server connection in progress must end, as a
-    /// [`Tick`]'s nanoseconds; 0 while none is, [`OVERDUE`] once one was ended
+    /// when its wait for a server connection in progress must end, as a [`Tick`]'s
+    /// nanoseconds: 0 while none is, [`UNBOUNDED`] for one without a bound,
+    /// [`OVERDUE`] or [`CANCELED`] once one was ended
     wait_deadline: AtomicU64,
     serving: Mutex<Option<Arc<Serving>>>,
     /// its settings now (shared with every client that has the same), for SHOW CLIENTS
@@ -209,11 +210,6 @@ impl Ending {
         }
     }
 
-    /// Completes when the session is killed; for a wait that nothing else ends then.
-    pub async fn killed(&self) {
-        std::future::poll_fn(|cx| self.poll(cx, false, false).map(drop)).await
-    }
-
     /// Ready when the session is killed, shut down while `idle`, or evicted while
     /// `running` a transaction; otherwise the task is woken when one of those happens.
     pub fn poll(&self, cx: &mut Context<'_>, idle: bool, running: bool) -> Poll<Stop> {
@@ -323,10 +319,14 @@ pub const WAIT_SWEEP: Duration = Duration::from_millis(100);
 
 /// [`Entry::wait_deadline`] of a wait that [`ClientRegistry::end_overdue_waits`] ended.
 const OVERDUE: u64 = u64::MAX;
+/// [`Entry::wait_deadline`] of a wait that the client's CancelRequest ended.
+const CANCELED: u64 = u64::MAX - 1;
+/// [`Entry::wait_deadline`] of a wait without a deadline; no clock reaches it.
+const UNBOUNDED: u64 = u64::MAX - 2;
 
 /// A client's wait for a server connection in progress: it ends early when the
-/// client is killed, or once past its deadline (`query_wait_timeout`). The
-/// deadline lifts when this drops.
+/// client is killed or cancels its request, or once past its deadline
+/// (`query_wait_timeout`). The deadline lifts when this drops.
 ///
 /// No timer per wait: when most transactions wait for a connection (more clients
 /// than the pool has), arming and disarming one in tokio's timer wheel each time
@@ -344,32 +344,61 @@ pub enum WaitEnd {
     Overdue,
     /// the admin console's KILL
     Killed,
+    /// the client's CancelRequest: the request it waits for never reached a server
+    Canceled,
 }
 
 impl Entry {
     /// Begins a wait for a server connection, to end at `deadline` unless it is `None`.
     pub fn begin_wait(&self, deadline: Option<Tick>) -> Wait<'_> {
-        if let Some(deadline) = deadline {
-            let deadline = deadline.as_nanos().min(OVERDUE - 1);
-            self.wait_deadline.store(deadline, Ordering::SeqCst);
-        }
+        let deadline = deadline.map_or(UNBOUNDED, |d| d.as_nanos().min(UNBOUNDED - 1));
+        self.wait_deadline.store(deadline, Ordering::SeqCst);
         Wait(self)
+    }
+
+    /// Ends its wait for a server connection, if one is in progress, as its
+    /// CancelRequest asks; true if it did.
+    fn cancel_wait(&self) -> bool {
+        let mut deadline = self.wait_deadline.load(Ordering::SeqCst);
+        // Compared and swapped: a wait that ends meanwhile is not marked, so the mark
+        // cannot reach the next one; a wait already ended stays ended as it was.
+        while !matches!(deadline, 0 | OVERDUE | CANCELED) {
+            match self.wait_deadline.compare_exchange(
+                deadline,
+                CANCELED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    self.ending.wake();
+                    return true;
+                }
+                Err(now) => deadline = now,
+            }
+        }
+        false
     }
 }
 
 impl Wait<'_> {
-    /// Ready once the client is killed or the wait is past its deadline; otherwise the
-    /// task is woken then.
+    /// Ready once the client is killed or cancels, or the wait is past its deadline;
+    /// otherwise the task is woken then.
     pub fn poll_end(&self, cx: &mut Context<'_>) -> Poll<WaitEnd> {
         // The ending's poll registers the waker before the deadline is read: the sweep
-        // wakes it after it marks the wait overdue.
+        // and a cancel wake it after they mark the wait.
         if self.0.ending.poll(cx, false, false).is_ready() {
-            Poll::Ready(WaitEnd::Killed)
-        } else if self.0.wait_deadline.load(Ordering::SeqCst) == OVERDUE {
-            Poll::Ready(WaitEnd::Overdue)
-        } else {
-            Poll::Pending
+            return Poll::Ready(WaitEnd::Killed);
         }
+        match self.0.wait_deadline.load(Ordering::SeqCst) {
+            OVERDUE => Poll::Ready(WaitEnd::Overdue),
+            CANCELED => Poll::Ready(WaitEnd::Canceled),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Completes when the wait must end (see [`Wait::poll_end`]).
+    pub async fn ended(&self) -> WaitEnd {
+        std::future::poll_fn(|cx| self.poll_end(cx)).await
     }
 }
 
@@ -556,7 +585,12 @@ impl ClientRegistry {
         // and keeps its server connection until the cancel has landed.
         let _in_flight = InFlight::new(&entry);
         let Some(serving) = entry.serving() else {
-            debug!(pid, "cancel request matches no running query");
+            // A request still waiting for a server connection never reaches one.
+            if entry.cancel_wait() {
+                info!(pid, "cancel request ended a wait for a server connection");
+            } else {
+                debug!(pid, "cancel request matches no running query");
+            }
             return;
         };
         let key = &serving.key;
@@ -650,10 +684,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn someone() -> Identity {
+    /// A client's identity, for tests that register one.
+    pub(crate) fn someone() -> Identity {
         Identity {
             peer: Address::Tcp("127.0.0.1:1".parse().unwrap()),
             endpoint: Endpoint::default(),
@@ -741,6 +776,38 @@ mod tests {
         client.entry().ending.kill();
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
         assert_eq!(unbounded.poll_end(&mut cx), Poll::Ready(WaitEnd::Killed));
+    }
+
+    #[test]
+    fn a_cancel_ends_the_wait_in_progress_only() {
+        let reg = Arc::new(ClientRegistry::default());
+        let client = reg.register(someone(), Arc::default());
+        let entry = client.entry();
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(!entry.cancel_wait(), "no wait, nothing to cancel");
+        let wait = entry.begin_wait(None);
+        assert!(wait.poll_end(&mut cx).is_pending());
+        assert!(entry.cancel_wait());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the session is woken");
+        assert_eq!(wait.poll_end(&mut cx), Poll::Ready(WaitEnd::Canceled));
+        assert!(!entry.cancel_wait(), "ended once");
+        drop(wait);
+        // A late cancel does not reach the next wait, nor does the sweep end a canceled one.
+        assert!(!entry.cancel_wait());
+        let start = Tick::now();
+        let next = entry.begin_wait(Some(start.after(Duration::from_secs(1))));
+        assert!(next.poll_end(&mut cx).is_pending());
+        assert!(entry.cancel_wait());
+        reg.end_overdue_waits(start.after(Duration::from_secs(2)));
+        assert_eq!(next.poll_end(&mut cx), Poll::Ready(WaitEnd::Canceled));
+        drop(next);
+        // An overdue wait stays overdue.
+        let late = entry.begin_wait(Some(start));
+        reg.end_overdue_waits(start);
+        assert!(!entry.cancel_wait());
+        assert_eq!(late.poll_end(&mut cx), Poll::Ready(WaitEnd::Overdue));
     }
 
     #[test]

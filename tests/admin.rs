@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Db, Options, Pgwarden, http, sqlstate};
@@ -761,57 +762,98 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
 }
 
 #[tokio::test]
-async fn kill_client_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_once() {
+async fn kill_client_or_a_cancel_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_once() {
     let db = Db::create();
     let mut options = operated("");
     options.pool = "default_pool_size = 1\nquery_wait_timeout = \"60s\"".into();
     let pgw = Pgwarden::start_with(&[&db], options);
     let admin = console(&pgw, ADMIN).await.unwrap();
     let holder = pgw.connect(&db).await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    kill_while_waiting(&pgw, &db, &admin, "the pool's only connection").await;
-    // The transaction that held the pool is not disturbed.
-    holder.batch_execute("SELECT 1; COMMIT").await.unwrap();
-
-    // The same at a paused database's gate.
-    admin
-        .simple_query(&format!("PAUSE {}", db.name))
+    holder
+        .batch_execute("CREATE TABLE waited (n int)")
         .await
         .unwrap();
-    kill_while_waiting(&pgw, &db, &admin, "the pause").await;
-    admin
-        .simple_query(&format!("RESUME {}", db.name))
-        .await
-        .unwrap();
+    let mut canceled = Vec::new();
+    for interrupt in [Interrupt::KillClient, Interrupt::Cancel] {
+        holder.batch_execute("BEGIN").await.unwrap();
+        canceled
+            .extend(end_a_wait(&pgw, &db, &admin, "the pool's only connection", interrupt).await);
+        // The transaction that held the pool is not disturbed.
+        holder.batch_execute("SELECT 1; COMMIT").await.unwrap();
 
-    // And while no node can serve it (here: its only node fenced), within
-    // failover.client_wait_timeout.
-    admin.simple_query("FENCE pg1").await.unwrap();
-    kill_while_waiting(&pgw, &db, &admin, "a node to route to").await;
-    admin.simple_query("UNFENCE pg1").await.unwrap();
-    holder.simple_query("SELECT 1").await.unwrap();
+        // The same at a paused database's gate.
+        let pause = format!("PAUSE {}", db.name);
+        admin.simple_query(&pause).await.unwrap();
+        canceled.extend(end_a_wait(&pgw, &db, &admin, "the pause", interrupt).await);
+        let resume = format!("RESUME {}", db.name);
+        admin.simple_query(&resume).await.unwrap();
+
+        // And while no node can serve it (here: its only node fenced), within
+        // failover.client_wait_timeout.
+        admin.simple_query("FENCE pg1").await.unwrap();
+        canceled.extend(end_a_wait(&pgw, &db, &admin, "a node to route to", interrupt).await);
+        admin.simple_query("UNFENCE pg1").await.unwrap();
+    }
+    // None of the ended requests ran later, and a canceled client carries on.
+    let rows = holder.query_one("SELECT count(*) FROM waited", &[]).await;
+    assert_eq!(rows.unwrap().get::<_, i64>(0), 0);
+    assert_eq!(canceled.len(), 3);
+    for client in canceled {
+        client
+            .batch_execute("INSERT INTO waited VALUES (2)")
+            .await
+            .unwrap();
+    }
 }
 
-/// A new client's `SELECT 1` waits for `blocked_by`; KILL_CLIENT of it (the one
-/// client SHOW CLIENTS lists as waiting) ends the request at once with 57P01.
-async fn kill_while_waiting(pgw: &Pgwarden, db: &Db, admin: &Client, blocked_by: &str) {
-    let client = pgw.connect(db).await;
-    let waiting = common::waits(blocked_by, async move {
-        client.simple_query("SELECT 1").await.map(drop)
+/// How a test ends a client's wait for a server connection.
+#[derive(Clone, Copy)]
+enum Interrupt {
+    /// the admin console's KILL_CLIENT: the session ends (57P01)
+    KillClient,
+    /// the client's CancelRequest: the request fails (57014), the session stays
+    Cancel,
+}
+
+/// A new client's INSERT waits for `blocked_by`; `interrupt` ends the request at
+/// once. Returns the client when it stays connected.
+async fn end_a_wait(
+    pgw: &Pgwarden,
+    db: &Db,
+    admin: &Client,
+    blocked_by: &str,
+    interrupt: Interrupt,
+) -> Option<Arc<Client>> {
+    let client = Arc::new(pgw.connect(db).await);
+    let waiting = common::waits(blocked_by, {
+        let client = client.clone();
+        async move { client.batch_execute("INSERT INTO waited VALUES (1)").await }
     })
     .await;
-    let clients = rows(admin, "SHOW CLIENTS").await;
-    let pid = clients
-        .iter()
-        .find(|r| get(r, "state") == Some("waiting"))
-        .and_then(|r| get(r, "pid"))
-        .unwrap_or_else(|| panic!("no waiting client: {clients:?}"))
-        .to_owned();
-    admin
-        .simple_query(&format!("KILL_CLIENT {pid}"))
-        .await
-        .unwrap();
-    common::ended_by_admin_shutdown(&common::served(waiting).await.unwrap_err());
+    match interrupt {
+        Interrupt::KillClient => {
+            let clients = rows(admin, "SHOW CLIENTS").await;
+            let pid = clients
+                .iter()
+                .find(|r| get(r, "state") == Some("waiting"))
+                .and_then(|r| get(r, "pid"))
+                .unwrap_or_else(|| panic!("no waiting client: {clients:?}"))
+                .to_owned();
+            admin
+                .simple_query(&format!("KILL_CLIENT {pid}"))
+                .await
+                .unwrap();
+            common::ended_by_admin_shutdown(&common::served(waiting).await.unwrap_err());
+            None
+        }
+        Interrupt::Cancel => {
+            let token = client.cancel_token();
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+            let err = common::served(waiting).await.unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+            Some(client)
+        }
+    }
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::{Shared, Slot};
-use crate::registry::{ClientHandle, Stop};
+use crate::registry::{ClientHandle, Stop, WaitEnd};
 use crate::server::SESSION_TIMEOUT;
 use crate::tls::Stream;
 use aborted::Aborted;
@@ -399,28 +399,25 @@ impl Session {
         let waiting = Tick::now();
         self.who.client.wait_from(waiting);
         self.who.client.set_state(ClientState::Waiting);
-        let ending = &self.who.client.entry().ending;
-        let Some(admission) = self
+        let admitted = self
             .shared
             .gate
-            .enter(self.who.database(), gate, ending)
-            .await
-        else {
-            self.who.client.set_state(ClientState::Idle);
-            return Err(End::Fatal(ClientError::Killed));
+            .enter(self.who.database(), gate, self.who.client.entry())
+            .await;
+        let attached = match admitted {
+            Ok(admission) => self.attach(waiting).await.map(|a| (admission, a)),
+            Err(end) => Err(ClientError::from(end)),
         };
-        let attached = self.attach(waiting).await;
         // The wait ends when it began unless something was awaited: most transactions
         // find an idle connection in line with their settings, and skip a clock reading.
         let started = match &attached {
-            Ok(a) if !a.waited && !admission.waited => waiting,
+            Ok((admission, a)) if !a.waited && !admission.waited => waiting,
             _ => Tick::now(),
         };
         let waited = started.secs_since(waiting);
-        let conn = match attached {
-            Ok(a) => a.conn,
+        let (admission, conn) = match attached {
+            Ok((admission, a)) => (admission, a.conn),
             Err(e) => {
-                drop(admission);
                 self.who.client.set_state(ClientState::Idle);
                 let timed_out = matches!(e, ClientError::PoolTimeout { .. });
                 self.who.traffic.add(|t| {
@@ -650,7 +647,7 @@ impl Session {
     async fn attach(&mut self, start: Tick) -> Result<Attached, ClientError> {
         let mut waited = false;
         // Routing changes are watched from the first wait on: most transactions never wait.
-        let mut wait: Option<(watch::Receiver<u64>, tokio::time::Instant, Duration)> = None;
+        let mut wait: Option<(watch::Receiver<u64>, Tick, Duration)> = None;
         let mut last_error = None;
         loop {
             if let Some((changes, ..)) = &mut wait {
@@ -709,6 +706,7 @@ impl Session {
                         continue;
                     }
                     Err(CheckoutError::Killed) => return Err(ClientError::Killed),
+                    Err(CheckoutError::Canceled) => return Err(ClientError::Canceled),
                     Err(CheckoutError::Timeout(timeout)) => {
                         warn!(peer = %self.who.peer(), db = %self.who.database(), user = %self.who.user(), ?timeout, "query_wait_timeout: no server connection");
                         return Err(ClientError::PoolTimeout {
@@ -737,19 +735,25 @@ impl Session {
                 let changes = self.shared.routing.subscribe();
                 // A table published since the one routed above is not waited for.
                 let newer = *changes.borrow() != routed;
-                let deadline = tokio::time::Instant::now() + limit.saturating_sub(start.elapsed());
-                wait = Some((changes, deadline, limit));
+                wait = Some((changes, start.after(limit), limit));
                 if newer {
                     continue;
                 }
             }
             waited = true;
             let (changes, deadline, limit) = wait.as_mut().expect("subscribed above");
-            let changed = tokio::select! {
-                changed = tokio::time::timeout_at(*deadline, changes.changed()) => changed.is_ok(),
-                () = self.who.client.entry().ending.killed() => return Err(ClientError::Killed),
+            // Bounded like a wait for a pool's connection: by the registry's sweep.
+            let overdue = Tick::now() >= *deadline || {
+                let pause = self.who.client.entry().begin_wait(Some(*deadline));
+                tokio::select! {
+                    _ = changes.changed() => false,
+                    end = pause.ended() => match end {
+                        WaitEnd::Overdue => true,
+                        end => return Err(ClientError::from(end)),
+                    },
+                }
             };
-            if !changed {
+            if overdue {
                 return Err(last_error.unwrap_or(ClientError::Unavailable {
                     database: self.who.database().to_owned(),
                     what: self.who.target.name(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::registry::Ending;
+use crate::registry::{Entry, WaitEnd};
 
 /// What is paused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -72,28 +72,30 @@ impl Gate {
         counters.entry(database.to_owned()).or_default().clone()
     }
 
-    /// Admits a transaction of `database`, waiting while it is paused; `None` when the
-    /// session's `ending` says it was killed meanwhile.
+    /// Admits a transaction of `database`, waiting while it is paused; the wait is
+    /// registered with the client's entry `waiter`, and ends early when the client is
+    /// killed or cancels its request.
     pub async fn enter<'a>(
         &self,
         database: &str,
         counter: &'a AtomicUsize,
-        ending: &Ending,
-    ) -> Option<Admission<'a>> {
-        let mut waited = false;
+        waiter: &Entry,
+    ) -> Result<Admission<'a>, WaitEnd> {
+        let mut wait = None;
         loop {
             // Count first, then look: a pause that starts now either sees this
             // transaction in flight or is seen by it.
             counter.fetch_add(1, Ordering::SeqCst);
             if !self.is_paused(database) {
-                return Some(Admission { counter, waited });
+                let waited = wait.is_some();
+                return Ok(Admission { counter, waited });
             }
             counter.fetch_sub(1, Ordering::SeqCst);
-            waited = true;
+            let wait = wait.get_or_insert_with(|| waiter.begin_wait(None));
             let mut changes = self.paused.subscribe();
             tokio::select! {
                 _ = changes.wait_for(|p| !p.covers(database)) => {}
-                _ = ending.killed() => return None,
+                end = wait.ended() => return Err(end),
             }
         }
     }
@@ -160,13 +162,15 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::{ClientRegistry, tests::someone};
 
     #[tokio::test]
     async fn a_pause_holds_new_transactions_and_waits_for_running_ones() {
         let gate = Arc::new(Gate::default());
         let counter = gate.counter("db");
-        let ending = Arc::new(Ending::default());
-        let running = gate.enter("db", &counter, &ending).await.unwrap();
+        let registry = Arc::new(ClientRegistry::default());
+        let client = Arc::new(registry.register(someone(), Arc::default()));
+        let running = gate.enter("db", &counter, client.entry()).await.unwrap();
         assert!(!running.waited);
         gate.pause(Some("db"));
         assert!(!gate.drained(Some("db"), Duration::from_millis(20)).await);
@@ -175,9 +179,9 @@ mod tests {
         let waiter = {
             let gate = gate.clone();
             let counter = counter.clone();
-            let ending = ending.clone();
+            let client = client.clone();
             tokio::spawn(async move {
-                let admitted = gate.enter("db", &counter, &ending).await.unwrap();
+                let admitted = gate.enter("db", &counter, client.entry()).await.unwrap();
                 let _ = released.await;
                 admitted.waited
             })
@@ -188,7 +192,7 @@ mod tests {
         assert!(gate.drained(Some("db"), Duration::from_millis(100)).await);
         // Other databases are not paused.
         let other = gate.counter("other");
-        drop(gate.enter("other", &other, &ending).await);
+        drop(gate.enter("other", &other, client.entry()).await);
         gate.resume(Some("db"));
         let admitted = tokio::time::timeout(Duration::from_secs(5), async {
             while gate.in_flight(None) != 1 {
@@ -202,20 +206,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_killed_session_stops_waiting_at_a_paused_gate() {
+    async fn a_killed_or_canceling_session_stops_waiting_at_a_paused_gate() {
         let gate = Arc::new(Gate::default());
         let counter = gate.counter("db");
         gate.pause(None);
-        let ending = Arc::new(Ending::default());
-        let waiter = {
-            let (gate, counter, ending) = (gate.clone(), counter.clone(), ending.clone());
-            tokio::spawn(async move { gate.enter("db", &counter, &ending).await.is_none() })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!waiter.is_finished());
-        ending.kill();
-        let refused = tokio::time::timeout(Duration::from_secs(5), waiter).await;
-        assert!(refused.expect("still waiting after KILL").unwrap());
-        assert_eq!(gate.in_flight(None), 0, "a refused session is not counted");
+        let registry = Arc::new(ClientRegistry::default());
+        for (end, how) in [(WaitEnd::Canceled, "cancel"), (WaitEnd::Killed, "KILL")] {
+            let client = Arc::new(registry.register(someone(), Arc::default()));
+            let waiter = {
+                let (gate, counter, client) = (gate.clone(), counter.clone(), client.clone());
+                tokio::spawn(async move { gate.enter("db", &counter, client.entry()).await.err() })
+            };
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!waiter.is_finished());
+            match end {
+                WaitEnd::Canceled => {
+                    let (pid, secret) = (client.pid(), client.secret());
+                    registry.cancel(pid, secret, Duration::from_secs(1)).await
+                }
+                _ => client.entry().ending.kill(),
+            }
+            let refused = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            let refused = refused.unwrap_or_else(|_| panic!("still waiting after {how}"));
+            assert_eq!(refused.unwrap(), Some(end));
+            assert_eq!(gate.in_flight(None), 0, "a refused session is not counted");
+        }
     }
 }

@@ -63,6 +63,9 @@ pub enum CheckoutError {
     /// The client was killed (the admin console's KILL) while waiting.
     #[error("killed while waiting")]
     Killed,
+    /// The client canceled its request while waiting.
+    #[error("canceled while waiting")]
+    Canceled,
 }
 
 /// Which slots a checkout took, so that it gives back to the same ones.
@@ -97,11 +100,13 @@ impl<'a> Patience<'a> {
         }
     }
 
-    /// The error that ends the wait: the bound passed or the client was killed.
+    /// The error that ends the wait: the bound passed, or the client was killed or
+    /// canceled.
     async fn exhausted(&self) -> CheckoutError {
-        match std::future::poll_fn(|cx| self.wait.poll_end(cx)).await {
+        match self.wait.ended().await {
             WaitEnd::Overdue => CheckoutError::Timeout(self.timeout),
             WaitEnd::Killed => CheckoutError::Killed,
+            WaitEnd::Canceled => CheckoutError::Canceled,
         }
     }
 }
