@@ -404,20 +404,23 @@ impl Session {
             .gate
             .enter(self.who.database(), gate, self.who.client.entry())
             .await;
-        let attached = match admitted {
-            Ok(admission) => self.attach(waiting).await.map(|a| (admission, a)),
-            Err(end) => Err(ClientError::from(end)),
+        // Kept apart from the admission: wrapping the attach's result in another
+        // would copy it, error variants and all, every transaction.
+        let attached = match &admitted {
+            Ok(_) => self.attach(waiting).await,
+            Err(end) => Err(ClientError::from(*end)),
         };
         // The wait ends when it began unless something was awaited: most transactions
         // find an idle connection in line with their settings, and skip a clock reading.
-        let started = match &attached {
-            Ok((admission, a)) if !a.waited && !admission.waited => waiting,
+        let started = match (&admitted, &attached) {
+            (Ok(admission), Ok(a)) if !a.waited && !admission.waited => waiting,
             _ => Tick::now(),
         };
         let waited = started.secs_since(waiting);
-        let (admission, conn) = match attached {
-            Ok((admission, a)) => (admission, a.conn),
+        let conn = match attached {
+            Ok(a) => a.conn,
             Err(e) => {
+                drop(admitted);
                 self.who.client.set_state(ClientState::Idle);
                 let timed_out = matches!(e, ClientError::PoolTimeout { .. });
                 self.who.traffic.add(|t| {
@@ -440,7 +443,7 @@ impl Session {
         if settings != Arc::as_ptr(&self.who.params) as usize {
             self.who.client.set_settings(self.who.params.clone());
         }
-        drop(admission);
+        drop(admitted);
         self.who.client.set_state(ClientState::Idle);
         result
     }
