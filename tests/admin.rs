@@ -816,7 +816,9 @@ enum Interrupt {
 }
 
 /// A new client's INSERT waits for `blocked_by`; `interrupt` ends the request at
-/// once. Returns the client when it stays connected.
+/// once. Returns the client when it stays connected. The canceled INSERT goes in
+/// the extended protocol (Parse, Bind, Execute, Sync: the error comes at the Sync),
+/// the killed one as a simple query.
 async fn end_a_wait(
     pgw: &Pgwarden,
     db: &Db,
@@ -827,7 +829,17 @@ async fn end_a_wait(
     let client = Arc::new(pgw.connect(db).await);
     let waiting = common::waits(blocked_by, {
         let client = client.clone();
-        async move { client.batch_execute("INSERT INTO waited VALUES (1)").await }
+        async move {
+            match interrupt {
+                Interrupt::KillClient => {
+                    client.batch_execute("INSERT INTO waited VALUES (1)").await
+                }
+                Interrupt::Cancel => {
+                    let insert = "INSERT INTO waited VALUES ($1)";
+                    client.execute(insert, &[&1i32]).await.map(drop)
+                }
+            }
+        }
     })
     .await;
     match interrupt {
