@@ -75,6 +75,21 @@ enum Slot {
     Reserve,
 }
 
+/// The connection a checkout's slot came with.
+enum WithSlot {
+    /// one that finished a transaction just now and was handed over with its slot
+    HandedOver(Box<Held>),
+    /// the idle connection taken with a free slot, still to be looked at, if any
+    Idle(Option<Box<Held>>),
+}
+
+impl From<Option<Box<Held>>> for WithSlot {
+    /// What a wait in line was granted: a slot with a connection handed over, or alone.
+    fn from(conn: Option<Box<Held>>) -> Self {
+        conn.map_or(WithSlot::Idle(None), WithSlot::HandedOver)
+    }
+}
+
 /// The reserve a wait for a slot may use, copied out of the pool's settings so that
 /// a long wait holds no reference to them.
 #[derive(Debug, Clone, Copy)]
@@ -122,12 +137,12 @@ pub struct ServerPool {
     /// `settings.lifetime` in nanoseconds, read at every checkout and return: a plain
     /// word is cheaper to read there than the settings behind their `ArcSwap`
     lifetime: AtomicU64,
-    main: Slots,
-    reserve: Slots,
-    /// Boxed, here and in [`PooledConn`]: a connection changes hands several times per
-    /// transaction, and a pointer moves for less than the whole connection.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<Held>>>,
+    /// The main slots, with the pool's idle connections. Boxed, here and in
+    /// [`PooledConn`]: a connection changes hands several times per transaction, and
+    /// a pointer moves for less than the whole connection.
+    main: Slots<Box<Held>>,
+    /// the reserve's slots; their connections are idle among the main slots'
+    reserve: Slots<Box<Held>>,
     /// `max_db_connections` and `max_user_connections`, shared with sibling pools
     pub(super) caps: Caps,
     /// checkouts that wait for a slot or for room under the caps
@@ -169,7 +184,6 @@ impl ServerPool {
             reserve: Slots::new(settings.reserve_size),
             lifetime: AtomicU64::new(nanos(settings.lifetime)),
             settings: ArcSwap::from_pointee(settings),
-            idle: Mutex::new(Vec::new()),
             caps,
             demand: AtomicUsize::new(0),
             opening: Mutex::new(Vec::new()),
@@ -196,16 +210,14 @@ impl ServerPool {
     /// `None` leaves the pool as it was, for [`ServerPool::checkout`]. Not async, so
     /// that the common case polls no future of its own.
     pub fn try_checkout(self: &Arc<Self>, now: Tick) -> Option<PooledConn> {
-        if !self.main.try_acquire() {
-            return None;
-        }
+        let idle = self.main.try_take()?;
         let mut pooled = PooledConn {
             pool: self.clone(),
             conn: None,
             slot: Some(Slot::Main),
         };
         // Without a connection, dropping `pooled` gives the slot back.
-        pooled.conn = Some(self.live_idle(now)?);
+        pooled.conn = Some(self.live_idle(idle, now)?);
         Some(pooled)
     }
 
@@ -219,8 +231,8 @@ impl ServerPool {
         // wait is not boxed: the request it belongs to is (see `Session::request`),
         // and a box of its own cost a malloc and free per wait, more than the request
         // box's growth costs a transaction that does not wait.
-        let slot = if self.main.try_acquire() {
-            Slot::Main
+        let (slot, idle) = if let Some(idle) = self.main.try_take() {
+            (Slot::Main, WithSlot::Idle(idle))
         } else {
             let settings = self.settings.load();
             let reserve = Reserve {
@@ -236,7 +248,16 @@ impl ServerPool {
             conn: None,
             slot: Some(slot),
         };
-        let room = match self.room() {
+        // A connection handed over with the slot has just finished a transaction: it
+        // needs no look at its age or its socket.
+        let idle = match idle {
+            WithSlot::HandedOver(conn) => {
+                pooled.conn = Some(conn);
+                return Ok(pooled);
+            }
+            WithSlot::Idle(idle) => idle,
+        };
+        let room = match self.room(idle) {
             Some(room) => room,
             None => {
                 let patience = patience.get_or_insert_with(|| {
@@ -255,14 +276,15 @@ impl ServerPool {
         Ok(pooled)
     }
 
-    /// What a checkout holding a slot can have now: one of the pool's idle
-    /// connections (read after the wait for the slot, which may have been long), or
-    /// places under the caps for a new one. `None` while a cap is full.
-    fn room(&self) -> Option<Result<Room, CheckoutError>> {
+    /// What a checkout holding a slot can have now: `idle`, the idle connection it
+    /// took with the slot, or another of the pool's (looked at now: the wait for the
+    /// slot may have been long), or places under the caps for a new one. `None`
+    /// while a cap is full.
+    fn room(&self, idle: Option<Box<Held>>) -> Option<Result<Room, CheckoutError>> {
         if self.is_retired() {
             return Some(Err(CheckoutError::Retired));
         }
-        if let Some(conn) = self.live_idle(Tick::now()) {
+        if let Some(conn) = self.live_idle(idle, Tick::now()) {
             return Some(Ok(Room::Idle(conn)));
         }
         self.caps.take(self).map(|places| Ok(Room::Places(places)))
@@ -273,7 +295,7 @@ impl ServerPool {
         debug!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, "waiting for room under max_db_connections / max_user_connections");
         tokio::select! {
             biased;
-            room = self.caps.wait_for(|| self.room()) => room,
+            room = self.caps.wait_for(|| self.room(None)) => room,
             e = patience.exhausted() => Err(e),
         }
     }
@@ -316,7 +338,14 @@ impl ServerPool {
         }
         let pool = self.clone();
         Some(async move {
-            while pool.missing() > 0 && !pool.is_retired() && pool.main.try_acquire() {
+            while pool.missing() > 0
+                && !pool.is_retired()
+                && let Some(idle) = pool.main.try_take()
+            {
+                // Only the slot is wanted: a connection taken with it stays idle.
+                if let Some(conn) = idle {
+                    pool.main.park(conn);
+                }
                 // Warm connections never crowd out others under a cap.
                 let Some(places) = pool.caps.take_now() else {
                     pool.release_slot(Slot::Main);
@@ -349,15 +378,15 @@ impl ServerPool {
         &self,
         reserve: Reserve,
         patience: &Patience<'_>,
-    ) -> Result<Slot, CheckoutError> {
-        let main = self.main.acquire();
+    ) -> Result<(Slot, WithSlot), CheckoutError> {
+        let main = self.main.take();
         tokio::pin!(main);
         let reserve = async {
             if reserve.size == 0 {
                 return std::future::pending().await;
             }
             tokio::time::sleep(reserve.timeout).await;
-            let r = self.reserve.acquire().await;
+            let r = self.reserve.take().await;
             if r.is_ok() {
                 info!(backend = %self.target.backend, db = %self.target.dbname, "using the reserve pool");
             }
@@ -366,17 +395,17 @@ impl ServerPool {
         tokio::pin!(reserve);
         let slot = tokio::select! {
             biased;
-            r = &mut main => r.map(|()| Slot::Main),
-            r = &mut reserve => r.map(|()| Slot::Reserve),
+            r = &mut main => r.map(|conn| (Slot::Main, WithSlot::from(conn))),
+            r = &mut reserve => r.map(|conn| (Slot::Reserve, WithSlot::from(conn))),
             e = patience.exhausted() => return Err(e),
         };
         slot.map_err(|_| CheckoutError::Retired)
     }
 
-    /// Takes an idle connection that is still alive, closing the expired and broken
-    /// ones met on the way.
-    fn live_idle(&self, now: Tick) -> Option<Box<Held>> {
-        while let Some(mut conn) = lock(&self.idle).pop() {
+    /// Takes an idle connection that is still alive, `first` if it is one, closing the
+    /// expired and broken ones met on the way.
+    fn live_idle(&self, mut first: Option<Box<Held>>, now: Tick) -> Option<Box<Held>> {
+        while let Some(mut conn) = first.take().or_else(|| self.main.take_idle()) {
             if self.expired(&conn, now) {
                 debug!(server = conn.id, "closing expired server connection");
                 conn.close();
@@ -398,19 +427,29 @@ impl ServerPool {
         self.park(conn, slot, now);
     }
 
-    /// Puts a connection among the idle ones (or closes it, if its pool or its
-    /// lifetime is over) and frees its slot.
+    /// Hands a connection with its slot to the first checkout in line, or puts it
+    /// among the idle ones and frees the slot (or closes it, if its pool or its
+    /// lifetime is over).
     fn park(&self, mut conn: Box<Held>, slot: Slot, now: Tick) {
         if self.is_retired() || self.expired(&conn, now) {
             conn.close();
-        } else {
-            conn.mark_idle(now);
-            lock(&self.idle).push(conn);
+            self.release_slot(slot);
+            return;
+        }
+        conn.mark_idle(now);
+        let idle = match slot {
+            Slot::Main => self.main.give_back(Some(conn)),
+            Slot::Reserve => {
+                self.main.park(conn);
+                self.reserve.give_back(None);
+                true
+            }
+        };
+        if idle {
             // A pool waiting under a full cap may close it to make room.
             self.caps.database.changed_now();
             self.caps.user.changed_now();
         }
-        self.release_slot(slot);
     }
 
     /// Checkouts of the pool waiting now.
@@ -425,16 +464,15 @@ impl ServerPool {
 
     /// True when the pool has an idle connection.
     pub(super) fn has_idle(&self) -> bool {
-        !lock(&self.idle).is_empty()
+        self.main.with_idle(|idle| !idle.is_empty())
     }
 
     /// Closes the idle connection that waited longest, for a pool under the same
     /// cap that needs room; false when there is none.
     pub(super) fn close_oldest_idle(&self) -> bool {
-        let oldest = {
-            let mut idle = lock(&self.idle);
-            (!idle.is_empty()).then(|| idle.remove(0))
-        };
+        let oldest = self
+            .main
+            .with_idle(|idle| (!idle.is_empty()).then(|| idle.remove(0)));
         match oldest {
             Some(conn) => {
                 debug!(backend = %self.target.backend, server = conn.id, db = %self.target.dbname, user = %self.target.user, "closing an idle server connection to make room under a cap");
@@ -447,9 +485,9 @@ impl ServerPool {
 
     fn release_slot(&self, slot: Slot) {
         match slot {
-            Slot::Main => self.main.release(),
-            Slot::Reserve => self.reserve.release(),
-        }
+            Slot::Main => self.main.give_back(None),
+            Slot::Reserve => self.reserve.give_back(None),
+        };
     }
 
     /// The bound on connecting, also used for pgwarden's own short statements.
@@ -476,8 +514,7 @@ impl ServerPool {
         let settings = self.settings.load();
         let min_size = if warm { settings.min_size } else { 0 };
         let in_use = self.in_use();
-        let closing: Vec<Box<Held>> = {
-            let mut idle = lock(&self.idle);
+        let closing: Vec<Box<Held>> = self.main.with_idle(|idle| {
             let now = Tick::now();
             let mut open = in_use + idle.len();
             let mut keep = Vec::with_capacity(idle.len());
@@ -496,7 +533,7 @@ impl ServerPool {
             }
             *idle = keep;
             close
-        };
+        });
         let n = closing.len();
         closing.into_iter().for_each(|c| c.close());
         n
@@ -505,10 +542,8 @@ impl ServerPool {
     /// Stops the pool: waiters are told, idle connections close, and returned ones close too.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
-        self.main.close();
         self.reserve.close();
-        let idle = std::mem::take(&mut *lock(&self.idle));
-        idle.into_iter().for_each(|c| c.close());
+        self.main.close().into_iter().for_each(|c| c.close());
     }
 
     /// What the registry and SHOW SERVERS keep of one of this pool's connections.
@@ -524,17 +559,19 @@ impl ServerPool {
 
     /// The idle connections, for SHOW SERVERS, each with when it was last returned.
     pub fn idle_servers(&self) -> Vec<(Arc<Serving>, Tick)> {
-        lock(&self.idle)
-            .iter()
-            .map(|c| (c.serving.clone(), c.idle_since()))
-            .collect()
+        self.main.with_idle(|idle| {
+            idle.iter()
+                .map(|c| (c.serving.clone(), c.idle_since()))
+                .collect()
+        })
     }
 
     /// Counts for the admin console and metrics: (in use, idle, size). A
     /// connection in use (or being opened) holds a slot; an idle one does not.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let size = self.main.size() + self.reserve.size();
-        (self.in_use(), lock(&self.idle).len(), size)
+        let (taken, idle, size) = self.main.counts();
+        let (reserve_taken, _, reserve_size) = self.reserve.counts();
+        (taken + reserve_taken, idle, size + reserve_size)
     }
 
     /// Connections being opened, among those [`ServerPool::counts`] calls in use.
@@ -550,7 +587,7 @@ impl ServerPool {
 
     /// Connections in use or being opened: the slots taken, main and reserve.
     fn in_use(&self) -> usize {
-        self.main.taken() + self.reserve.taken()
+        self.counts().0
     }
 
     /// Login facts shared by the pools of this (database, user).
@@ -584,7 +621,7 @@ impl ServerPool {
         let now = Tick::now();
         self.reconnect_before
             .store(now.as_nanos(), Ordering::Relaxed);
-        let idle = std::mem::take(&mut *lock(&self.idle));
+        let idle = self.main.with_idle(std::mem::take);
         idle.into_iter().for_each(|c| c.close());
     }
 }

@@ -1,162 +1,387 @@
-//! A bounded number of slots, handed out first come, first served.
+//! A pool's slots and its idle connections, under one lock: a checkout takes a
+//! free slot and the connection returned last (a stack, as PgBouncer's default),
+//! or waits in line; a slot given back with its connection goes, connection and
+//! all, to the first in line.
 //!
-//! tokio's semaphore is fair (FIFO), so waiting clients are served in arrival
-//! order. What it lacks is shrinking while slots are in use: a pool resized
-//! down by a reload keeps a deficit that returning slots pay off instead of
-//! going back.
+//! Handing the connection over is why the slots and the idle list share a lock:
+//! with more clients than connections most transactions wait, and a returned
+//! connection would otherwise go through the idle list (a push, then the waiter's
+//! pop and look at its age), while the waiter is woken by a semaphore that knows
+//! nothing of connections. One lock also makes the checkout and the return of
+//! most transactions a single critical section each.
+//!
+//! Waiters are served in arrival order. A pool resized down by a reload retires
+//! its extra slots as they come back.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::Semaphore;
+use slab::Slab;
 
-/// Slots for server connections of one pool (or its reserve).
+/// Slots for server connections of one pool (or its reserve), with the pool's idle
+/// connections of type `T`, which hold no slot.
 #[derive(Debug)]
-pub struct Slots {
-    semaphore: Semaphore,
-    /// the configured number; the lock also serializes resizes
-    size: Mutex<usize>,
-    /// slots to retire as they come back, after a shrink. An atomic rather than a
-    /// field under `size`'s lock: every transaction's release reads it, and a release
-    /// racing a shrink at worst adds a permit that the next release retires instead.
-    deficit: AtomicUsize,
+pub struct Slots<T> {
+    state: Mutex<State<T>>,
 }
 
 /// The slots are closed: the pool was retired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
-impl Slots {
-    /// `size` free slots.
-    pub fn new(size: usize) -> Slots {
+/// What a wait in line ends with: a slot, with the connection that came back with it
+/// (fresh from a finished transaction) or without; or the news that the pool closed.
+pub type Grant<T> = Result<Option<T>, Closed>;
+
+#[derive(Debug)]
+struct State<T> {
+    /// the configured number
+    size: usize,
+    /// slots held; after a shrink possibly more than `size`, until they come back
+    taken: usize,
+    /// connections that hold no slot, the one returned last at the end
+    idle: Vec<T>,
+    /// the waiters' keys in `waiters`, first come first
+    queue: VecDeque<usize>,
+    waiters: Slab<Waiter<T>>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Waiter<T> {
+    /// taken when the waiter is granted its slot, to be woken outside the lock
+    waker: Option<Waker>,
+    grant: Option<Grant<T>>,
+}
+
+impl<T> State<T> {
+    /// True when a checkout may take a slot without waiting: one is free and
+    /// nobody is in line before it.
+    fn free(&self) -> bool {
+        !self.closed && self.queue.is_empty() && self.taken < self.size
+    }
+
+    /// A slot comes back with `conn`, if it is still usable: both go to the first in
+    /// line, unless the slot is over the size. Returns the waker to wake, and whether
+    /// `conn` went idle. Once closed, `conn` is dropped.
+    fn give_back(&mut self, conn: Option<T>) -> (Option<Waker>, bool) {
+        if self.closed {
+            self.taken -= 1;
+            return (None, false);
+        }
+        if self.taken <= self.size
+            && let Some(key) = self.queue.pop_front()
+        {
+            let waiter = &mut self.waiters[key];
+            waiter.grant = Some(Ok(conn));
+            return (waiter.waker.take(), false);
+        }
+        self.taken -= 1;
+        let parked = conn.map(|c| self.idle.push(c)).is_some();
+        (None, parked)
+    }
+
+    /// Grants free slots to the first in line, as far as the size allows.
+    fn admit(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        while self.taken < self.size
+            && let Some(key) = self.queue.pop_front()
+        {
+            self.taken += 1;
+            let waiter = &mut self.waiters[key];
+            waiter.grant = Some(Ok(None));
+            wakers.extend(waiter.waker.take());
+        }
+        wakers
+    }
+}
+
+impl<T> Slots<T> {
+    /// `size` free slots and no idle connection.
+    pub fn new(size: usize) -> Slots<T> {
         Slots {
-            semaphore: Semaphore::new(size),
-            size: Mutex::new(size),
-            deficit: AtomicUsize::new(0),
+            state: Mutex::new(State {
+                size,
+                taken: 0,
+                idle: Vec::new(),
+                queue: VecDeque::new(),
+                waiters: Slab::new(),
+                closed: false,
+            }),
         }
     }
 
-    /// Takes a free slot if there is one. Never jumps the queue: tokio's semaphore
-    /// hands returned permits to waiters first, so free permits mean nobody waits.
-    pub fn try_acquire(&self) -> bool {
-        self.semaphore
-            .try_acquire()
-            .map(|permit| permit.forget())
-            .is_ok()
+    /// Takes a free slot, with the idle connection returned last if there is one
+    /// (for the caller to look at: it may have expired or broken while idle).
+    /// `None` when every slot is taken, someone is in line (nobody jumps it), or
+    /// the slots are closed.
+    pub fn try_take(&self) -> Option<Option<T>> {
+        let mut state = self.lock();
+        state.free().then(|| {
+            state.taken += 1;
+            state.idle.pop()
+        })
     }
 
-    /// Waits for a free slot. Cancel-safe: dropping the future leaves the queue.
-    pub async fn acquire(&self) -> Result<(), Closed> {
-        self.semaphore
-            .acquire()
-            .await
-            .map(|permit| permit.forget())
-            .map_err(|_| Closed)
-    }
-
-    /// Gives a slot back (or retires it, while the size is above its target).
-    pub fn release(&self) {
-        let retired = self.deficit.load(Ordering::Relaxed) > 0
-            && self
-                .deficit
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1))
-                .is_ok();
-        if !retired {
-            self.semaphore.add_permits(1);
+    /// Waits in line for a slot. Cancel-safe: dropped, it leaves the line, and a slot
+    /// granted to it meanwhile goes on to the next in line.
+    pub fn take(&self) -> Take<'_, T> {
+        Take {
+            slots: self,
+            key: None,
         }
     }
 
-    /// Changes the number of slots; a shrink takes effect as slots come back.
+    /// Gives a slot back with `conn`, its connection if it may serve again: both go
+    /// to the first in line, or `conn` goes idle and the slot is free. True when
+    /// `conn` went idle.
+    pub fn give_back(&self, conn: Option<T>) -> bool {
+        let (waker, parked) = self.lock().give_back(conn);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        parked
+    }
+
+    /// Makes `conn` idle without giving a slot back.
+    pub fn park(&self, conn: T) {
+        self.lock().idle.push(conn);
+    }
+
+    /// Takes the idle connection returned last, for a checkout that holds its slot.
+    pub fn take_idle(&self) -> Option<T> {
+        self.lock().idle.pop()
+    }
+
+    /// Runs `f` on the idle connections (the one returned last at the end) under the
+    /// lock; `f` must not call back into these slots.
+    pub fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
+        f(&mut self.lock().idle)
+    }
+
+    /// Changes the number of slots: growth admits waiters at once, a shrink takes
+    /// effect as slots come back.
     pub fn resize(&self, size: usize) {
-        let mut current = self.lock();
-        if size >= *current {
-            let grow = size - *current;
-            // Growth repays a deficit still owed before it adds slots.
-            let owed = self
-                .deficit
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-                    Some(d.saturating_sub(grow))
-                })
-                .unwrap_or_else(|d| d);
-            self.semaphore.add_permits(grow.saturating_sub(owed));
-        } else {
-            let shrink = *current - size;
-            let forgotten = self.semaphore.forget_permits(shrink);
-            self.deficit
-                .fetch_add(shrink - forgotten, Ordering::Relaxed);
+        let wakers = {
+            let mut state = self.lock();
+            state.size = size;
+            state.admit()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// (slots held, idle connections, configured size), read together.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let state = self.lock();
+        (state.taken, state.idle.len(), state.size)
+    }
+
+    /// Wakes every waiter with [`Closed`], refuses new ones, and returns the idle
+    /// connections for the caller to close.
+    pub fn close(&self) -> Vec<T> {
+        let (idle, wakers) = {
+            let mut state = self.lock();
+            let state = &mut *state;
+            state.closed = true;
+            let mut wakers = Vec::new();
+            for key in state.queue.drain(..) {
+                let waiter = &mut state.waiters[key];
+                waiter.grant = Some(Err(Closed));
+                wakers.extend(waiter.waker.take());
+            }
+            (std::mem::take(&mut state.idle), wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+        idle
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // Every critical section leaves the state whole before anything can panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A checkout's place in line (see [`Slots::take`]).
+#[derive(Debug)]
+pub struct Take<'a, T> {
+    slots: &'a Slots<T>,
+    /// its key in the waiters once in line
+    key: Option<usize>,
+}
+
+impl<T> Future for Take<'_, T> {
+    type Output = Grant<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant<T>> {
+        let slots = self.slots;
+        let mut guard = slots.lock();
+        let state = &mut *guard;
+        let Some(key) = self.key else {
+            if state.closed {
+                return Poll::Ready(Err(Closed));
+            }
+            if state.free() {
+                state.taken += 1;
+                return Poll::Ready(Ok(None));
+            }
+            let key = state.waiters.insert(Waiter {
+                waker: Some(cx.waker().clone()),
+                grant: None,
+            });
+            state.queue.push_back(key);
+            drop(guard);
+            self.key = Some(key);
+            return Poll::Pending;
+        };
+        let waiter = &mut state.waiters[key];
+        if let Some(grant) = waiter.grant.take() {
+            state.waiters.remove(key);
+            drop(guard);
+            self.key = None;
+            return Poll::Ready(grant);
         }
-        *current = size;
+        if !waiter
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            waiter.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
+}
 
-    /// The configured number of slots.
-    pub fn size(&self) -> usize {
-        *self.lock()
-    }
-
-    /// Slots held right now (after a shrink, possibly more than the size).
-    pub fn taken(&self) -> usize {
-        let size = *self.lock();
-        (size + self.deficit.load(Ordering::Relaxed))
-            .saturating_sub(self.semaphore.available_permits())
-    }
-
-    /// Wakes every waiter with [`Closed`] and refuses new ones.
-    pub fn close(&self) {
-        self.semaphore.close();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
-        // The guarded data is one number, written whole: a poisoned lock is still usable.
-        self.size.lock().unwrap_or_else(|e| e.into_inner())
+impl<T> Drop for Take<'_, T> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        let waker = {
+            let mut state = self.slots.lock();
+            match state.waiters.remove(key).grant {
+                // Granted a slot it will not use: it goes on as if given back.
+                Some(Ok(conn)) => state.give_back(conn).0,
+                Some(Err(Closed)) => None,
+                None => {
+                    state.queue.retain(|&k| k != key);
+                    None
+                }
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    #[tokio::test]
-    async fn shrinking_waits_for_slots_to_come_back() {
+    /// Polls `take` once: true when it waits.
+    fn pending(take: Pin<&mut Take<'_, &str>>) -> bool {
+        take.poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    }
+
+    #[test]
+    fn a_checkout_takes_the_connection_returned_last_and_shrinking_waits_for_slots() {
         let slots = Slots::new(3);
-        slots.acquire().await.unwrap();
-        slots.acquire().await.unwrap();
+        assert_eq!(slots.try_take(), Some(None));
+        assert_eq!(slots.try_take(), Some(None));
+        assert!(slots.give_back(Some("a")));
+        assert!(slots.give_back(Some("b")));
+        assert_eq!(slots.counts(), (0, 2, 3));
+        assert_eq!(
+            slots.try_take(),
+            Some(Some("b")),
+            "a stack: the last returned first"
+        );
+        assert_eq!(slots.try_take(), Some(Some("a")));
         slots.resize(1);
-        // One free slot was forgotten at once; one more must be repaid.
-        assert_eq!(slots.semaphore.available_permits(), 0);
-        assert_eq!(slots.taken(), 2, "both still held after the shrink");
-        slots.release();
-        assert_eq!(slots.semaphore.available_permits(), 0);
-        slots.release();
-        assert_eq!(slots.semaphore.available_permits(), 1);
-        assert_eq!(slots.taken(), 0);
-        slots.resize(4);
-        assert_eq!(slots.semaphore.available_permits(), 4);
-        assert_eq!(slots.size(), 4);
+        // Both still held after the shrink: the first to come back is retired.
+        assert_eq!(slots.counts(), (2, 0, 1));
+        assert_eq!(slots.try_take(), None);
+        assert!(
+            slots.give_back(Some("a")),
+            "a retired slot's connection goes idle"
+        );
+        assert_eq!(slots.try_take(), None);
+        slots.give_back(None);
+        assert_eq!(slots.counts(), (0, 1, 1));
+        assert_eq!(slots.try_take(), Some(Some("a")));
     }
 
     #[tokio::test]
-    async fn growing_repays_a_deficit_first() {
-        let slots = Slots::new(2);
-        slots.acquire().await.unwrap();
-        slots.acquire().await.unwrap();
-        slots.resize(0);
-        slots.resize(1);
-        slots.release();
-        slots.release();
-        assert_eq!(slots.semaphore.available_permits(), 1);
-    }
-
-    #[tokio::test]
-    async fn waiters_are_served_in_order_and_woken_on_close() {
-        let slots = std::sync::Arc::new(Slots::new(1));
-        slots.acquire().await.unwrap();
-        let waiter = {
+    async fn waiters_are_served_in_order_and_handed_the_returned_connection() {
+        let slots = Arc::new(Slots::new(1));
+        assert_eq!(slots.try_take(), Some(None));
+        let waiter = |n: u32| {
             let slots = slots.clone();
-            tokio::spawn(async move { slots.acquire().await })
+            tokio::spawn(async move { (n, slots.take().await) })
         };
-        tokio::task::yield_now().await;
-        slots.close();
-        assert_eq!(waiter.await.unwrap(), Err(Closed));
-        assert_eq!(slots.acquire().await, Err(Closed));
+        let first = waiter(1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = waiter(2);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(slots.try_take(), None, "nobody jumps the line");
+        assert!(!slots.give_back(Some("conn")), "handed over, not idle");
+        assert_eq!(first.await.unwrap(), (1, Ok(Some("conn"))));
+        // A slot that comes back without its connection comes alone.
+        slots.give_back(None);
+        assert_eq!(second.await.unwrap(), (2, Ok(None)));
+        assert_eq!(slots.counts(), (1, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_leaves_hands_its_grant_on() {
+        let slots = Arc::new(Slots::new(1));
+        assert_eq!(slots.try_take(), Some(None));
+        let mut leaving = Box::pin(slots.take());
+        assert!(pending(leaving.as_mut()));
+        let staying = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.take().await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        slots.give_back(Some("conn"));
+        // Granted, but dropped before it looked: the next in line gets it all.
+        drop(leaving);
+        assert_eq!(staying.await.unwrap(), Ok(Some("conn")));
+        // One that leaves before its turn only leaves the line.
+        let mut gone = Box::pin(slots.take());
+        assert!(pending(gone.as_mut()));
+        drop(gone);
+        assert!(slots.give_back(Some("conn")));
+        assert_eq!(slots.counts(), (0, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn growth_admits_waiters_and_closing_wakes_the_rest() {
+        let slots = Arc::new(Slots::<&str>::new(0));
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let slots = slots.clone();
+                tokio::spawn(async move { slots.take().await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        slots.resize(1);
+        let mut waiters = waiters.into_iter();
+        assert_eq!(waiters.next().unwrap().await.unwrap(), Ok(None));
+        slots.park("idle");
+        assert_eq!(slots.close(), ["idle"]);
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap(), Err(Closed));
+        }
+        assert_eq!(slots.take().await, Err(Closed));
+        assert_eq!(slots.try_take(), None);
+        // The slot still held comes back; its connection is not kept.
+        assert!(!slots.give_back(Some("late")));
+        assert_eq!(slots.counts(), (0, 0, 1));
     }
 }
