@@ -357,26 +357,24 @@ impl Entry {
     }
 
     /// Ends its wait for a server connection, if one is in progress, as its
-    /// CancelRequest asks; true if it did.
+    /// CancelRequest asks; true if it did. A wait already ended stays ended as it was.
     fn cancel_wait(&self) -> bool {
-        let mut deadline = self.wait_deadline.load(Ordering::SeqCst);
-        // Compared and swapped: a wait that ends meanwhile is not marked, so the mark
-        // cannot reach the next one; a wait already ended stays ended as it was.
-        while !matches!(deadline, 0 | OVERDUE | CANCELED) {
-            match self.wait_deadline.compare_exchange(
-                deadline,
-                CANCELED,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => {
-                    self.ending.wake();
-                    return true;
-                }
-                Err(now) => deadline = now,
-            }
+        let seen = self.wait_deadline.load(Ordering::SeqCst);
+        !matches!(seen, 0 | OVERDUE | CANCELED) && self.end_wait(seen, CANCELED)
+    }
+
+    /// Marks the wait whose word read `seen` ended by `end` and wakes the session;
+    /// false if that wait is over. Compared and swapped: a wait that ended since the
+    /// read, or the next one that began, is left alone.
+    fn end_wait(&self, seen: u64, end: u64) -> bool {
+        let ended = self
+            .wait_deadline
+            .compare_exchange(seen, end, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok();
+        if ended {
+            self.ending.wake();
         }
-        false
+        ended
     }
 }
 
@@ -509,17 +507,10 @@ impl ClientRegistry {
     pub fn end_overdue_waits(&self, now: Tick) {
         for shard in &self.shards {
             for entry in lock(shard).values() {
+                // The marks (UNBOUNDED, CANCELED, OVERDUE) are past every deadline.
                 let deadline = entry.wait_deadline.load(Ordering::Relaxed);
-                // Compared and swapped: a wait that ended since the load, and the next
-                // one that began (a later deadline), are left alone.
-                if deadline != 0
-                    && deadline <= now.as_nanos()
-                    && entry
-                        .wait_deadline
-                        .compare_exchange(deadline, OVERDUE, Ordering::SeqCst, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    entry.ending.wake();
+                if deadline != 0 && deadline <= now.as_nanos() {
+                    entry.end_wait(deadline, OVERDUE);
                 }
             }
         }

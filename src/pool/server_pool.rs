@@ -99,7 +99,7 @@ struct Reserve {
 }
 
 /// A checkout's waits (for a slot, then for room under the caps), registered with
-/// the client's entry so that KILL ends them, and bounded together by
+/// the client's entry so that KILL and its CancelRequest end them, and bounded together by
 /// `query_wait_timeout` (zero: unbounded) from the first.
 struct Patience<'a> {
     timeout: Duration,
@@ -222,8 +222,8 @@ impl ServerPool {
     }
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
-    /// A wait for one is bounded by `query_wait_timeout`, and ended by KILL, through
-    /// `waiter`, the client's registry entry.
+    /// A wait for one is bounded by `query_wait_timeout`, and ended by KILL or the
+    /// client's CancelRequest, through `waiter`, the client's registry entry.
     pub async fn checkout(self: &Arc<Self>, waiter: &Entry) -> Result<PooledConn, CheckoutError> {
         let _waiting = Counted::new(&self.demand);
         let mut patience = None;
