@@ -64,8 +64,9 @@ pub struct Entry {
     /// when it last began waiting for a server connection, as a [`Tick`]'s nanoseconds
     waiting_since: AtomicU64,
     /// when its wait for a server connection in progress must end, as a [`Tick`]'s
-    /// nanoseconds: 0 while none is, [`UNBOUNDED`] for one without a bound,
-    /// [`OVERDUE`] or [`CANCELED`] once one was ended
+    /// nanoseconds: 0 while none is, [`UNBOUNDED`] for one without a bound (a
+    /// request's wait is, between the bounded waits in it), [`OVERDUE`] or
+    /// [`CANCELED`] once one was ended
     wait_deadline: AtomicU64,
     serving: Mutex<Option<Arc<Serving>>>,
     /// its settings now (shared with every client that has the same), for SHOW CLIENTS
@@ -328,6 +329,13 @@ const UNBOUNDED: u64 = u64::MAX - 2;
 /// client is killed or cancels its request, or once past its deadline
 /// (`query_wait_timeout`). The deadline lifts when this drops.
 ///
+/// A request waits from the moment it arrives until a server connection is recorded
+/// as serving it ([`ClientHandle::wait_from`] to [`ClientHandle::served`]); the
+/// waits in between (at a paused gate, in a pool's line, for the routing to change)
+/// are bounded parts of that wait. A CancelRequest in any of it, also between those
+/// parts or while the connection given is brought in line with the client's
+/// settings, ends the request before it reaches a server.
+///
 /// No timer per wait: when most transactions wait for a connection (more clients
 /// than the pool has), arming and disarming one in tokio's timer wheel each time
 /// costs more than the rest of the wait's bookkeeping. The deadline is a word in
@@ -335,7 +343,13 @@ const UNBOUNDED: u64 = u64::MAX - 2;
 /// ([`ClientRegistry::end_overdue_waits`]) ends the waits past theirs through the
 /// session's waker, as PgBouncer's periodic maintenance does.
 #[derive(Debug)]
-pub struct Wait<'a>(&'a Entry);
+pub struct Wait<'a> {
+    entry: &'a Entry,
+    /// its word in the entry while it lasts
+    deadline: u64,
+    /// the word before it began, which it leaves when it drops
+    before: u64,
+}
 
 /// Why a wait for a server connection ended without one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,24 +366,34 @@ impl Entry {
     /// Begins a wait for a server connection, to end at `deadline` unless it is `None`.
     pub fn begin_wait(&self, deadline: Option<Tick>) -> Wait<'_> {
         let deadline = deadline.map_or(UNBOUNDED, |d| d.as_nanos().min(UNBOUNDED - 1));
-        self.wait_deadline.store(deadline, Ordering::SeqCst);
-        Wait(self)
+        // The request this wait is part of may be canceled already: it stays so.
+        let before = self
+            .wait_deadline
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w != CANCELED).then_some(deadline)
+            })
+            .unwrap_or(CANCELED);
+        Wait {
+            entry: self,
+            deadline,
+            before,
+        }
     }
 
     /// Ends its wait for a server connection, if one is in progress, as its
     /// CancelRequest asks; true if it did. A wait already ended stays ended as it was.
     fn cancel_wait(&self) -> bool {
-        let seen = self.wait_deadline.load(Ordering::SeqCst);
-        !matches!(seen, 0 | OVERDUE | CANCELED) && self.end_wait(seen, CANCELED)
+        self.end_wait(CANCELED, |w| !matches!(w, 0 | OVERDUE | CANCELED))
     }
 
-    /// Marks the wait whose word read `seen` ended by `end` and wakes the session;
-    /// false if that wait is over. Compared and swapped: a wait that ended since the
-    /// read, or the next one that began, is left alone.
-    fn end_wait(&self, seen: u64, end: u64) -> bool {
+    /// Marks its wait ended by `end` if `ends` holds for the wait's word, and wakes
+    /// the session; false if it did not.
+    fn end_wait(&self, end: u64, ends: impl Fn(u64) -> bool) -> bool {
         let ended = self
             .wait_deadline
-            .compare_exchange(seen, end, Ordering::SeqCst, Ordering::Relaxed)
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |w| {
+                ends(w).then_some(end)
+            })
             .is_ok();
         if ended {
             self.ending.wake();
@@ -384,10 +408,10 @@ impl Wait<'_> {
     pub fn poll_end(&self, cx: &mut Context<'_>) -> Poll<WaitEnd> {
         // The ending's poll registers the waker before the deadline is read: the sweep
         // and a cancel wake it after they mark the wait.
-        if self.0.ending.poll(cx, false, false).is_ready() {
+        if self.entry.ending.poll(cx, false, false).is_ready() {
             return Poll::Ready(WaitEnd::Killed);
         }
-        match self.0.wait_deadline.load(Ordering::SeqCst) {
+        match self.entry.wait_deadline.load(Ordering::SeqCst) {
             OVERDUE => Poll::Ready(WaitEnd::Overdue),
             CANCELED => Poll::Ready(WaitEnd::Canceled),
             _ => Poll::Pending,
@@ -402,7 +426,13 @@ impl Wait<'_> {
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
-        self.0.wait_deadline.store(0, Ordering::SeqCst);
+        // An end marked stays, for the request's record of its connection to see.
+        let _ = self.entry.wait_deadline.compare_exchange(
+            self.deadline,
+            self.before,
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -508,10 +538,7 @@ impl ClientRegistry {
         for shard in &self.shards {
             for entry in lock(shard).values() {
                 // The marks (UNBOUNDED, CANCELED, OVERDUE) are past every deadline.
-                let deadline = entry.wait_deadline.load(Ordering::Relaxed);
-                if deadline != 0 && deadline <= now.as_nanos() {
-                    entry.end_wait(deadline, OVERDUE);
-                }
+                entry.end_wait(OVERDUE, |w| w != 0 && w <= now.as_nanos());
             }
         }
     }
@@ -575,14 +602,26 @@ impl ClientRegistry {
         // Counted before the lookup: a transaction that ends after it sees the count
         // and keeps its server connection until the cancel has landed.
         let _in_flight = InFlight::new(&entry);
-        let Some(serving) = entry.serving() else {
-            // A request still waiting for a server connection never reaches one.
-            if entry.cancel_wait() {
-                info!(pid, "cancel request ended a wait for a server connection");
-            } else {
-                debug!(pid, "cancel request matches no running query");
+        let serving = match entry.serving() {
+            Some(serving) => serving,
+            None => {
+                // A request still waiting for a server connection never reaches one.
+                let ended = entry.cancel_wait();
+                // But the session may have recorded its connection since the look
+                // above, and ended its wait before the mark: then the cancel follows
+                // the request there (see `ClientHandle::served`).
+                match entry.serving() {
+                    Some(serving) => serving,
+                    None if ended => {
+                        info!(pid, "cancel request ended a wait for a server connection");
+                        return;
+                    }
+                    None => {
+                        debug!(pid, "cancel request matches no running query");
+                        return;
+                    }
+                }
             }
-            return;
         };
         let key = &serving.key;
         let sent = tokio::time::timeout(connect_timeout, key.clone().send()).await;
@@ -633,13 +672,40 @@ impl ClientHandle {
         *slot = serving;
     }
 
-    /// Records that the client begins waiting for a server connection at `at`; set
-    /// before its state turns waiting, so that a reader never pairs the state with an
-    /// older wait.
+    /// Records that the client's request begins waiting for a server connection at
+    /// `at`, a wait its CancelRequest ends (see [`Wait`]) until [`ClientHandle::served`]
+    /// or [`ClientHandle::stop_waiting`]. Set before its state turns waiting, so that a
+    /// reader never pairs the state with an older wait.
     pub fn wait_from(&self, at: Tick) {
         self.entry
             .waiting_since
             .store(at.as_nanos(), Ordering::Relaxed);
+        self.entry.wait_deadline.store(UNBOUNDED, Ordering::Release);
+    }
+
+    /// Points cancels at the server connection given to the client's request, and
+    /// ends the request's wait; true if the client canceled the request meanwhile, which
+    /// then must not run.
+    pub fn served(&self, serving: Arc<Serving>) -> bool {
+        self.serving(Some(serving));
+        // Looked at after the record, while a cancel marks the wait before it looks
+        // for the record: one of the two sees the other, the serving lock orders them.
+        let canceled = self.entry.wait_deadline.load(Ordering::SeqCst) == CANCELED;
+        self.entry.wait_deadline.store(0, Ordering::Relaxed);
+        canceled
+    }
+
+    /// Ends the request's wait without a server connection.
+    pub fn stop_waiting(&self) {
+        self.entry.wait_deadline.store(0, Ordering::Relaxed);
+    }
+
+    /// Points cancels at nothing once the request is done with its server connection;
+    /// true while one sent before is still on its way there: the connection must then
+    /// serve no one else until it has landed ([`Entry::cancels_landed`]).
+    pub fn stop_serving(&self) -> bool {
+        self.serving(None);
+        self.entry.cancel_in_flight()
     }
 
     /// Records the client's settings after a transaction changed them.
@@ -770,14 +836,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_cancel_ends_the_wait_in_progress_only() {
+    fn a_cancel_ends_the_request_waiting_for_a_connection_and_no_other() {
         let reg = Arc::new(ClientRegistry::default());
         let client = reg.register(someone(), Arc::default());
         let entry = client.entry();
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
-        assert!(!entry.cancel_wait(), "no wait, nothing to cancel");
+        assert!(!entry.cancel_wait(), "no request, nothing to cancel");
+        // Canceled in a wait in line.
+        let start = Tick::now();
+        client.wait_from(start);
         let wait = entry.begin_wait(None);
         assert!(wait.poll_end(&mut cx).is_pending());
         assert!(entry.cancel_wait());
@@ -785,16 +854,36 @@ pub(crate) mod tests {
         assert_eq!(wait.poll_end(&mut cx), Poll::Ready(WaitEnd::Canceled));
         assert!(!entry.cancel_wait(), "ended once");
         drop(wait);
-        // A late cancel does not reach the next wait, nor does the sweep end a canceled one.
-        assert!(!entry.cancel_wait());
-        let start = Tick::now();
-        let next = entry.begin_wait(Some(start.after(Duration::from_secs(1))));
-        assert!(next.poll_end(&mut cx).is_pending());
+        client.stop_waiting();
+        assert!(
+            !entry.cancel_wait(),
+            "a late cancel does not reach the next request"
+        );
+        // Canceled before its first wait: that wait ends at once, the sweep leaves
+        // it so, and the connection given at last must not be used.
+        client.wait_from(start);
         assert!(entry.cancel_wait());
+        let next = entry.begin_wait(Some(start.after(Duration::from_secs(1))));
         reg.end_overdue_waits(start.after(Duration::from_secs(2)));
         assert_eq!(next.poll_end(&mut cx), Poll::Ready(WaitEnd::Canceled));
         drop(next);
+        assert!(client.served(Arc::new(serving(1))));
+        client.serving(None);
+        // Canceled between its waits, or after them: the connection is not used.
+        client.wait_from(start);
+        drop(entry.begin_wait(Some(start.after(Duration::from_secs(1)))));
+        assert!(entry.cancel_wait());
+        assert!(client.served(Arc::new(serving(1))));
+        client.serving(None);
+        // Given its connection first, the request runs: the cancel finds it served.
+        client.wait_from(start);
+        drop(entry.begin_wait(None));
+        assert!(!client.served(Arc::new(serving(1))));
+        assert!(!entry.cancel_wait());
+        assert!(entry.serving().is_some());
+        client.serving(None);
         // An overdue wait stays overdue.
+        client.wait_from(start);
         let late = entry.begin_wait(Some(start));
         reg.end_overdue_waits(start);
         assert!(!entry.cancel_wait());

@@ -438,3 +438,62 @@ async fn a_cancel_still_on_its_way_when_its_query_ends_never_reaches_the_next_cl
     cancel.await.unwrap().unwrap();
     waits.await.unwrap().unwrap();
 }
+
+/// A server process stopped (SIGSTOP) until this drops, also when the test fails.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Self {
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_while_the_connection_takes_the_clients_settings_ends_the_request_unsent() {
+    let db = Db::create();
+    let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
+    let named = |name: &str| format!("{} application_name={name}", pgw.conninfo(&db));
+    let other = common::connect(&named("other")).await.unwrap();
+    let client = common::connect(&named("canceling")).await.unwrap();
+    other
+        .batch_execute("CREATE TABLE canceled (i int)")
+        .await
+        .unwrap();
+    // The pool's only connection has the other client's settings: this client's request
+    // first has them changed, which lasts as long as the server is stopped.
+    let server = Stopped::new(common::backend_pid(&other).await);
+    let token = client.cancel_token();
+    let insert = common::waits("the stopped server", async move {
+        let done = client
+            .batch_execute("INSERT INTO canceled VALUES (1)")
+            .await;
+        (client, done)
+    })
+    .await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    common::eventually(Duration::from_secs(5), "the cancel to arrive", || {
+        pgw.log().contains("cancel request ended a wait")
+    })
+    .await;
+    drop(server);
+    let (client, done) = common::served(insert).await;
+    let err = done.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    let count: i64 = other
+        .query_one("SELECT count(*) FROM canceled", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0, "the canceled INSERT ran");
+    client
+        .batch_execute("INSERT INTO canceled VALUES (2)")
+        .await
+        .unwrap();
+}

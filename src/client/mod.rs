@@ -421,6 +421,7 @@ impl Session {
             Ok(a) => a.conn,
             Err(e) => {
                 drop(admitted);
+                self.who.client.stop_waiting();
                 self.who.client.set_state(ClientState::Idle);
                 let timed_out = matches!(e, ClientError::PoolTimeout { .. });
                 self.who.traffic.add(|t| {
@@ -492,12 +493,10 @@ impl Session {
         exchange.traffic.received = std::mem::take(&mut self.received);
         let (outcome, to_client) =
             splice::splice(client, &mut conn, pooling, ending, &mut exchange).await;
-        self.who.client.serving(None);
         // A cancel the client sent as its transaction ended may still be on its way to
         // this connection: it serves no one else until that has landed.
-        let entry = self.who.client.entry();
-        if entry.cancel_in_flight() {
-            entry.cancels_landed().await;
+        if self.who.client.stop_serving() {
+            self.who.client.entry().cancels_landed().await;
         }
         // One clock reading ends the transaction and dates the connection's return.
         let ended = Tick::now();
@@ -690,11 +689,17 @@ impl Session {
                                     apply_settings(conn, &sql, &self.who.params).await?
                                 }
                             };
-                        let pool = conn.pool();
-                        self.who.client.serving(Some(conn.serving().clone()));
+                        if self.who.client.served(conn.serving().clone()) {
+                            // Canceled before a server could be told: it never runs.
+                            if self.who.client.stop_serving() {
+                                self.who.client.entry().cancels_landed().await;
+                            }
+                            conn.release();
+                            return Err(ClientError::Canceled);
+                        }
                         // Retired before the registry knew this client uses it: the
                         // retirement's sweep of the registry did not see it.
-                        if pool.is_retired() {
+                        if conn.pool().is_retired() {
                             self.who.client.entry().ending.evict();
                         }
                         return Ok(Attached {
