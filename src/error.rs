@@ -228,6 +228,10 @@ pub enum ClientError {
     /// the request never reached a server.
     #[error("canceling statement due to user request (it was waiting for a server connection)")]
     Canceled,
+    /// The client closed its connection while its request waited for a server
+    /// connection: the request never reached a server, and no one is left to tell.
+    #[error("the client closed its connection while waiting for a server connection")]
+    Left,
     /// A statement sent after the transaction was lost and before the client ended it.
     #[error("current transaction is aborted, commands ignored until end of transaction block")]
     TransactionAborted,
@@ -250,6 +254,7 @@ impl From<WaitEnd> for ClientError {
     fn from(end: WaitEnd) -> Self {
         match end {
             WaitEnd::Canceled => ClientError::Canceled,
+            WaitEnd::Left => ClientError::Left,
             WaitEnd::Killed | WaitEnd::Overdue => ClientError::Killed,
         }
     }
@@ -282,7 +287,7 @@ impl ClientError {
                 ServerError::Credentials(_) => INVALID_AUTHORIZATION,
                 _ => CANNOT_CONNECT,
             },
-            ClientError::ServerLost { .. } => CONNECTION_FAILURE,
+            ClientError::ServerLost { .. } | ClientError::Left => CONNECTION_FAILURE,
             ClientError::Unavailable { .. } => CANNOT_CONNECT_NOW,
             ClientError::Server(notice) => &notice.code,
             ClientError::Protocol(_) => PROTOCOL_VIOLATION,

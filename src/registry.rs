@@ -19,6 +19,7 @@
 
 use crate::address::Address;
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -45,6 +46,8 @@ pub struct Identity {
     pub database: String,
     /// user name
     pub user: String,
+    /// its socket, watched while it waits for a server connection (none in tests)
+    pub socket: Option<RawFd>,
 }
 
 /// One client's entry.
@@ -322,12 +325,20 @@ pub const WAIT_SWEEP: Duration = Duration::from_millis(100);
 const OVERDUE: u64 = u64::MAX;
 /// [`Entry::wait_deadline`] of a wait that the client's CancelRequest ended.
 const CANCELED: u64 = u64::MAX - 1;
-/// [`Entry::wait_deadline`] of a wait without a deadline; no clock reaches it.
-const UNBOUNDED: u64 = u64::MAX - 2;
+/// [`Entry::wait_deadline`] of a wait that ended because the client closed its connection.
+const LEFT: u64 = u64::MAX - 2;
+/// [`Entry::wait_deadline`] of a wait without a deadline; no clock reaches it, and
+/// the marks of an ended wait are above it.
+const UNBOUNDED: u64 = u64::MAX - 3;
+
+/// True for the word of a wait in progress (not none, not ended).
+fn in_progress(word: u64) -> bool {
+    word != 0 && word <= UNBOUNDED
+}
 
 /// A client's wait for a server connection in progress: it ends early when the
-/// client is killed or cancels its request, or once past its deadline
-/// (`query_wait_timeout`). The deadline lifts when this drops.
+/// client is killed, cancels its request or closes its connection, or once past its
+/// deadline (`query_wait_timeout`). The deadline lifts when this drops.
 ///
 /// A request waits from the moment it arrives until a server connection is recorded
 /// as serving it ([`ClientHandle::wait_from`] to [`ClientHandle::served`]); the
@@ -340,8 +351,12 @@ const UNBOUNDED: u64 = u64::MAX - 2;
 /// than the pool has), arming and disarming one in tokio's timer wheel each time
 /// costs more than the rest of the wait's bookkeeping. The deadline is a word in
 /// the entry instead, and one sweep over the registry a few times a second
-/// ([`ClientRegistry::end_overdue_waits`]) ends the waits past theirs through the
-/// session's waker, as PgBouncer's periodic maintenance does.
+/// ([`ClientRegistry::end_waits`]) ends the waits past theirs through the
+/// session's waker, as PgBouncer's periodic maintenance does. The same sweep
+/// ends the waits of clients that closed their connections: their requests must
+/// not take a server connection, let alone run, and watching each waiting client's
+/// socket from its session would cost every wait a system call and a waiter on the
+/// socket.
 #[derive(Debug)]
 pub struct Wait<'a> {
     entry: &'a Entry,
@@ -360,19 +375,22 @@ pub enum WaitEnd {
     Killed,
     /// the client's CancelRequest: the request it waits for never reached a server
     Canceled,
+    /// the client closed its connection: there is no one to answer
+    Left,
 }
 
 impl Entry {
     /// Begins a wait for a server connection, to end at `deadline` unless it is `None`.
     pub fn begin_wait(&self, deadline: Option<Tick>) -> Wait<'_> {
         let deadline = deadline.map_or(UNBOUNDED, |d| d.as_nanos().min(UNBOUNDED - 1));
-        // The request this wait is part of may be canceled already: it stays so.
+        // The request this wait is part of may be over already (canceled, or its
+        // client gone): it stays so.
         let before = self
             .wait_deadline
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                (w != CANCELED).then_some(deadline)
+                (!matches!(w, CANCELED | LEFT)).then_some(deadline)
             })
-            .unwrap_or(CANCELED);
+            .unwrap_or_else(|w| w);
         Wait {
             entry: self,
             deadline,
@@ -383,7 +401,7 @@ impl Entry {
     /// Ends its wait for a server connection, if one is in progress, as its
     /// CancelRequest asks; true if it did. A wait already ended stays ended as it was.
     fn cancel_wait(&self) -> bool {
-        self.end_wait(CANCELED, |w| !matches!(w, 0 | OVERDUE | CANCELED))
+        self.end_wait(CANCELED, in_progress)
     }
 
     /// Marks its wait ended by `end` if `ends` holds for the wait's word, and wakes
@@ -414,6 +432,7 @@ impl Wait<'_> {
         match self.entry.wait_deadline.load(Ordering::SeqCst) {
             OVERDUE => Poll::Ready(WaitEnd::Overdue),
             CANCELED => Poll::Ready(WaitEnd::Canceled),
+            LEFT => Poll::Ready(WaitEnd::Left),
             _ => Poll::Pending,
         }
     }
@@ -521,24 +540,57 @@ impl ClientRegistry {
         }
     }
 
-    /// Ends overdue waits every [`WAIT_SWEEP`], for as long as the process runs: the
-    /// drain of a shutdown bounds its waits too.
+    /// Ends overdue waits, and those of clients that left, every [`WAIT_SWEEP`], for
+    /// as long as the process runs: the drain of a shutdown bounds its waits too.
     pub async fn sweep_waits(self: Arc<Self>) {
         let mut tick = tokio::time::interval(WAIT_SWEEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.end_overdue_waits(Tick::now());
+            self.end_waits(Tick::now());
         }
     }
 
-    /// Ends the waits for a server connection whose deadline is not after `now` (see
-    /// [`Wait`]).
-    pub fn end_overdue_waits(&self, now: Tick) {
+    /// Ends the waits for a server connection whose deadline is not after `now`, and
+    /// those of clients that have closed their connections (see [`Wait`]).
+    pub fn end_waits(&self, now: Tick) {
+        let mut waiting = Vec::new();
         for shard in &self.shards {
             for entry in lock(shard).values() {
-                // The marks (UNBOUNDED, CANCELED, OVERDUE) are past every deadline.
-                entry.end_wait(OVERDUE, |w| w != 0 && w <= now.as_nanos());
+                // The marks (UNBOUNDED, LEFT, CANCELED, OVERDUE) are past every deadline.
+                let overdue = entry.end_wait(OVERDUE, |w| w != 0 && w <= now.as_nanos());
+                let word = entry.wait_deadline.load(Ordering::Relaxed);
+                if let Some(socket) = entry.identity.socket
+                    && !overdue
+                    && in_progress(word)
+                {
+                    waiting.push((entry.clone(), socket));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let mut sockets: Vec<libc::pollfd> = waiting
+            .iter()
+            .map(|&(_, fd)| libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `sockets` is an array of `pollfd` of the length given, which poll
+        // only reads and writes within; a timeout of 0 returns at once. A socket
+        // closed and its number reused meanwhile is only looked at, and its entry's
+        // session is ending anyway.
+        let ready = unsafe { libc::poll(sockets.as_mut_ptr(), sockets.len() as libc::nfds_t, 0) };
+        if ready <= 0 {
+            return;
+        }
+        let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+        for ((entry, _), socket) in waiting.iter().zip(&sockets) {
+            if socket.revents & gone != 0 && entry.end_wait(LEFT, in_progress) {
+                info!(pid = entry.pid, peer = %entry.identity.peer, "client left while waiting for a server connection");
             }
         }
     }
@@ -751,6 +803,7 @@ pub(crate) mod tests {
             endpoint: Endpoint::default(),
             database: "db".into(),
             user: "u".into(),
+            socket: None,
         }
     }
 
@@ -809,10 +862,10 @@ pub(crate) mod tests {
         let deadline = start.after(Duration::from_secs(1));
         let wait = client.entry().begin_wait(Some(deadline));
         assert!(wait.poll_end(&mut cx).is_pending());
-        reg.end_overdue_waits(start);
+        reg.end_waits(start);
         assert!(wait.poll_end(&mut cx).is_pending(), "not due yet");
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
-        reg.end_overdue_waits(deadline);
+        reg.end_waits(deadline);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "the session is woken");
         assert_eq!(wait.poll_end(&mut cx), Poll::Ready(WaitEnd::Overdue));
         drop(wait);
@@ -820,15 +873,15 @@ pub(crate) mod tests {
         let later = deadline.after(Duration::from_secs(1));
         let next = client.entry().begin_wait(Some(later));
         assert!(next.poll_end(&mut cx).is_pending());
-        reg.end_overdue_waits(deadline);
+        reg.end_waits(deadline);
         assert!(next.poll_end(&mut cx).is_pending());
         drop(next);
         // ... and a sweep after a wait ended finds nothing to end.
-        reg.end_overdue_waits(deadline.after(Duration::from_secs(5)));
+        reg.end_waits(deadline.after(Duration::from_secs(5)));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         // A wait without a deadline is never overdue, and ends when the client is killed.
         let unbounded = client.entry().begin_wait(None);
-        reg.end_overdue_waits(deadline.after(Duration::from_secs(3600)));
+        reg.end_waits(deadline.after(Duration::from_secs(3600)));
         assert!(unbounded.poll_end(&mut cx).is_pending());
         client.entry().ending.kill();
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
@@ -864,7 +917,7 @@ pub(crate) mod tests {
         client.wait_from(start);
         assert!(entry.cancel_wait());
         let next = entry.begin_wait(Some(start.after(Duration::from_secs(1))));
-        reg.end_overdue_waits(start.after(Duration::from_secs(2)));
+        reg.end_waits(start.after(Duration::from_secs(2)));
         assert_eq!(next.poll_end(&mut cx), Poll::Ready(WaitEnd::Canceled));
         drop(next);
         assert!(client.served(Arc::new(serving(1))));
@@ -885,9 +938,39 @@ pub(crate) mod tests {
         // An overdue wait stays overdue.
         client.wait_from(start);
         let late = entry.begin_wait(Some(start));
-        reg.end_overdue_waits(start);
+        reg.end_waits(start);
         assert!(!entry.cancel_wait());
         assert_eq!(late.poll_end(&mut cx), Poll::Ready(WaitEnd::Overdue));
+    }
+
+    #[test]
+    fn the_sweep_ends_the_wait_of_a_client_that_closed_its_connection() {
+        use std::os::fd::AsRawFd;
+        let reg = Arc::new(ClientRegistry::default());
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut identity = someone();
+        identity.socket = Some(ours.as_raw_fd());
+        let client = reg.register(identity, Arc::default());
+        let entry = client.entry();
+        let mut cx = Context::from_waker(Waker::noop());
+        let now = Tick::now();
+        // Closed while idle: nothing to end.
+        let (idle, gone) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut identity = someone();
+        identity.socket = Some(idle.as_raw_fd());
+        let idle_client = reg.register(identity, Arc::default());
+        drop(gone);
+        client.wait_from(now);
+        let wait = entry.begin_wait(None);
+        // Bytes sent while waiting are not an end.
+        std::io::Write::write_all(&mut &theirs, b"Q").unwrap();
+        reg.end_waits(now);
+        assert!(wait.poll_end(&mut cx).is_pending());
+        drop(theirs);
+        reg.end_waits(now);
+        assert_eq!(wait.poll_end(&mut cx), Poll::Ready(WaitEnd::Left));
+        assert!(!entry.cancel_wait(), "over");
+        assert_eq!(idle_client.entry().wait_deadline.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -762,7 +762,8 @@ async fn reconnect_replaces_server_connections_wait_close_waits_disable_refuses_
 }
 
 #[tokio::test]
-async fn kill_client_or_a_cancel_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_once() {
+async fn kill_client_a_cancel_or_a_close_ends_a_wait_for_a_connection_a_paused_gate_or_a_node_at_once()
+ {
     let db = Db::create();
     let mut options = operated("");
     options.pool = "default_pool_size = 1\nquery_wait_timeout = \"60s\"".into();
@@ -774,7 +775,7 @@ async fn kill_client_or_a_cancel_ends_a_wait_for_a_connection_a_paused_gate_or_a
         .await
         .unwrap();
     let mut canceled = Vec::new();
-    for interrupt in [Interrupt::KillClient, Interrupt::Cancel] {
+    for interrupt in [Interrupt::KillClient, Interrupt::Cancel, Interrupt::Leave] {
         holder.batch_execute("BEGIN").await.unwrap();
         canceled
             .extend(end_a_wait(&pgw, &db, &admin, "the pool's only connection", interrupt).await);
@@ -813,12 +814,14 @@ enum Interrupt {
     KillClient,
     /// the client's CancelRequest: the request fails (57014), the session stays
     Cancel,
+    /// the client closes its connection
+    Leave,
 }
 
 /// A new client's INSERT waits for `blocked_by`; `interrupt` ends the request at
 /// once. Returns the client when it stays connected. The canceled INSERT goes in
 /// the extended protocol (Parse, Bind, Execute, Sync: the error comes at the Sync),
-/// the killed one as a simple query.
+/// the others as simple queries.
 async fn end_a_wait(
     pgw: &Pgwarden,
     db: &Db,
@@ -826,12 +829,16 @@ async fn end_a_wait(
     blocked_by: &str,
     interrupt: Interrupt,
 ) -> Option<Arc<Client>> {
-    let client = Arc::new(pgw.connect(db).await);
+    let (client, connection) = tokio_postgres::connect(&pgw.conninfo(db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let client = Arc::new(client);
     let waiting = common::waits(blocked_by, {
         let client = client.clone();
         async move {
             match interrupt {
-                Interrupt::KillClient => {
+                Interrupt::KillClient | Interrupt::Leave => {
                     client.batch_execute("INSERT INTO waited VALUES (1)").await
                 }
                 Interrupt::Cancel => {
@@ -864,6 +871,24 @@ async fn end_a_wait(
             let err = common::served(waiting).await.unwrap_err();
             assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
             Some(client)
+        }
+        Interrupt::Leave => {
+            // The socket closes under the waiting request.
+            connection.abort();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while rows(admin, "SHOW CLIENTS")
+                .await
+                .iter()
+                .any(|r| get(r, "state") == Some("waiting"))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a client that left still waits for {blocked_by}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = waiting.await;
+            None
         }
     }
 }

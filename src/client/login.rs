@@ -6,6 +6,7 @@
 //! setting is refused at login, as PostgreSQL would refuse it, while the common
 //! case costs no server round trip at all.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::address::Address;
@@ -209,6 +210,7 @@ async fn login_steps(
             endpoint: stream.endpoint(),
             database: request.database.clone(),
             user: request.user.clone(),
+            socket: Some(stream.as_raw_fd()),
         },
         startup.clone(),
     );

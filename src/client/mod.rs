@@ -428,8 +428,10 @@ impl Session {
                     t.wait_seconds.observe(waited);
                     t.wait_timeouts += u64::from(timed_out);
                 });
-                if matches!(e, ClientError::Killed) {
-                    return Err(End::Fatal(e));
+                match e {
+                    ClientError::Killed => return Err(End::Fatal(e)),
+                    ClientError::Left => return Err(End::Gone),
+                    _ => {}
                 }
                 return self.refuse(tag, e).await;
             }
@@ -715,6 +717,7 @@ impl Session {
                     }
                     Err(CheckoutError::Killed) => return Err(ClientError::Killed),
                     Err(CheckoutError::Canceled) => return Err(ClientError::Canceled),
+                    Err(CheckoutError::Left) => return Err(ClientError::Left),
                     Err(CheckoutError::Timeout(timeout)) => {
                         warn!(peer = %self.who.peer(), db = %self.who.database(), user = %self.who.user(), ?timeout, "query_wait_timeout: no server connection");
                         return Err(ClientError::PoolTimeout {

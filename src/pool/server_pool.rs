@@ -66,6 +66,9 @@ pub enum CheckoutError {
     /// The client canceled its request while waiting.
     #[error("canceled while waiting")]
     Canceled,
+    /// The client closed its connection while waiting.
+    #[error("the client left while waiting")]
+    Left,
 }
 
 /// Which slots a checkout took, so that it gives back to the same ones.
@@ -122,6 +125,7 @@ impl<'a> Patience<'a> {
             WaitEnd::Overdue => CheckoutError::Timeout(self.timeout),
             WaitEnd::Killed => CheckoutError::Killed,
             WaitEnd::Canceled => CheckoutError::Canceled,
+            WaitEnd::Left => CheckoutError::Left,
         }
     }
 }

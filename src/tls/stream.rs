@@ -9,6 +9,7 @@
 //! may already hold decrypted bytes that the socket no longer signals.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -183,6 +184,17 @@ macro_rules! either {
             Self::Local($s) => $call,
         }
     };
+}
+
+impl AsRawFd for Stream {
+    /// The socket, under TLS too.
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Plain(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.get_ref().0.as_raw_fd(),
+            Stream::Local(s) => s.as_raw_fd(),
+        }
+    }
 }
 
 impl AsyncRead for Stream {
