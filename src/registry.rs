@@ -68,8 +68,8 @@ pub struct Entry {
     waiting_since: AtomicU64,
     /// when its wait for a server connection in progress must end, as a [`Tick`]'s
     /// nanoseconds: 0 while none is, [`UNBOUNDED`] for one without a bound (a
-    /// request's wait is, between the bounded waits in it), [`OVERDUE`] or
-    /// [`CANCELED`] once one was ended
+    /// request's wait is, between the bounded waits in it), [`OVERDUE`], [`CANCELED`]
+    /// or [`LEFT`] once one was ended
     wait_deadline: AtomicU64,
     serving: Mutex<Option<Arc<Serving>>>,
     /// its settings now (shared with every client that has the same), for SHOW CLIENTS
