@@ -736,15 +736,20 @@ impl ClientHandle {
     }
 
     /// Points cancels at the server connection given to the client's request, and
-    /// ends the request's wait; true if the client canceled the request meanwhile, which
-    /// then must not run.
-    pub fn served(&self, serving: Arc<Serving>) -> bool {
+    /// ends the request's wait; `Some` if the client canceled the request or left
+    /// meanwhile (between the waits in line, while the connection was opened or took
+    /// the client's settings): the request must not run.
+    pub fn served(&self, serving: Arc<Serving>) -> Option<WaitEnd> {
         self.serving(Some(serving));
         // Looked at after the record, while a cancel marks the wait before it looks
         // for the record: one of the two sees the other, the serving lock orders them.
-        let canceled = self.entry.wait_deadline.load(Ordering::SeqCst) == CANCELED;
+        let end = match self.entry.wait_deadline.load(Ordering::SeqCst) {
+            CANCELED => Some(WaitEnd::Canceled),
+            LEFT => Some(WaitEnd::Left),
+            _ => None,
+        };
         self.entry.wait_deadline.store(0, Ordering::Relaxed);
-        canceled
+        end
     }
 
     /// Ends the request's wait without a server connection.
@@ -920,18 +925,18 @@ pub(crate) mod tests {
         reg.end_waits(start.after(Duration::from_secs(2)));
         assert_eq!(next.poll_end(&mut cx), Poll::Ready(WaitEnd::Canceled));
         drop(next);
-        assert!(client.served(Arc::new(serving(1))));
+        assert_eq!(client.served(Arc::new(serving(1))), Some(WaitEnd::Canceled));
         client.serving(None);
         // Canceled between its waits, or after them: the connection is not used.
         client.wait_from(start);
         drop(entry.begin_wait(Some(start.after(Duration::from_secs(1)))));
         assert!(entry.cancel_wait());
-        assert!(client.served(Arc::new(serving(1))));
+        assert_eq!(client.served(Arc::new(serving(1))), Some(WaitEnd::Canceled));
         client.serving(None);
         // Given its connection first, the request runs: the cancel finds it served.
         client.wait_from(start);
         drop(entry.begin_wait(None));
-        assert!(!client.served(Arc::new(serving(1))));
+        assert_eq!(client.served(Arc::new(serving(1))), None);
         assert!(!entry.cancel_wait());
         assert!(entry.serving().is_some());
         client.serving(None);
@@ -971,6 +976,13 @@ pub(crate) mod tests {
         assert_eq!(wait.poll_end(&mut cx), Poll::Ready(WaitEnd::Left));
         assert!(!entry.cancel_wait(), "over");
         assert_eq!(idle_client.entry().wait_deadline.load(Ordering::SeqCst), 0);
+        // Gone between the waits: the connection given at last is not used.
+        drop(wait);
+        assert_eq!(client.served(Arc::new(serving(1))), Some(WaitEnd::Left));
+        client.serving(None);
+        client.wait_from(now);
+        reg.end_waits(now);
+        assert_eq!(client.served(Arc::new(serving(1))), Some(WaitEnd::Left));
     }
 
     #[test]

@@ -456,44 +456,59 @@ impl Drop for Stopped {
 }
 
 #[tokio::test]
-async fn a_cancel_while_the_connection_takes_the_clients_settings_ends_the_request_unsent() {
+async fn a_cancel_or_a_close_while_the_connection_takes_settings_ends_the_request_unsent() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
     let named = |name: &str| format!("{} application_name={name}", pgw.conninfo(&db));
     let other = common::connect(&named("other")).await.unwrap();
-    let client = common::connect(&named("canceling")).await.unwrap();
     other
         .batch_execute("CREATE TABLE canceled (i int)")
         .await
         .unwrap();
-    // The pool's only connection has the other client's settings: this client's request
-    // first has them changed, which lasts as long as the server is stopped.
-    let server = Stopped::new(common::backend_pid(&other).await);
-    let token = client.cancel_token();
-    let insert = common::waits("the stopped server", async move {
-        let done = client
-            .batch_execute("INSERT INTO canceled VALUES (1)")
-            .await;
-        (client, done)
-    })
-    .await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    common::eventually(Duration::from_secs(5), "the cancel to arrive", || {
-        pgw.log().contains("cancel request ended a wait")
-    })
-    .await;
-    drop(server);
-    let (client, done) = common::served(insert).await;
-    let err = done.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    let count: i64 = other
-        .query_one("SELECT count(*) FROM canceled", &[])
+    for (leaves, logged) in [
+        (false, "cancel request ended a wait"),
+        (true, "client left while waiting"),
+    ] {
+        let (client, connection) = tokio_postgres::connect(&named("ending"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        // The pool's only connection has the other client's settings: this client's
+        // request first has them changed, which lasts as long as the server is stopped.
+        let server = Stopped::new(common::backend_pid(&other).await);
+        let token = client.cancel_token();
+        let insert = common::waits("the stopped server", async move {
+            let done = client
+                .batch_execute("INSERT INTO canceled VALUES (1)")
+                .await;
+            (client, done)
+        })
+        .await;
+        let seen = pgw.log().matches(logged).count();
+        if leaves {
+            connection.abort();
+        } else {
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        }
+        common::eventually(Duration::from_secs(5), logged, || {
+            pgw.log().matches(logged).count() > seen
+        })
+        .await;
+        drop(server);
+        let (client, done) = common::served(insert).await;
+        if !leaves {
+            let err = done.unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+            client
+                .batch_execute("INSERT INTO canceled VALUES (2)")
+                .await
+                .unwrap();
+        }
+    }
+    let ran: i64 = other
+        .query_one("SELECT count(*) FROM canceled WHERE i = 1", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(count, 0, "the canceled INSERT ran");
-    client
-        .batch_execute("INSERT INTO canceled VALUES (2)")
-        .await
-        .unwrap();
+    assert_eq!(ran, 0, "an INSERT that was canceled or left ran");
 }

@@ -691,13 +691,14 @@ impl Session {
                                     apply_settings(conn, &sql, &self.who.params).await?
                                 }
                             };
-                        if self.who.client.served(conn.serving().clone()) {
-                            // Canceled before a server could be told: it never runs.
+                        if let Some(end) = self.who.client.served(conn.serving().clone()) {
+                            // Canceled, or its client gone, before a server could be
+                            // told: it never runs.
                             if self.who.client.stop_serving() {
                                 self.who.client.entry().cancels_landed().await;
                             }
                             conn.release();
-                            return Err(ClientError::Canceled);
+                            return Err(ClientError::from(end));
                         }
                         // Retired before the registry knew this client uses it: the
                         // retirement's sweep of the registry did not see it.
