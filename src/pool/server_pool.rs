@@ -286,6 +286,10 @@ impl ServerPool {
     /// while a cap is full.
     fn room(&self, idle: Option<Box<Held>>) -> Option<Result<Room, CheckoutError>> {
         if self.is_retired() {
+            // The idle connection taken with the slot is closed like the pool's others.
+            if let Some(conn) = idle {
+                conn.close();
+            }
             return Some(Err(CheckoutError::Retired));
         }
         if let Some(conn) = self.live_idle(idle, Tick::now()) {
