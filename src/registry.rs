@@ -748,11 +748,11 @@ impl ClientHandle {
             LEFT => Some(WaitEnd::Left),
             _ => None,
         };
-        self.entry.wait_deadline.store(0, Ordering::Relaxed);
+        self.stop_waiting();
         end
     }
 
-    /// Ends the request's wait without a server connection.
+    /// Ends the request's wait (without a server connection, unless through `served`).
     pub fn stop_waiting(&self) {
         self.entry.wait_deadline.store(0, Ordering::Relaxed);
     }
