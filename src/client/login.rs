@@ -225,7 +225,7 @@ async fn login_steps(
         statements: ClientStatements::default(),
         client,
         route: None,
-        _admitted: admitted,
+        _admitted: admitted.map(Box::new),
     })))
 }
 

@@ -64,7 +64,11 @@ const READ_CHUNK: usize = 8 * 1024;
 const FIRST_READ: usize = 1024;
 
 /// Runs a freshly accepted connection to its end; `slot` counts it until then.
-pub async fn serve(stream: Stream, peer: Address, slot: Slot) {
+///
+/// A plain function returning the task's future, not an `async fn`: an async fn
+/// keeps room for its arguments (and again for their moved copies) in its state for
+/// as long as it runs, which every idle session would carry for hours.
+pub fn serve(stream: Stream, peer: Address, slot: Slot) -> impl Future<Output = ()> + Send {
     if let Stream::Plain(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
         let keepalive = Keepalive::from_config(&slot.config.load().pgwarden);
@@ -74,18 +78,22 @@ pub async fn serve(stream: Stream, peer: Address, slot: Slot) {
     }
     // Boxed: the login's state is large and short-lived, and an idle session's task
     // should not carry its size for hours.
-    match Box::pin(admit(stream, peer, &slot)).await {
-        Some(Login::Ready(session)) => session.run().await,
-        Some(Login::Admin(console)) => Box::pin(console.run()).await,
-        Some(Login::Cancel { .. }) | None => {}
+    let login = Box::pin(admit(stream, peer, Arc::clone(&slot)));
+    async move {
+        match login.await {
+            Some(Login::Ready(session)) => session.run().await,
+            Some(Login::Admin(console)) => Box::pin(console.run()).await,
+            Some(Login::Cancel { .. }) | None => {}
+        }
+        drop(slot);
     }
 }
 
 /// Logs the client in within `client_login_timeout`, or answers what it asked
 /// instead (a CancelRequest) or why it is refused; `None` when nothing follows.
-async fn admit(stream: Stream, peer: Address, shared: &Arc<Shared>) -> Option<Login> {
+async fn admit(stream: Stream, peer: Address, shared: Arc<Shared>) -> Option<Login> {
     let timeout = shared.config.load().pgwarden.client_login_timeout;
-    match tokio::time::timeout(timeout, login::login(stream, &peer, shared)).await {
+    match tokio::time::timeout(timeout, login::login(stream, &peer, &shared)).await {
         Err(_) => {
             shared
                 .metrics
@@ -159,7 +167,8 @@ pub struct LoggedIn {
     /// the primary's pool and the routing generation it was chosen in
     route: Option<(u64, Arc<ServerPool>)>,
     /// its slots under the per-user and per-database limits, held for the session
-    _admitted: Option<crate::limits::Admitted>,
+    /// (boxed: most sessions have none, and every session's state is kept small)
+    _admitted: Option<Box<crate::limits::Admitted>>,
 }
 
 impl LoggedIn {
@@ -269,18 +278,31 @@ impl Session {
         let end = self.serve_requests().await;
         self.publish_received();
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
-        let pid = self.who.client.pid();
         match end {
-            End::Gone => info!(peer = %self.who.peer(), pid, "client disconnected"),
+            End::Gone => {
+                info!(peer = %self.who.peer(), pid = self.who.client.pid(), "client disconnected")
+            }
+            // Boxed: the error and its last words would otherwise take room in
+            // every session's task, idle ones included, for the whole session.
+            end => Box::pin(self.see_off(end)).await,
+        }
+    }
+
+    /// Tells the client why it is disconnected, and closes.
+    async fn see_off(mut self: Box<Self>, end: End) {
+        let pid = self.who.client.pid();
+        let error = match end {
+            End::Gone => return,
             End::Shutdown => {
                 info!(peer = %self.who.peer(), pid, "client disconnected by shutdown");
-                farewell(&mut self.stream, &ClientError::Shutdown.to_notice(true)).await;
+                ClientError::Shutdown
             }
             End::Fatal(e) => {
                 warn!(peer = %self.who.peer(), pid, error = %e, "client disconnected after an error");
-                farewell(&mut self.stream, &e.to_notice(true)).await;
+                e
             }
-        }
+        };
+        farewell(&mut self.stream, &error.to_notice(true)).await;
     }
 
     async fn serve_requests(&mut self) -> End {
