@@ -116,6 +116,11 @@ async fn idle_clients(target: &Target, n: usize, scrape_port: Option<u16>) -> St
         c.simple_query("SELECT 1").await.unwrap();
     }
     drop(warm);
+    // And one scrape, for the same reason: the pages of the code that answers it
+    // are the program's, not the clients'.
+    if let Some(port) = scrape_port {
+        scrape(port).await;
+    }
     let start = settled_rss(pid).await;
     let start_anon = support::anon_rss_kib(pid);
     let opening = Instant::now();
@@ -171,18 +176,23 @@ async fn idle_clients(target: &Target, n: usize, scrape_port: Option<u16>) -> St
 }
 
 /// RSS once it holds still: what logins and queries allocated and freed is given
-/// back by the allocator over a second or so, and only what the clients keep counts.
+/// back by the allocator (pgwarden's jemalloc returns freed pages over about a
+/// second), and only what the clients keep counts. A pause of one reading could
+/// fall before the allocator starts giving back and then count the garbage of the
+/// logins as the clients' memory, or not, from run to run: RSS must hold for 2 s.
 async fn settled_rss(pid: i32) -> u64 {
-    let mut last = support::rss_kib(pid);
-    for _ in 0..20 {
+    const STEADY: usize = 4;
+    let mut readings = vec![support::rss_kib(pid)];
+    for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = support::rss_kib(pid);
-        if now.abs_diff(last) * 200 <= last {
-            return now;
+        readings.push(support::rss_kib(pid));
+        let recent = &readings[readings.len().saturating_sub(STEADY + 1)..];
+        let (low, high) = (recent.iter().min().unwrap(), recent.iter().max().unwrap());
+        if recent.len() > STEADY && (high - low) * 200 <= *low {
+            return *recent.last().unwrap();
         }
-        last = now;
     }
-    last
+    *readings.last().unwrap()
 }
 
 /// `n` clients connect at once and each runs `SELECT 1`: the time until the last
