@@ -42,12 +42,32 @@ pub struct Identity {
     pub peer: Address,
     /// where it connected to, and its TLS
     pub endpoint: Endpoint,
-    /// client-facing database
-    pub database: String,
-    /// user name
-    pub user: String,
+    /// its database and user ([`ClientRegistry::pair`])
+    pub pair: Arc<Pair>,
     /// its socket, watched while it waits for a server connection (none in tests)
     pub socket: Option<RawFd>,
+}
+
+impl Identity {
+    /// The client-facing database.
+    pub fn database(&self) -> &str {
+        &self.pair.database
+    }
+
+    /// The user name.
+    pub fn user(&self) -> &str {
+        &self.pair.user
+    }
+}
+
+/// A (database, user) pair that has had clients: its names, kept once for all of
+/// them rather than in each client's entry, and its number in the registry.
+#[derive(Debug)]
+pub struct Pair {
+    database: String,
+    user: String,
+    /// for counting clients without reading or hashing the names
+    number: u32,
 }
 
 /// One client's entry.
@@ -58,9 +78,6 @@ pub struct Entry {
     secret: i32,
     /// who it is
     pub identity: Identity,
-    /// its (database, user) pair's number in the registry, for counting without
-    /// reading or hashing the names
-    pair: u32,
     /// when it logged in
     pub connected_at: SystemTime,
     state: AtomicU8,
@@ -93,21 +110,26 @@ pub struct Tally {
 /// The (database, user) pairs clients have had, each numbered once.
 #[derive(Debug, Default)]
 struct Pairs {
-    names: Vec<(String, String)>,
+    all: Vec<Arc<Pair>>,
     numbers: HashMap<(String, String), u32>,
 }
 
 impl Pairs {
-    /// The number of the pair, given on its first client.
-    fn number(&mut self, database: &str, user: &str) -> u32 {
+    /// The pair, made on its first client.
+    fn pair(&mut self, database: &str, user: &str) -> Arc<Pair> {
         let key = (database.to_owned(), user.to_owned());
         if let Some(&n) = self.numbers.get(&key) {
-            return n;
+            return self.all[n as usize].clone();
         }
-        let n = self.names.len() as u32;
-        self.names.push(key.clone());
-        self.numbers.insert(key, n);
-        n
+        let number = self.all.len() as u32;
+        let pair = Arc::new(Pair {
+            database: key.0.clone(),
+            user: key.1.clone(),
+            number,
+        });
+        self.all.push(pair.clone());
+        self.numbers.insert(key, number);
+        pair
     }
 }
 
@@ -480,7 +502,6 @@ impl Default for ClientRegistry {
 impl ClientRegistry {
     /// Issues a fresh (pid, secret) for a client; the entry lives as long as the handle.
     pub fn register(self: &Arc<Self>, identity: Identity, settings: Arc<ParamSet>) -> ClientHandle {
-        let pair = lock(&self.pairs).number(&identity.database, &identity.user);
         loop {
             // Positive, non-zero pids, as PostgreSQL's are.
             let pid =
@@ -491,7 +512,6 @@ impl ClientRegistry {
                     pid,
                     secret: rand::random(),
                     identity,
-                    pair,
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(0),
                     waiting_since: AtomicU64::new(0),
@@ -608,7 +628,7 @@ impl ClientRegistry {
         let mut tallies: Vec<Tally> = Vec::new();
         for shard in &self.shards {
             for entry in lock(shard).values() {
-                let pair = entry.pair as usize;
+                let pair = entry.identity.pair.number as usize;
                 if pair >= tallies.len() {
                     tallies.resize(pair + 1, Tally::default());
                 }
@@ -623,17 +643,26 @@ impl ClientRegistry {
         // Numbered before their entries were inserted: every number seen is named.
         let pairs = lock(&self.pairs);
         pairs
-            .names
+            .all
             .iter()
             .zip(tallies)
             .filter(|(_, tally)| tally.states.iter().any(|&n| n > 0))
-            .map(|(pair, tally)| (pair.clone(), tally))
+            .map(|(pair, tally)| ((pair.database.clone(), pair.user.clone()), tally))
             .collect()
     }
 
     /// Every (database, user) pair that has had a client, in the order of their first.
     pub fn pairs(&self) -> Vec<(String, String)> {
-        lock(&self.pairs).names.clone()
+        let pairs = lock(&self.pairs);
+        let names = pairs.all.iter();
+        names
+            .map(|p| (p.database.clone(), p.user.clone()))
+            .collect()
+    }
+
+    /// The (database, user) pair for a client's [`Identity`], made on its first.
+    pub fn pair(&self, database: &str, user: &str) -> Arc<Pair> {
+        lock(&self.pairs).pair(database, user)
     }
 
     /// Every entry, in no particular order.
@@ -801,13 +830,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) mod tests {
     use super::*;
 
-    /// A client's identity, for tests that register one.
-    pub(crate) fn someone() -> Identity {
+    /// A client's identity in `reg`, for tests that register one.
+    pub(crate) fn someone(reg: &ClientRegistry) -> Identity {
         Identity {
             peer: Address::Tcp("127.0.0.1:1".parse().unwrap()),
             endpoint: Endpoint::default(),
-            database: "db".into(),
-            user: "u".into(),
+            pair: reg.pair("db", "u"),
             socket: None,
         }
     }
@@ -821,9 +849,10 @@ pub(crate) mod tests {
     fn the_tally_counts_each_pair_by_state_with_its_longest_wait() {
         let reg = Arc::new(ClientRegistry::default());
         let of = |database: &str, user: &str| {
-            let mut identity = someone();
-            identity.database = database.into();
-            identity.user = user.into();
+            let identity = Identity {
+                pair: reg.pair(database, user),
+                ..someone(&reg)
+            };
             reg.register(identity, Arc::default())
         };
         let idle = of("db", "u");
@@ -859,7 +888,7 @@ pub(crate) mod tests {
     #[test]
     fn a_wait_ends_past_its_deadline_or_when_killed_and_leaves_the_next_alone() {
         let reg = Arc::new(ClientRegistry::default());
-        let client = reg.register(someone(), Arc::default());
+        let client = reg.register(someone(&reg), Arc::default());
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -896,7 +925,7 @@ pub(crate) mod tests {
     #[test]
     fn a_cancel_ends_the_request_waiting_for_a_connection_and_no_other() {
         let reg = Arc::new(ClientRegistry::default());
-        let client = reg.register(someone(), Arc::default());
+        let client = reg.register(someone(&reg), Arc::default());
         let entry = client.entry();
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         let waker = Waker::from(wakes.clone());
@@ -953,7 +982,7 @@ pub(crate) mod tests {
         use std::os::fd::AsRawFd;
         let reg = Arc::new(ClientRegistry::default());
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut identity = someone();
+        let mut identity = someone(&reg);
         identity.socket = Some(ours.as_raw_fd());
         let client = reg.register(identity, Arc::default());
         let entry = client.entry();
@@ -961,7 +990,7 @@ pub(crate) mod tests {
         let now = Tick::now();
         // Closed while idle: nothing to end.
         let (idle, gone) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut identity = someone();
+        let mut identity = someone(&reg);
         identity.socket = Some(idle.as_raw_fd());
         let idle_client = reg.register(identity, Arc::default());
         drop(gone);
@@ -1038,8 +1067,8 @@ pub(crate) mod tests {
     fn an_eviction_stops_only_the_transactions_of_the_retired_pool_and_is_forgotten_after() {
         let reg = Arc::new(ClientRegistry::default());
         let (a, b) = (
-            reg.register(someone(), Arc::default()),
-            reg.register(someone(), Arc::default()),
+            reg.register(someone(&reg), Arc::default()),
+            reg.register(someone(&reg), Arc::default()),
         );
         a.serving(Some(Arc::new(serving(1))));
         b.serving(Some(Arc::new(serving(2))));
@@ -1061,11 +1090,11 @@ pub(crate) mod tests {
     #[test]
     fn a_kill_stops_at_once_and_a_shutdown_when_idle_also_for_later_logins() {
         let reg = Arc::new(ClientRegistry::default());
-        let a = reg.register(someone(), Arc::default());
+        let a = reg.register(someone(&reg), Arc::default());
         reg.shut_down_all();
         assert_eq!(poll(a.entry(), false, true), Poll::Pending);
         assert_eq!(poll(a.entry(), true, false), Poll::Ready(Stop::ShutDown));
-        let late = reg.register(someone(), Arc::default());
+        let late = reg.register(someone(&reg), Arc::default());
         assert_eq!(poll(late.entry(), true, false), Poll::Ready(Stop::ShutDown));
         late.entry().ending.kill();
         assert_eq!(poll(late.entry(), false, true), Poll::Ready(Stop::Killed));
@@ -1074,7 +1103,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_signal_wakes_the_waiting_session() {
         let reg = Arc::new(ClientRegistry::default());
-        let a = reg.register(someone(), Arc::default());
+        let a = reg.register(someone(&reg), Arc::default());
         let entry = a.entry().clone();
         let waiting = tokio::spawn(async move {
             std::future::poll_fn(|cx| entry.ending.poll(cx, false, false)).await
@@ -1088,8 +1117,8 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn keys_are_unique_and_forgotten_on_drop() {
         let reg = Arc::new(ClientRegistry::default());
-        let a = reg.register(someone(), Arc::default());
-        let b = reg.register(someone(), Arc::default());
+        let a = reg.register(someone(&reg), Arc::default());
+        let b = reg.register(someone(&reg), Arc::default());
         assert_eq!(reg.all().len(), 2);
         assert_ne!(a.pid(), b.pid());
         assert!(a.pid() > 0);
@@ -1105,7 +1134,7 @@ pub(crate) mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let reg = Arc::new(ClientRegistry::default());
-        let client = reg.register(someone(), Arc::default());
+        let client = reg.register(someone(&reg), Arc::default());
         let key = CancelKey {
             addr: Address::Tcp(addr),
             pid: 42,

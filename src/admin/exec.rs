@@ -95,7 +95,7 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
             shared.gate.pause(Some(&db));
             let mut killed = 0;
             for client in shared.clients.all() {
-                if client.identity.database == db {
+                if client.identity.database() == db {
                     client.ending.kill();
                     killed += 1;
                 }
@@ -120,7 +120,8 @@ pub async fn run(shared: &Arc<Shared>, command: Command) -> Result<Answer, Serve
                 "KILL_CLIENT",
                 Some(format!(
                     "client {pid} ({}@{}) disconnected",
-                    client.identity.user, client.identity.database
+                    client.identity.user(),
+                    client.identity.database()
                 )),
             )
         }

@@ -228,7 +228,10 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             let mut rows: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
             for c in &clients {
                 let row = rows
-                    .entry((c.identity.database.clone(), c.identity.user.clone()))
+                    .entry((
+                        c.identity.database().to_owned(),
+                        c.identity.user().to_owned(),
+                    ))
                     .or_default();
                 let state = c.state();
                 row.clients[state as usize] += 1;
@@ -307,8 +310,8 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                 let requested = c.last_request().map_or(c.connected_at, |t| wall(t, now));
                 rs.row(vec![
                     "C".into(),
-                    c.identity.user.clone().into(),
-                    c.identity.database.clone().into(),
+                    c.identity.user().to_owned().into(),
+                    c.identity.database().to_owned().into(),
                     state.into(),
                     c.identity.peer.column().into(),
                     i64::from(c.identity.peer.port()).into(),
@@ -341,8 +344,8 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             for c in &clients {
                 if let Some(serving) = c.serving() {
                     let row = ServerRow {
-                        user: &c.identity.user,
-                        database: &c.identity.database,
+                        user: c.identity.user(),
+                        database: c.identity.database(),
                         marked: close_needed(&pools, &serving),
                         server: Server::Open(&serving),
                         used: c.last_request().unwrap_or(serving.opened),
@@ -411,7 +414,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
                 };
                 let count = clients
                     .iter()
-                    .filter(|c| &c.identity.database == name)
+                    .filter(|c| c.identity.database() == name)
                     .count();
                 // Where its next transaction would go (one of several for a standby target).
                 let node = table.route(db.target, config.health.max_standby_lag, 0);
@@ -502,7 +505,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             let mut names: Vec<&str> = users.names().collect();
             names.sort_unstable();
             for name in names {
-                let clients = clients.iter().filter(|c| c.identity.user == name).count();
+                let clients = clients.iter().filter(|c| c.identity.user() == name).count();
                 rs.row(vec![
                     name.into(),
                     Cell::Null,

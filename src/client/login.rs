@@ -208,8 +208,7 @@ async fn login_steps(
         Identity {
             peer: peer.clone(),
             endpoint: stream.endpoint(),
-            database: request.database.clone(),
-            user: request.user.clone(),
+            pair: shared.clients.pair(&request.database, &request.user),
             socket: Some(stream.as_raw_fd()),
         },
         startup.clone(),

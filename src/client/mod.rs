@@ -174,12 +174,12 @@ pub struct LoggedIn {
 impl LoggedIn {
     /// The client-facing database (kept once, in the client registry).
     fn database(&self) -> &str {
-        &self.client.entry().identity.database
+        self.client.entry().identity.database()
     }
 
     /// The user name.
     fn user(&self) -> &str {
-        &self.client.entry().identity.user
+        self.client.entry().identity.user()
     }
 
     /// The client's address.

@@ -169,7 +169,7 @@ mod tests {
         let gate = Arc::new(Gate::default());
         let counter = gate.counter("db");
         let registry = Arc::new(ClientRegistry::default());
-        let client = Arc::new(registry.register(someone(), Arc::default()));
+        let client = Arc::new(registry.register(someone(&registry), Arc::default()));
         let running = gate.enter("db", &counter, client.entry()).await.unwrap();
         assert!(!running.waited);
         gate.pause(Some("db"));
@@ -212,7 +212,7 @@ mod tests {
         gate.pause(None);
         let registry = Arc::new(ClientRegistry::default());
         for (end, how) in [(WaitEnd::Canceled, "cancel"), (WaitEnd::Killed, "KILL")] {
-            let client = Arc::new(registry.register(someone(), Arc::default()));
+            let client = Arc::new(registry.register(someone(&registry), Arc::default()));
             let waiter = {
                 let (gate, counter, client) = (gate.clone(), counter.clone(), client.clone());
                 tokio::spawn(async move { gate.enter("db", &counter, client.entry()).await.err() })
