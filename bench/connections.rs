@@ -88,7 +88,7 @@ fn main() {
     println!("\n## Idle clients (SCRAM login, then idle; pooler RSS from /proc)");
     println!("Machine: {}\n", support::machine());
     println!(
-        "| pooler | clients | time to open all | RSS per idle client | RSS per client after one SELECT 1 each | RSS start → after all left | of which anonymous (heap, stacks) | /metrics scrape (median of 20) |"
+        "| pooler | clients | time to open all | RSS per idle client | RSS per client after one SELECT 1 each | RSS start → at rest after all left | of which anonymous (heap, stacks) | /metrics scrape (median of 20) |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for l in &idle_lines {
@@ -151,14 +151,9 @@ async fn idle_clients(target: &Target, n: usize, scrape_port: Option<u16>) -> St
     }
     let used = settled_rss(pid).await;
     drop(clients);
-    // Allocators give memory back over a second or so: wait until RSS is within
-    // 10 % of the start, up to 15 s, and report how long that took.
+    // Where RSS comes to rest once they left, and how long that took.
     let leaving = Instant::now();
-    let mut after = support::rss_kib(pid);
-    while after as f64 > start as f64 * 1.1 && leaving.elapsed() < Duration::from_secs(15) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        after = support::rss_kib(pid);
-    }
+    let after = settled_rss(pid).await;
     let left = leaving.elapsed();
     let after_anon = support::anon_rss_kib(pid);
     let per = |kib: u64| (kib.saturating_sub(start)) as f64 * 1024.0 / n as f64;
