@@ -70,6 +70,13 @@ pub struct Pair {
     number: u32,
 }
 
+impl Pair {
+    /// Its database and user, as owned names (a key for tables by pair).
+    pub fn names(&self) -> (String, String) {
+        (self.database.clone(), self.user.clone())
+    }
+}
+
 /// One client's entry.
 #[derive(Debug)]
 pub struct Entry {
@@ -647,17 +654,13 @@ impl ClientRegistry {
             .iter()
             .zip(tallies)
             .filter(|(_, tally)| tally.states.iter().any(|&n| n > 0))
-            .map(|(pair, tally)| ((pair.database.clone(), pair.user.clone()), tally))
+            .map(|(pair, tally)| (pair.names(), tally))
             .collect()
     }
 
     /// Every (database, user) pair that has had a client, in the order of their first.
     pub fn pairs(&self) -> Vec<(String, String)> {
-        let pairs = lock(&self.pairs);
-        let names = pairs.all.iter();
-        names
-            .map(|p| (p.database.clone(), p.user.clone()))
-            .collect()
+        lock(&self.pairs).all.iter().map(|p| p.names()).collect()
     }
 
     /// The (database, user) pair for a client's [`Identity`], made on its first.

@@ -227,12 +227,7 @@ pub(super) fn show(shared: &Shared, what: Show) -> ResultSet {
             ]);
             let mut rows: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
             for c in &clients {
-                let row = rows
-                    .entry((
-                        c.identity.database().to_owned(),
-                        c.identity.user().to_owned(),
-                    ))
-                    .or_default();
+                let row = rows.entry(c.identity.pair.names()).or_default();
                 let state = c.state();
                 row.clients[state as usize] += 1;
                 let cancels = c.cancels_in_flight();
