@@ -1250,3 +1250,140 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
     assert_eq!(logins(&pgw.http_get("/metrics").1), Some(0));
     holder.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A client's request that waits for a new server connection's login ends at once
+/// when the client is killed, cancels or leaves, as a wait in the pool's line does;
+/// the login goes on, and the connection it brings joins the pool.
+#[tokio::test]
+async fn kill_client_a_cancel_or_a_close_ends_a_wait_for_a_login_and_the_connection_joins_the_pool()
+{
+    // A node of the test's own: its postmaster is stopped below.
+    let cluster = pgwarden::cluster::Cluster::start(&Default::default()).unwrap();
+    let node = cluster.primary();
+    let db = Db::create_on(&cluster);
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            backends: vec![(node.name.clone(), node.port)],
+            pool: "default_pool_size = 4\nserver_connect_timeout = \"30s\"".into(),
+            // The hang must not be long enough for the monitor to call the node down.
+            health: "interval = \"1min\"\ntimeout = \"30s\"".into(),
+            ..operated("")
+        },
+    );
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    let setup = pgw.connect(&db).await;
+    setup
+        .batch_execute("CREATE TABLE waited (n int)")
+        .await
+        .unwrap();
+    let states = |servers: &[Vec<(String, Option<String>)>], state: &str| {
+        servers
+            .iter()
+            .filter(|r| get(r, "state") == Some(state))
+            .count()
+    };
+    // Each round's transactions hold every connection the pool has, so that the
+    // next request needs a new one.
+    let mut holders = vec![setup];
+    let mut canceled = Vec::new();
+    for interrupt in [Interrupt::KillClient, Interrupt::Cancel, Interrupt::Leave] {
+        for holder in &holders {
+            holder.batch_execute("BEGIN").await.unwrap();
+        }
+        // A stopped postmaster: the kernel completes the TCP handshake, nobody forks
+        // a server process to answer the startup packet.
+        node.signal(libc::SIGSTOP).unwrap();
+        canceled.extend(end_a_wait(&pgw, &db, &admin, "a login", interrupt).await);
+        let servers = rows(&admin, "SHOW SERVERS").await;
+        assert_eq!(states(&servers, "new"), 1, "the login goes on: {servers:?}");
+
+        node.signal(libc::SIGCONT).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let servers = rows(&admin, "SHOW SERVERS").await;
+            if states(&servers, "idle") == 1 && states(&servers, "new") == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new connection did not join the pool: {servers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for holder in &holders {
+            holder.batch_execute("COMMIT").await.unwrap();
+        }
+        holders.push(pgw.connect(&db).await);
+    }
+    // None of the ended requests ran later, and the canceled client carries on.
+    let rows = holders[0]
+        .query_one("SELECT count(*) FROM waited", &[])
+        .await;
+    assert_eq!(rows.unwrap().get::<_, i64>(0), 0);
+    assert_eq!(canceled.len(), 1);
+    canceled[0]
+        .batch_execute("INSERT INTO waited VALUES (2)")
+        .await
+        .unwrap();
+}
+
+/// `query_wait_timeout` bounds a request's wait for a login as it bounds its wait
+/// in the pool's line: 53300, the client stays, and the login goes on for the pool.
+#[tokio::test]
+async fn query_wait_timeout_ends_a_wait_for_a_login_and_the_connection_joins_the_pool() {
+    let cluster = pgwarden::cluster::Cluster::start(&Default::default()).unwrap();
+    let node = cluster.primary();
+    let db = Db::create_on(&cluster);
+    let pgw = Pgwarden::start_with(
+        &[&db],
+        Options {
+            backends: vec![(node.name.clone(), node.port)],
+            pool: "default_pool_size = 2\nquery_wait_timeout = \"1s\"\nserver_connect_timeout = \"30s\""
+                .into(),
+            health: "interval = \"1min\"\ntimeout = \"30s\"".into(),
+            ..operated("")
+        },
+    );
+    let admin = console(&pgw, ADMIN).await.unwrap();
+    // The pool's first connection stays in a transaction: the next one must be opened.
+    let holder = pgw.connect(&db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let client = pgw.connect(&db).await;
+    node.signal(libc::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    let waited = started.elapsed();
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    node.signal(libc::SIGCONT).unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let in_state = |servers: &[Vec<(String, Option<String>)>], state: &str| {
+        servers
+            .iter()
+            .find(|r| get(r, "state") == Some(state))
+            .cloned()
+    };
+    assert!(in_state(&servers, "new").is_some(), "{servers:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let joined = loop {
+        if let Some(row) = in_state(&rows(&admin, "SHOW SERVERS").await, "idle") {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the login did not join the pool");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The same client, served by the connection that logged in meanwhile.
+    let served: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        get(&joined, "remote_pid"),
+        Some(served.to_string().as_str())
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+}

@@ -101,9 +101,10 @@ struct Reserve {
     timeout: Duration,
 }
 
-/// A checkout's waits (for a slot, then for room under the caps), registered with
-/// the client's entry so that KILL and its CancelRequest end them, and bounded together by
-/// `query_wait_timeout` (zero: unbounded) from the first.
+/// A checkout's waits (for a slot, for room under the caps, for a new connection's
+/// login), registered with the client's entry so that KILL, its CancelRequest and
+/// its leaving end them, and bounded together by `query_wait_timeout` (zero:
+/// unbounded) from the first.
 struct Patience<'a> {
     timeout: Duration,
     wait: Wait<'a>,
@@ -226,8 +227,9 @@ impl ServerPool {
     }
 
     /// Hands out a server connection: an idle one that is still alive, or a new one.
-    /// A wait for one is bounded by `query_wait_timeout`, and ended by KILL or the
-    /// client's CancelRequest, through `waiter`, the client's registry entry.
+    /// A wait for one, the opening of a new one included, is bounded by
+    /// `query_wait_timeout`, and ended by KILL, the client's CancelRequest or its
+    /// leaving, through `waiter`, the client's registry entry.
     pub async fn checkout(self: &Arc<Self>, waiter: &Entry) -> Result<PooledConn, CheckoutError> {
         let _waiting = Counted::new(&self.demand);
         let mut patience = None;
@@ -270,14 +272,55 @@ impl ServerPool {
                 Box::pin(self.wait_for_room(patience)).await
             }
         }?;
-        pooled.conn = Some(match room {
-            Room::Idle(conn) => conn,
-            Room::Places(places) => self.open(places).await.map_err(|e| {
-                warn!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, error = %e, "server connection failed");
+        match room {
+            Room::Idle(conn) => {
+                pooled.conn = Some(conn);
+                Ok(pooled)
+            }
+            Room::Places(places) => {
+                let patience = patience.get_or_insert_with(|| {
+                    Patience::begin(self.settings.load().wait_timeout, waiter)
+                });
+                self.open_for(pooled, places, patience).await
+            }
+        }
+    }
+
+    /// Opens a new connection under `places` for the checkout that holds `pooled`'s
+    /// slot. The open is part of the checkout's wait: when `patience` runs out first
+    /// (the client left, canceled or was killed, or `query_wait_timeout` passed), the
+    /// open goes on in a task of its own and its connection joins the pool, since a
+    /// login under way is worth finishing for the next client.
+    async fn open_for(
+        self: &Arc<Self>,
+        mut pooled: PooledConn,
+        places: Places,
+        patience: &Patience<'_>,
+    ) -> Result<PooledConn, CheckoutError> {
+        let pool = self.clone();
+        let mut open = Box::pin(async move {
+            pool.open(places).await.map_err(|e| {
+                warn!(backend = %pool.target.backend, db = %pool.target.dbname, user = %pool.target.user, error = %e, "server connection failed");
                 CheckoutError::from(e)
-            })?,
+            })
         });
-        Ok(pooled)
+        tokio::select! {
+            biased;
+            opened = &mut open => {
+                pooled.conn = Some(opened?);
+                Ok(pooled)
+            }
+            end = patience.exhausted() => {
+                debug!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, reason = %end, "checkout ended while its server connection opened; the connection goes to the pool");
+                tokio::spawn(async move {
+                    if let Ok(conn) = open.await {
+                        pooled.conn = Some(conn);
+                        pooled.release();
+                    }
+                });
+                Err(end)
+            }
+        }
     }
 
     /// What a checkout holding a slot can have now: `idle`, the idle connection it
