@@ -494,8 +494,10 @@ async fn a_cancel_or_a_close_while_the_connection_takes_settings_ends_the_reques
             pgw.log().matches(logged).count() > seen
         })
         .await;
-        drop(server);
+        // Answered while the server is still stopped; the change of settings goes
+        // on, for the pool.
         let (client, done) = common::served(insert).await;
+        drop(server);
         if !leaves {
             let err = done.unwrap_err();
             assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");

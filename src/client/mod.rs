@@ -43,7 +43,7 @@ use crate::error::{ClientError, ServerError};
 use crate::keepalive::Keepalive;
 use crate::metrics::{ClientState, DatabaseTraffic};
 use crate::params::{ParamSet, literal, sync_statement};
-use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool};
+use crate::pool::{CheckoutError, PoolKey, PooledConn, ServerPool, unless_ended};
 use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
@@ -710,7 +710,16 @@ impl Session {
                                 None => (conn, Vec::new()),
                                 Some(sql) => {
                                     waited = true;
-                                    apply_settings(conn, &sql, &self.who.params).await?
+                                    // A cancel, KILL or the client's leaving ends the
+                                    // request now, not once the server has answered.
+                                    let apply = apply_settings(conn, sql, self.who.params.clone());
+                                    let pause = self.who.client.entry().begin_wait(None);
+                                    let keep = |applied: Result<(PooledConn, _), _>| {
+                                        if let Ok((conn, _)) = applied {
+                                            conn.release();
+                                        }
+                                    };
+                                    unless_ended(apply, pause.ended(), keep).await??
                                 }
                             };
                         if let Some(end) = self.who.client.served(conn.serving().clone()) {
@@ -1016,18 +1025,18 @@ impl Session {
 
 /// Brings a server connection's settings in line with the client's `params` by
 /// running `sql`. On failure the connection goes back (if the server merely refused
-/// the settings) or is closed.
+/// the settings) or is closed. It owns what it uses: it may finish in a task of its
+/// own ([`unless_ended`]).
 async fn apply_settings(
     mut conn: PooledConn,
-    sql: &str,
-    params: &Arc<ParamSet>,
+    sql: String,
+    params: Arc<ParamSet>,
 ) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
     let backend = conn.pool().target.backend.to_string();
     let timeout = conn.pool().connect_timeout();
-    // Boxed: rarely needed, and its state would otherwise enlarge every request's.
-    match Box::pin(tokio::time::timeout(timeout, conn.execute(sql))).await {
+    match tokio::time::timeout(timeout, conn.execute(&sql)).await {
         Ok(Ok(reports)) => {
-            conn.applied = Some(params.clone());
+            conn.applied = Some(params);
             Ok((conn, reports))
         }
         Ok(Err(ServerError::Rejected(notice))) if !notice.is_fatal() => {

@@ -23,7 +23,7 @@ use tracing::{debug, info};
 use caps::{Cap, Caps};
 pub use gate::{Admission, Gate, Paused};
 pub use logins::Logins;
-pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool};
+pub use server_pool::{CheckoutError, PoolSettings, PooledConn, ServerPool, unless_ended};
 
 use crate::auth::Secrets;
 use crate::backend::{BackendTable, Routing};

@@ -287,10 +287,8 @@ impl ServerPool {
     }
 
     /// Opens a new connection under `places` for the checkout that holds `pooled`'s
-    /// slot. The open is part of the checkout's wait: when `patience` runs out first
-    /// (the client left, canceled or was killed, or `query_wait_timeout` passed), the
-    /// open goes on in a task of its own and its connection joins the pool, since a
-    /// login under way is worth finishing for the next client.
+    /// slot. The open is part of the checkout's wait, and when `patience` runs out
+    /// first the connection it brings joins the pool ([`unless_ended`]).
     async fn open_for(
         self: &Arc<Self>,
         mut pooled: PooledConn,
@@ -298,29 +296,24 @@ impl ServerPool {
         patience: &Patience<'_>,
     ) -> Result<PooledConn, CheckoutError> {
         let pool = self.clone();
-        let mut open = Box::pin(async move {
-            pool.open(places).await.map_err(|e| {
-                warn!(backend = %pool.target.backend, db = %pool.target.dbname, user = %pool.target.user, error = %e, "server connection failed");
-                CheckoutError::from(e)
-            })
-        });
-        tokio::select! {
-            biased;
-            opened = &mut open => {
-                pooled.conn = Some(opened?);
-                Ok(pooled)
+        let open = async move {
+            match pool.open(places).await {
+                Ok(conn) => {
+                    pooled.conn = Some(conn);
+                    Ok(pooled)
+                }
+                Err(e) => {
+                    warn!(backend = %pool.target.backend, db = %pool.target.dbname, user = %pool.target.user, error = %e, "server connection failed");
+                    Err(CheckoutError::from(e))
+                }
             }
-            end = patience.exhausted() => {
-                debug!(backend = %self.target.backend, db = %self.target.dbname, user = %self.target.user, reason = %end, "checkout ended while its server connection opened; the connection goes to the pool");
-                tokio::spawn(async move {
-                    if let Ok(conn) = open.await {
-                        pooled.conn = Some(conn);
-                        pooled.release();
-                    }
-                });
-                Err(end)
+        };
+        let keep = |opened: Result<PooledConn, CheckoutError>| {
+            if let Ok(conn) = opened {
+                conn.release();
             }
-        }
+        };
+        unless_ended(open, patience.exhausted(), keep).await?
     }
 
     /// What a checkout holding a slot can have now: `idle`, the idle connection it
@@ -742,6 +735,34 @@ impl PooledConn {
     /// Closes the connection instead of returning it.
     pub fn discard(self) {
         // Drop closes whatever was not released.
+    }
+}
+
+/// Awaits `work`, which readies a server connection for a request, unless `ended`
+/// (the end of the request's wait: KILL, a cancel, the client gone, its bound
+/// passed) completes first. Then `work` goes on in a task of its own, and `keep`
+/// gives what it yields to the pool: a login or a change of settings under way is
+/// worth finishing for the next client, where stopping it halfway would waste it
+/// or leave the connection in a state nobody knows.
+///
+/// `work` is boxed at the call, not in the returned future: that future is awaited
+/// inside every request's, which would otherwise keep room for all of `work`.
+pub fn unless_ended<T: Send + 'static, E>(
+    work: impl Future<Output = T> + Send + 'static,
+    ended: impl Future<Output = E>,
+    keep: impl FnOnce(T) + Send + 'static,
+) -> impl Future<Output = Result<T, E>> {
+    let mut work = Box::pin(work);
+    async move {
+        tokio::select! {
+            biased;
+            done = &mut work => Ok(done),
+            end = ended => {
+                debug!("a request's wait ended while its server connection was readied; the connection goes to the pool");
+                tokio::spawn(async move { keep(work.await) });
+                Err(end)
+            }
+        }
     }
 }
 
