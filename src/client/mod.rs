@@ -48,7 +48,7 @@ use crate::protocol::ServerNotice;
 use crate::protocol::frame::{self, HEADER_LEN, Scan, Scanner};
 use crate::protocol::messages::{put_error, put_ready};
 use crate::proxy::{Shared, Slot};
-use crate::registry::{ClientHandle, Stop, WaitEnd};
+use crate::registry::{ClientHandle, Entry, Stop, WaitEnd};
 use crate::server::SESSION_TIMEOUT;
 use crate::tls::Stream;
 use aborted::Aborted;
@@ -704,24 +704,14 @@ impl Session {
                     }
                 };
                 match checkout {
-                    Ok(conn) => {
-                        let (conn, reports) =
-                            match sync_statement(conn.applied.as_ref(), &self.who.params) {
-                                None => (conn, Vec::new()),
-                                Some(sql) => {
-                                    waited = true;
-                                    // A cancel, KILL or the client's leaving ends the
-                                    // request now, not once the server has answered.
-                                    let apply = apply_settings(conn, sql, self.who.params.clone());
-                                    let pause = self.who.client.entry().begin_wait(None);
-                                    let keep = |applied: Result<(PooledConn, _), _>| {
-                                        if let Ok((conn, _)) = applied {
-                                            conn.release();
-                                        }
-                                    };
-                                    unless_ended(apply, pause.ended(), keep).await??
-                                }
-                            };
+                    Ok(mut conn) => {
+                        let mut reports = Vec::new();
+                        if let Some(sql) = sync_statement(conn.applied.as_ref(), &self.who.params) {
+                            waited = true;
+                            let params = self.who.params.clone();
+                            (conn, reports) =
+                                take_settings(conn, sql, params, self.who.client.entry()).await?;
+                        }
                         if let Some(end) = self.who.client.served(conn.serving().clone()) {
                             // Canceled, or its client gone, before a server could be
                             // told: it never runs.
@@ -1021,6 +1011,24 @@ impl Session {
             && self.scanner.at_boundary()
             && matches!(self.between, Between::Ready)
     }
+}
+
+/// [`apply_settings`] for the request of the client whose registry entry is
+/// `waiter`: a cancel, KILL or the client's leaving ends the request now, not once
+/// the server has answered, and the change goes on for the pool.
+async fn take_settings(
+    conn: PooledConn,
+    sql: String,
+    params: Arc<ParamSet>,
+    waiter: &Entry,
+) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
+    let pause = waiter.begin_wait(None);
+    let keep = |applied: Result<(PooledConn, _), _>| {
+        if let Ok((conn, _)) = applied {
+            conn.release();
+        }
+    };
+    unless_ended(apply_settings(conn, sql, params), pause.ended(), keep).await?
 }
 
 /// Brings a server connection's settings in line with the client's `params` by
