@@ -1169,9 +1169,10 @@ async fn a_backend_behind_its_unix_socket_is_pooled_probed_and_cancelled() {
     assert_eq!(get(&backends[0], "state"), Some("up"), "{backends:?}");
 }
 
-#[tokio::test]
-async fn show_servers_lists_a_connection_being_opened_as_new() {
-    // A node of the test's own: its postmaster is stopped below.
+/// A cluster of the test's own, whose postmaster the test may stop, behind a
+/// pgwarden with `pool` settings whose monitor does not call the node down while
+/// it is stopped.
+fn stoppable(pool: &str) -> (pgwarden::cluster::Cluster, Db, Pgwarden) {
     let cluster = pgwarden::cluster::Cluster::start(&Default::default()).unwrap();
     let node = cluster.primary();
     let db = Db::create_on(&cluster);
@@ -1179,12 +1180,42 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
         &[&db],
         Options {
             backends: vec![(node.name.clone(), node.port)],
-            pool: "server_connect_timeout = \"30s\"".into(),
-            // The hang must not be long enough for the monitor to call the node down.
+            pool: pool.into(),
             health: "interval = \"1min\"\ntimeout = \"30s\"".into(),
             ..operated("")
         },
     );
+    (cluster, db, pgw)
+}
+
+/// SHOW SERVERS, once a server connection in `state` is among them (within 10 s),
+/// and that connection's row.
+async fn servers_with(
+    admin: &Client,
+    state: &str,
+) -> (
+    Vec<Vec<(String, Option<String>)>>,
+    Vec<(String, Option<String>)>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let servers = rows(admin, "SHOW SERVERS").await;
+        if let Some(row) = servers.iter().find(|r| get(r, "state") == Some(state)) {
+            let row = row.clone();
+            return (servers, row);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server connection {state}: {servers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn show_servers_lists_a_connection_being_opened_as_new() {
+    let (cluster, db, pgw) = stoppable("server_connect_timeout = \"30s\"");
+    let node = cluster.primary();
     let admin = console(&pgw, ADMIN).await.unwrap();
     // The pool's first connection stays in a transaction: the next one must be opened.
     let holder = pgw.connect(&db).await;
@@ -1195,18 +1226,7 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
     node.signal(libc::SIGSTOP).unwrap();
     let query = tokio::spawn(async move { client.simple_query("SELECT 1").await.map(|_| ()) });
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let opening = loop {
-        let servers = rows(&admin, "SHOW SERVERS").await;
-        if let Some(row) = servers.into_iter().find(|r| get(r, "state") == Some("new")) {
-            break row;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no server connection listed as new"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_, opening) = servers_with(&admin, "new").await;
     assert_eq!(get(&opening, "type"), Some("S"));
     assert_eq!(get(&opening, "user"), Some(db.user.as_str()));
     assert_eq!(get(&opening, "database"), Some(db.name.as_str()));
@@ -1257,20 +1277,8 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
 #[tokio::test]
 async fn kill_client_a_cancel_or_a_close_ends_a_wait_for_a_login_and_the_connection_joins_the_pool()
 {
-    // A node of the test's own: its postmaster is stopped below.
-    let cluster = pgwarden::cluster::Cluster::start(&Default::default()).unwrap();
+    let (cluster, db, pgw) = stoppable("default_pool_size = 4\nserver_connect_timeout = \"30s\"");
     let node = cluster.primary();
-    let db = Db::create_on(&cluster);
-    let pgw = Pgwarden::start_with(
-        &[&db],
-        Options {
-            backends: vec![(node.name.clone(), node.port)],
-            pool: "default_pool_size = 4\nserver_connect_timeout = \"30s\"".into(),
-            // The hang must not be long enough for the monitor to call the node down.
-            health: "interval = \"1min\"\ntimeout = \"30s\"".into(),
-            ..operated("")
-        },
-    );
     let admin = console(&pgw, ADMIN).await.unwrap();
     let setup = pgw.connect(&db).await;
     setup
@@ -1299,18 +1307,10 @@ async fn kill_client_a_cancel_or_a_close_ends_a_wait_for_a_login_and_the_connect
         assert_eq!(states(&servers, "new"), 1, "the login goes on: {servers:?}");
 
         node.signal(libc::SIGCONT).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let servers = rows(&admin, "SHOW SERVERS").await;
-            if states(&servers, "idle") == 1 && states(&servers, "new") == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the new connection did not join the pool: {servers:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // The new connection joined the pool.
+        let (servers, _) = servers_with(&admin, "idle").await;
+        assert_eq!(states(&servers, "idle"), 1, "{servers:?}");
+        assert_eq!(states(&servers, "new"), 0, "{servers:?}");
         for holder in &holders {
             holder.batch_execute("COMMIT").await.unwrap();
         }
@@ -1332,19 +1332,10 @@ async fn kill_client_a_cancel_or_a_close_ends_a_wait_for_a_login_and_the_connect
 /// in the pool's line: 53300, the client stays, and the login goes on for the pool.
 #[tokio::test]
 async fn query_wait_timeout_ends_a_wait_for_a_login_and_the_connection_joins_the_pool() {
-    let cluster = pgwarden::cluster::Cluster::start(&Default::default()).unwrap();
-    let node = cluster.primary();
-    let db = Db::create_on(&cluster);
-    let pgw = Pgwarden::start_with(
-        &[&db],
-        Options {
-            backends: vec![(node.name.clone(), node.port)],
-            pool: "default_pool_size = 2\nquery_wait_timeout = \"1s\"\nserver_connect_timeout = \"30s\""
-                .into(),
-            health: "interval = \"1min\"\ntimeout = \"30s\"".into(),
-            ..operated("")
-        },
+    let (cluster, db, pgw) = stoppable(
+        "default_pool_size = 2\nquery_wait_timeout = \"1s\"\nserver_connect_timeout = \"30s\"",
     );
+    let node = cluster.primary();
     let admin = console(&pgw, ADMIN).await.unwrap();
     // The pool's first connection stays in a transaction: the next one must be opened.
     let holder = pgw.connect(&db).await;
@@ -1354,27 +1345,13 @@ async fn query_wait_timeout_ends_a_wait_for_a_login_and_the_connection_joins_the
     let started = Instant::now();
     let err = client.simple_query("SELECT 1").await.unwrap_err();
     let waited = started.elapsed();
-    let servers = rows(&admin, "SHOW SERVERS").await;
-    node.signal(libc::SIGCONT).unwrap();
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
-    let in_state = |servers: &[Vec<(String, Option<String>)>], state: &str| {
-        servers
-            .iter()
-            .find(|r| get(r, "state") == Some(state))
-            .cloned()
-    };
-    assert!(in_state(&servers, "new").is_some(), "{servers:?}");
-
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let joined = loop {
-        if let Some(row) = in_state(&rows(&admin, "SHOW SERVERS").await, "idle") {
-            break row;
-        }
-        assert!(Instant::now() < deadline, "the login did not join the pool");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // The login goes on, and once the server answers its connection joins the pool.
+    servers_with(&admin, "new").await;
+    node.signal(libc::SIGCONT).unwrap();
+    let (_, joined) = servers_with(&admin, "idle").await;
     // The same client, served by the connection that logged in meanwhile.
     let served: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
