@@ -1188,6 +1188,14 @@ fn stoppable(pool: &str) -> (pgwarden::cluster::Cluster, Db, Pgwarden) {
     (cluster, db, pgw)
 }
 
+/// A client whose next request needs a new server connection, and the client
+/// whose open transaction holds the pool's first one.
+async fn needing_a_login(pgw: &Pgwarden, db: &Db) -> (Client, Client) {
+    let holder = pgw.connect(db).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    (holder, pgw.connect(db).await)
+}
+
 /// SHOW SERVERS, once a server connection in `state` is among them (within 10 s),
 /// and that connection's row.
 async fn servers_with(
@@ -1217,10 +1225,7 @@ async fn show_servers_lists_a_connection_being_opened_as_new() {
     let (cluster, db, pgw) = stoppable("server_connect_timeout = \"30s\"");
     let node = cluster.primary();
     let admin = console(&pgw, ADMIN).await.unwrap();
-    // The pool's first connection stays in a transaction: the next one must be opened.
-    let holder = pgw.connect(&db).await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    let client = pgw.connect(&db).await;
+    let (holder, client) = needing_a_login(&pgw, &db).await;
     // A stopped postmaster: the kernel completes the TCP handshake, nobody forks a
     // server process to answer the startup packet.
     node.signal(libc::SIGSTOP).unwrap();
@@ -1337,10 +1342,7 @@ async fn query_wait_timeout_ends_a_wait_for_a_login_and_the_connection_joins_the
     );
     let node = cluster.primary();
     let admin = console(&pgw, ADMIN).await.unwrap();
-    // The pool's first connection stays in a transaction: the next one must be opened.
-    let holder = pgw.connect(&db).await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    let client = pgw.connect(&db).await;
+    let (holder, client) = needing_a_login(&pgw, &db).await;
     node.signal(libc::SIGSTOP).unwrap();
     let started = Instant::now();
     let err = client.simple_query("SELECT 1").await.unwrap_err();

@@ -1023,12 +1023,7 @@ async fn take_settings(
     waiter: &Entry,
 ) -> Result<(PooledConn, Vec<(String, String)>), ClientError> {
     let pause = waiter.begin_wait(None);
-    let keep = |applied: Result<(PooledConn, _), _>| {
-        if let Ok((conn, _)) = applied {
-            conn.release();
-        }
-    };
-    unless_ended(apply_settings(conn, sql, params), pause.ended(), keep).await?
+    unless_ended(apply_settings(conn, sql, params), pause.ended()).await?
 }
 
 /// Brings a server connection's settings in line with the client's `params` by

@@ -266,9 +266,7 @@ impl ServerPool {
         let room = match self.room(idle) {
             Some(room) => room,
             None => {
-                let patience = patience.get_or_insert_with(|| {
-                    Patience::begin(self.settings.load().wait_timeout, waiter)
-                });
+                let patience = patience.get_or_insert_with(|| self.patience(waiter));
                 Box::pin(self.wait_for_room(patience)).await
             }
         }?;
@@ -278,12 +276,15 @@ impl ServerPool {
                 Ok(pooled)
             }
             Room::Places(places) => {
-                let patience = patience.get_or_insert_with(|| {
-                    Patience::begin(self.settings.load().wait_timeout, waiter)
-                });
+                let patience = patience.get_or_insert_with(|| self.patience(waiter));
                 self.open_for(pooled, places, patience).await
             }
         }
+    }
+
+    /// The bound of a checkout's wait that did not wait for a slot, from now.
+    fn patience<'a>(&self, waiter: &'a Entry) -> Patience<'a> {
+        Patience::begin(self.settings.load().wait_timeout, waiter)
     }
 
     /// Opens a new connection under `places` for the checkout that holds `pooled`'s
@@ -300,7 +301,7 @@ impl ServerPool {
             match pool.open(places).await {
                 Ok(conn) => {
                     pooled.conn = Some(conn);
-                    Ok(pooled)
+                    Ok((pooled, ()))
                 }
                 Err(e) => {
                     warn!(backend = %pool.target.backend, db = %pool.target.dbname, user = %pool.target.user, error = %e, "server connection failed");
@@ -308,12 +309,8 @@ impl ServerPool {
                 }
             }
         };
-        let keep = |opened: Result<PooledConn, CheckoutError>| {
-            if let Ok(conn) = opened {
-                conn.release();
-            }
-        };
-        unless_ended(open, patience.exhausted(), keep).await?
+        let (opened, ()) = unless_ended(open, patience.exhausted()).await??;
+        Ok(opened)
     }
 
     /// What a checkout holding a slot can have now: `idle`, the idle connection it
@@ -738,20 +735,24 @@ impl PooledConn {
     }
 }
 
-/// Awaits `work`, which readies a server connection for a request, unless `ended`
-/// (the end of the request's wait: KILL, a cancel, the client gone, its bound
-/// passed) completes first. Then `work` goes on in a task of its own, and `keep`
-/// gives what it yields to the pool: a login or a change of settings under way is
-/// worth finishing for the next client, where stopping it halfway would waste it
-/// or leave the connection in a state nobody knows.
+/// Awaits `work`, which readies a server connection for a request (and yields it
+/// with what else it learnt, `R`), unless `ended` (the end of the request's wait:
+/// KILL, a cancel, the client gone, its bound passed) completes first. Then `work`
+/// goes on in a task of its own and the connection it yields goes to the pool: a
+/// login or a change of settings under way is worth finishing for the next client,
+/// where stopping it halfway would waste it or leave the connection in a state
+/// nobody knows.
 ///
 /// `work` is boxed at the call, not in the returned future: that future is awaited
 /// inside every request's, which would otherwise keep room for all of `work`.
-pub fn unless_ended<T: Send + 'static, E>(
-    work: impl Future<Output = T> + Send + 'static,
+pub fn unless_ended<R, F, E>(
+    work: impl Future<Output = Result<(PooledConn, R), F>> + Send + 'static,
     ended: impl Future<Output = E>,
-    keep: impl FnOnce(T) + Send + 'static,
-) -> impl Future<Output = Result<T, E>> {
+) -> impl Future<Output = Result<Result<(PooledConn, R), F>, E>>
+where
+    R: Send + 'static,
+    F: Send + 'static,
+{
     let mut work = Box::pin(work);
     async move {
         tokio::select! {
@@ -759,7 +760,11 @@ pub fn unless_ended<T: Send + 'static, E>(
             done = &mut work => Ok(done),
             end = ended => {
                 debug!("a request's wait ended while its server connection was readied; the connection goes to the pool");
-                tokio::spawn(async move { keep(work.await) });
+                tokio::spawn(async move {
+                    if let Ok((conn, _)) = work.await {
+                        conn.release();
+                    }
+                });
                 Err(end)
             }
         }
