@@ -20,6 +20,10 @@ use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
 
+/// Waiters a line keeps room for once it has emptied; a larger line (a crowd of
+/// clients that all ran a query at once) gives its memory back when the last leaves.
+const LINE_KEPT: usize = 256;
+
 /// Slots for server connections of one pool (or its reserve), with the pool's idle
 /// connections of type `T`, which hold no slot.
 #[derive(Debug)]
@@ -81,6 +85,18 @@ impl<T> State<T> {
         self.taken -= 1;
         let parked = conn.map(|c| self.idle.push(c)).is_some();
         (None, parked)
+    }
+
+    /// Takes a waiter out of the line's slab (its key may still be in `queue`, for the
+    /// caller to remove). Every queued key is a waiter's, so with none left the queue
+    /// holds at most this key, and both can start afresh.
+    fn remove(&mut self, key: usize) -> Waiter<T> {
+        let waiter = self.waiters.remove(key);
+        if self.waiters.is_empty() && self.waiters.capacity() > LINE_KEPT {
+            self.waiters = Slab::new();
+            self.queue = VecDeque::new();
+        }
+        waiter
     }
 
     /// Grants free slots to the first in line, as far as the size allows.
@@ -237,7 +253,7 @@ impl<T> Future for Take<'_, T> {
         };
         let waiter = &mut state.waiters[key];
         if let Some(grant) = waiter.grant.take() {
-            state.waiters.remove(key);
+            state.remove(key);
             drop(guard);
             self.key = None;
             return Poll::Ready(grant);
@@ -260,7 +276,7 @@ impl<T> Drop for Take<'_, T> {
         };
         let waker = {
             let mut state = self.slots.lock();
-            match state.waiters.remove(key).grant {
+            match state.remove(key).grant {
                 // Granted a slot it will not use: it goes on as if given back.
                 Some(Ok(conn)) => state.give_back(conn).0,
                 Some(Err(Closed)) => None,
@@ -383,5 +399,45 @@ mod tests {
         // The slot still held comes back; its connection is not kept.
         assert!(!slots.give_back(Some("late")));
         assert_eq!(slots.counts(), (0, 0, 1));
+    }
+
+    /// Room kept for (waiters, queued keys).
+    fn line_capacity(slots: &Slots<&str>) -> (usize, usize) {
+        let state = slots.lock();
+        (state.waiters.capacity(), state.queue.capacity())
+    }
+
+    /// Four times `LINE_KEPT` checkouts waiting in line.
+    fn crowd<'a>(slots: &'a Slots<&'static str>) -> Vec<Pin<Box<Take<'a, &'static str>>>> {
+        let mut line: Vec<_> = (0..4 * LINE_KEPT).map(|_| Box::pin(slots.take())).collect();
+        assert!(line.iter_mut().all(|take| pending(take.as_mut())));
+        assert!(line_capacity(slots).0 >= 4 * LINE_KEPT);
+        line
+    }
+
+    #[test]
+    fn a_line_gives_its_memory_back_once_a_crowd_has_gone() {
+        let slots = Slots::new(1);
+        assert_eq!(slots.try_take(), Some(None));
+        // Served one by one, each granted the connection the one before returned.
+        for mut take in crowd(&slots) {
+            slots.give_back(Some("conn"));
+            let grant = take.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert_eq!(grant, Poll::Ready(Ok(Some("conn"))));
+        }
+        let (waiters, queue) = line_capacity(&slots);
+        assert!(
+            waiters <= LINE_KEPT && queue <= LINE_KEPT,
+            "{waiters}, {queue}"
+        );
+        // Or leaving before their turn, the last one last.
+        drop(crowd(&slots));
+        let (waiters, queue) = line_capacity(&slots);
+        assert!(
+            waiters <= LINE_KEPT && queue <= LINE_KEPT,
+            "{waiters}, {queue}"
+        );
+        slots.give_back(Some("conn"));
+        assert_eq!(slots.counts(), (0, 1, 1));
     }
 }
