@@ -88,15 +88,22 @@ impl<T> State<T> {
     }
 
     /// Takes a waiter out of the line's slab (its key may still be in `queue`, for the
-    /// caller to remove). Every queued key is a waiter's, so with none left the queue
-    /// holds at most this key, and both can start afresh.
+    /// caller to remove).
+    #[inline]
     fn remove(&mut self, key: usize) -> Waiter<T> {
         let waiter = self.waiters.remove(key);
         if self.waiters.is_empty() && self.waiters.capacity() > LINE_KEPT {
-            self.waiters = Slab::new();
-            self.queue = VecDeque::new();
+            self.shed_line();
         }
         waiter
+    }
+
+    /// Gives back the room of a line that has emptied after a crowd. Every queued key
+    /// is a waiter's, so with none left the queue holds at most the key just removed.
+    #[cold]
+    fn shed_line(&mut self) {
+        self.waiters = Slab::new();
+        self.queue = VecDeque::new();
     }
 
     /// Grants free slots to the first in line, as far as the size allows.
