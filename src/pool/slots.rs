@@ -414,6 +414,15 @@ mod tests {
         (state.waiters.capacity(), state.queue.capacity())
     }
 
+    /// The line keeps room for no more than `LINE_KEPT` waiters.
+    fn assert_room_given_back(slots: &Slots<&str>) {
+        let (waiters, queue) = line_capacity(slots);
+        assert!(
+            waiters <= LINE_KEPT && queue <= LINE_KEPT,
+            "{waiters}, {queue}"
+        );
+    }
+
     /// Four times `LINE_KEPT` checkouts waiting in line.
     fn crowd<'a>(slots: &'a Slots<&'static str>) -> Vec<Pin<Box<Take<'a, &'static str>>>> {
         let mut line: Vec<_> = (0..4 * LINE_KEPT).map(|_| Box::pin(slots.take())).collect();
@@ -432,18 +441,10 @@ mod tests {
             let grant = take.as_mut().poll(&mut Context::from_waker(Waker::noop()));
             assert_eq!(grant, Poll::Ready(Ok(Some("conn"))));
         }
-        let (waiters, queue) = line_capacity(&slots);
-        assert!(
-            waiters <= LINE_KEPT && queue <= LINE_KEPT,
-            "{waiters}, {queue}"
-        );
+        assert_room_given_back(&slots);
         // Or leaving before their turn, the last one last.
         drop(crowd(&slots));
-        let (waiters, queue) = line_capacity(&slots);
-        assert!(
-            waiters <= LINE_KEPT && queue <= LINE_KEPT,
-            "{waiters}, {queue}"
-        );
+        assert_room_given_back(&slots);
         slots.give_back(Some("conn"));
         assert_eq!(slots.counts(), (0, 1, 1));
     }
