@@ -128,28 +128,51 @@ async fn the_reserve_serves_a_client_that_waited_reserve_pool_timeout_and_no_mor
 }
 
 #[tokio::test]
-async fn waiting_clients_are_served_in_arrival_order() {
+async fn waiting_clients_are_served_in_arrival_order_past_those_that_left_the_line() {
     let db = Db::create();
     let pgw = Pgwarden::start_with(&[&db], pool("default_pool_size = 1"));
     let holder = pgw.connect(&db).await;
     holder.batch_execute("BEGIN").await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for i in 0..5 {
+    let mut leaving = Vec::new();
+    for i in 0..7 {
         let client = pgw.connect(&db).await;
+        if i % 2 == 1 {
+            leaving.push(client.cancel_token());
+        }
         let tx = tx.clone();
         tokio::spawn(async move {
-            client.simple_query("SELECT 1").await.unwrap();
-            tx.send(i).unwrap();
+            let answer = client.simple_query("SELECT 1").await;
+            tx.send((i, answer.err().and_then(|e| sqlstate(&e))))
+                .unwrap();
         });
         // Make the arrival order unambiguous.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every other one leaves the line (psql's Ctrl-C), from its middle.
+    for token in leaving {
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    }
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        left.push(rx.recv().await.unwrap());
+    }
+    left.sort();
+    let cancelled = Some("57014".to_string());
+    assert_eq!(
+        left,
+        [
+            (1, cancelled.clone()),
+            (3, cancelled.clone()),
+            (5, cancelled)
+        ]
+    );
     holder.batch_execute("COMMIT").await.unwrap();
     let mut order = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..4 {
         order.push(rx.recv().await.unwrap());
     }
-    assert_eq!(order, [0, 1, 2, 3, 4]);
+    assert_eq!(order, [(0, None), (2, None), (4, None), (6, None)]);
 }
 
 #[tokio::test]
