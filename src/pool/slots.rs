@@ -11,11 +11,12 @@
 //! most transactions a single critical section each.
 //!
 //! Waiters are served in arrival order. One that leaves before its turn stays in
-//! the queue, marked, until it is passed over or those that left outnumber those
-//! waiting: then one sweep clears them all. A crowd leaving thus costs each of its
-//! members the same small step whatever its place (a removal from the middle of
-//! the queue each would make it quadratic: 85 ms for 10,000 leaving last first). A pool resized
-//! down by a reload retires its extra slots as they come back.
+//! the queue, marked, until it is passed over or those that left are as many as
+//! those waiting: then one sweep clears them all. A crowd leaving thus costs each
+//! of its members the same small step whatever its place (a removal from the
+//! middle of the queue each would make it quadratic: 85 ms for 10,000 leaving last
+//! first). A pool resized down by a reload retires its extra slots as they come
+//! back.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -51,8 +52,8 @@ struct State<T> {
     taken: usize,
     /// connections that hold no slot, the one returned last at the end
     idle: Vec<T>,
-    /// the waiters' keys in `waiters`, first come first, with at most as many of
-    /// waiters that left as of waiters still in line
+    /// the waiters' keys in `waiters`, first come first; those of waiters that left
+    /// are none, or fewer than those of waiters in line
     queue: VecDeque<usize>,
     /// waiters in line, those that left not counted
     waiting: usize,
@@ -102,7 +103,9 @@ impl<T> State<T> {
                 continue;
             }
             self.waiting -= 1;
-            return match std::mem::replace(&mut self.waiters[key], Waiter::Granted(grant)) {
+            let waiter = std::mem::replace(&mut self.waiters[key], Waiter::Granted(grant));
+            self.sweep();
+            return match waiter {
                 Waiter::Waiting(waker) => Some(waker),
                 Waiter::Granted(_) | Waiter::Left => None,
             };
@@ -110,24 +113,37 @@ impl<T> State<T> {
         None
     }
 
-    /// The waiter under `key` leaves before its turn. Once those that left
-    /// outnumber those waiting, they are swept out: the sweep's cost is spread over
-    /// at least half as many leaves, and the line's room stays within twice the
-    /// waiters' (it would otherwise grow while a held pool serves nobody).
+    /// The waiter under `key` leaves before its turn.
     fn leave(&mut self, key: usize) {
         self.waiters[key] = Waiter::Left;
         self.waiting -= 1;
-        if self.queue.len() >= 2 * self.waiting {
-            let waiters = &mut self.waiters;
-            self.queue.retain(|&key| {
-                let left = matches!(waiters[key], Waiter::Left);
-                if left {
-                    waiters.remove(key);
-                }
-                !left
-            });
-            self.shed_if_empty();
+        self.sweep();
+    }
+
+    /// Clears the queue of the keys of waiters that left once they are as many as
+    /// those waiting: a sweep costs at most twice the leaves it clears, and the
+    /// line's room stays within twice the waiters' (it would otherwise grow while a
+    /// held pool serves nobody, and stay after the last waiter was served).
+    #[inline(always)]
+    fn sweep(&mut self) {
+        let left = self.queue.len() - self.waiting;
+        if left > 0 && left >= self.waiting {
+            self.sweep_left();
         }
+    }
+
+    /// The sweep itself, kept out of the checkout's way.
+    #[cold]
+    fn sweep_left(&mut self) {
+        let waiters = &mut self.waiters;
+        self.queue.retain(|&key| {
+            let gone = matches!(waiters[key], Waiter::Left);
+            if gone {
+                waiters.remove(key);
+            }
+            !gone
+        });
+        self.shed_if_empty();
     }
 
     /// Takes a waiter out of the line's slab, its key out of the queue already.
@@ -484,6 +500,15 @@ mod tests {
         drop(crowd(&slots));
         assert_room_given_back(&slots);
         crowd(&slots).into_iter().rev().for_each(drop);
+        assert_room_given_back(&slots);
+        // Or the back of the line leaving (fewer than stay), the rest served.
+        let mut line = crowd(&slots);
+        line.truncate(2 * LINE_KEPT + 1);
+        for mut take in line {
+            slots.give_back(Some("conn"));
+            let grant = take.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert_eq!(grant, Poll::Ready(Ok(Some("conn"))));
+        }
         assert_room_given_back(&slots);
         slots.give_back(Some("conn"));
         assert_eq!(slots.counts(), (0, 1, 1));
