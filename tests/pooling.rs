@@ -142,8 +142,9 @@ async fn waiting_clients_are_served_in_arrival_order_past_those_that_left_the_li
         }
         let tx = tx.clone();
         tokio::spawn(async move {
+            // Served, or refused with the SQLSTATE (if any) of its error.
             let answer = client.simple_query("SELECT 1").await;
-            tx.send((i, answer.err().and_then(|e| sqlstate(&e))))
+            tx.send((i, answer.map(drop).map_err(|e| sqlstate(&e))))
                 .unwrap();
         });
         // Make the arrival order unambiguous.
@@ -158,7 +159,7 @@ async fn waiting_clients_are_served_in_arrival_order_past_those_that_left_the_li
         left.push(rx.recv().await.unwrap());
     }
     left.sort();
-    let cancelled = Some("57014".to_string());
+    let cancelled = Err(Some("57014".to_string()));
     assert_eq!(
         left,
         [
@@ -172,7 +173,7 @@ async fn waiting_clients_are_served_in_arrival_order_past_those_that_left_the_li
     for _ in 0..4 {
         order.push(rx.recv().await.unwrap());
     }
-    assert_eq!(order, [(0, None), (2, None), (4, None), (6, None)]);
+    assert_eq!(order, [(0, Ok(())), (2, Ok(())), (4, Ok(())), (6, Ok(()))]);
 }
 
 #[tokio::test]
