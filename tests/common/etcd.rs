@@ -113,8 +113,21 @@ impl Etcd {
             tls: tls.then(|| Pki::write(&dir.join("tls"))),
             dir,
         };
-        etcd.resume();
-        etcd
+        // A port found free can be taken before etcd binds it, by another test's
+        // outgoing connection (both come from the ephemeral range): such a start is
+        // tried again on other ports, from no data.
+        for _ in 0..3 {
+            match etcd.run() {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") => {
+                    let _ = std::fs::remove_dir_all(etcd.dir.join("data"));
+                    etcd.client_port = free_port().unwrap();
+                    etcd.peer_port = free_port().unwrap();
+                }
+                Err(log) => panic!("etcd did not start:\n{log}"),
+            }
+        }
+        panic!("etcd found its ports taken three times");
     }
 
     /// The endpoint for `[coordination] etcd`.
@@ -138,6 +151,12 @@ impl Etcd {
 
     /// Starts etcd again on the same data and waits until it answers.
     pub fn resume(&mut self) {
+        self.run()
+            .unwrap_or_else(|log| panic!("etcd did not start:\n{log}"));
+    }
+
+    /// Starts etcd and waits until it answers; its log if it exits or stays silent.
+    fn run(&mut self) -> Result<(), String> {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
@@ -160,20 +179,25 @@ impl Etcd {
                 .arg(&pki.ca)
                 .arg("--client-cert-auth");
         }
-        let child = command
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("etcd (Debian package etcd-server) must be installed; .ci/run installs it");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.healthy() {
-                return;
+                self.child = Some(child);
+                return Ok(());
+            }
+            if child.try_wait().is_ok_and(|status| status.is_some()) {
+                return Err(self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd did not start:\n{}", self.log());
+        // Killed on drop.
+        self.child = Some(child);
+        Err(self.log())
     }
 
     /// etcd answers its health check (over TLS, which the harness does not
